@@ -1,0 +1,66 @@
+"""Glue between torch tensors and the native kernels: device guards, streams, NVRTC loading."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import glob
+import os
+import sys
+from collections.abc import Iterator
+
+import torch
+
+from . import _native
+
+_nvrtc_loaded = False
+
+
+def _preload_nvrtc() -> None:
+    """Make libnvrtc.so.13 from torch's pip dependencies visible to the Rust loader.
+
+    cudarc opens NVRTC by soname; a library already loaded by soname is found even when its
+    folder is not on the loader path.
+    """
+    global _nvrtc_loaded
+    if _nvrtc_loaded:
+        return
+    _nvrtc_loaded = True
+    for root in sys.path:
+        for pattern in ("nvidia/cu13/lib/libnvrtc.so.13*", "nvidia/cuda_nvrtc/lib/libnvrtc.so.13*"):
+            for path in sorted(glob.glob(os.path.join(root, pattern))):
+                if "builtins" in path:
+                    continue
+                with contextlib.suppress(OSError):
+                    ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                    return
+
+
+def cuda_unavailable_reason() -> str | None:
+    _preload_nvrtc()
+    return _native.cuda_unavailable_reason()
+
+
+@contextlib.contextmanager
+def native_call(t: torch.Tensor) -> Iterator[int]:
+    """Device guard for DLPack export plus the stream handle the kernels launch on."""
+    if t.device.type == "cuda":
+        _preload_nvrtc()
+        with torch.cuda.device(t.device):
+            yield torch.cuda.current_stream(t.device).cuda_stream
+    else:
+        yield 0
+
+
+def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    """Kernels read any strides but need the last (head-dim) stride to be 1."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_rank(t: torch.Tensor | None, name: str, rank: int, layout: str) -> None:
+    if t is not None and t.dim() != rank:
+        raise ValueError(f"{name}: expected rank {rank} {layout}, got shape {tuple(t.shape)}")

@@ -1,0 +1,233 @@
+#!/usr/bin/env bash
+# The one project script for the GPU machine (the device tool), run from the repo root:
+#
+#   bash scripts/device.sh [tests] [sanitize] [bench] [-- BENCH_ARGS...]     (default: all three)
+#
+# carry: dist (the longattn wheel, built here with maturin), .whl (peer wheels: fla-core,
+# lightning-attn) and, when you have it, .triton-cache (unpacked from a previous triton-cache.tgz).
+# Results land in $OUT (at most 7 files): summary.txt, pytest.log, sanitizer.log, bench.log,
+# bench_lightning.json, triton-cache.tgz (Triton's compile and autotune cache, to unpack into
+# .triton-cache/ and carry next time: fla autotunes 35-50 s per head count/head dim otherwise).
+#
+# Environment (all optional):
+#   DEVICE_DEADLINE_S  seconds this script may take in all (default 560, under the tool's 600);
+#                      each stage gets what is left, the bench stops starting measurements in time
+#   PYTEST_ARGS        default "-x -q"
+#   SANITIZE_TOOLS     default "memcheck racecheck" (also: initcheck synccheck)
+#   SANITIZE_ARGS      extra compute-sanitizer options, e.g. "--kernel-name kns=la_" (check only
+#                      longattn's kernels, if torch's own make it too slow)
+#   BENCH_RESUME_FROM  a previous bench_lightning.json (copied into the tree): the bench copies it
+#                      to $OUT and measures only what it lacks or skipped (--resume)
+#   PACK_TRITON_CACHE  0 to skip writing triton-cache.tgz
+#
+# A first full run (fla autotuning, NVRTC compiles) can exceed one call: run `tests sanitize` and
+# `bench` as two calls, or rerun `bench` with the cache from the first.
+set -uo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
+T0=$SECONDS
+OUT=${OUT:-/tmp/device-out}
+mkdir -p "$OUT"
+DEADLINE=${DEVICE_DEADLINE_S:-560}
+export PYTHONUNBUFFERED=1
+
+stages=()
+bench_args=()
+while (($#)); do
+    case $1 in
+        tests | sanitize | bench) stages+=("$1") ;;
+        all) stages+=(tests sanitize bench) ;;
+        --)
+            shift
+            bench_args=("$@")
+            break
+            ;;
+        *)
+            echo "usage: bash scripts/device.sh [tests] [sanitize] [bench] [-- BENCH_ARGS...]" >&2
+            exit 2
+            ;;
+    esac
+    shift
+done
+((${#stages[@]})) || stages=(tests sanitize bench)
+
+declare -A RC SECS NOTE
+order=()
+record() { # stage rc seconds note
+    order+=("$1")
+    RC[$1]=$2
+    SECS[$1]=$3
+    NOTE[$1]=${4:-}
+}
+left() { echo $((DEADLINE - (SECONDS - T0))); }
+
+echo "== device.sh: stages ${stages[*]}; deadline ${DEADLINE}s; OUT=$OUT"
+nvidia-smi -L || echo "nvidia-smi failed"
+
+# -- install: the longattn wheel and the peer wheels, into one target ---------------------------
+t=$SECONDS
+SITE=/tmp/site
+rm -rf "$SITE"
+mkdir -p "$SITE"
+shopt -s nullglob
+wheels=()
+install_note=""
+# shellcheck disable=SC2012  # newest wheel first
+longattn_whl=$(ls -t dist/longattn-*.whl 2>/dev/null | head -n 1)
+if [[ -n $longattn_whl ]]; then
+    wheels+=("$longattn_whl")
+else
+    install_note="no dist/longattn-*.whl (build it and carry dist)"
+fi
+peer_whls=(.whl/*.whl)
+((${#peer_whls[@]})) || install_note+="${install_note:+; }no .whl/*.whl (carry .whl): peers will fail to import"
+wheels+=("${peer_whls[@]}")
+install_rc=0
+if ((${#wheels[@]})); then
+    echo "installing: ${wheels[*]}"
+    python3 -m pip install -q --no-deps --no-index --no-compile --no-cache-dir --target "$SITE" \
+        "${wheels[@]}"
+    install_rc=$?
+fi
+[[ -z $longattn_whl ]] && install_rc=1
+record install "$install_rc" $((SECONDS - t)) "$install_note"
+export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+
+mkdir -p .triton-cache
+export TRITON_CACHE_DIR=$PWD/.triton-cache
+export TRITON_CACHE_AUTOTUNING=1
+export LONGATTN_CACHE_DIR=/tmp/longattn-cache
+echo "TRITON_CACHE_DIR=$TRITON_CACHE_DIR ($(find .triton-cache -type f | wc -l) files carried in)"
+
+python3 - <<'EOF'
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "device",
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NONE")
+try:
+    import triton
+    print("triton", triton.__version__)
+except Exception as e:
+    print("triton import failed:", e)
+try:
+    import longattn
+    why = getattr(longattn, "cuda_unavailable_reason", lambda: None)()
+    print("longattn", getattr(longattn, "__version__", "?"), longattn.__file__,
+          "| CUDA kernels:", why or "available")
+except Exception as e:
+    print("longattn import failed:", type(e).__name__, e)
+EOF
+
+# -- stages ----------------------------------------------------------------------------------------
+stage_budget() { # seconds a stage may run: what is left, less a reserve for packing and summary
+    local b=$(($(left) - 30))
+    ((b > 0)) && echo "$b" || echo 0
+}
+
+run_tests() {
+    local b
+    b=$(stage_budget)
+    ((b >= 20)) || return 124
+    # shellcheck disable=SC2086
+    timeout -k 10 "$b" python3 -m pytest ${PYTEST_ARGS:--x -q} tests 2>&1 | tee "$OUT/pytest.log"
+}
+
+find_sanitizer() {
+    local c
+    for c in "$(command -v compute-sanitizer 2>/dev/null)" /usr/local/cuda/bin/compute-sanitizer \
+        /usr/local/cuda/compute-sanitizer/compute-sanitizer /usr/local/cuda-*/bin/compute-sanitizer \
+        /opt/nvidia/*/compute-sanitizer /opt/nvidia/*/*/compute-sanitizer; do
+        [[ -n $c && -x $c ]] && {
+            echo "$c"
+            return 0
+        }
+    done
+    return 1
+}
+
+run_sanitize() {
+    local cs log=$OUT/sanitizer.log rc=0 r tool b
+    : >"$log"
+    if ! cs=$(find_sanitizer); then
+        echo "compute-sanitizer not found" | tee -a "$log"
+        return 127
+    fi
+    for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
+        b=$(stage_budget)
+        if ((b < 20)); then
+            echo "=== $tool: no time left" | tee -a "$log"
+            rc=124
+            continue
+        fi
+        echo "=== $cs --tool $tool python3 benchmarks/sanitize_case.py" | tee -a "$log"
+        # shellcheck disable=SC2086
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 10 "$b" "$cs" --tool "$tool" \
+            --error-exitcode 86 ${SANITIZE_ARGS:-} python3 benchmarks/sanitize_case.py \
+            >"/tmp/sanitize-$tool.log" 2>&1
+        r=$?
+        cat "/tmp/sanitize-$tool.log" >>"$log"
+        echo "=== $tool exit $r" >>"$log"
+        grep -E "ERROR SUMMARY|RACECHECK SUMMARY|^case |sanitize_case:|Error|error" \
+            "/tmp/sanitize-$tool.log" | tail -n 14 | sed "s/^/[$tool] /"
+        echo "[$tool] exit $r (86: the sanitizer found errors)"
+        ((r != 0)) && rc=$r
+    done
+    return "$rc"
+}
+
+run_bench() {
+    local b resume=()
+    b=$(($(stage_budget) - 20))
+    ((b >= 60)) || return 124
+    if [[ -n ${BENCH_RESUME_FROM:-} ]]; then
+        cp "$BENCH_RESUME_FROM" "$OUT/bench_lightning.json" && resume=(--resume)
+    fi
+    timeout -k 10 $((b + 45)) python3 benchmarks/bench_lightning.py --out "$OUT/bench_lightning.json" \
+        --budget-s "$b" ${resume[@]+"${resume[@]}"} ${bench_args[@]+"${bench_args[@]}"} 2>&1 |
+        tee "$OUT/bench.log"
+}
+
+for s in "${stages[@]}"; do
+    echo
+    echo "======== stage $s ($(left)s left) ========"
+    t=$SECONDS
+    case $s in
+        tests) run_tests ;;
+        sanitize) run_sanitize ;;
+        bench) run_bench ;;
+    esac
+    rc=$?
+    note=""
+    ((rc == 124)) && note="out of time (deadline ${DEADLINE}s)"
+    record "$s" "$rc" $((SECONDS - t)) "$note"
+done
+
+# -- Triton cache back to the caller ---------------------------------------------------------------
+if [[ ${PACK_TRITON_CACHE:-1} != 0 ]] && [[ -n $(find .triton-cache -type f -print -quit) ]]; then
+    kb=$(du -sk .triton-cache | cut -f1)
+    rm -f "$OUT/triton-cache.tgz"
+    what="whole cache (${kb} KiB)"
+    if ((kb <= 32768)); then
+        tar -C .triton-cache -czf "$OUT/triton-cache.tgz" .
+    fi
+    if [[ ! -f $OUT/triton-cache.tgz ]] || (($(stat -c %s "$OUT/triton-cache.tgz") > 15 * 1024 * 1024)); then
+        (cd .triton-cache && find . -name '*.autotune.json' -print0 | tar --null -czf "$OUT/triton-cache.tgz" -T -)
+        what="autotune results only (whole cache ${kb} KiB is too big)"
+    fi
+    echo "triton-cache.tgz: $what, $(stat -c %s "$OUT/triton-cache.tgz") bytes;" \
+        "next time: mkdir -p .triton-cache && tar -xzf triton-cache.tgz -C .triton-cache, carry .triton-cache"
+fi
+
+# -- summary ---------------------------------------------------------------------------------------
+fail=0
+{
+    echo
+    echo "======== summary ($((SECONDS - T0))s) ========"
+    printf '%-10s %5s %8s  %s\n' stage rc seconds note
+    for s in "${order[@]}"; do
+        printf '%-10s %5s %8s  %s\n' "$s" "${RC[$s]}" "${SECS[$s]}" "${NOTE[$s]}"
+    done
+    # shellcheck disable=SC2012
+    echo "files in OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
+} | tee "$OUT/summary.txt"
+for s in "${order[@]}"; do [[ ${RC[$s]} == 0 ]] || fail=1; done
+exit "$fail"

@@ -1,0 +1,1285 @@
+//! Lightning attention on the CPU: one generic blocked "linear-attention pass" that serves
+//! the forward (one pass) and the backward (three passes, see `ops::lightning`).
+//!
+//! Math of one pass, per sequence n (length L, batch row b, first token t0), head h,
+//! λ = exp(−slopes[h]), γ = scale_out, β = scale_kv, S_in = state_in[n, h] (0 if absent):
+//!
+//!   forward: R_t = λ^(t+1)·S_in + β·Σ_{j≤t} λ^(t−j)·k_j v_jᵀ,   state_out = R_(L−1)  (S_in if L = 0)
+//!   reverse: R_t = λ^(L−1−t)·S_in + β·Σ_{j≥t} λ^(j−t)·k_j v_jᵀ, state_out = λ·R_0    (S_in if L = 0)
+//!   out_t = γ·q_tᵀ R_t                                    (t = 0..L−1, position in the sequence)
+//!   dot:  partial[n, h, slot] = Σ_t (t+1)·⟨x_t, out_t⟩ over the value columns of one slot
+//!
+//! Implementation: every sequence is walked in chunks of BK = 64 tokens (from its end in the
+//! reverse direction, so local row p is the p-th token visited; the reverse pass is then the
+//! forward recurrence with S_in entering one power of λ later). With S the state before a chunk
+//! of m rows and e = 1 (e = 0 on the first reverse chunk, where S is S_in itself):
+//!
+//!   O = γβ·[(Q Kᵀ) ⊙ M] V + γ·diag(λ^(p+e))·Q S,   M[p, j] = λ^(p−j) for j ≤ p, else 0
+//!   S ← λ^(m−1+e)·S + β·Σ_j λ^(m−1−j)·k_j v_jᵀ,     reverse state_out = λ·S at the end
+//!
+//! so every power of λ has a non-negative exponent and nothing overflows for any slope ≥ 0.
+//! Work items are (sequence, head, group of 32-column value tiles): state columns are
+//! independent, and a group spans several tiles when there are enough (sequence, head) pairs
+//! to fill the pool, so that Q Kᵀ is computed once for all of them. Tile products run in a
+//! register-blocked micro-kernel compiled for AVX-512 and AVX2+FMA and picked at run time.
+
+use crate::cpu::POOL;
+use crate::tensor::{DType, View};
+use rayon::prelude::*;
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+use std::ops::{Add, Mul};
+
+/// One sequence of a (possibly packed) batch: batch row, first token, length.
+#[derive(Clone, Copy, Debug)]
+pub struct Seq {
+    pub batch: usize,
+    pub start: usize,
+    pub len: usize,
+}
+
+/// Arguments of one pass. Shapes were validated by the caller.
+pub struct LaPass<'a> {
+    /// [B, T, H, Dk]
+    pub q: &'a View,
+    /// [B, T, H, Dk]
+    pub k: &'a View,
+    /// [B, T, H, Dv]
+    pub v: &'a View,
+    /// [B, T, H, Dv], written (same dtype as q, k, v)
+    pub out: &'a View,
+    /// [H], state dtype (f64 for f64 inputs, else f32)
+    pub slopes: &'a View,
+    /// [N, H, Dk, Dv], state dtype, any strides (transposed views are common)
+    pub state_in: Option<&'a View>,
+    /// [N, H, Dk, Dv], state dtype, written
+    pub state_out: Option<&'a View>,
+    /// (x [B, T, H, Dv] input dtype, partial [N, H, SLOTS] state dtype, pre-zeroed)
+    pub dot: Option<(&'a View, &'a View)>,
+    pub seqs: &'a [Seq],
+    pub reverse: bool,
+    pub scale_out: f64,
+    pub scale_kv: f64,
+}
+
+/// Number of partial slots of the `dot` output, shared by the CPU and CUDA passes.
+pub const DOT_SLOTS: usize = 8;
+
+/// Tokens per chunk.
+const BK: usize = 64;
+/// Value columns per dot slot.
+const TILE: usize = 32;
+
+pub fn la_pass(p: &LaPass) {
+    la_pass_on(p, Isa::detect());
+}
+
+fn la_pass_on(p: &LaPass, isa: Isa) {
+    match p.q.dtype {
+        DType::F64 => run::<f64>(p, isa),
+        DType::F32 => run::<f32>(p, isa),
+        DType::F16 => run::<half::f16>(p, isa),
+        DType::BF16 => run::<half::bf16>(p, isa),
+        DType::I32 | DType::I64 => unreachable!("la_pass: the caller validated a float dtype"),
+    }
+}
+
+/// Accumulator: f32, or f64 for f64 inputs. Also the dtype of slopes and states.
+trait Acc: Copy + Send + Sync + 'static + Add<Output = Self> + Mul<Output = Self> {
+    const ZERO: Self;
+    #[cfg(target_arch = "x86_64")]
+    type V512: Vector<Self>;
+    #[cfg(target_arch = "x86_64")]
+    type V256: Vector<Self>;
+    fn of(x: f64) -> Self;
+    fn f64(self) -> f64;
+}
+
+impl Acc for f32 {
+    const ZERO: Self = 0.0;
+    #[cfg(target_arch = "x86_64")]
+    type V512 = __m512;
+    #[cfg(target_arch = "x86_64")]
+    type V256 = __m256;
+    #[inline(always)]
+    fn of(x: f64) -> Self {
+        x as f32
+    }
+    #[inline(always)]
+    fn f64(self) -> f64 {
+        self as f64
+    }
+}
+
+impl Acc for f64 {
+    const ZERO: Self = 0.0;
+    #[cfg(target_arch = "x86_64")]
+    type V512 = __m512d;
+    #[cfg(target_arch = "x86_64")]
+    type V256 = __m256d;
+    #[inline(always)]
+    fn of(x: f64) -> Self {
+        x
+    }
+    #[inline(always)]
+    fn f64(self) -> f64 {
+        self
+    }
+}
+
+/// One SIMD register of `W` accumulators. Explicit vectors, because LLVM's auto-vectoriser
+/// produced shuffle-laden micro-kernels for some operand layouts.
+///
+/// # Safety
+/// Methods may only run where the vector's target features are available.
+trait Vector<A>: Copy {
+    const W: usize;
+    unsafe fn zero() -> Self;
+    unsafe fn splat(x: A) -> Self;
+    unsafe fn load(p: *const A) -> Self;
+    unsafe fn store(self, p: *mut A);
+    /// self·b + c
+    unsafe fn fma(self, b: Self, c: Self) -> Self;
+}
+
+macro_rules! x86_vector {
+    ($v:ty, $a:ty, $w:expr, $feat:literal, $zero:ident, $splat:ident, $load:ident, $store:ident, $fma:ident) => {
+        #[cfg(target_arch = "x86_64")]
+        impl Vector<$a> for $v {
+            const W: usize = $w;
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn zero() -> Self {
+                $zero()
+            }
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn splat(x: $a) -> Self {
+                $splat(x)
+            }
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn load(p: *const $a) -> Self {
+                unsafe { $load(p) }
+            }
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn store(self, p: *mut $a) {
+                unsafe { $store(p, self) }
+            }
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn fma(self, b: Self, c: Self) -> Self {
+                $fma(self, b, c)
+            }
+        }
+    };
+}
+
+x86_vector!(
+    __m512,
+    f32,
+    16,
+    "avx512f",
+    _mm512_setzero_ps,
+    _mm512_set1_ps,
+    _mm512_loadu_ps,
+    _mm512_storeu_ps,
+    _mm512_fmadd_ps
+);
+x86_vector!(
+    __m512d,
+    f64,
+    8,
+    "avx512f",
+    _mm512_setzero_pd,
+    _mm512_set1_pd,
+    _mm512_loadu_pd,
+    _mm512_storeu_pd,
+    _mm512_fmadd_pd
+);
+x86_vector!(
+    __m256,
+    f32,
+    8,
+    "avx,fma",
+    _mm256_setzero_ps,
+    _mm256_set1_ps,
+    _mm256_loadu_ps,
+    _mm256_storeu_ps,
+    _mm256_fmadd_ps
+);
+x86_vector!(
+    __m256d,
+    f64,
+    4,
+    "avx,fma",
+    _mm256_setzero_pd,
+    _mm256_set1_pd,
+    _mm256_loadu_pd,
+    _mm256_storeu_pd,
+    _mm256_fmadd_pd
+);
+
+/// Portable fallback: four lanes the compiler vectorises for the baseline target (no FMA,
+/// whose `mul_add` would call libm there).
+#[derive(Clone, Copy)]
+struct Plain<A>([A; 4]);
+
+impl<A: Acc> Vector<A> for Plain<A> {
+    const W: usize = 4;
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        Plain([A::ZERO; 4])
+    }
+    #[inline(always)]
+    unsafe fn splat(x: A) -> Self {
+        Plain([x; 4])
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const A) -> Self {
+        Plain(unsafe { p.cast::<[A; 4]>().read_unaligned() })
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut A) {
+        unsafe { p.cast::<[A; 4]>().write_unaligned(self.0) }
+    }
+    #[inline(always)]
+    unsafe fn fma(self, b: Self, c: Self) -> Self {
+        Plain(std::array::from_fn(|i| self.0[i] * b.0[i] + c.0[i]))
+    }
+}
+
+/// Element type of q, k, v, out and x.
+trait Input: Copy + Send + Sync + 'static {
+    type A: Acc;
+    fn load(self) -> Self::A;
+    fn store(a: Self::A) -> Self;
+}
+
+impl Input for f64 {
+    type A = f64;
+    #[inline(always)]
+    fn load(self) -> f64 {
+        self
+    }
+    #[inline(always)]
+    fn store(a: f64) -> Self {
+        a
+    }
+}
+
+impl Input for f32 {
+    type A = f32;
+    #[inline(always)]
+    fn load(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn store(a: f32) -> Self {
+        a
+    }
+}
+
+impl Input for half::f16 {
+    type A = f32;
+    #[inline(always)]
+    fn load(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn store(a: f32) -> Self {
+        half::f16::from_f32(a)
+    }
+}
+
+impl Input for half::bf16 {
+    type A = f32;
+    #[inline(always)]
+    fn load(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn store(a: f32) -> Self {
+        half::bf16::from_f32(a)
+    }
+}
+
+/// A strided 2-D window of a tensor, element strides.
+#[derive(Clone, Copy)]
+struct Mat<T> {
+    ptr: *mut T,
+    rs: isize,
+    cs: isize,
+}
+
+impl<T: Copy> Mat<T> {
+    /// Rows = tokens from `t0`, columns = last dim of a [B, T, H, D] view.
+    ///
+    /// # Safety
+    /// The index must be inside the view and `T` its dtype.
+    unsafe fn tokens(v: &View, b: usize, t0: usize, h: usize) -> Self {
+        Mat {
+            ptr: unsafe { v.at(&[b, t0, h, 0]) },
+            rs: v.strides[1],
+            cs: v.strides[3],
+        }
+    }
+
+    /// Rows = Dk, columns = Dv of an [N, H, Dk, Dv] view.
+    ///
+    /// # Safety
+    /// As for `tokens`.
+    unsafe fn state(v: &View, n: usize, h: usize) -> Self {
+        Mat {
+            ptr: unsafe { v.at(&[n, h, 0, 0]) },
+            rs: v.strides[2],
+            cs: v.strides[3],
+        }
+    }
+
+    #[inline(always)]
+    fn elem(&self, r: usize, c: usize) -> *mut T {
+        self.ptr
+            .wrapping_offset(r as isize * self.rs + c as isize * self.cs)
+    }
+
+    /// # Safety
+    /// (r, c) inside the window.
+    #[inline(always)]
+    unsafe fn get(&self, r: usize, c: usize) -> T {
+        unsafe { *self.elem(r, c) }
+    }
+
+    /// # Safety
+    /// (r, c) inside the window, and no other thread touches it.
+    #[inline(always)]
+    unsafe fn set(&self, r: usize, c: usize, x: T) {
+        unsafe { *self.elem(r, c) = x }
+    }
+}
+
+/// dst = row `r`, columns `c0..` of `m`, upcast.
+///
+/// # Safety
+/// The row segment is inside the view.
+#[inline(always)]
+unsafe fn load_row<I: Input>(m: &Mat<I>, r: usize, c0: usize, dst: &mut [I::A]) {
+    if m.cs == 1 {
+        // SAFETY: contiguous, inside the view.
+        let src = unsafe { std::slice::from_raw_parts(m.elem(r, c0), dst.len()) };
+        dst.iter_mut().zip(src).for_each(|(d, s)| *d = s.load());
+    } else {
+        for (c, d) in dst.iter_mut().enumerate() {
+            *d = unsafe { m.get(r, c0 + c) }.load();
+        }
+    }
+}
+
+/// Row `r`, columns `c0..` of `m` = src, rounded to the input dtype.
+///
+/// # Safety
+/// The row segment is inside the view, and no other thread touches it.
+#[inline(always)]
+unsafe fn store_row<I: Input>(m: &Mat<I>, r: usize, c0: usize, src: &[I::A]) {
+    if m.cs == 1 {
+        // SAFETY: contiguous, inside the view, ours alone.
+        let dst = unsafe { std::slice::from_raw_parts_mut(m.elem(r, c0), src.len()) };
+        dst.iter_mut().zip(src).for_each(|(d, &s)| *d = I::store(s));
+    } else {
+        for (c, &x) in src.iter().enumerate() {
+            unsafe { m.set(r, c0 + c, I::store(x)) };
+        }
+    }
+}
+
+/// Asks for the cache lines of row `r`, columns `c0..c1` of `m`. Token rows of one head are
+/// usually H·D elements apart, a page or more, out of reach of the hardware prefetchers, and
+/// waiting on them cost as much as the arithmetic.
+#[inline(always)]
+fn prefetch_row<T: Copy>(m: &Mat<T>, r: usize, c0: usize, c1: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if m.cs.unsigned_abs() == 1 && c1 > c0 {
+        let line = (64 / std::mem::size_of::<T>()).max(1);
+        for c in (c0..c1).step_by(line).chain([c1 - 1]) {
+            // SAFETY: a prefetch never faults, whatever the address.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(m.elem(r, c).cast::<i8>()) };
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Isa {
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    Base,
+}
+
+impl Isa {
+    fn detect() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("fma") {
+                if is_x86_feature_detected!("avx512f") {
+                    return Isa::Avx512;
+                }
+                if is_x86_feature_detected!("avx2") {
+                    return Isa::Avx2;
+                }
+            }
+        }
+        Isa::Base
+    }
+
+    /// Micro-kernel rows: 8 × two zmm accumulators fit AVX-512's 32 registers, 4 × two the 16
+    /// of AVX2 and SSE. Both divide BK.
+    fn mr(self) -> usize {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => 8,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => 4,
+            Isa::Base => 4,
+        }
+    }
+
+    /// Micro-kernel columns: two vectors.
+    fn nr<A: Acc>(self) -> usize {
+        2 * match self {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => A::V512::W,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => A::V256::W,
+            Isa::Base => Plain::<A>::W,
+        }
+    }
+}
+
+/// One work item: sequence `n`, head `h`, value columns `c0..c1` (whole tiles).
+#[derive(Clone, Copy)]
+struct Item {
+    n: usize,
+    h: usize,
+    c0: usize,
+    c1: usize,
+}
+
+/// Per-thread tile buffers, row-major, padded to whole micro-kernel blocks.
+struct Scratch<A> {
+    /// Q, BK × dk (later scaled by γλ^(p+e)).
+    q: Vec<A>,
+    /// K, BK × dk, staged for the transpose.
+    k: Vec<A>,
+    /// Kᵀ, dkp × BK (later scaled by βλ^(m−1−j)).
+    kt: Vec<A>,
+    /// V, BK × ep.
+    v: Vec<A>,
+    /// Masked Q Kᵀ, BK × BK.
+    a: Vec<A>,
+    /// Output rows, BK × ep.
+    o: Vec<A>,
+    /// State, dkp × ep.
+    s: Vec<A>,
+}
+
+impl<A: Acc> Scratch<A> {
+    fn new(dk: usize, dkp: usize, ep: usize) -> Self {
+        Scratch {
+            q: vec![A::ZERO; BK * dk],
+            k: vec![A::ZERO; BK * dk],
+            kt: vec![A::ZERO; dkp * BK],
+            v: vec![A::ZERO; BK * ep],
+            a: vec![A::ZERO; BK * BK],
+            o: vec![A::ZERO; BK * ep],
+            s: vec![A::ZERO; dkp * ep],
+        }
+    }
+}
+
+fn run<I: Input>(p: &LaPass, isa: Isa) {
+    let dk = p.q.shape[3];
+    let dv = p.v.shape[3];
+    let heads = p.q.shape[2];
+    let pairs = p.seqs.len() * heads;
+    if pairs == 0 || dk == 0 || dv == 0 {
+        return;
+    }
+    let nr = isa.nr::<I::A>();
+
+    // Split the value tiles only when there are too few (sequence, head) pairs for the pool:
+    // each split recomputes Q Kᵀ.
+    let threads = POOL.current_num_threads();
+    let ntiles = dv.div_ceil(TILE);
+    let groups = if pairs >= threads {
+        1
+    } else {
+        (2 * threads).div_ceil(pairs).min(ntiles)
+    };
+    let per = ntiles.div_ceil(groups) * TILE;
+    let mut items = Vec::with_capacity(pairs * groups);
+    for (n, seq) in p.seqs.iter().enumerate() {
+        if seq.len == 0 && p.state_out.is_none() {
+            continue;
+        }
+        for h in 0..heads {
+            for c0 in (0..dv).step_by(per) {
+                let c1 = (c0 + per).min(dv);
+                items.push(Item { n, h, c0, c1 });
+            }
+        }
+    }
+    // Longest sequences first, so that work stealing evens out ragged batches.
+    items.sort_by_key(|it| std::cmp::Reverse(p.seqs[it.n].len));
+
+    let dkp = dk.next_multiple_of(isa.mr());
+    let ep = per.min(dv).next_multiple_of(nr);
+    POOL.install(|| {
+        items.par_iter().for_each_init(
+            || Scratch::<I::A>::new(dk, dkp, ep),
+            |sc, it| {
+                // SAFETY: shapes and dtypes were validated by the caller; items write disjoint
+                // columns of out, state_out and distinct slots of partial.
+                unsafe {
+                    match isa {
+                        #[cfg(target_arch = "x86_64")]
+                        Isa::Avx512 => item_avx512::<I>(p, it, sc),
+                        #[cfg(target_arch = "x86_64")]
+                        Isa::Avx2 => item_avx2::<I>(p, it, sc),
+                        Isa::Base => item::<I, Plain<I::A>, 4>(p, it, sc),
+                    }
+                }
+            },
+        )
+    });
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn item_avx512<I: Input>(p: &LaPass, it: &Item, sc: &mut Scratch<I::A>) {
+    unsafe { item::<I, <I::A as Acc>::V512, 8>(p, it, sc) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn item_avx2<I: Input>(p: &LaPass, it: &Item, sc: &mut Scratch<I::A>) {
+    unsafe { item::<I, <I::A as Acc>::V256, 4>(p, it, sc) }
+}
+
+/// acc += a[0..MR, 0..kc] · b[0..kc, 0..2W], with a(i, k) = `a[i·ra + k·ka]` and b row-major
+/// with leading dim `ldb`. Callers pass constant `ra`, `ka`, so the inlined loop keeps no
+/// strides in registers.
+///
+/// # Safety
+/// Only where `V`'s target features are available.
+#[inline(always)]
+unsafe fn mk_acc<A: Acc, V: Vector<A>, const MR: usize>(
+    acc: &mut [[V; 2]; MR],
+    (a, ra, ka): (&[A], usize, usize),
+    b: &[A],
+    ldb: usize,
+    kc: usize,
+) {
+    if kc == 0 {
+        return;
+    }
+    assert!(a.len() > (MR - 1) * ra + (kc - 1) * ka && b.len() >= (kc - 1) * ldb + 2 * V::W);
+    for k in 0..kc {
+        // SAFETY: in bounds by the assert above.
+        unsafe {
+            let bp = b.as_ptr().add(k * ldb);
+            let (b0, b1) = (V::load(bp), V::load(bp.add(V::W)));
+            for (i, row) in acc.iter_mut().enumerate() {
+                let ai = V::splat(*a.get_unchecked(i * ra + k * ka));
+                row[0] = ai.fma(b0, row[0]);
+                row[1] = ai.fma(b1, row[1]);
+            }
+        }
+    }
+}
+
+/// c[0..MR, 0..2W] = keep·c + acc (`None`: c = acc, so that stale values never matter).
+///
+/// # Safety
+/// As for `mk_acc`.
+#[inline(always)]
+unsafe fn mk_store<A: Acc, V: Vector<A>, const MR: usize>(
+    acc: &[[V; 2]; MR],
+    c: &mut [A],
+    ldc: usize,
+    keep: Option<A>,
+) {
+    assert!(c.len() >= (MR - 1) * ldc + 2 * V::W);
+    for (i, row) in acc.iter().enumerate() {
+        for (half, &x) in row.iter().enumerate() {
+            // SAFETY: in bounds by the assert above.
+            unsafe {
+                let p = c.as_mut_ptr().add(i * ldc + half * V::W);
+                let y = match keep {
+                    Some(f) => V::load(p).fma(V::splat(f), x),
+                    None => x,
+                };
+                y.store(p);
+            }
+        }
+    }
+}
+
+/// One (sequence, head, column group) of the pass.
+///
+/// # Safety
+/// The views of `p` match its shapes and dtypes, and no other item covers the same columns.
+#[inline(always)]
+unsafe fn item<I: Input, V: Vector<I::A>, const MR: usize>(
+    p: &LaPass,
+    it: &Item,
+    sc: &mut Scratch<I::A>,
+) {
+    let dk = p.q.shape[3];
+    let dkp = dk.next_multiple_of(MR);
+    let (n, h, c0) = (it.n, it.h, it.c0);
+    let ew = it.c1 - c0;
+    let nr = 2 * V::W;
+    let ep = ew.next_multiple_of(nr);
+    let seq = p.seqs[n];
+    let len = seq.len;
+
+    let s = &mut sc.s[..dkp * ep];
+    s.fill(I::A::ZERO);
+    if let Some(si) = p.state_in {
+        let si = unsafe { Mat::<I::A>::state(si, n, h) };
+        for r in 0..dk {
+            for c in 0..ew {
+                s[r * ep + c] = unsafe { si.get(r, c0 + c) };
+            }
+        }
+    }
+
+    if len > 0 {
+        let slope = unsafe { *p.slopes.at::<I::A>(&[h]) }.f64();
+        // pw[i] = λ^i, i = 0..=BK, in f64: for a large slope it underflows cleanly to 0.
+        let lambda = (-slope).exp();
+        let mut pw = [1f64; BK + 1];
+        for i in 1..=BK {
+            pw[i] = pw[i - 1] * lambda;
+        }
+        let (gamma, beta) = (p.scale_out, p.scale_kv);
+        // Reversed, so that the per-row factors λ^(r−j) and λ^(m−1−j) are forward slices.
+        let mask: [I::A; BK] = std::array::from_fn(|i| I::A::of(gamma * beta * pw[BK - 1 - i]));
+        let kscale: [I::A; BK] = std::array::from_fn(|i| I::A::of(beta * pw[BK - 1 - i]));
+
+        let (qm, km, vm, om) = unsafe {
+            (
+                Mat::<I>::tokens(p.q, seq.batch, seq.start, h),
+                Mat::<I>::tokens(p.k, seq.batch, seq.start, h),
+                Mat::<I>::tokens(p.v, seq.batch, seq.start, h),
+                Mat::<I>::tokens(p.out, seq.batch, seq.start, h),
+            )
+        };
+        let xm = p
+            .dot
+            .map(|(x, _)| unsafe { Mat::<I>::tokens(x, seq.batch, seq.start, h) });
+        let mut dots = [0f64; DOT_SLOTS];
+
+        let (qb, kb, kt, vb, ab, ob) = (
+            &mut sc.q[..],
+            &mut sc.k[..],
+            &mut sc.kt[..dkp * BK],
+            &mut sc.v[..BK * ep],
+            &mut sc.a[..],
+            &mut sc.o[..BK * ep],
+        );
+        // Stale pad columns of V from an earlier, narrower item would leak into S's pad columns.
+        vb.fill(I::A::ZERO);
+        // The first reverse chunk sees S_in one power of λ earlier than the others.
+        let mut e = usize::from(!p.reverse);
+        let mut u0 = 0;
+        while u0 < len {
+            let m = BK.min(len - u0);
+            let tok = |r: usize| if p.reverse { len - 1 - u0 - r } else { u0 + r };
+            let rows = m.next_multiple_of(MR);
+            // Rows of the next chunk, fetched while this one computes, spread over the blocks
+            // of the two products below: a burst of prefetches stalls on the miss buffers.
+            let next = BK.min(len - u0 - m);
+            let steps = (m.div_ceil(MR) + dkp / MR) * (ep / nr);
+            let mut step = 0;
+            let mut prefetch = || {
+                for r in step * next / steps..(step + 1) * next / steps {
+                    let t = tok(m + r);
+                    prefetch_row(&qm, t, 0, dk);
+                    prefetch_row(&km, t, 0, dk);
+                    prefetch_row(&vm, t, c0, it.c1);
+                    prefetch_row(&om, t, c0, it.c1);
+                    if let Some(xm) = &xm {
+                        prefetch_row(xm, t, c0, it.c1);
+                    }
+                }
+                step += 1;
+            };
+
+            for r in 0..m {
+                let t = tok(r);
+                unsafe {
+                    load_row(&qm, t, 0, &mut qb[r * dk..(r + 1) * dk]);
+                    load_row(&km, t, 0, &mut kb[r * dk..(r + 1) * dk]);
+                    load_row(&vm, t, c0, &mut vb[r * ep..r * ep + ew]);
+                }
+            }
+            // Column by column: contiguous stores (row by row, LLVM emits slow scatters).
+            for c in 0..dk {
+                let dst = &mut kt[c * BK..c * BK + m];
+                dst.iter_mut().enumerate().for_each(|(r, d)| *d = kb[r * dk + c]);
+            }
+            // Pad rows of a ragged chunk only feed discarded output rows; keep them finite.
+            qb[m * dk..rows * dk].fill(I::A::ZERO);
+
+            // ab = γβ·(Q Kᵀ ⊙ M), causal: row block i needs columns < min(i + MR, m).
+            for i in (0..m).step_by(MR) {
+                let jend = (i + MR).min(m);
+                for j in (0..jend).step_by(nr) {
+                    let mut acc = [[unsafe { V::zero() }; 2]; MR];
+                    mk_acc::<_, V, MR>(&mut acc, (&qb[i * dk..], dk, 1), &kt[j..], BK, dk);
+                    mk_store(&acc, &mut ab[i * BK + j..], BK, None);
+                }
+                for r in i..i + MR {
+                    let (lower, upper) = ab[r * BK..r * BK + jend].split_at_mut((r + 1).min(jend));
+                    let f = &mask[BK - 1 - r..];
+                    lower.iter_mut().zip(f).for_each(|(x, &f)| *x = *x * f);
+                    upper.fill(I::A::ZERO);
+                }
+            }
+
+            for r in 0..m {
+                let d = I::A::of(gamma * pw[r + e]);
+                qb[r * dk..(r + 1) * dk].iter_mut().for_each(|x| *x = *x * d);
+            }
+            // O = ab·V + diag(γλ^(p+e))·Q·S
+            for i in (0..m).step_by(MR) {
+                let kc = (i + MR).min(m);
+                for j in (0..ep).step_by(nr) {
+                    prefetch();
+                    let mut acc = [[unsafe { V::zero() }; 2]; MR];
+                    mk_acc::<_, V, MR>(&mut acc, (&ab[i * BK..], BK, 1), &vb[j..], ep, kc);
+                    mk_acc::<_, V, MR>(&mut acc, (&qb[i * dk..], dk, 1), &s[j..], ep, dk);
+                    mk_store(&acc, &mut ob[i * ep + j..], ep, None);
+                }
+            }
+
+            for r in 0..m {
+                let t = tok(r);
+                let orow = &ob[r * ep..r * ep + ew];
+                unsafe { store_row(&om, t, c0, orow) };
+                if let Some(xm) = xm {
+                    for (slot, d) in dots
+                        .iter_mut()
+                        .enumerate()
+                        .take(it.c1.div_ceil(TILE))
+                        .skip(c0 / TILE)
+                    {
+                        let (lo, hi) = (slot * TILE - c0, ((slot + 1) * TILE).min(it.c1) - c0);
+                        let mut sum = I::A::ZERO;
+                        for c in lo..hi {
+                            sum = sum + unsafe { xm.get(t, c0 + c) }.load() * orow[c];
+                        }
+                        *d += (t + 1) as f64 * sum.f64();
+                    }
+                }
+            }
+
+            // S ← λ^(m−1+e)·S + Kᵀ·diag(βλ^(m−1−j))·V
+            for c in 0..dk {
+                let row = &mut kt[c * BK..c * BK + m];
+                row.iter_mut().zip(&kscale[BK - m..]).for_each(|(x, &f)| *x = *x * f);
+            }
+            let keep = I::A::of(pw[m - 1 + e]);
+            for i in (0..dkp).step_by(MR) {
+                for j in (0..ep).step_by(nr) {
+                    prefetch();
+                    let mut acc = [[unsafe { V::zero() }; 2]; MR];
+                    mk_acc::<_, V, MR>(&mut acc, (&kt[i * BK..], BK, 1), &vb[j..], ep, m);
+                    mk_store(&acc, &mut s[i * ep + j..], ep, Some(keep));
+                }
+            }
+            e = 1;
+            u0 += m;
+        }
+        if p.reverse {
+            let lam = I::A::of(pw[1]);
+            s.iter_mut().for_each(|x| *x = *x * lam);
+        }
+        if let Some((_, part)) = p.dot {
+            for (slot, &d) in dots
+                .iter()
+                .enumerate()
+                .take(it.c1.div_ceil(TILE))
+                .skip(c0 / TILE)
+            {
+                let ptr = unsafe { part.at::<I::A>(&[n, h, slot]) };
+                unsafe { *ptr = I::A::of((*ptr).f64() + d) };
+            }
+        }
+    }
+
+    if let Some(so) = p.state_out {
+        let so = unsafe { Mat::<I::A>::state(so, n, h) };
+        for r in 0..dk {
+            for c in 0..ew {
+                unsafe { so.set(r, c0 + c, s[r * ep + c]) };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::Device;
+
+    /// xorshift64*, uniform in [−1, 1).
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> f64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            let x = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11;
+            x as f64 / (1u64 << 52) as f64 - 1.0
+        }
+
+        fn vec(&mut self, n: usize) -> Vec<f64> {
+            (0..n).map(|_| self.next()).collect()
+        }
+    }
+
+    fn view<T>(buf: &mut [T], dtype: DType, shape: &[usize], strides: &[isize]) -> View {
+        View {
+            ptr: buf.as_mut_ptr().cast(),
+            shape: shape.to_vec(),
+            strides: strides.to_vec(),
+            dtype,
+            device: Device::Cpu,
+        }
+    }
+
+    fn contiguous(shape: &[usize]) -> Vec<isize> {
+        let mut st = vec![1isize; shape.len()];
+        for i in (0..shape.len().saturating_sub(1)).rev() {
+            st[i] = st[i + 1] * shape[i + 1] as isize;
+        }
+        st
+    }
+
+    #[derive(Clone)]
+    struct Case {
+        dk: usize,
+        dv: usize,
+        slopes: Vec<f64>,
+        /// Sequences packed into one batch row.
+        lens: Vec<usize>,
+        reverse: bool,
+        state_in: bool,
+        /// state_in stored as [N, H, Dv, Dk] and viewed transposed.
+        transposed: bool,
+        state_out: bool,
+        dot: bool,
+        /// k shared by all heads through a head stride of 0.
+        shared_k: bool,
+        gamma: f64,
+        beta: f64,
+    }
+
+    impl Case {
+        fn new(dk: usize, dv: usize, slopes: &[f64], lens: &[usize]) -> Self {
+            Case {
+                dk,
+                dv,
+                slopes: slopes.to_vec(),
+                lens: lens.to_vec(),
+                reverse: false,
+                state_in: false,
+                transposed: false,
+                state_out: false,
+                dot: false,
+                shared_k: false,
+                gamma: 0.7,
+                beta: 1.3,
+            }
+        }
+
+        fn heads(&self) -> usize {
+            self.slopes.len()
+        }
+
+        fn t(&self) -> usize {
+            self.lens.iter().sum()
+        }
+
+        fn seqs(&self) -> Vec<Seq> {
+            let mut start = 0;
+            self.lens
+                .iter()
+                .map(|&len| {
+                    let s = Seq {
+                        batch: 0,
+                        start,
+                        len,
+                    };
+                    start += len;
+                    s
+                })
+                .collect()
+        }
+    }
+
+    /// Logical inputs: q, k [T, H, Dk]; v, x [T, H, Dv]; s_in [N, H, Dk, Dv].
+    struct Data {
+        q: Vec<f64>,
+        k: Vec<f64>,
+        v: Vec<f64>,
+        x: Vec<f64>,
+        s_in: Vec<f64>,
+    }
+
+    /// out [T, H, Dv], state_out [N, H, Dk, Dv], partial [N, H, DOT_SLOTS].
+    struct Outs {
+        out: Vec<f64>,
+        state: Vec<f64>,
+        partial: Vec<f64>,
+    }
+
+    fn data(c: &Case, seed: u64, round: fn(f64) -> f64) -> Data {
+        let mut rng = Rng(seed);
+        let (t, h, n) = (c.t(), c.heads(), c.lens.len());
+        let mut k = rng.vec(t * h * c.dk);
+        if c.shared_k {
+            for i in 0..t * h * c.dk {
+                k[i] = k[(i / (h * c.dk)) * h * c.dk + i % c.dk];
+            }
+        }
+        let mut d = Data {
+            q: rng.vec(t * h * c.dk),
+            k,
+            v: rng.vec(t * h * c.dv),
+            x: rng.vec(t * h * c.dv),
+            s_in: rng.vec(n * h * c.dk * c.dv),
+        };
+        for a in [&mut d.q, &mut d.k, &mut d.v, &mut d.x] {
+            a.iter_mut().for_each(|x| *x = round(*x));
+        }
+        d
+    }
+
+    /// The per-token recurrence of the module doc.
+    fn reference(c: &Case, d: &Data) -> Outs {
+        let (hs, dk, dv, n) = (c.heads(), c.dk, c.dv, c.lens.len());
+        let mut o = Outs {
+            out: vec![0.0; c.t() * hs * dv],
+            state: vec![0.0; n * hs * dk * dv],
+            partial: vec![0.0; n * hs * DOT_SLOTS],
+        };
+        for (si, seq) in c.seqs().iter().enumerate() {
+            for h in 0..hs {
+                let lam = (-c.slopes[h]).exp();
+                let sbase = (si * hs + h) * dk * dv;
+                let mut r = if c.state_in {
+                    d.s_in[sbase..sbase + dk * dv].to_vec()
+                } else {
+                    vec![0.0; dk * dv]
+                };
+                let order: Vec<usize> = if c.reverse {
+                    (0..seq.len).rev().collect()
+                } else {
+                    (0..seq.len).collect()
+                };
+                for (step, &u) in order.iter().enumerate() {
+                    let t = seq.start + u;
+                    let (qo, vo) = ((t * hs + h) * dk, (t * hs + h) * dv);
+                    let decay = if c.reverse && step == 0 { 1.0 } else { lam };
+                    for a in 0..dk {
+                        for e in 0..dv {
+                            r[a * dv + e] =
+                                decay * r[a * dv + e] + c.beta * d.k[qo + a] * d.v[vo + e];
+                        }
+                    }
+                    for e in 0..dv {
+                        let y: f64 =
+                            (0..dk).map(|a| d.q[qo + a] * r[a * dv + e]).sum::<f64>() * c.gamma;
+                        o.out[vo + e] = y;
+                        o.partial[(si * hs + h) * DOT_SLOTS + e / TILE] +=
+                            (u + 1) as f64 * d.x[vo + e] * y;
+                    }
+                }
+                if c.reverse && seq.len > 0 {
+                    r.iter_mut().for_each(|x| *x *= lam);
+                }
+                o.state[sbase..sbase + dk * dv].copy_from_slice(&r);
+            }
+        }
+        o
+    }
+
+    /// Runs la_pass with inputs of type I (f64 data converted) and returns f64 outputs.
+    fn kernel<I: Input>(c: &Case, d: &Data, dtype: DType, sdtype: DType, isa: Isa) -> Outs {
+        let (t, hs, dk, dv, n) = (c.t(), c.heads(), c.dk, c.dv, c.lens.len());
+        let cvt = |a: &[f64]| a.iter().map(|&x| I::store(I::A::of(x))).collect::<Vec<I>>();
+        let scvt = |a: &[f64]| a.iter().map(|&x| I::A::of(x)).collect::<Vec<I::A>>();
+        let (mut q, mut v, mut x) = (cvt(&d.q), cvt(&d.v), cvt(&d.x));
+        let mut out = cvt(&vec![0.0; t * hs * dv]);
+        let (k, kv) = if c.shared_k {
+            let mut k0 = vec![0.0; t * dk];
+            for tt in 0..t {
+                k0[tt * dk..(tt + 1) * dk].copy_from_slice(&d.k[tt * hs * dk..tt * hs * dk + dk]);
+            }
+            let mut k = cvt(&k0);
+            let kv = view(
+                &mut k,
+                dtype,
+                &[1, t, hs, dk],
+                &[(t * dk) as isize, dk as isize, 0, 1],
+            );
+            (k, kv)
+        } else {
+            let mut k = cvt(&d.k);
+            let kv = view(&mut k, dtype, &[1, t, hs, dk], &contiguous(&[1, t, hs, dk]));
+            (k, kv)
+        };
+        let mut slopes = scvt(&c.slopes);
+        let sshape = [n, hs, dk, dv];
+        let (mut s_in, sin_strides) = if c.transposed {
+            let mut tr = vec![0.0; n * hs * dk * dv];
+            for nh in 0..n * hs {
+                for a in 0..dk {
+                    for e in 0..dv {
+                        tr[(nh * dv + e) * dk + a] = d.s_in[(nh * dk + a) * dv + e];
+                    }
+                }
+            }
+            let st = contiguous(&[n, hs, dv, dk]);
+            (scvt(&tr), vec![st[0], st[1], st[3], st[2]])
+        } else {
+            (scvt(&d.s_in), contiguous(&sshape))
+        };
+        let mut s_out = scvt(&vec![0.0; n * hs * dk * dv]);
+        let mut partial = scvt(&vec![0.0; n * hs * DOT_SLOTS]);
+
+        let tq = contiguous(&[1, t, hs, dk]);
+        let tv = contiguous(&[1, t, hs, dv]);
+        let qv = view(&mut q, dtype, &[1, t, hs, dk], &tq);
+        let vv = view(&mut v, dtype, &[1, t, hs, dv], &tv);
+        let ov = view(&mut out, dtype, &[1, t, hs, dv], &tv);
+        let xv = view(&mut x, dtype, &[1, t, hs, dv], &tv);
+        let slv = view(&mut slopes, sdtype, &[hs], &[1]);
+        let siv = view(&mut s_in, sdtype, &sshape, &sin_strides);
+        let sov = view(&mut s_out, sdtype, &sshape, &contiguous(&sshape));
+        let pv = view(
+            &mut partial,
+            sdtype,
+            &[n, hs, DOT_SLOTS],
+            &contiguous(&[n, hs, DOT_SLOTS]),
+        );
+        let seqs = c.seqs();
+        let pass = LaPass {
+            q: &qv,
+            k: &kv,
+            v: &vv,
+            out: &ov,
+            slopes: &slv,
+            state_in: c.state_in.then_some(&siv),
+            state_out: c.state_out.then_some(&sov),
+            dot: c.dot.then_some((&xv, &pv)),
+            seqs: &seqs,
+            reverse: c.reverse,
+            scale_out: c.gamma,
+            scale_kv: c.beta,
+        };
+        la_pass_on(&pass, isa);
+        drop(k);
+        Outs {
+            out: out.iter().map(|x| x.load().f64()).collect(),
+            state: s_out.iter().map(|x| x.f64()).collect(),
+            partial: partial.iter().map(|x| x.f64()).collect(),
+        }
+    }
+
+    fn close(what: &str, got: &[f64], want: &[f64], tol: f64) {
+        let scale = want.iter().fold(1e-30f64, |m, x| m.max(x.abs()));
+        let err = got
+            .iter()
+            .zip(want)
+            .fold(0f64, |m, (g, w)| m.max((g - w).abs()));
+        assert!(
+            err <= tol * scale,
+            "{what}: max error {err:e} vs scale {scale:e}"
+        );
+    }
+
+    fn check<I: Input>(c: &Case, dtype: DType, sdtype: DType, round: fn(f64) -> f64, tol: f64) {
+        let d = data(c, 0x9e37_79b9_7f4a_7c15 ^ c.dk as u64, round);
+        let want = reference(c, &d);
+        let got = kernel::<I>(c, &d, dtype, sdtype);
+        close("out", &got.out, &want.out, tol);
+        if c.state_out {
+            close("state_out", &got.state, &want.state, tol);
+        }
+        if c.dot {
+            close("partial", &got.partial, &want.partial, tol);
+        }
+    }
+
+    const SLOPES: [f64; 5] = [0.0, 1e-5, 0.05, 0.7, 5.0];
+    const LENS: [usize; 3] = [2 * BK + 3, 0, 45];
+
+    #[test]
+    fn f64_matches_recurrence() {
+        for reverse in [false, true] {
+            for (state_in, transposed, state_out, dot) in [
+                (false, false, false, false),
+                (true, false, true, true),
+                (true, true, true, false),
+                (false, false, true, true),
+            ] {
+                let c = Case {
+                    reverse,
+                    state_in,
+                    transposed,
+                    state_out,
+                    dot,
+                    ..Case::new(5, 37, &SLOPES, &LENS)
+                };
+                check::<f64>(&c, DType::F64, DType::F64, |x| x, 1e-10);
+            }
+        }
+    }
+
+    #[test]
+    fn f64_shapes_and_strides() {
+        let base = Case {
+            state_in: true,
+            state_out: true,
+            dot: true,
+            ..Case::new(1, 1, &[0.3], &[1])
+        };
+        for reverse in [false, true] {
+            // One (sequence, head) pair: the value tiles are split over the pool.
+            let wide = Case {
+                reverse,
+                ..Case::new(3, 200, &[0.05], &[3 * BK])
+            };
+            let wide = Case {
+                state_in: true,
+                state_out: true,
+                dot: true,
+                ..wide
+            };
+            check::<f64>(&wide, DType::F64, DType::F64, |x| x, 1e-10);
+            let cases = [
+                Case {
+                    reverse,
+                    ..base.clone()
+                },
+                Case {
+                    reverse,
+                    lens: vec![BK, 2, BK + 1],
+                    ..base.clone()
+                },
+                Case {
+                    reverse,
+                    shared_k: true,
+                    transposed: true,
+                    ..Case {
+                        dk: 33,
+                        dv: 16,
+                        slopes: vec![0.0, 50.0, 0.2],
+                        ..base.clone()
+                    }
+                },
+            ];
+            for c in &cases {
+                check::<f64>(c, DType::F64, DType::F64, |x| x, 1e-10);
+            }
+        }
+    }
+
+    #[test]
+    fn low_precision_matches_recurrence() {
+        for reverse in [false, true] {
+            let c = Case {
+                reverse,
+                state_in: true,
+                transposed: true,
+                state_out: true,
+                dot: true,
+                ..Case::new(16, 40, &SLOPES, &LENS)
+            };
+            check::<f32>(&c, DType::F32, DType::F32, |x| x, 1e-5);
+            let bf = |x: f64| half::bf16::from_f64(x).to_f64();
+            check::<half::bf16>(&c, DType::BF16, DType::F32, bf, 1e-2);
+            let f16 = |x: f64| half::f16::from_f64(x).to_f64();
+            check::<half::f16>(&c, DType::F16, DType::F32, f16, 2e-3);
+        }
+    }
+
+    /// `cargo test --release --lib lightning::tests::bench -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn bench_forward_f32() {
+        let (t, hs, d) = (4096, 8, 128);
+        let mut rng = Rng(7);
+        let shape = [1, t, hs, d];
+        let st = contiguous(&shape);
+        let mut bufs: Vec<Vec<f32>> = (0..4)
+            .map(|_| rng.vec(t * hs * d).iter().map(|&x| x as f32).collect())
+            .collect();
+        let mut slopes: Vec<f32> = (0..hs)
+            .map(|h| (-8.0 * (h + 1) as f32 / hs as f32).exp2())
+            .collect();
+        let [q, k, v, o] = &mut bufs[..] else {
+            unreachable!()
+        };
+        let (qv, kv, vv, ov) = (
+            view(q, DType::F32, &shape, &st),
+            view(k, DType::F32, &shape, &st),
+            view(v, DType::F32, &shape, &st),
+            view(o, DType::F32, &shape, &st),
+        );
+        let slv = view(&mut slopes, DType::F32, &[hs], &[1]);
+        let seqs = [Seq {
+            batch: 0,
+            start: 0,
+            len: t,
+        }];
+        let pass = LaPass {
+            q: &qv,
+            k: &kv,
+            v: &vv,
+            out: &ov,
+            slopes: &slv,
+            state_in: None,
+            state_out: None,
+            dot: None,
+            seqs: &seqs,
+            reverse: false,
+            scale_out: 1.0,
+            scale_kv: 1.0,
+        };
+        la_pass(&pass);
+        let mut times: Vec<f64> = (0..15)
+            .map(|_| {
+                let t0 = std::time::Instant::now();
+                la_pass(&pass);
+                t0.elapsed().as_secs_f64()
+            })
+            .collect();
+        times.sort_by(f64::total_cmp);
+        let flops = (hs * (2 * t * BK * d * 2 + 4 * t * d * d)) as f64;
+        println!(
+            "la_pass fwd f32 B=1 H={hs} T={t} D=E={d}, {} threads: best {:.2} ms, median {:.2} ms, {:.1} GFLOP/s (best)",
+            POOL.current_num_threads(),
+            times[0] * 1e3,
+            times[7] * 1e3,
+            flops / times[0] / 1e9
+        );
+    }
+}

@@ -1,0 +1,299 @@
+//! CUDA runtime: primary context per device (shared with torch), NVRTC compilation to CUBIN for
+//! the device's exact architecture, an in-memory and on-disk module cache, and launches on the
+//! caller's (torch's current) stream without any host synchronisation.
+
+use cudarc::driver::{result as drv, sys as dsys, CudaContext, CudaFunction, CudaModule};
+use cudarc::nvrtc::{result as nvr, sys as nsys};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::ffi::{c_void, CStr, CString};
+use std::path::PathBuf;
+use std::sync::{Arc, LazyLock, Mutex};
+
+pub type CudaResult<T> = Result<T, String>;
+
+/// Kernel sources, embedded at build time. `#include "common.cuh"` is resolved by `source`.
+const COMMON: &str = include_str!("../../cuda/common.cuh");
+
+/// Full translation unit for a kernel source file (headers inlined: NVRTC gets no include path).
+pub fn source(body: &str) -> String {
+    body.replace("#include \"common.cuh\"", COMMON)
+}
+
+/// Checks that NVRTC can be opened (cudarc panics otherwise).
+fn ensure_nvrtc() -> CudaResult<()> {
+    // SAFETY: only probes dlopen.
+    if unsafe { nsys::is_culib_present() } {
+        return Ok(());
+    }
+    Err(
+        "the NVRTC library (libnvrtc.so.13) was not found; install torch's CUDA wheels \
+         (nvidia-cuda-nvrtc) or put a CUDA 13 toolkit on the loader path"
+            .into(),
+    )
+}
+
+/// Checks that the driver and NVRTC libraries can be opened (cudarc panics otherwise).
+pub fn ensure_libraries() -> CudaResult<()> {
+    // SAFETY: only probes dlopen.
+    if !unsafe { dsys::is_culib_present() } {
+        return Err("the CUDA driver library (libcuda.so) was not found".into());
+    }
+    ensure_nvrtc()
+}
+
+pub fn nvrtc_version() -> CudaResult<(i32, i32)> {
+    ensure_nvrtc()?;
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: plain out-parameters.
+    let rc = unsafe { nsys::nvrtcVersion(&mut major, &mut minor) };
+    if rc != nsys::nvrtcResult::NVRTC_SUCCESS {
+        return Err(format!("nvrtcVersion failed: {rc:?}"));
+    }
+    Ok((major, minor))
+}
+
+/// Compiles one translation unit to a CUBIN for `arch` (e.g. "sm_90a").
+pub fn compile_cubin(
+    name: &str,
+    src: &str,
+    defines: &[(String, String)],
+    arch: &str,
+) -> CudaResult<Vec<u8>> {
+    ensure_nvrtc()?;
+    let csrc = CString::new(src).map_err(|e| e.to_string())?;
+    let cname = CString::new(name).map_err(|e| e.to_string())?;
+    let prog = nvr::create_program(&csrc, Some(&cname)).map_err(|e| format!("nvrtc: {e:?}"))?;
+    let mut options = vec![
+        format!("--gpu-architecture={arch}"),
+        "-std=c++17".to_string(),
+        "--use_fast_math".to_string(),
+    ];
+    options.extend(defines.iter().map(|(k, v)| format!("-D{k}={v}")));
+    // SAFETY: prog is a live program; destroyed below on every path.
+    let result = unsafe { nvr::compile_program(prog, &options) };
+    let out = match result {
+        Ok(()) => unsafe { get_cubin(prog) },
+        Err(e) => {
+            let log = unsafe { nvr::get_program_log(prog) }
+                .map(|l| {
+                    unsafe { CStr::from_ptr(l.as_ptr()) }
+                        .to_string_lossy()
+                        .into_owned()
+                })
+                .unwrap_or_default();
+            Err(format!(
+                "NVRTC failed to compile {name} ({e:?}) with {options:?}:\n{log}"
+            ))
+        }
+    };
+    // SAFETY: prog is not used after this.
+    let _ = unsafe { nvr::destroy_program(prog) };
+    out
+}
+
+unsafe fn get_cubin(prog: nsys::nvrtcProgram) -> CudaResult<Vec<u8>> {
+    let mut size = 0usize;
+    let rc = unsafe { nsys::nvrtcGetCUBINSize(prog, &mut size) };
+    if rc != nsys::nvrtcResult::NVRTC_SUCCESS || size == 0 {
+        return Err(format!("nvrtcGetCUBINSize failed: {rc:?}"));
+    }
+    let mut buf = vec![0u8; size];
+    let rc = unsafe { nsys::nvrtcGetCUBIN(prog, buf.as_mut_ptr() as *mut _) };
+    if rc != nsys::nvrtcResult::NVRTC_SUCCESS {
+        return Err(format!("nvrtcGetCUBIN failed: {rc:?}"));
+    }
+    Ok(buf)
+}
+
+/// On-disk cache folder: `$LONGATTN_CACHE_DIR` (empty or "off" disables it), else
+/// `~/.cache/longattn`.
+fn cache_dir() -> Option<PathBuf> {
+    match std::env::var("LONGATTN_CACHE_DIR") {
+        Ok(v) if v.is_empty() || v == "off" => None,
+        Ok(v) => Some(PathBuf::from(v)),
+        Err(_) => {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("longattn"))
+        }
+    }
+}
+
+fn cache_key(
+    name: &str,
+    src: &str,
+    defines: &[(String, String)],
+    arch: &str,
+) -> CudaResult<String> {
+    let (major, minor) = nvrtc_version()?;
+    let mut h = Sha256::new();
+    for part in [name, src, arch, env!("CARGO_PKG_VERSION")] {
+        h.update(part.as_bytes());
+        h.update([0u8]);
+    }
+    for (k, v) in defines {
+        h.update(format!("{k}={v};").as_bytes());
+    }
+    h.update(format!("nvrtc {major}.{minor}").as_bytes());
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// CUBIN from the disk cache, or compiled and stored there (atomically: temp file + rename).
+fn cached_cubin(
+    name: &str,
+    src: &str,
+    defines: &[(String, String)],
+    arch: &str,
+) -> CudaResult<Vec<u8>> {
+    let key = cache_key(name, src, defines, arch)?;
+    let path = cache_dir().map(|d| d.join(format!("{key}.cubin")));
+    if let Some(p) = &path {
+        if let Ok(bytes) = std::fs::read(p) {
+            return Ok(bytes);
+        }
+    }
+    let cubin = compile_cubin(name, src, defines, arch)?;
+    if let Some(p) = &path {
+        if let Some(dir) = p.parent() {
+            let tmp = dir.join(format!("{key}.{}.tmp", std::process::id()));
+            let stored = std::fs::create_dir_all(dir)
+                .and_then(|_| std::fs::write(&tmp, &cubin))
+                .and_then(|_| std::fs::rename(&tmp, p));
+            if stored.is_err() {
+                let _ = std::fs::remove_file(&tmp); // a read-only cache only costs recompiles
+            }
+        }
+    }
+    Ok(cubin)
+}
+
+/// A loaded module: functions by name, each with its dynamic shared memory limit raised.
+pub struct Kernels {
+    _module: Arc<CudaModule>,
+    functions: HashMap<String, CudaFunction>,
+}
+
+impl Kernels {
+    pub fn get(&self, name: &str) -> CudaResult<&CudaFunction> {
+        self.functions
+            .get(name)
+            .ok_or_else(|| format!("kernel {name} missing from module"))
+    }
+}
+
+pub struct Device {
+    pub ctx: Arc<CudaContext>,
+    pub arch: String,
+    pub sm_count: u32,
+    modules: Mutex<HashMap<String, Arc<Kernels>>>,
+}
+
+static DEVICES: LazyLock<Mutex<HashMap<i32, Arc<Device>>>> = LazyLock::new(Default::default);
+
+/// Compute-capability target for NVRTC: the exact arch, with the `a` suffix on Hopper so that
+/// wgmma/setmaxnreg are available.
+pub fn arch_for(major: i32, minor: i32) -> String {
+    if major == 9 && minor == 0 {
+        "sm_90a".into()
+    } else {
+        format!("sm_{major}{minor}")
+    }
+}
+
+pub fn device(ordinal: i32) -> CudaResult<Arc<Device>> {
+    ensure_libraries()?;
+    let mut map = DEVICES.lock().map_err(|e| e.to_string())?;
+    if let Some(d) = map.get(&ordinal) {
+        return Ok(d.clone());
+    }
+    let ctx = CudaContext::new(ordinal as usize).map_err(|e| format!("cuda:{ordinal}: {e:?}"))?;
+    let (major, minor) = ctx.compute_capability().map_err(|e| format!("{e:?}"))?;
+    if major < 8 {
+        return Err(format!(
+            "cuda:{ordinal} has compute capability {major}.{minor}; longattn's CUDA kernels need 8.0 or newer"
+        ));
+    }
+    let sm_count = ctx
+        .attribute(dsys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .map_err(|e| format!("{e:?}"))? as u32;
+    let dev = Arc::new(Device {
+        ctx,
+        arch: arch_for(major, minor),
+        sm_count,
+        modules: Mutex::new(HashMap::new()),
+    });
+    map.insert(ordinal, dev.clone());
+    Ok(dev)
+}
+
+impl Device {
+    /// The module for (source, defines), compiled on first use.
+    pub fn kernels(
+        &self,
+        name: &str,
+        body: &str,
+        defines: &[(String, String)],
+        functions: &[(&str, u32)],
+    ) -> CudaResult<Arc<Kernels>> {
+        let mut key = name.to_string();
+        for (k, v) in defines {
+            key.push_str(&format!(" {k}={v}"));
+        }
+        let mut modules = self.modules.lock().map_err(|e| e.to_string())?;
+        if let Some(k) = modules.get(&key) {
+            return Ok(k.clone());
+        }
+        let cubin = cached_cubin(name, &source(body), defines, &self.arch)?;
+        self.ctx.bind_to_thread().map_err(|e| format!("{e:?}"))?;
+        let module = self
+            .ctx
+            .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
+            .map_err(|e| format!("loading {name}: {e:?}"))?;
+        let mut map = HashMap::new();
+        for &(fname, smem_bytes) in functions {
+            let f = module
+                .load_function(fname)
+                .map_err(|e| format!("{fname}: {e:?}"))?;
+            f.set_attribute(
+                dsys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem_bytes as i32,
+            )
+            .map_err(|e| format!("{fname}: shared memory {smem_bytes} B: {e:?}"))?;
+            map.insert(fname.to_string(), f);
+        }
+        let k = Arc::new(Kernels {
+            _module: module,
+            functions: map,
+        });
+        modules.insert(key, k.clone());
+        Ok(k)
+    }
+
+    /// Launches `f` with one by-value parameter struct on a borrowed stream handle.
+    ///
+    /// # Safety
+    /// `params` must match the kernel's parameter layout and every pointer in it must be valid
+    /// device memory of this device for the kernel's accesses.
+    pub unsafe fn launch<P>(
+        &self,
+        f: &CudaFunction,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem_bytes: u32,
+        stream: usize,
+        params: &P,
+    ) -> CudaResult<()> {
+        self.ctx.bind_to_thread().map_err(|e| format!("{e:?}"))?;
+        let mut args = [params as *const P as *mut c_void];
+        unsafe {
+            drv::launch_kernel(
+                f.cu_function(),
+                grid,
+                (block, 1, 1),
+                smem_bytes,
+                stream as dsys::CUstream,
+                &mut args,
+            )
+        }
+        .map_err(|e| format!("kernel launch failed: {e:?}"))
+    }
+}

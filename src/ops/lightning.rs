@@ -1,0 +1,554 @@
+//! lightning_attn: argument checks and dispatch. The forward is one linear-attention pass; the
+//! backward is three (spec: dQ forward, dK and dV reverse), each with the same kernel.
+
+use super::{
+    expect_device, expect_dtype, expect_shape, expect_unit_last_stride, read_cu_seqlens,
+    value_error,
+};
+use crate::cpu::lightning::{la_pass, LaPass, Seq, DOT_SLOTS};
+use crate::cuda;
+use crate::tensor::{DType, Device, View};
+use pyo3::PyErr;
+
+pub const MAX_HEAD_DIM: usize = 256;
+const ANY: usize = usize::MAX;
+
+/// Validated problem sizes shared by the forward and the backward.
+struct Problem {
+    b: usize,
+    t: usize,
+    h: usize,
+    d: usize,
+    e: usize,
+    device: Device,
+    dtype: DType,
+    state_dtype: DType,
+    /// Number of sequences (B, or len(cu_seqlens) − 1).
+    n: usize,
+    /// CPU only: the sequences, from cu_seqlens or one per batch row.
+    seqs: Vec<Seq>,
+}
+
+fn check(q: &View, k: &View, v: &View, slopes: &View, cu: Option<&View>) -> Result<Problem, PyErr> {
+    if q.ndim() != 4 {
+        return Err(value_error(format!(
+            "q: expected rank 4 [B, T, H, D], got shape {:?}",
+            q.shape
+        )));
+    }
+    let (b, t, h, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
+    let device = q.device;
+    let floats: &[DType] = match device {
+        Device::Cpu => &[DType::F64, DType::F32, DType::F16, DType::BF16],
+        Device::Cuda(_) => &[DType::F32, DType::F16, DType::BF16],
+    };
+    expect_dtype(q, "q", floats)?;
+    let dtype = q.dtype;
+    let state_dtype = if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    expect_shape(k, "k", &[b, t, h, d], "same as q")?;
+    expect_shape(v, "v", &[b, t, h, ANY], "[B, T, H, E] with q's B, T, H")?;
+    let e = v.shape[3];
+    for (name, size) in [("q", d), ("v", e)] {
+        if size == 0 || size > MAX_HEAD_DIM {
+            return Err(value_error(format!(
+                "{name}: head dim must be between 1 and {MAX_HEAD_DIM}, got {size}"
+            )));
+        }
+    }
+    if h == 0 {
+        return Err(value_error("q: number of heads must be at least 1"));
+    }
+    for (t_, name) in [(k, "k"), (v, "v")] {
+        expect_dtype(t_, name, &[dtype])?;
+        expect_device(t_, name, device)?;
+    }
+    for (t_, name) in [(q, "q"), (k, "k"), (v, "v")] {
+        expect_unit_last_stride(t_, name)?;
+    }
+    expect_shape(slopes, "slopes", &[h], "one decay slope per head")?;
+    expect_dtype(slopes, "slopes", &[state_dtype])?;
+    expect_device(slopes, "slopes", device)?;
+    let (n, seqs) = match cu {
+        None => (
+            b,
+            (0..b)
+                .map(|i| Seq {
+                    batch: i,
+                    start: 0,
+                    len: t,
+                })
+                .collect(),
+        ),
+        Some(cu) => {
+            expect_device(cu, "cu_seqlens", device)?;
+            expect_dtype(cu, "cu_seqlens", &[DType::I32, DType::I64])?;
+            if cu.ndim() != 1 || cu.shape[0] < 2 {
+                return Err(value_error(format!(
+                    "cu_seqlens: expected a 1-D tensor [N + 1] with N >= 1, got shape {:?}",
+                    cu.shape
+                )));
+            }
+            if b != 1 {
+                return Err(value_error(format!(
+                    "cu_seqlens: packed sequences need batch size 1, got q with B = {b}"
+                )));
+            }
+            let n = cu.shape[0] - 1;
+            let seqs = if device == Device::Cpu {
+                let starts = read_cu_seqlens(cu, t)?;
+                starts
+                    .windows(2)
+                    .map(|w| Seq {
+                        batch: 0,
+                        start: w[0],
+                        len: w[1] - w[0],
+                    })
+                    .collect()
+            } else {
+                Vec::new() // the kernel reads cu_seqlens on the device (no host synchronisation)
+            };
+            (n, seqs)
+        }
+    };
+    if n > 65535 || h > 65535 {
+        return Err(value_error(format!(
+            "q: at most 65535 sequences and heads are supported, got {n} and {h}"
+        )));
+    }
+    Ok(Problem {
+        b,
+        t,
+        h,
+        d,
+        e,
+        device,
+        dtype,
+        state_dtype,
+        n,
+        seqs,
+    })
+}
+
+impl Problem {
+    fn expect_like(
+        &self,
+        t: &View,
+        name: &str,
+        shape: &[usize],
+        what: &str,
+        dtype: DType,
+    ) -> Result<(), PyErr> {
+        expect_shape(t, name, shape, what)?;
+        expect_dtype(t, name, &[dtype])?;
+        expect_device(t, name, self.device)?;
+        if dtype == self.dtype {
+            expect_unit_last_stride(t, name)?;
+        }
+        Ok(())
+    }
+
+    fn tokens(&self, dim: usize) -> [usize; 4] {
+        [self.b, self.t, self.h, dim]
+    }
+
+    fn state(&self) -> [usize; 4] {
+        [self.n, self.h, self.d, self.e]
+    }
+
+    fn run(&self, pass: &LaPass, cu: Option<&View>, stream: usize) -> Result<(), PyErr> {
+        match self.device {
+            Device::Cpu => {
+                la_pass(pass);
+                Ok(())
+            }
+            Device::Cuda(ordinal) => {
+                launch(pass, ordinal, cu, self.n, self.t, stream).map_err(value_error)
+            }
+        }
+    }
+}
+
+/// Same tensor with the last two dimensions swapped (a transposed state, no copy).
+fn transposed(t: &View) -> View {
+    let mut v = t.clone();
+    let r = v.shape.len();
+    v.shape.swap(r - 2, r - 1);
+    v.strides.swap(r - 2, r - 1);
+    v
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn forward(
+    q: &View,
+    k: &View,
+    v: &View,
+    slopes: &View,
+    out: &View,
+    state_in: Option<&View>,
+    state_out: &View,
+    scale: f64,
+    cu: Option<&View>,
+    stream: usize,
+) -> Result<(), PyErr> {
+    let p = check(q, k, v, slopes, cu)?;
+    p.expect_like(out, "out", &p.tokens(p.e), "like v", p.dtype)?;
+    if let Some(s) = state_in {
+        p.expect_like(
+            s,
+            "initial_state",
+            &p.state(),
+            "[N, H, D, E]",
+            p.state_dtype,
+        )?;
+    }
+    p.expect_like(
+        state_out,
+        "final_state",
+        &p.state(),
+        "[N, H, D, E]",
+        p.state_dtype,
+    )?;
+    let pass = LaPass {
+        q,
+        k,
+        v,
+        out,
+        slopes,
+        state_in,
+        state_out: Some(state_out),
+        dot: None,
+        seqs: &p.seqs,
+        reverse: false,
+        scale_out: scale,
+        scale_kv: 1.0,
+    };
+    p.run(&pass, cu, stream)
+}
+
+/// Gradients of lightning_attn. `partial_q`/`partial_k` ([N, H, DOT_SLOTS], zeroed) receive the
+/// slope-gradient sums Σ_t (t+1)⟨q_t, dq_t⟩ and Σ_t (t+1)⟨k_t, dk_t⟩ (the caller finishes
+/// dslopes from them and the final-state term).
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    q: &View,
+    k: &View,
+    v: &View,
+    slopes: &View,
+    dout: &View,
+    state_in: Option<&View>,
+    d_state_out: Option<&View>,
+    dq: &View,
+    dk: &View,
+    dv: &View,
+    d_state_in: &View,
+    partial_q: &View,
+    partial_k: &View,
+    scale: f64,
+    cu: Option<&View>,
+    stream: usize,
+) -> Result<(), PyErr> {
+    let p = check(q, k, v, slopes, cu)?;
+    p.expect_like(dout, "grad_out", &p.tokens(p.e), "like v", p.dtype)?;
+    if let Some(s) = state_in {
+        p.expect_like(
+            s,
+            "initial_state",
+            &p.state(),
+            "[N, H, D, E]",
+            p.state_dtype,
+        )?;
+    }
+    if let Some(s) = d_state_out {
+        p.expect_like(
+            s,
+            "grad_final_state",
+            &p.state(),
+            "[N, H, D, E]",
+            p.state_dtype,
+        )?;
+    }
+    p.expect_like(dq, "dq", &p.tokens(p.d), "like q", p.dtype)?;
+    p.expect_like(dk, "dk", &p.tokens(p.d), "like k", p.dtype)?;
+    p.expect_like(dv, "dv", &p.tokens(p.e), "like v", p.dtype)?;
+    p.expect_like(
+        d_state_in,
+        "grad_initial_state",
+        &p.state(),
+        "[N, H, D, E]",
+        p.state_dtype,
+    )?;
+    for (t, name) in [(partial_q, "partial_q"), (partial_k, "partial_k")] {
+        p.expect_like(t, name, &[p.n, p.h, DOT_SLOTS], "[N, H, 8]", p.state_dtype)?;
+    }
+    let s0_t = state_in.map(transposed);
+    let ds_t = d_state_out.map(transposed);
+    // dq_t = scale · S_t do_t: a forward pass with (q, k, v) = (do, v, k) from S0ᵀ.
+    let pass_q = LaPass {
+        q: dout,
+        k: v,
+        v: k,
+        out: dq,
+        slopes,
+        state_in: s0_t.as_ref(),
+        state_out: None,
+        dot: Some((q, partial_q)),
+        seqs: &p.seqs,
+        reverse: false,
+        scale_out: scale,
+        scale_kv: 1.0,
+    };
+    // dk_j = G_j v_j, G the reverse state of scale·q doᵀ from dS_T: (q, k, v) = (v, do, q).
+    let pass_k = LaPass {
+        q: v,
+        k: dout,
+        v: q,
+        out: dk,
+        state_in: ds_t.as_ref(),
+        dot: Some((k, partial_k)),
+        reverse: true,
+        scale_out: 1.0,
+        scale_kv: scale,
+        ..pass_q
+    };
+    // dv_j = G_jᵀ k_j: (q, k, v) = (k, q, do); its final state is dS0 = λ G_0.
+    let pass_v = LaPass {
+        q: k,
+        k: q,
+        v: dout,
+        out: dv,
+        state_in: d_state_out,
+        state_out: Some(d_state_in),
+        dot: None,
+        ..pass_k
+    };
+    for pass in [&pass_q, &pass_k, &pass_v] {
+        p.run(pass, cu, stream)?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// CUDA
+
+const SOURCE: &str = include_str!("../../cuda/lightning.cu");
+const BLOCK: usize = 64;
+
+/// Kernel parameters, laid out exactly like `LaParams` in cuda/lightning.cu.
+#[repr(C)]
+struct LaParams {
+    q: u64,
+    k: u64,
+    v: u64,
+    out: u64,
+    x: u64,
+    slopes: u64,
+    state_in: u64,
+    state_out: u64,
+    partial: u64,
+    cu_seqlens: u64,
+    sq: [i64; 3],
+    sk: [i64; 3],
+    sv: [i64; 3],
+    so: [i64; 3],
+    sx: [i64; 3],
+    ssi: [i64; 4],
+    sso: [i64; 4],
+    sp: [i64; 3],
+    t: i32,
+    h: i32,
+    d: i32,
+    e: i32,
+    cu_kind: i32,
+    has_state_in: i32,
+    has_state_out: i32,
+    has_dot: i32,
+    vec_q: i32,
+    vec_k: i32,
+    vec_v: i32,
+    scale_out: f32,
+    scale_kv: f32,
+}
+
+/// Compile-time configuration of one kernel variant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Variant {
+    pub elem: u32,
+    pub dk: usize,
+    pub dvt: usize,
+    pub reverse: bool,
+    pub stages: usize,
+}
+
+/// Shared memory a CTA may use on sm_80 and sm_90.
+const MAX_SMEM: usize = 227 * 1024;
+
+impl Variant {
+    fn new(dtype: DType, d: usize, e: usize, reverse: bool) -> Variant {
+        let elem = match dtype {
+            DType::F32 => 0,
+            DType::F16 => 1,
+            _ => 2,
+        };
+        let dk = match d {
+            0..=64 => d.div_ceil(16) * 16,
+            65..=96 => 96,
+            97..=128 => 128,
+            129..=192 => 192,
+            _ => 256,
+        };
+        // Value tile: the state tile (dk x dvt floats) lives in registers, so large dk takes 32.
+        let dvt = if dk > 128 || e <= 32 { 32 } else { 64 };
+        let mut v = Variant {
+            elem,
+            dk,
+            dvt,
+            reverse,
+            stages: 2,
+        };
+        if v.smem_bytes() as usize > MAX_SMEM {
+            v.stages = 1;
+        }
+        v
+    }
+
+    pub fn defines(&self) -> Vec<(String, String)> {
+        vec![
+            ("LA_ELEM".into(), self.elem.to_string()),
+            ("LA_DK".into(), self.dk.to_string()),
+            ("LA_DVT".into(), self.dvt.to_string()),
+            ("LA_REVERSE".into(), (self.reverse as u32).to_string()),
+            ("LA_STAGES".into(), self.stages.to_string()),
+        ]
+    }
+
+    fn smem_bytes(&self) -> u32 {
+        let (size, pad) = if self.elem == 0 { (4, 4) } else { (2, 8) };
+        let stage = 2 * BLOCK * (self.dk + pad) + BLOCK * (self.dvt + pad);
+        ((self.stages * stage + self.dvt * (self.dk + pad)) * size) as u32
+    }
+
+    /// Every variant the dispatcher can choose (compiled by CI for sm_80 and sm_90a).
+    pub fn all() -> Vec<Variant> {
+        let mut out = Vec::new();
+        for elem in [DType::F32, DType::F16, DType::BF16] {
+            for d in [16, 32, 48, 64, 96, 128, 192, 256] {
+                for e in [32, 64] {
+                    for reverse in [false, true] {
+                        let v = Variant::new(elem, d, e, reverse);
+                        if !out.contains(&v) {
+                            out.push(v);
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+pub fn compile_variant(v: &Variant, arch: &str) -> Result<usize, String> {
+    cuda::compile_cubin("lightning.cu", &cuda::source(SOURCE), &v.defines(), arch).map(|c| c.len())
+}
+
+fn strides3(t: &View) -> [i64; 3] {
+    [
+        t.strides[0] as i64,
+        t.strides[1] as i64,
+        t.strides[2] as i64,
+    ]
+}
+
+fn strides4(t: Option<&View>) -> [i64; 4] {
+    t.map(|t| {
+        [
+            t.strides[0] as i64,
+            t.strides[1] as i64,
+            t.strides[2] as i64,
+            t.strides[3] as i64,
+        ]
+    })
+    .unwrap_or([0; 4])
+}
+
+/// Whether every row start of a [B, T, H, D] tensor is 16-byte aligned.
+fn vectorizable(t: &View) -> bool {
+    let elems = 16 / if t.dtype == DType::F32 { 4 } else { 2 };
+    t.addr() % 16 == 0 && t.strides[..3].iter().all(|&s| s % elems == 0)
+}
+
+fn launch(
+    p: &LaPass,
+    ordinal: i32,
+    cu: Option<&View>,
+    n: usize,
+    t: usize,
+    stream: usize,
+) -> Result<(), String> {
+    let dev = cuda::device(ordinal)?;
+    let (b, h, dk, dv) = (p.q.shape[0], p.q.shape[2], p.q.shape[3], p.v.shape[3]);
+    let variant = Variant::new(p.q.dtype, dk, dv, p.reverse);
+    let smem = variant.smem_bytes();
+    let kernels = dev.kernels(
+        "lightning.cu",
+        SOURCE,
+        &variant.defines(),
+        &[("la_pass", smem), ("la_decode", 0)],
+    )?;
+    let params = LaParams {
+        q: p.q.addr(),
+        k: p.k.addr(),
+        v: p.v.addr(),
+        out: p.out.addr(),
+        x: p.dot.map_or(0, |(x, _)| x.addr()),
+        slopes: p.slopes.addr(),
+        state_in: p.state_in.map_or(0, |s| s.addr()),
+        state_out: p.state_out.map_or(0, |s| s.addr()),
+        partial: p.dot.map_or(0, |(_, part)| part.addr()),
+        cu_seqlens: cu.map_or(0, |c| c.addr()),
+        sq: strides3(p.q),
+        sk: strides3(p.k),
+        sv: strides3(p.v),
+        so: strides3(p.out),
+        sx: p.dot.map_or([0; 3], |(x, _)| strides3(x)),
+        ssi: strides4(p.state_in),
+        sso: strides4(p.state_out),
+        sp: p.dot.map_or([0; 3], |(_, part)| {
+            [
+                part.strides[0] as i64,
+                part.strides[1] as i64,
+                part.strides[2] as i64,
+            ]
+        }),
+        t: t as i32,
+        h: h as i32,
+        d: dk as i32,
+        e: dv as i32,
+        cu_kind: cu.map_or(-1, |c| if c.dtype == DType::I64 { 1 } else { 0 }),
+        has_state_in: p.state_in.is_some() as i32,
+        has_state_out: p.state_out.is_some() as i32,
+        has_dot: p.dot.is_some() as i32,
+        vec_q: vectorizable(p.q) as i32,
+        vec_k: vectorizable(p.k) as i32,
+        vec_v: vectorizable(p.v) as i32,
+        scale_out: p.scale_out as f32,
+        scale_kv: p.scale_kv as f32,
+    };
+    if n == 0 || (t == 0 && cu.is_none() && p.state_out.is_none() && p.dot.is_none()) {
+        return Ok(());
+    }
+    let decode = t == 1 && cu.is_none() && !p.reverse && p.dot.is_none();
+    // SAFETY: params mirrors LaParams; all pointers come from validated tensors on this device.
+    unsafe {
+        if decode {
+            let grid = (dv.div_ceil(128) as u32, h as u32, b as u32);
+            dev.launch(kernels.get("la_decode")?, grid, 128, 0, stream, &params)
+        } else {
+            let grid = (dv.div_ceil(variant.dvt) as u32, h as u32, n as u32);
+            dev.launch(kernels.get("la_pass")?, grid, 128, smem, stream, &params)
+        }
+    }
+}
