@@ -37,7 +37,7 @@ struct LaParams {
   int H, D, E;
   int cu_kind; // -1: no cu_seqlens, 0: int32, 1: int64
   int has_state_in, has_state_out, has_dot;
-  int vec_q, vec_k, vec_v;
+  int vec_q, vec_k, vec_v, vec_x;
   float scale_out, scale_kv;
 };
 
@@ -82,8 +82,9 @@ __device__ __forceinline__ void la_pass_impl(const LaParams &p) {
   static_assert(DK % 16 == 0 && DVT % 32 == 0 && NT % WN == 0, "bad tile configuration");
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  constexpr int STAGE = 2 * BK * LDQ + BK * LDV; // Q, K, V tiles of one chunk
-  T *Ss = reinterpret_cast<T *>(smem_raw);      // carried state, [value][key], input precision
+  // One stage holds a chunk's Q, K, V tiles, and the X tile of the dot product when asked for.
+  const int STAGE = 2 * BK * LDQ + (p.has_dot ? 2 : 1) * BK * LDV;
+  T *Ss = reinterpret_cast<T *>(smem_raw); // carried state, [value][key], input precision
   T *stages = Ss + DVT * LDS;
   __shared__ float wts[BK];
   __shared__ float red[NW];
@@ -128,6 +129,9 @@ __device__ __forceinline__ void la_pass_impl(const LaParams &p) {
     load_tile_async<ELEM, BK, DK, THREADS>(Ks, LDQ, kb + (i64)c0 * p.sk[1], p.sk[1], m, p.D, p.vec_k);
     load_tile_async<ELEM, BK, DVT, THREADS>(Vs, LDV, vb + (i64)c0 * p.sv[1], p.sv[1], m, p.E - e0,
                                             p.vec_v);
+    if (p.has_dot)
+      load_tile_async<ELEM, BK, DVT, THREADS>(Vs + BK * LDV, LDV, xb + (i64)c0 * p.sx[1], p.sx[1], m,
+                                              p.E - e0, p.vec_x);
     cp_async_commit();
   };
   if (nchunks > 0) prefetch(0);
@@ -135,6 +139,7 @@ __device__ __forceinline__ void la_pass_impl(const LaParams &p) {
     const int c = REVERSE ? nchunks - 1 - ci : ci;
     const int c0 = c * BK, m = min(BK, L - c0);
     const T *Qs = stages + (ci % STAGES) * STAGE, *Ks = Qs + BK * LDQ, *Vs = Ks + BK * LDQ;
+    const T *Xs = Vs + BK * LDV;
 
     // Carried state -> shared memory (input precision), as the B operand of Q·C.
 #pragma unroll
@@ -233,7 +238,7 @@ __device__ __forceinline__ void la_pass_impl(const LaParams &p) {
               if (e0 + e < p.E) {
                 ob[t * p.so[1] + e] = from_f32<ELEM>(O[j][2 * r + cc]);
                 if (p.has_dot)
-                  dot_acc += (float)(t + 1) * load_f32<ELEM>(xb + t * p.sx[1] + e) * O[j][2 * r + cc];
+                  dot_acc += (float)(t + 1) * load_f32<ELEM>(Xs + pr * LDV + e) * O[j][2 * r + cc];
               }
             }
         }

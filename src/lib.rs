@@ -118,16 +118,19 @@ fn lightning_bwd(
 /// (name, cubin bytes) per variant, raising on the first failure.
 #[pyfunction]
 fn compile_all_kernels(py: Python<'_>, arch: &str) -> PyResult<Vec<(String, usize)>> {
+    use rayon::prelude::*;
     py.detach(|| {
-        ops::lightning::Variant::all()
-            .iter()
-            .map(|v| {
-                let name = format!("lightning.cu {:?}", v.defines());
-                ops::lightning::compile_variant(v, arch)
-                    .map(|size| (name, size))
-                    .map_err(ops::value_error)
-            })
-            .collect()
+        cpu::POOL.install(|| {
+            ops::lightning::Variant::all()
+                .par_iter()
+                .map(|v| {
+                    let name = format!("lightning.cu {:?}", v.defines());
+                    ops::lightning::compile_variant(v, arch)
+                        .map(|size| (name, size))
+                        .map_err(ops::value_error)
+                })
+                .collect()
+        })
     })
 }
 

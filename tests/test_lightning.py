@@ -720,9 +720,20 @@ def test_bad_arguments_raise(device, case):
         _call_args(args)
 
 
+# cu_seqlens values that only a host read could reject.
+_CU_VALUE_CASES = {"non-monotone", "first-not-0", "last-short", "last-long"}
+
+
 @pytest.mark.parametrize("case", list(_cu_cases("cpu")))
 def test_bad_cu_seqlens_raise(device, case):
     args, match = _cu_cases(device)[case]
+    if device == "cuda" and case in _CU_VALUE_CASES:
+        # On CUDA the values are never read on the host (no synchronisation); the kernels clamp
+        # them into [0, T] so nothing outside the tensors is touched (docs/api/lightning.md).
+        _, final_state = _call_args(args)
+        torch.cuda.synchronize()
+        assert torch.isfinite(final_state).all()
+        return
     with pytest.raises((ValueError, TypeError), match=match):
         _call_args(args)
 

@@ -62,5 +62,9 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def check_rank(t: torch.Tensor | None, name: str, rank: int, layout: str) -> None:
-    if t is not None and t.dim() != rank:
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != rank:
         raise ValueError(f"{name}: expected rank {rank} {layout}, got shape {tuple(t.shape)}")

@@ -21,7 +21,7 @@
 //! Work items are (sequence, head, group of 32-column value tiles): state columns are
 //! independent, and a group spans several tiles when there are enough (sequence, head) pairs
 //! to fill the pool, so that Q Kᵀ is computed once for all of them. Tile products run in a
-//! register-blocked micro-kernel compiled for AVX-512 and AVX2+FMA and picked at run time.
+//! register-blocked micro-kernel, with AVX2+FMA vectors where the CPU has them.
 
 use crate::cpu::POOL;
 use crate::tensor::{DType, View};
@@ -69,6 +69,11 @@ pub const DOT_SLOTS: usize = 8;
 const BK: usize = 64;
 /// Value columns per dot slot.
 const TILE: usize = 32;
+#[cfg(target_arch = "x86_64")]
+const MR_AVX2: usize = 6;
+const MR_BASE: usize = 4;
+/// Row capacity of the chunk buffers: BK rounded up to any micro-kernel height.
+const ROWS: usize = BK + 8;
 
 pub fn la_pass(p: &LaPass) {
     la_pass_on(p, Isa::detect());
@@ -88,8 +93,6 @@ fn la_pass_on(p: &LaPass, isa: Isa) {
 trait Acc: Copy + Send + Sync + 'static + Add<Output = Self> + Mul<Output = Self> {
     const ZERO: Self;
     #[cfg(target_arch = "x86_64")]
-    type V512: Vector<Self>;
-    #[cfg(target_arch = "x86_64")]
     type V256: Vector<Self>;
     fn of(x: f64) -> Self;
     fn f64(self) -> f64;
@@ -97,8 +100,6 @@ trait Acc: Copy + Send + Sync + 'static + Add<Output = Self> + Mul<Output = Self
 
 impl Acc for f32 {
     const ZERO: Self = 0.0;
-    #[cfg(target_arch = "x86_64")]
-    type V512 = __m512;
     #[cfg(target_arch = "x86_64")]
     type V256 = __m256;
     #[inline(always)]
@@ -113,8 +114,6 @@ impl Acc for f32 {
 
 impl Acc for f64 {
     const ZERO: Self = 0.0;
-    #[cfg(target_arch = "x86_64")]
-    type V512 = __m512d;
     #[cfg(target_arch = "x86_64")]
     type V256 = __m256d;
     #[inline(always)]
@@ -176,28 +175,6 @@ macro_rules! x86_vector {
     };
 }
 
-x86_vector!(
-    __m512,
-    f32,
-    16,
-    "avx512f",
-    _mm512_setzero_ps,
-    _mm512_set1_ps,
-    _mm512_loadu_ps,
-    _mm512_storeu_ps,
-    _mm512_fmadd_ps
-);
-x86_vector!(
-    __m512d,
-    f64,
-    8,
-    "avx512f",
-    _mm512_setzero_pd,
-    _mm512_set1_pd,
-    _mm512_loadu_pd,
-    _mm512_storeu_pd,
-    _mm512_fmadd_pd
-);
 x86_vector!(
     __m256,
     f32,
@@ -359,6 +336,19 @@ impl<T: Copy> Mat<T> {
     }
 }
 
+/// dst[c·ldd + r] = src[r·lds + c] for the src.len() / lds rows of src. Column by column, so
+/// that stores are contiguous (row by row, LLVM emits slow scatters).
+#[inline(always)]
+fn transpose<A: Copy>(src: &[A], lds: usize, dst: &mut [A], ldd: usize) {
+    let rows = src.len() / lds;
+    for c in 0..lds {
+        let col = &mut dst[c * ldd..c * ldd + rows];
+        col.iter_mut()
+            .zip(src[c..].iter().step_by(lds))
+            .for_each(|(d, &x)| *d = x);
+    }
+}
+
 /// dst = row `r`, columns `c0..` of `m`, upcast.
 ///
 /// # Safety
@@ -408,10 +398,42 @@ fn prefetch_row<T: Copy>(m: &Mat<T>, r: usize, c0: usize, c1: usize) {
     }
 }
 
+/// Prefetches the rows of the next chunk while this one computes, in even portions, one per
+/// micro-kernel block: a burst of prefetches stalls on the cache's miss buffers.
+struct Ahead<I> {
+    /// (view, first column, end column): q, k, v, out, x.
+    streams: [(Mat<I>, usize, usize); 5],
+    /// Streams in use (x only with `dot`).
+    n: usize,
+    /// Rows to fetch.
+    rows: usize,
+    steps: usize,
+    step: usize,
+    /// Token of the next chunk's row 0.
+    first: usize,
+    reverse: bool,
+}
+
+impl<I: Copy> Ahead<I> {
+    #[inline(always)]
+    fn step(&mut self) {
+        let (lo, hi) = (self.step * self.rows, (self.step + 1) * self.rows);
+        for r in lo / self.steps..hi / self.steps {
+            let t = if self.reverse {
+                self.first - r
+            } else {
+                self.first + r
+            };
+            for (m, c0, c1) in &self.streams[..self.n] {
+                prefetch_row(m, t, *c0, *c1);
+            }
+        }
+        self.step += 1;
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 enum Isa {
-    #[cfg(target_arch = "x86_64")]
-    Avx512,
     #[cfg(target_arch = "x86_64")]
     Avx2,
     Base,
@@ -421,35 +443,26 @@ impl Isa {
     fn detect() -> Isa {
         #[cfg(target_arch = "x86_64")]
         {
-            if is_x86_feature_detected!("fma") {
-                if is_x86_feature_detected!("avx512f") {
-                    return Isa::Avx512;
-                }
-                if is_x86_feature_detected!("avx2") {
-                    return Isa::Avx2;
-                }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                return Isa::Avx2;
             }
         }
         Isa::Base
     }
 
-    /// Micro-kernel rows: 8 × two zmm accumulators fit AVX-512's 32 registers, 4 × two the 16
-    /// of AVX2 and SSE. Both divide BK.
+    /// Micro-kernel rows: 6 × two ymm accumulators plus three operands fill AVX2's 16
+    /// registers; the baseline's four-lane pairs take two SSE registers each.
     fn mr(self) -> usize {
         match self {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => 8,
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => 4,
-            Isa::Base => 4,
+            Isa::Avx2 => MR_AVX2,
+            Isa::Base => MR_BASE,
         }
     }
 
     /// Micro-kernel columns: two vectors.
     fn nr<A: Acc>(self) -> usize {
         2 * match self {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => A::V512::W,
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => A::V256::W,
             Isa::Base => Plain::<A>::W,
@@ -468,32 +481,37 @@ struct Item {
 
 /// Per-thread tile buffers, row-major, padded to whole micro-kernel blocks.
 struct Scratch<A> {
-    /// Q, BK × dk (later scaled by γλ^(p+e)).
+    /// Q and K rows, BK × dk, staged for the transposes.
     q: Vec<A>,
-    /// K, BK × dk, staged for the transpose.
     k: Vec<A>,
+    /// Qᵀ, dk × ROWS (later scaled by γλ^(p+e)).
+    qt: Vec<A>,
     /// Kᵀ, dkp × BK (later scaled by βλ^(m−1−j)).
     kt: Vec<A>,
     /// V, BK × ep.
     v: Vec<A>,
-    /// Masked Q Kᵀ, BK × BK.
+    /// Masked Q Kᵀ, ROWS × BK.
     a: Vec<A>,
-    /// Output rows, BK × ep.
+    /// Output rows, ROWS × ep.
     o: Vec<A>,
     /// State, dkp × ep.
     s: Vec<A>,
+    /// One row of x for the dot partials.
+    x: Vec<A>,
 }
 
 impl<A: Acc> Scratch<A> {
     fn new(dk: usize, dkp: usize, ep: usize) -> Self {
         Scratch {
             q: vec![A::ZERO; BK * dk],
+            qt: vec![A::ZERO; dk * ROWS],
             k: vec![A::ZERO; BK * dk],
             kt: vec![A::ZERO; dkp * BK],
             v: vec![A::ZERO; BK * ep],
-            a: vec![A::ZERO; BK * BK],
-            o: vec![A::ZERO; BK * ep],
+            a: vec![A::ZERO; ROWS * BK],
+            o: vec![A::ZERO; ROWS * ep],
             s: vec![A::ZERO; dkp * ep],
+            x: vec![A::ZERO; ep],
         }
     }
 }
@@ -544,10 +562,8 @@ fn run<I: Input>(p: &LaPass, isa: Isa) {
                 unsafe {
                     match isa {
                         #[cfg(target_arch = "x86_64")]
-                        Isa::Avx512 => item_avx512::<I>(p, it, sc),
-                        #[cfg(target_arch = "x86_64")]
                         Isa::Avx2 => item_avx2::<I>(p, it, sc),
-                        Isa::Base => item::<I, Plain<I::A>, 4>(p, it, sc),
+                        Isa::Base => item::<I, Plain<I::A>, MR_BASE>(p, it, sc),
                     }
                 }
             },
@@ -556,15 +572,9 @@ fn run<I: Input>(p: &LaPass, isa: Isa) {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn item_avx512<I: Input>(p: &LaPass, it: &Item, sc: &mut Scratch<I::A>) {
-    unsafe { item::<I, <I::A as Acc>::V512, 8>(p, it, sc) }
-}
-
-#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn item_avx2<I: Input>(p: &LaPass, it: &Item, sc: &mut Scratch<I::A>) {
-    unsafe { item::<I, <I::A as Acc>::V256, 4>(p, it, sc) }
+    unsafe { item::<I, <I::A as Acc>::V256, MR_AVX2>(p, it, sc) }
 }
 
 /// acc += a[0..MR, 0..kc] · b[0..kc, 0..2W], with a(i, k) = `a[i·ra + k·ka]` and b row-major
@@ -681,14 +691,24 @@ unsafe fn item<I: Input, V: Vector<I::A>, const MR: usize>(
             .dot
             .map(|(x, _)| unsafe { Mat::<I>::tokens(x, seq.batch, seq.start, h) });
         let mut dots = [0f64; DOT_SLOTS];
+        let streams = [
+            (qm, 0, dk),
+            (km, 0, dk),
+            (vm, c0, it.c1),
+            (om, c0, it.c1),
+            (xm.unwrap_or(om), c0, it.c1),
+        ];
+        let nstreams = if xm.is_some() { 5 } else { 4 };
 
-        let (qb, kb, kt, vb, ab, ob) = (
+        let (qb, kb, qt, kt, vb, ab, ob, xb) = (
             &mut sc.q[..],
             &mut sc.k[..],
+            &mut sc.qt[..],
             &mut sc.kt[..dkp * BK],
             &mut sc.v[..BK * ep],
             &mut sc.a[..],
-            &mut sc.o[..BK * ep],
+            &mut sc.o[..ROWS * ep],
+            &mut sc.x[..],
         );
         // Stale pad columns of V from an earlier, narrower item would leak into S's pad columns.
         vb.fill(I::A::ZERO);
@@ -699,23 +719,19 @@ unsafe fn item<I: Input, V: Vector<I::A>, const MR: usize>(
             let m = BK.min(len - u0);
             let tok = |r: usize| if p.reverse { len - 1 - u0 - r } else { u0 + r };
             let rows = m.next_multiple_of(MR);
-            // Rows of the next chunk, fetched while this one computes, spread over the blocks
-            // of the two products below: a burst of prefetches stalls on the miss buffers.
-            let next = BK.min(len - u0 - m);
-            let steps = (m.div_ceil(MR) + dkp / MR) * (ep / nr);
-            let mut step = 0;
-            let mut prefetch = || {
-                for r in step * next / steps..(step + 1) * next / steps {
-                    let t = tok(m + r);
-                    prefetch_row(&qm, t, 0, dk);
-                    prefetch_row(&km, t, 0, dk);
-                    prefetch_row(&vm, t, c0, it.c1);
-                    prefetch_row(&om, t, c0, it.c1);
-                    if let Some(xm) = &xm {
-                        prefetch_row(xm, t, c0, it.c1);
-                    }
-                }
-                step += 1;
+            let mut ahead = Ahead {
+                streams,
+                n: nstreams,
+                rows: BK.min(len - u0 - m),
+                steps: (m.div_ceil(MR) + dkp / MR) * (ep / nr),
+                step: 0,
+                // Unused when there is no next chunk.
+                first: if p.reverse {
+                    (len - u0 - m).saturating_sub(1)
+                } else {
+                    u0 + m
+                },
+                reverse: p.reverse,
             };
 
             for r in 0..m {
@@ -726,23 +742,23 @@ unsafe fn item<I: Input, V: Vector<I::A>, const MR: usize>(
                     load_row(&vm, t, c0, &mut vb[r * ep..r * ep + ew]);
                 }
             }
-            // Column by column: contiguous stores (row by row, LLVM emits slow scatters).
-            for c in 0..dk {
-                let dst = &mut kt[c * BK..c * BK + m];
-                dst.iter_mut().enumerate().for_each(|(r, d)| *d = kb[r * dk + c]);
-            }
+            transpose(&qb[..m * dk], dk, qt, ROWS);
+            transpose(&kb[..m * dk], dk, kt, BK);
             // Pad rows of a ragged chunk only feed discarded output rows; keep them finite.
-            qb[m * dk..rows * dk].fill(I::A::ZERO);
+            for c in 0..dk {
+                qt[c * ROWS + m..c * ROWS + rows].fill(I::A::ZERO);
+            }
 
             // ab = γβ·(Q Kᵀ ⊙ M), causal: row block i needs columns < min(i + MR, m).
             for i in (0..m).step_by(MR) {
                 let jend = (i + MR).min(m);
                 for j in (0..jend).step_by(nr) {
                     let mut acc = [[unsafe { V::zero() }; 2]; MR];
-                    mk_acc::<_, V, MR>(&mut acc, (&qb[i * dk..], dk, 1), &kt[j..], BK, dk);
+                    mk_acc::<_, V, MR>(&mut acc, (&qt[i..], 1, ROWS), &kt[j..], BK, dk);
                     mk_store(&acc, &mut ab[i * BK + j..], BK, None);
                 }
-                for r in i..i + MR {
+                // Pad rows (≥ m) hold zeros: Q's pad rows are zero.
+                for r in i..(i + MR).min(m) {
                     let (lower, upper) = ab[r * BK..r * BK + jend].split_at_mut((r + 1).min(jend));
                     let f = &mask[BK - 1 - r..];
                     lower.iter_mut().zip(f).for_each(|(x, &f)| *x = *x * f);
@@ -750,18 +766,19 @@ unsafe fn item<I: Input, V: Vector<I::A>, const MR: usize>(
                 }
             }
 
-            for r in 0..m {
-                let d = I::A::of(gamma * pw[r + e]);
-                qb[r * dk..(r + 1) * dk].iter_mut().for_each(|x| *x = *x * d);
+            let d: [I::A; BK] = std::array::from_fn(|r| I::A::of(gamma * pw[r + e]));
+            for c in 0..dk {
+                let col = &mut qt[c * ROWS..c * ROWS + m];
+                col.iter_mut().zip(&d).for_each(|(x, &d)| *x = *x * d);
             }
             // O = ab·V + diag(γλ^(p+e))·Q·S
             for i in (0..m).step_by(MR) {
                 let kc = (i + MR).min(m);
                 for j in (0..ep).step_by(nr) {
-                    prefetch();
+                    ahead.step();
                     let mut acc = [[unsafe { V::zero() }; 2]; MR];
                     mk_acc::<_, V, MR>(&mut acc, (&ab[i * BK..], BK, 1), &vb[j..], ep, kc);
-                    mk_acc::<_, V, MR>(&mut acc, (&qb[i * dk..], dk, 1), &s[j..], ep, dk);
+                    mk_acc::<_, V, MR>(&mut acc, (&qt[i..], 1, ROWS), &s[j..], ep, dk);
                     mk_store(&acc, &mut ob[i * ep + j..], ep, None);
                 }
             }
@@ -770,18 +787,12 @@ unsafe fn item<I: Input, V: Vector<I::A>, const MR: usize>(
                 let t = tok(r);
                 let orow = &ob[r * ep..r * ep + ew];
                 unsafe { store_row(&om, t, c0, orow) };
-                if let Some(xm) = xm {
-                    for (slot, d) in dots
-                        .iter_mut()
-                        .enumerate()
-                        .take(it.c1.div_ceil(TILE))
-                        .skip(c0 / TILE)
-                    {
-                        let (lo, hi) = (slot * TILE - c0, ((slot + 1) * TILE).min(it.c1) - c0);
-                        let mut sum = I::A::ZERO;
-                        for c in lo..hi {
-                            sum = sum + unsafe { xm.get(t, c0 + c) }.load() * orow[c];
-                        }
+                if let Some(xm) = &xm {
+                    unsafe { load_row(xm, t, c0, &mut xb[..ew]) };
+                    // c0 is a multiple of TILE: the chunks are the slots.
+                    let slots = xb[..ew].chunks(TILE).zip(orow.chunks(TILE));
+                    for (d, (xs, os)) in dots[c0 / TILE..].iter_mut().zip(slots) {
+                        let sum = xs.iter().zip(os).fold(I::A::ZERO, |a, (&x, &o)| a + x * o);
                         *d += (t + 1) as f64 * sum.f64();
                     }
                 }
@@ -790,12 +801,14 @@ unsafe fn item<I: Input, V: Vector<I::A>, const MR: usize>(
             // S ← λ^(m−1+e)·S + Kᵀ·diag(βλ^(m−1−j))·V
             for c in 0..dk {
                 let row = &mut kt[c * BK..c * BK + m];
-                row.iter_mut().zip(&kscale[BK - m..]).for_each(|(x, &f)| *x = *x * f);
+                row.iter_mut()
+                    .zip(&kscale[BK - m..])
+                    .for_each(|(x, &f)| *x = *x * f);
             }
             let keep = I::A::of(pw[m - 1 + e]);
             for i in (0..dkp).step_by(MR) {
                 for j in (0..ep).step_by(nr) {
-                    prefetch();
+                    ahead.step();
                     let mut acc = [[unsafe { V::zero() }; 2]; MR];
                     mk_acc::<_, V, MR>(&mut acc, (&kt[i * BK..], BK, 1), &vb[j..], ep, m);
                     mk_store(&acc, &mut s[i * ep + j..], ep, Some(keep));
@@ -1115,16 +1128,30 @@ mod tests {
         );
     }
 
+    /// Every micro-kernel flavour this machine can run.
+    fn isas() -> Vec<Isa> {
+        #[allow(unused_mut)]
+        let mut isas = vec![Isa::Base];
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            isas.push(Isa::Avx2);
+        }
+        isas
+    }
+
     fn check<I: Input>(c: &Case, dtype: DType, sdtype: DType, round: fn(f64) -> f64, tol: f64) {
         let d = data(c, 0x9e37_79b9_7f4a_7c15 ^ c.dk as u64, round);
         let want = reference(c, &d);
-        let got = kernel::<I>(c, &d, dtype, sdtype);
-        close("out", &got.out, &want.out, tol);
-        if c.state_out {
-            close("state_out", &got.state, &want.state, tol);
-        }
-        if c.dot {
-            close("partial", &got.partial, &want.partial, tol);
+        for isa in isas() {
+            let got = kernel::<I>(c, &d, dtype, sdtype, isa);
+            let what = |name: &str| format!("{name} ({isa:?}, {dtype:?}, reverse {})", c.reverse);
+            close(&what("out"), &got.out, &want.out, tol);
+            if c.state_out {
+                close(&what("state_out"), &got.state, &want.state, tol);
+            }
+            if c.dot {
+                close(&what("partial"), &got.partial, &want.partial, tol);
+            }
         }
     }
 

@@ -145,10 +145,13 @@ impl Problem {
         expect_shape(t, name, shape, what)?;
         expect_dtype(t, name, &[dtype])?;
         expect_device(t, name, self.device)?;
-        if dtype == self.dtype {
-            expect_unit_last_stride(t, name)?;
-        }
         Ok(())
+    }
+
+    /// A [B, T, H, dim] tensor in the input dtype (kernels need its last stride to be 1).
+    fn expect_tokens(&self, t: &View, name: &str, dim: usize, what: &str) -> Result<(), PyErr> {
+        self.expect_like(t, name, &self.tokens(dim), what, self.dtype)?;
+        expect_unit_last_stride(t, name)
     }
 
     fn tokens(&self, dim: usize) -> [usize; 4] {
@@ -195,7 +198,7 @@ pub fn forward(
     stream: usize,
 ) -> Result<(), PyErr> {
     let p = check(q, k, v, slopes, cu)?;
-    p.expect_like(out, "out", &p.tokens(p.e), "like v", p.dtype)?;
+    p.expect_tokens(out, "out", p.e, "like v")?;
     if let Some(s) = state_in {
         p.expect_like(
             s,
@@ -252,7 +255,7 @@ pub fn backward(
     stream: usize,
 ) -> Result<(), PyErr> {
     let p = check(q, k, v, slopes, cu)?;
-    p.expect_like(dout, "grad_out", &p.tokens(p.e), "like v", p.dtype)?;
+    p.expect_tokens(dout, "grad_out", p.e, "like v")?;
     if let Some(s) = state_in {
         p.expect_like(
             s,
@@ -271,9 +274,9 @@ pub fn backward(
             p.state_dtype,
         )?;
     }
-    p.expect_like(dq, "dq", &p.tokens(p.d), "like q", p.dtype)?;
-    p.expect_like(dk, "dk", &p.tokens(p.d), "like k", p.dtype)?;
-    p.expect_like(dv, "dv", &p.tokens(p.e), "like v", p.dtype)?;
+    p.expect_tokens(dq, "dq", p.d, "like q")?;
+    p.expect_tokens(dk, "dk", p.d, "like k")?;
+    p.expect_tokens(dv, "dv", p.e, "like v")?;
     p.expect_like(
         d_state_in,
         "grad_initial_state",
@@ -369,6 +372,7 @@ struct LaParams {
     vec_q: i32,
     vec_k: i32,
     vec_v: i32,
+    vec_x: i32,
     scale_out: f32,
     scale_kv: f32,
 }
@@ -386,6 +390,26 @@ pub struct Variant {
 /// Shared memory a CTA may use on sm_80 and sm_90.
 const MAX_SMEM: usize = 227 * 1024;
 
+/// Benchmark-only overrides of the tile choice: LONGATTN_LA_DVT (32 or 64) and
+/// LONGATTN_LA_STAGES (1 or 2).
+struct Tuning {
+    dvt: Option<usize>,
+    stages: Option<usize>,
+}
+
+static TUNING: std::sync::LazyLock<Tuning> = std::sync::LazyLock::new(|| {
+    let read = |name: &str, allowed: &[usize]| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|v| allowed.contains(v))
+    };
+    Tuning {
+        dvt: read("LONGATTN_LA_DVT", &[32, 64]),
+        stages: read("LONGATTN_LA_STAGES", &[1, 2]),
+    }
+});
+
 impl Variant {
     fn new(dtype: DType, d: usize, e: usize, reverse: bool) -> Variant {
         let elem = match dtype {
@@ -401,15 +425,17 @@ impl Variant {
             _ => 256,
         };
         // Value tile: the state tile (dk x dvt floats) lives in registers, so large dk takes 32.
-        let dvt = if dk > 128 || e <= 32 { 32 } else { 64 };
+        let dvt = TUNING
+            .dvt
+            .unwrap_or(if dk > 128 || e <= 32 { 32 } else { 64 });
         let mut v = Variant {
             elem,
             dk,
             dvt,
             reverse,
-            stages: 2,
+            stages: TUNING.stages.unwrap_or(2),
         };
-        if v.smem_bytes() as usize > MAX_SMEM {
+        if v.smem_bytes(true) as usize > MAX_SMEM {
             v.stages = 1;
         }
         v
@@ -425,9 +451,11 @@ impl Variant {
         ]
     }
 
-    fn smem_bytes(&self) -> u32 {
+    /// Dynamic shared memory: the state tile plus `stages` buffers of Q, K, V (and X with `dot`).
+    fn smem_bytes(&self, dot: bool) -> u32 {
         let (size, pad) = if self.elem == 0 { (4, 4) } else { (2, 8) };
-        let stage = 2 * BLOCK * (self.dk + pad) + BLOCK * (self.dvt + pad);
+        let value_tiles = if dot { 2 } else { 1 };
+        let stage = 2 * BLOCK * (self.dk + pad) + value_tiles * BLOCK * (self.dvt + pad);
         ((self.stages * stage + self.dvt * (self.dk + pad)) * size) as u32
     }
 
@@ -491,12 +519,12 @@ fn launch(
     let dev = cuda::device(ordinal)?;
     let (b, h, dk, dv) = (p.q.shape[0], p.q.shape[2], p.q.shape[3], p.v.shape[3]);
     let variant = Variant::new(p.q.dtype, dk, dv, p.reverse);
-    let smem = variant.smem_bytes();
+    let smem = variant.smem_bytes(p.dot.is_some());
     let kernels = dev.kernels(
         "lightning.cu",
         SOURCE,
         &variant.defines(),
-        &[("la_pass", smem), ("la_decode", 0)],
+        &[("la_pass", variant.smem_bytes(true)), ("la_decode", 0)],
     )?;
     let params = LaParams {
         q: p.q.addr(),
@@ -534,6 +562,7 @@ fn launch(
         vec_q: vectorizable(p.q) as i32,
         vec_k: vectorizable(p.k) as i32,
         vec_v: vectorizable(p.v) as i32,
+        vec_x: p.dot.is_some_and(|(x, _)| vectorizable(x)) as i32,
         scale_out: p.scale_out as f32,
         scale_kv: p.scale_kv as f32,
     };
