@@ -1,5 +1,5 @@
 // Header-free helpers shared by every longattn kernel: element conversions, tensor-core MMA
-// fragments (mma.sync m16n8k16 for f16/bf16, m16n8k8 tf32 for f32), exp2. NVRTC needs no
+// fragments (mma.sync m16n8k16 for f16/bf16, m16n8k8 3xTF32 for f32), exp2. NVRTC needs no
 // include path for any of this.
 #pragma once
 
@@ -12,7 +12,7 @@ typedef long long i64;
 #define ELEM_BF16 2
 
 template <int ELEM> struct Elem;
-// f32 tensors run on tf32 tensor cores: fragments hold one element per register.
+// f32 tensors run on tf32 tensor cores (3xTF32): fragments hold one float per register.
 template <> struct Elem<ELEM_F32> {
   typedef float T;
   static constexpr int KS = 8;  // contraction depth of one MMA
@@ -108,11 +108,28 @@ template <> __device__ __forceinline__ void mma<ELEM_F16>(float *c, const u32 *a
                : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
-template <> __device__ __forceinline__ void mma<ELEM_F32>(float *c, const u32 *a, const u32 *b) {
+// f32 runs as 3xTF32: each operand is split into a tf32 head and a tf32 tail and the three
+// significant products are accumulated, which keeps float32 accuracy on tensor cores.
+__device__ __forceinline__ void mma_tf32(float *c, const u32 *a, const u32 *b) {
   asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, "
                "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
                : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+__device__ __forceinline__ void split_tf32(u32 x, u32 &hi, u32 &lo) {
+  const float f = __uint_as_float(x);
+  hi = tf32(f);
+  lo = tf32(f - __uint_as_float(hi));
+}
+template <> __device__ __forceinline__ void mma<ELEM_F32>(float *c, const u32 *a, const u32 *b) {
+  u32 ah[4], al[4], bh[2], bl[2];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) split_tf32(a[i], ah[i], al[i]);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) split_tf32(b[i], bh[i], bl[i]);
+  mma_tf32(c, al, bh);
+  mma_tf32(c, ah, bl);
+  mma_tf32(c, ah, bh);
 }
 
 // Fragment loads from shared memory. Naming: A is the row operand (M x K), B the column
@@ -174,34 +191,34 @@ template <> struct Frag<ELEM_F32> {
   typedef float T;
   static __device__ __forceinline__ void A_mk(u32 *a, const T *s, int ld, int m0, int k0) {
     const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-    a[0] = tf32(s[(m0 + g) * ld + k0 + t]);
-    a[1] = tf32(s[(m0 + g + 8) * ld + k0 + t]);
-    a[2] = tf32(s[(m0 + g) * ld + k0 + t + 4]);
-    a[3] = tf32(s[(m0 + g + 8) * ld + k0 + t + 4]);
+    a[0] = __float_as_uint(s[(m0 + g) * ld + k0 + t]);
+    a[1] = __float_as_uint(s[(m0 + g + 8) * ld + k0 + t]);
+    a[2] = __float_as_uint(s[(m0 + g) * ld + k0 + t + 4]);
+    a[3] = __float_as_uint(s[(m0 + g + 8) * ld + k0 + t + 4]);
   }
   static __device__ __forceinline__ void A_km(u32 *a, const T *s, int ld, int m0, int k0) {
     const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-    a[0] = tf32(s[(k0 + t) * ld + m0 + g]);
-    a[1] = tf32(s[(k0 + t) * ld + m0 + g + 8]);
-    a[2] = tf32(s[(k0 + t + 4) * ld + m0 + g]);
-    a[3] = tf32(s[(k0 + t + 4) * ld + m0 + g + 8]);
+    a[0] = __float_as_uint(s[(k0 + t) * ld + m0 + g]);
+    a[1] = __float_as_uint(s[(k0 + t) * ld + m0 + g + 8]);
+    a[2] = __float_as_uint(s[(k0 + t + 4) * ld + m0 + g]);
+    a[3] = __float_as_uint(s[(k0 + t + 4) * ld + m0 + g + 8]);
   }
   static __device__ __forceinline__ void B_nk(u32 *b, const T *s, int ld, int k0, int n0) {
     const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-    b[0] = tf32(s[(n0 + g) * ld + k0 + t]);
-    b[1] = tf32(s[(n0 + g) * ld + k0 + t + 4]);
+    b[0] = __float_as_uint(s[(n0 + g) * ld + k0 + t]);
+    b[1] = __float_as_uint(s[(n0 + g) * ld + k0 + t + 4]);
   }
   static __device__ __forceinline__ void B_kn(u32 *b, const T *s, int ld, int k0, int n0) {
     const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-    b[0] = tf32(s[(k0 + t) * ld + n0 + g]);
-    b[1] = tf32(s[(k0 + t + 4) * ld + n0 + g]);
+    b[0] = __float_as_uint(s[(k0 + t) * ld + n0 + g]);
+    b[1] = __float_as_uint(s[(k0 + t + 4) * ld + n0 + g]);
   }
   static __device__ __forceinline__ void scale_A_cols(u32 *a, const float *w) {
     const int t = threadIdx.x & 3;
-    a[0] = tf32(__uint_as_float(a[0]) * w[t]);
-    a[1] = tf32(__uint_as_float(a[1]) * w[t]);
-    a[2] = tf32(__uint_as_float(a[2]) * w[t + 4]);
-    a[3] = tf32(__uint_as_float(a[3]) * w[t + 4]);
+    a[0] = __float_as_uint(__uint_as_float(a[0]) * w[t]);
+    a[1] = __float_as_uint(__uint_as_float(a[1]) * w[t]);
+    a[2] = __float_as_uint(__uint_as_float(a[2]) * w[t + 4]);
+    a[3] = __float_as_uint(__uint_as_float(a[3]) * w[t + 4]);
   }
   // tf32 steps are 8 deep and the accumulator holds column pairs, so the A fragment of
   // step kk (= accumulator tile kk) is gathered from the quad with shuffles.
@@ -213,14 +230,14 @@ template <> struct Frag<ELEM_F32> {
     float x1 = __shfl_sync(0xffffffffu, c[kk][1], src0);
     float y0 = __shfl_sync(0xffffffffu, c[kk][2], src0);
     float y1 = __shfl_sync(0xffffffffu, c[kk][3], src0);
-    a[0] = tf32(odd ? x1 : x0);
-    a[1] = tf32(odd ? y1 : y0);
+    a[0] = __float_as_uint(odd ? x1 : x0);
+    a[1] = __float_as_uint(odd ? y1 : y0);
     x0 = __shfl_sync(0xffffffffu, c[kk][0], src1);
     x1 = __shfl_sync(0xffffffffu, c[kk][1], src1);
     y0 = __shfl_sync(0xffffffffu, c[kk][2], src1);
     y1 = __shfl_sync(0xffffffffu, c[kk][3], src1);
-    a[2] = tf32(odd ? x1 : x0);
-    a[3] = tf32(odd ? y1 : y0);
+    a[2] = __float_as_uint(odd ? x1 : x0);
+    a[3] = __float_as_uint(odd ? y1 : y0);
   }
 };
 

@@ -21,6 +21,8 @@
 // a multiple of 16), LA_DVT (value tile, 32 or 64), LA_REVERSE (0/1), LA_STAGES (1 or 2).
 #include "common.cuh"
 
+#define DECODE_THREADS 256
+
 struct LaParams {
   const void *q, *k, *v;
   void *out;
@@ -304,38 +306,48 @@ __device__ __forceinline__ void la_pass_impl(const LaParams &p) {
 }
 
 // One token per sequence (T == 1, forward): R = λ S_in + β k vᵀ, out = γ qᵀ R, state_out = R.
-// One thread per value column; the state is read and written once, coalesced along it.
+// A CTA owns 32 value columns; its 8 warps split the key rows, each warp reading whole 128-byte
+// rows of the state, and combine their partial dot products through shared memory.
 template <int ELEM> __device__ __forceinline__ void la_decode_impl(const LaParams &p) {
   typedef typename Elem<ELEM>::T T;
-  __shared__ float qs[256], ks[256];
-  const int h = blockIdx.y, n = blockIdx.z;
-  const int e = blockIdx.x * blockDim.x + threadIdx.x;
+  constexpr int WARPS = DECODE_THREADS / 32;
+  __shared__ float qs[256], ks[256], part[WARPS][32];
+  const int h = blockIdx.y, n = blockIdx.z, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int e = blockIdx.x * 32 + lane;
   const T *qb = (const T *)p.q + n * p.sq[0] + h * p.sq[2];
   const T *kb = (const T *)p.k + n * p.sk[0] + h * p.sk[2];
-  for (int d = threadIdx.x; d < p.D; d += blockDim.x) {
+  for (int d = threadIdx.x; d < p.D; d += DECODE_THREADS) {
     qs[d] = load_f32<ELEM>(qb + d);
     ks[d] = load_f32<ELEM>(kb + d);
   }
   __syncthreads();
-  if (e >= p.E) return;
-  const float lam = fast_exp2(-p.slopes[h] * 1.4426950408889634f);
-  const float bv = p.scale_kv * load_f32<ELEM>((const T *)p.v + n * p.sv[0] + h * p.sv[2] + e);
-  const float *si = p.state_in + n * p.ssi[0] + h * p.ssi[1] + e * p.ssi[3];
-  float *so = p.state_out + n * p.sso[0] + h * p.sso[1] + e * p.sso[3];
   float acc = 0.f;
-  for (int d = 0; d < p.D; ++d) {
-    const float s = (p.has_state_in ? lam * si[d * p.ssi[2]] : 0.f) + ks[d] * bv;
-    if (p.has_state_out) so[d * p.sso[2]] = s;
-    acc += qs[d] * s;
+  if (e < p.E) {
+    const float lam = fast_exp2(-p.slopes[h] * 1.4426950408889634f);
+    const float bv = p.scale_kv * load_f32<ELEM>((const T *)p.v + n * p.sv[0] + h * p.sv[2] + e);
+    const float *si = p.state_in + n * p.ssi[0] + h * p.ssi[1] + e * p.ssi[3];
+    float *so = p.state_out + n * p.sso[0] + h * p.sso[1] + e * p.sso[3];
+#pragma unroll 4
+    for (int d = warp; d < p.D; d += WARPS) {
+      const float s = (p.has_state_in ? lam * si[d * p.ssi[2]] : 0.f) + ks[d] * bv;
+      if (p.has_state_out) so[d * p.sso[2]] = s;
+      acc += qs[d] * s;
+    }
   }
-  T *ob = (T *)p.out + n * p.so[0] + h * p.so[2];
-  ob[e] = from_f32<ELEM>(p.scale_out * acc);
+  part[warp][lane] = acc;
+  __syncthreads();
+  if (warp == 0 && e < p.E) {
+#pragma unroll
+    for (int w = 1; w < WARPS; ++w) acc += part[w][lane];
+    T *ob = (T *)p.out + n * p.so[0] + h * p.so[2];
+    ob[e] = from_f32<ELEM>(p.scale_out * acc);
+  }
 }
 
 extern "C" __global__ void __launch_bounds__(128) la_pass(const LaParams p) {
   la_pass_impl<LA_ELEM, LA_DK, LA_DVT, (LA_REVERSE != 0), LA_STAGES>(p);
 }
 
-extern "C" __global__ void __launch_bounds__(128) la_decode(const LaParams p) {
+extern "C" __global__ void __launch_bounds__(DECODE_THREADS) la_decode(const LaParams p) {
   la_decode_impl<LA_ELEM>(p);
 }

@@ -339,6 +339,8 @@ pub fn backward(
 
 const SOURCE: &str = include_str!("../../cuda/lightning.cu");
 const BLOCK: usize = 64;
+/// Threads of the decode kernel (DECODE_THREADS in cuda/lightning.cu).
+const DECODE_THREADS: u32 = 256;
 
 /// Kernel parameters, laid out exactly like `LaParams` in cuda/lightning.cu.
 #[repr(C)]
@@ -411,7 +413,16 @@ static TUNING: std::sync::LazyLock<Tuning> = std::sync::LazyLock::new(|| {
 });
 
 impl Variant {
-    fn new(dtype: DType, d: usize, e: usize, reverse: bool) -> Variant {
+    /// The variant for one pass. `ctas_per_value_tile` is sequences × heads: the grid has that
+    /// many CTAs per value tile, and wide (64) tiles pay off only when they still fill the GPU.
+    fn new(
+        dtype: DType,
+        d: usize,
+        e: usize,
+        reverse: bool,
+        ctas_per_value_tile: usize,
+        sm_count: u32,
+    ) -> Variant {
         let elem = match dtype {
             DType::F32 => 0,
             DType::F16 => 1,
@@ -424,16 +435,25 @@ impl Variant {
             129..=192 => 192,
             _ => 256,
         };
-        // Value tile: the state tile (dk x dvt floats) lives in registers, so large dk takes 32.
-        let dvt = TUNING
-            .dvt
-            .unwrap_or(if dk > 128 || e <= 32 { 32 } else { 64 });
+        // The state tile (dk x dvt floats) lives in registers, so large dk takes 32.
+        let wide_fills = 2 * ctas_per_value_tile * e.div_ceil(64) >= 3 * sm_count as usize;
+        let dvt = TUNING.dvt.unwrap_or(if dk <= 128 && e > 32 && wide_fills {
+            64
+        } else {
+            32
+        });
+        Variant::with(elem, dk, dvt, reverse)
+    }
+
+    /// One stage by default: measured on the H200, the extra CTA per SM that a single buffer
+    /// allows beats prefetching the next chunk.
+    fn with(elem: u32, dk: usize, dvt: usize, reverse: bool) -> Variant {
         let mut v = Variant {
             elem,
             dk,
             dvt,
             reverse,
-            stages: TUNING.stages.unwrap_or(2),
+            stages: TUNING.stages.unwrap_or(1),
         };
         if v.smem_bytes(true) as usize > MAX_SMEM {
             v.stages = 1;
@@ -462,14 +482,12 @@ impl Variant {
     /// Every variant the dispatcher can choose (compiled by CI for sm_80 and sm_90a).
     pub fn all() -> Vec<Variant> {
         let mut out = Vec::new();
-        for elem in [DType::F32, DType::F16, DType::BF16] {
-            for d in [16, 32, 48, 64, 96, 128, 192, 256] {
-                for e in [32, 64] {
+        for elem in 0..3 {
+            for dk in [16, 32, 48, 64, 96, 128, 192, 256] {
+                let widths: &[usize] = if dk <= 128 { &[32, 64] } else { &[32] };
+                for &dvt in widths {
                     for reverse in [false, true] {
-                        let v = Variant::new(elem, d, e, reverse);
-                        if !out.contains(&v) {
-                            out.push(v);
-                        }
+                        out.push(Variant::with(elem, dk, dvt, reverse));
                     }
                 }
             }
@@ -518,7 +536,7 @@ fn launch(
 ) -> Result<(), String> {
     let dev = cuda::device(ordinal)?;
     let (b, h, dk, dv) = (p.q.shape[0], p.q.shape[2], p.q.shape[3], p.v.shape[3]);
-    let variant = Variant::new(p.q.dtype, dk, dv, p.reverse);
+    let variant = Variant::new(p.q.dtype, dk, dv, p.reverse, n * h, dev.sm_count);
     let smem = variant.smem_bytes(p.dot.is_some());
     let kernels = dev.kernels(
         "lightning.cu",
@@ -573,8 +591,15 @@ fn launch(
     // SAFETY: params mirrors LaParams; all pointers come from validated tensors on this device.
     unsafe {
         if decode {
-            let grid = (dv.div_ceil(128) as u32, h as u32, b as u32);
-            dev.launch(kernels.get("la_decode")?, grid, 128, 0, stream, &params)
+            let grid = (dv.div_ceil(32) as u32, h as u32, b as u32);
+            dev.launch(
+                kernels.get("la_decode")?,
+                grid,
+                DECODE_THREADS,
+                0,
+                stream,
+                &params,
+            )
         } else {
             let grid = (dv.div_ceil(variant.dvt) as u32, h as u32, n as u32);
             dev.launch(kernels.get("la_pass")?, grid, 128, smem, stream, &params)
