@@ -62,6 +62,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from longattn.reference.lightning import lightning_attn_chunked
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -118,39 +119,6 @@ def shape_key(shape) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # Reference math (chunked, float64 by default) and the torch-eager baselines
-
-
-def chunked_lightning(q, k, v, slopes, scale=1.0, initial_state=None, chunk=CHUNK, dtype=None):
-    """Lightning attention by the chunked formula; q, k [B,T,H,D], v [B,T,H,E] -> (o, S_T).
-
-    Canonical convention: S_t = exp(-s) S_{t-1} + k_t v_t^T, o_t = scale q_t^T S_t.
-    Computes in ``dtype`` (float64 for references); o is returned in q's dtype, S_T in ``dtype``.
-    """
-    dtype = dtype or torch.float64
-    B, T, H, D = q.shape
-    E = v.shape[-1]
-    out_dtype = q.dtype
-    q, k, v = (x.to(dtype).transpose(1, 2) for x in (q, k, v))
-    s = slopes.to(device=q.device, dtype=dtype).reshape(H)
-    if initial_state is not None:
-        S = initial_state.to(dtype)
-    else:
-        S = q.new_zeros(B, H, D, E)
-    idx = torch.arange(chunk, device=q.device, dtype=dtype)
-    outs = []
-    for t0 in range(0, T, chunk):
-        c = min(chunk, T - t0)
-        p = idx[:c]
-        qc, kc, vc = q[:, :, t0 : t0 + c], k[:, :, t0 : t0 + c], v[:, :, t0 : t0 + c]
-        diff = p[:, None] - p[None, :]
-        mask = torch.exp(-s[:, None, None] * diff.clamp(min=0)) * (diff >= 0)
-        intra = ((qc @ kc.transpose(-1, -2)) * mask) @ vc
-        inter = torch.exp(-s[:, None, None] * (p[None, :, None] + 1)) * (qc @ S)
-        outs.append(scale * (intra + inter))
-        kdec = torch.exp(-s[:, None, None] * (c - 1 - p)[None, :, None])
-        S = torch.exp(-s * c)[:, None, None] * S + (kc * kdec).transpose(-1, -2) @ vc
-    o = torch.cat(outs, dim=2).transpose(1, 2).to(out_dtype)
-    return o, S
 
 
 def decode_step(q, k, v, slopes, initial_state, scale=1.0, dtype=torch.float32):
@@ -296,7 +264,7 @@ class TorchChunkedImpl(Impl):
         self.version = torch.__version__
 
     def forward(self, q, k, v, s):
-        return chunked_lightning(q, k, v, s, 1.0, dtype=torch.float32)[0]
+        return lightning_attn_chunked(q, k, v, s, 1.0, dtype=torch.float32)[0]
 
 
 IMPL_CLASSES = {
@@ -690,7 +658,7 @@ class Bench:
         q, k, v, do = self.inputs(B, T, H, D, E, seed=1)
         slopes = self.slopes(H)
         ref_leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
-        o_ref, _ = chunked_lightning(*ref_leaves, slopes, 1.0)
+        o_ref, _ = lightning_attn_chunked(*ref_leaves, slopes, 1.0)
         ref_grads = torch.autograd.grad((o_ref * do.double()).sum(), ref_leaves)
         o_ref = o_ref.detach()
 
@@ -749,7 +717,7 @@ class Bench:
         h0 = 0.1 * torch.randn(B, H, D, E, generator=gen, device=self.device)
         dsT = torch.randn(B, H, D, E, generator=gen, device=self.device)
         ref = [x.detach().double().requires_grad_() for x in (q, k, v, h0, slopes)]
-        o_r, s_r = chunked_lightning(*ref[:3], ref[4], 1.0, initial_state=ref[3])
+        o_r, s_r = lightning_attn_chunked(*ref[:3], ref[4], 1.0, initial_state=ref[3])
         loss = (o_r * do.double()).sum() + (s_r * dsT.double()).sum()
         g_r = torch.autograd.grad(loss, ref)
         o_r, s_r = o_r.detach(), s_r.detach()

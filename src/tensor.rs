@@ -182,7 +182,6 @@ pub fn import(obj: &Bound<'_, PyAny>, name: &str, stream: usize) -> PyResult<Ten
         dtype,
         device,
     };
-    drop(tensor);
     Ok(Tensor {
         view,
         _owner: owner,

@@ -1256,6 +1256,116 @@ mod tests {
         }
     }
 
+    /// The four pass flavours of forward and backward, f32, B=1, H=8, D=E=64:
+    /// `cargo test --release --lib lightning::tests::bench -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn bench_backward_passes_f32() {
+        let (hs, d) = (8, 64);
+        for t in [2048, 512] {
+            let mut rng = Rng(11);
+            let shape = [1, t, hs, d];
+            let st = contiguous(&shape);
+            let sshape = [1, hs, d, d];
+            let sst = contiguous(&sshape);
+            let mut bufs: Vec<Vec<f32>> = (0..5)
+                .map(|_| rng.vec(t * hs * d).iter().map(|&x| x as f32).collect())
+                .collect();
+            let mut states: Vec<Vec<f32>> = (0..2)
+                .map(|_| rng.vec(hs * d * d).iter().map(|&x| x as f32).collect())
+                .collect();
+            let mut partial = vec![0f32; hs * DOT_SLOTS];
+            let mut slopes: Vec<f32> = (0..hs)
+                .map(|h| (-8.0 * (h + 1) as f32 / hs as f32).exp2())
+                .collect();
+            let [q, k, v, o, x] = &mut bufs[..] else {
+                unreachable!()
+            };
+            let [s_in, s_out] = &mut states[..] else {
+                unreachable!()
+            };
+            let (qv, kv, vv, ov, xv) = (
+                view(q, DType::F32, &shape, &st),
+                view(k, DType::F32, &shape, &st),
+                view(v, DType::F32, &shape, &st),
+                view(o, DType::F32, &shape, &st),
+                view(x, DType::F32, &shape, &st),
+            );
+            let siv = view(s_in, DType::F32, &sshape, &sst);
+            let sit = view(s_in, DType::F32, &sshape, &[sst[0], sst[1], sst[3], sst[2]]);
+            let sov = view(s_out, DType::F32, &sshape, &sst);
+            let pv = view(&mut partial, DType::F32, &[1, hs, DOT_SLOTS], &[64, 8, 1]);
+            let slv = view(&mut slopes, DType::F32, &[hs], &[1]);
+            let seqs = [Seq {
+                batch: 0,
+                start: 0,
+                len: t,
+            }];
+            let fwd = LaPass {
+                q: &qv,
+                k: &kv,
+                v: &vv,
+                out: &ov,
+                slopes: &slv,
+                state_in: None,
+                state_out: None,
+                dot: None,
+                seqs: &seqs,
+                reverse: false,
+                scale_out: 1.0,
+                scale_kv: 1.0,
+            };
+            let fwd_dot = LaPass {
+                dot: Some((&xv, &pv)),
+                ..fwd
+            };
+            let rev_dot_t = LaPass {
+                state_in: Some(&sit),
+                reverse: true,
+                ..fwd_dot
+            };
+            let rev_dot = LaPass {
+                state_in: None,
+                ..rev_dot_t
+            };
+            let rev_state = LaPass {
+                state_in: Some(&siv),
+                state_out: Some(&sov),
+                dot: None,
+                ..rev_dot_t
+            };
+            let rev_plain = LaPass {
+                reverse: true,
+                ..fwd
+            };
+            let passes = [
+                ("fwd", &fwd),
+                ("fwd+dot", &fwd_dot),
+                ("rev+dot", &rev_dot),
+                ("rev+dot+S_inT", &rev_dot_t),
+                ("rev", &rev_plain),
+                ("rev+S_in+S_out", &rev_state),
+            ];
+            for (name, pass) in passes {
+                la_pass(pass);
+                let mut times: Vec<f64> = (0..25)
+                    .map(|_| {
+                        let t0 = std::time::Instant::now();
+                        la_pass(pass);
+                        t0.elapsed().as_secs_f64()
+                    })
+                    .collect();
+                times.sort_by(f64::total_cmp);
+                println!(
+                    "T={t} {name:>16}: best {:.2} ms, median {:.2} ms ({} threads)",
+                    times[0] * 1e3,
+                    times[times.len() / 2] * 1e3,
+                    POOL.current_num_threads(),
+                );
+            }
+        }
+    }
+
     /// `cargo test --release --lib lightning::tests::bench -- --ignored --nocapture`
     #[test]
     #[ignore]

@@ -132,6 +132,8 @@ def _(q, k, v, slopes, grad_out, initial_state, final_state, grad_final_state, s
 def _setup_context(ctx, inputs, output):
     q, k, v, slopes, initial_state, scale, cu_seqlens = inputs
     _, final_state = output
+    # An unused final state then arrives as None, and the reverse passes skip its term.
+    ctx.set_materialize_grads(False)
     ctx.scale = scale
     ctx.has_initial_state = initial_state is not None
     ctx.save_for_backward(q, k, v, slopes, initial_state, final_state, cu_seqlens)
@@ -139,8 +141,18 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, grad_final_state):
     q, k, v, slopes, initial_state, final_state, cu_seqlens = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros(v.shape, dtype=q.dtype, device=q.device)
     dq, dk, dv, d_slopes, d_state = lightning_bwd(
-        q, k, v, slopes, grad_out, initial_state, final_state, grad_final_state, ctx.scale,
+        q,
+        k,
+        v,
+        slopes,
+        grad_out,
+        initial_state,
+        final_state,
+        grad_final_state,
+        ctx.scale,
         cu_seqlens,
     )
     return dq, dk, dv, d_slopes, (d_state if ctx.has_initial_state else None), None, None
@@ -162,7 +174,8 @@ def lightning_attn(
 ) -> tuple[Tensor, Tensor | None]:
     """Causal linear attention with per-head exponential decay λ_h = exp(−slopes[h]).
 
-    ``S_t = λ S_{t−1} + k_t v_tᵀ`` (``S_{−1}`` = ``initial_state`` or 0), ``o_t = scale · q_tᵀ S_t``.
+    ``S_t = λ S_{t−1} + k_t v_tᵀ`` (``S_{−1}`` = ``initial_state`` or 0) and
+    ``o_t = scale · q_tᵀ S_t``.
 
     Args:
         q, k: ``[B, T, H, D]``; v: ``[B, T, H, E]``; any strides with a unit last stride
@@ -184,7 +197,9 @@ def lightning_attn(
     check_rank(initial_state, "initial_state", 4, "[N, H, D, E]")
     check_rank(cu_seqlens, "cu_seqlens", 1, "[N + 1]")
     if cu_seqlens is not None and cu_seqlens.shape[0] < 2:
-        raise ValueError(f"cu_seqlens: expected [N + 1] entries with N >= 1, got {cu_seqlens.shape[0]}")
+        raise ValueError(
+            f"cu_seqlens: expected [N + 1] entries with N >= 1, got {cu_seqlens.shape[0]}"
+        )
     if slopes.is_floating_point():
         slopes = slopes.to(state_dtype(q.dtype))
     q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)

@@ -186,6 +186,46 @@ def lightning_attn_parallel(
     return torch.cat(outs, dim=1), torch.cat(states, dim=0)
 
 
+def lightning_attn_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slopes: torch.Tensor,
+    scale: float = 1.0,
+    initial_state: torch.Tensor | None = None,
+    *,
+    chunk: int = 64,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocked form in torch eager (batched matmuls per chunk, no token loop), in ``dtype``.
+
+    The baseline the native kernels are timed against (``dtype=torch.float32``) and a third,
+    O(T·chunk)-memory oracle. Returns (o in q's dtype, final state in ``dtype``).
+    """
+    _check_shapes(q, k, v, slopes, initial_state, None)
+    B, T, H, D = q.shape
+    E = v.shape[-1]
+    out_dtype = q.dtype
+    q, k, v = (x.to(dtype).transpose(1, 2) for x in (q, k, v))
+    s = slopes.to(device=q.device, dtype=dtype).reshape(H)
+    S = initial_state.to(dtype) if initial_state is not None else q.new_zeros(B, H, D, E)
+    idx = torch.arange(chunk, device=q.device, dtype=dtype)
+    outs = []
+    for t0 in range(0, T, chunk):
+        c = min(chunk, T - t0)
+        p = idx[:c]
+        qc, kc, vc = q[:, :, t0 : t0 + c], k[:, :, t0 : t0 + c], v[:, :, t0 : t0 + c]
+        diff = p[:, None] - p[None, :]
+        mask = torch.exp(-s[:, None, None] * diff.clamp(min=0)) * (diff >= 0)
+        intra = ((qc @ kc.transpose(-1, -2)) * mask) @ vc
+        inter = torch.exp(-s[:, None, None] * (p[None, :, None] + 1)) * (qc @ S)
+        outs.append(scale * (intra + inter))
+        kdec = torch.exp(-s[:, None, None] * (c - 1 - p)[None, :, None])
+        S = torch.exp(-s * c)[:, None, None] * S + (kc * kdec).transpose(-1, -2) @ vc
+    o = torch.cat(outs, dim=2).transpose(1, 2).to(out_dtype) if outs else q.new_empty(B, 0, H, E)
+    return o, S
+
+
 def lightning_slopes_reference(
     num_heads: int, layer_idx: int | None = None, num_layers: int | None = None
 ) -> torch.Tensor:
