@@ -43,6 +43,38 @@ def _fwd_bwd(attn: Callable[..., torch.Tensor], leaves: list[torch.Tensor], do: 
     return run
 
 
+def _bench_shape(shape, device: torch.device, dtype: torch.dtype, budget: float):
+    B, T, H, D = shape
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (torch.randn(B, T, H, D, generator=g).to(device, dtype) for _ in range(3))
+    leaves = [x.requires_grad_() for x in (q, k, v)]
+    slopes = lightning_slopes(H).to(device)
+    do = torch.randn(B, T, H, D, generator=g).to(device, dtype)
+
+    def ours(q, k, v):
+        return lightning_attn(q, k, v, slopes)[0]
+
+    def eager(q, k, v):
+        return lightning_attn_chunked(q, k, v, slopes, dtype=torch.float32)[0]
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+        ).transpose(1, 2)
+
+    impls = {"longattn": ours, "torch eager (chunked)": eager}
+    if device.type == "cuda":
+        impls["sdpa causal"] = sdpa
+    flops = B * T * H * (4 * D * D + 64 * 2 * D)  # blocked linear attention, forward
+    rows = []
+    for name, fn in impls.items():
+        with torch.no_grad():
+            fwd = _time_ms(lambda fn=fn: fn(q, k, v), device, budget)
+        fb = _time_ms(_fwd_bwd(fn, leaves, do), device, budget)
+        rows.append((f"{B}x{T}x{H}x{D}", name, fwd, fb, flops / fwd / 1e6))
+    return rows
+
+
 def bench(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -53,33 +85,8 @@ def bench(args: argparse.Namespace) -> int:
         ms = _time_ms(lambda: a @ a, device, 0.5)
         print(f"torch matmul 1024^3 float32: {2 * 1024**3 / ms / 1e6:.1f} GFLOP/s")
     rows = []
-    for B, T, H, D in shapes:
-        g = torch.Generator(device="cpu").manual_seed(0)
-        q, k, v = (torch.randn(B, T, H, D, generator=g).to(device, dtype) for _ in range(3))
-        leaves = [x.requires_grad_() for x in (q, k, v)]
-        slopes = lightning_slopes(H).to(device)
-        do = torch.randn(B, T, H, D, generator=g).to(device, dtype)
-
-        def ours(q, k, v):
-            return lightning_attn(q, k, v, slopes)[0]
-
-        def eager(q, k, v):
-            return lightning_attn_chunked(q, k, v, slopes, dtype=torch.float32)[0]
-
-        def sdpa(q, k, v):
-            return F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
-            ).transpose(1, 2)
-
-        impls = {"longattn": ours, "torch eager (chunked)": eager}
-        if device.type == "cuda":
-            impls["sdpa causal"] = sdpa
-        flops = B * T * H * (4 * D * D + 64 * 2 * D)  # blocked linear attention, forward
-        for name, fn in impls.items():
-            with torch.no_grad():
-                fwd = _time_ms(lambda fn=fn: fn(q, k, v), device, args.budget)
-            fb = _time_ms(_fwd_bwd(fn, leaves, do), device, args.budget)
-            rows.append((f"{B}x{T}x{H}x{D}", name, fwd, fb, flops / fwd / 1e6))
+    for shape in shapes:
+        rows += _bench_shape(shape, device, dtype, args.budget)
     print(f"\n{'B×T×H×D':<18}{'impl':<24}{'fwd ms':>10}{'fwd+bwd ms':>12}{'fwd GFLOP/s':>13}")
     for shape, name, fwd, fb, gflops in rows:
         print(f"{shape:<18}{name:<24}{fwd:>10.2f}{fb:>12.2f}{gflops:>13.1f}")
