@@ -1,12 +1,46 @@
 """longattn: long-context attention kernels for PyTorch (CUDA and CPU).
 
-Ops: ``lightning_attn`` (lightning-linear attention) and ``lightning_slopes``.
+Ops: ``lightning_attn`` and ``lightning_slopes`` (lightning-linear attention, CPU and CUDA);
+the native sparse attention family (``nsa_*``, ``sliding_window_attn``) and ``rat_attn`` (RAT
+chunked attention) and landmark attention (``landmark_*``), CPU only so far.
 Modules live in ``longattn.nn``; float64 references in ``longattn.reference``.
 """
 
+from . import nn
 from ._runtime import cuda_unavailable_reason
+from .ops.landmark import (
+    insert_landmarks,
+    landmark_attn,
+    landmark_topk_blocks,
+    remove_landmarks,
+)
 from .ops.lightning import lightning_attn, lightning_slopes
+from .ops.nsa import (
+    nsa_attn,
+    nsa_compress,
+    nsa_compressed_attn,
+    nsa_selected_attn,
+    nsa_topk_blocks,
+    sliding_window_attn,
+)
+from .ops.rat import rat_attn
 
 __version__ = "0.1.0"
 
-__all__ = ["cuda_unavailable_reason", "lightning_attn", "lightning_slopes"]
+__all__ = [
+    "cuda_unavailable_reason",
+    "insert_landmarks",
+    "landmark_attn",
+    "landmark_topk_blocks",
+    "lightning_attn",
+    "lightning_slopes",
+    "nn",
+    "nsa_attn",
+    "nsa_compress",
+    "nsa_compressed_attn",
+    "nsa_selected_attn",
+    "nsa_topk_blocks",
+    "rat_attn",
+    "remove_landmarks",
+    "sliding_window_attn",
+]

@@ -1294,7 +1294,8 @@ mod tests {
             let siv = view(s_in, DType::F32, &sshape, &sst);
             let sit = view(s_in, DType::F32, &sshape, &[sst[0], sst[1], sst[3], sst[2]]);
             let sov = view(s_out, DType::F32, &sshape, &sst);
-            let pv = view(&mut partial, DType::F32, &[1, hs, DOT_SLOTS], &[64, 8, 1]);
+            let pshape = [1, hs, DOT_SLOTS];
+            let pv = view(&mut partial, DType::F32, &pshape, &contiguous(&pshape));
             let slv = view(&mut slopes, DType::F32, &[hs], &[1]);
             let seqs = [Seq {
                 batch: 0,

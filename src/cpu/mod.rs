@@ -1,7 +1,10 @@
 //! CPU kernels: rayon over independent (sequence, head, tile) work items, f32 accumulation
 //! (f64 for f64 inputs), f16/bf16 upcast per tile.
 
+pub mod landmark;
 pub mod lightning;
+pub mod nsa;
+pub mod rat;
 
 use std::sync::LazyLock;
 

@@ -1,6 +1,9 @@
 //! Per-op argument checking and dispatch to the CPU or CUDA kernels.
 
+pub mod landmark;
 pub mod lightning;
+pub mod nsa;
+pub mod rat;
 
 use crate::tensor::{DType, Device, View};
 use pyo3::exceptions::{PyTypeError, PyValueError};

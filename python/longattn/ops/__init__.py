@@ -1,5 +1,5 @@
 """torch.library custom ops (namespace ``longattn``), one module per op family."""
 
-from . import lightning
+from . import landmark, lightning, nsa, rat
 
-__all__ = ["lightning"]
+__all__ = ["landmark", "lightning", "nsa", "rat"]

@@ -1,0 +1,247 @@
+"""landmark_attn: block attention gated by landmark tokens, with top-k block retrieval.
+
+Math and conventions: ``docs/api/landmark.md`` (spec: specs/landmark.md). The forward is one
+FlashAttention-style pass of the native kernel over "effective logits" (landmark gate + inner
+block log-softmax); it saves the log-sum-exp per (token, head). The backward recomputes the
+scores tile by tile (dq over query tiles, dk/dv over key tiles). CPU kernels only for now.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _native
+from .._runtime import check_rank, native_call, state_dtype, unit_last_stride
+
+__all__ = ["insert_landmarks", "landmark_attn", "landmark_topk_blocks", "remove_landmarks"]
+
+_CUDA_MISSING = "CUDA kernels for landmark_attn are not implemented yet; use CPU tensors"
+
+
+@torch.library.custom_op("longattn::landmark_fwd", mutates_args=(), device_types=("cpu", "cuda"))
+def landmark_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    block_indices: Tensor | None,
+    block_size: int,
+    scale: float,
+    cu_seqlens: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    out = torch.empty(q.shape[:3] + v.shape[3:], dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:3], dtype=state_dtype(q.dtype), device=q.device)
+    with native_call(q) as stream:
+        _native.landmark_fwd(
+            q.detach(),
+            k.detach(),
+            v.detach(),
+            out,
+            lse,
+            block_indices,
+            block_size,
+            scale,
+            cu_seqlens,
+            stream,
+        )
+    return out, lse
+
+
+@landmark_fwd.register_fake
+def _(q, k, v, block_indices, block_size, scale, cu_seqlens):
+    out = q.new_empty(q.shape[:3] + v.shape[3:])
+    lse = q.new_empty(q.shape[:3], dtype=state_dtype(q.dtype))
+    return out, lse
+
+
+@torch.library.custom_op("longattn::landmark_bwd", mutates_args=(), device_types=("cpu", "cuda"))
+def landmark_bwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    grad_out: Tensor,
+    block_indices: Tensor | None,
+    block_size: int,
+    scale: float,
+    cu_seqlens: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    sdt = state_dtype(q.dtype)
+    grad_out = unit_last_stride(grad_out)
+    delta = (grad_out.to(sdt) * out.to(sdt)).sum(dim=-1)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=q.dtype, device=q.device)
+    dv = torch.empty(v.shape, dtype=q.dtype, device=q.device)
+    with native_call(q) as stream:
+        _native.landmark_bwd(
+            q.detach(),
+            k.detach(),
+            v.detach(),
+            grad_out.detach(),
+            lse.detach(),
+            delta,
+            dq,
+            dk,
+            dv,
+            block_indices,
+            block_size,
+            scale,
+            cu_seqlens,
+            stream,
+        )
+    return dq, dk, dv
+
+
+@landmark_bwd.register_fake
+def _(q, k, v, out, lse, grad_out, block_indices, block_size, scale, cu_seqlens):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, block_indices, block_size, scale, cu_seqlens = inputs
+    out, lse = output
+    ctx.block_size = block_size
+    ctx.scale = scale
+    ctx.save_for_backward(q, k, v, out, lse, block_indices, cu_seqlens)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, block_indices, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = landmark_bwd(
+        q, k, v, out, lse, grad_out, block_indices, ctx.block_size, ctx.scale, cu_seqlens
+    )
+    return dq, dk, dv, None, None, None, None
+
+
+landmark_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("longattn::landmark_topk", mutates_args=(), device_types=("cpu", "cuda"))
+def landmark_topk(
+    q: Tensor, k: Tensor, block_size: int, topk: int, scale: float, cu_seqlens: Tensor | None
+) -> Tensor:
+    out = torch.empty(q.shape[:2] + (k.shape[2], topk), dtype=torch.int32, device=q.device)
+    with native_call(q) as stream:
+        _native.landmark_topk(q, k, out, block_size, scale, cu_seqlens, stream)
+    return out
+
+
+@landmark_topk.register_fake
+def _(q, k, block_size, topk, scale, cu_seqlens):
+    return q.new_empty(q.shape[:2] + (k.shape[2], topk), dtype=torch.int32)
+
+
+def _check_common(q, k, v, block_size, cu_seqlens):
+    check_rank(q, "q", 4, "[B, Tq, Hq, D]")
+    check_rank(k, "k", 4, "[B, Tk, Hkv, D]")
+    check_rank(v, "v", 4, "[B, Tk, Hkv, D]")
+    check_rank(cu_seqlens, "cu_seqlens", 1, "[N + 1]")
+    if isinstance(block_size, bool) or not isinstance(block_size, int):
+        raise TypeError(f"block_size: expected an int, got {type(block_size).__name__}")
+    if block_size < 2:
+        raise ValueError(
+            f"block_size: must be at least 2 (one ordinary token and the landmark), "
+            f"got {block_size}"
+        )
+    if cu_seqlens is not None and cu_seqlens.shape[0] < 2:
+        raise ValueError(
+            f"cu_seqlens: expected [N + 1] entries with N >= 1, got {cu_seqlens.shape[0]}"
+        )
+    for t in (q, k, v, cu_seqlens):
+        if t is not None and t.device.type == "cuda":
+            raise NotImplementedError(f"landmark_attn: {_CUDA_MISSING}")
+
+
+def landmark_attn(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    block_size: int = 64,
+    scale: float | None = None,
+    cu_seqlens: Tensor | None = None,
+    block_indices: Tensor | None = None,
+) -> Tensor:
+    """Causal landmark attention (grouped softmax over landmark-gated blocks).
+
+    Position p with ``p % block_size == block_size − 1`` holds a landmark token; query i attends
+    to its own block directly and to every earlier block j through the gate
+    ``exp(s_{i,ℓ_j}) / Z_i`` times a softmax inside block j (landmarks get weight 0).
+
+    Args:
+        q: ``[B, Tq, Hq, D]``; k: ``[B, Tk, Hkv, D]``; v: ``[B, Tk, Hkv, E]``, Tk ≥ Tq (query i
+            sits at position ``i + Tk − Tq``), Hq % Hkv == 0. Any strides with a unit last stride
+            (others are copied). D, E in 1..256.
+        block_size: landmark block length ≥ 2 (the landmark included), any T.
+        scale: score scale, default ``D ** -0.5``.
+        cu_seqlens: int32/int64 ``[N + 1]`` cumulative starts of packed sequences (B = 1, Tq = Tk).
+        block_indices: int32 ``[B, Tq, Hkv, n]`` (retrieval mode): only the listed earlier blocks
+            take part; −1 and blocks that are not earlier are skipped; the current block always
+            takes part. No gradient.
+
+    Returns:
+        o ``[B, Tq, Hq, E]`` in q's dtype.
+    """
+    _check_common(q, k, v, block_size, cu_seqlens)
+    if block_indices is not None:
+        check_rank(block_indices, "block_indices", 4, "[B, Tq, Hkv, n]")
+        if block_indices.dtype != torch.int32:
+            raise TypeError(f"block_indices: expected dtype int32, got {block_indices.dtype}")
+        block_indices = block_indices.detach()
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
+    out, _ = landmark_fwd(q, k, v, block_indices, int(block_size), float(scale), cu_seqlens)
+    return out
+
+
+def landmark_topk_blocks(
+    q: Tensor,
+    k: Tensor,
+    *,
+    block_size: int = 64,
+    topk: int,
+    scale: float | None = None,
+    cu_seqlens: Tensor | None = None,
+) -> Tensor:
+    """Top-k earlier full blocks per (token, kv head), by landmark logit ``s_{i,ℓ_j}`` (max over
+    the query heads of a kv group), sorted ascending, −1 padded; int32 ``[B, Tq, Hkv, topk]``.
+    Ties keep the lower block index. No gradient."""
+    check_rank(q, "q", 4, "[B, Tq, Hq, D]")
+    check_rank(k, "k", 4, "[B, Tk, Hkv, D]")
+    _check_common(q, k, k, block_size, cu_seqlens)
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+        raise ValueError(f"topk: expected an int >= 1, got {topk!r}")
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    q, k = unit_last_stride(q.detach()), unit_last_stride(k.detach())
+    return landmark_topk(q, k, int(block_size), int(topk), float(scale), cu_seqlens)
+
+
+def insert_landmarks(input_ids: Tensor, landmark_id: int, block_size: int) -> Tensor:
+    """``[B, N]`` token ids -> ``[B, N + N // (block_size − 1)]``: a ``landmark_id`` after every
+    ``block_size − 1`` ordinary tokens (so position p is a landmark iff p % block_size ==
+    block_size − 1)."""
+    check_rank(input_ids, "input_ids", 2, "[B, N]")
+    if block_size < 2:
+        raise ValueError(f"block_size: must be at least 2, got {block_size}")
+    b, n = input_ids.shape
+    m = block_size - 1
+    n_lm = n // m
+    total = n + n_lm
+    pos = torch.arange(total, device=input_ids.device)
+    is_lm = pos % block_size == block_size - 1
+    out = torch.full((b, total), landmark_id, dtype=input_ids.dtype, device=input_ids.device)
+    out[:, ~is_lm] = input_ids
+    return out
+
+
+def remove_landmarks(x: Tensor, block_size: int, dim: int = 1) -> Tensor:
+    """Inverse of ``insert_landmarks`` along ``dim`` (logits, labels, hidden states): drops every
+    position p with ``p % block_size == block_size − 1``."""
+    if block_size < 2:
+        raise ValueError(f"block_size: must be at least 2, got {block_size}")
+    pos = torch.arange(x.shape[dim], device=x.device)
+    keep = (pos % block_size != block_size - 1).nonzero().squeeze(-1)
+    return x.index_select(dim, keep)

@@ -1,0 +1,547 @@
+"""Native Sparse Attention ops (specs/nsa.md): compression, compressed attention, block
+selection, selected attention, sliding window, and the gated combination.
+
+Math and conventions: ``docs/api/nsa.md``. The three attention branches share one native
+kernel pair (``_native.nsa_branch_fwd/bwd``) parametrised by the key set of every query. CPU
+kernels only for now: CUDA tensors raise a clear error.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _native
+from .._runtime import check_rank, native_call, state_dtype, unit_last_stride
+
+__all__ = [
+    "nsa_attn",
+    "nsa_compress",
+    "nsa_compressed_attn",
+    "nsa_selected_attn",
+    "nsa_topk_blocks",
+    "sliding_window_attn",
+]
+
+
+def _num_windows(length: int, kernel_size: int, kernel_stride: int) -> int:
+    return (length - kernel_size) // kernel_stride + 1 if length >= kernel_size else 0
+
+
+def _scale(scale: float | None, q: Tensor) -> float:
+    return float(q.shape[-1] ** -0.5 if scale is None else scale)
+
+
+def _check_cu(cu_seqlens: Tensor | None) -> None:
+    check_rank(cu_seqlens, "cu_seqlens", 1, "[N + 1]")
+    if cu_seqlens is not None and cu_seqlens.shape[0] < 2:
+        raise ValueError(
+            f"cu_seqlens: expected [N + 1] entries with N >= 1, got {cu_seqlens.shape[0]}"
+        )
+
+
+def _check_positive(**kw: int) -> None:
+    for name, val in kw.items():
+        if int(val) < 1:
+            raise ValueError(f"{name}: must be at least 1, got {val}")
+
+
+# ----------------------------------------------------------------------------- attention branches
+
+
+@torch.library.custom_op("longattn::nsa_branch_fwd", mutates_args=(), device_types=("cpu", "cuda"))
+def nsa_branch_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    block_indices: Tensor | None,
+    block_counts: Tensor | None,
+    kind: str,
+    count: int,
+    a: int,
+    b: int,
+    scale: float,
+    cu_seqlens: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    out = torch.empty((*q.shape[:3], v.shape[3]), dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:3], dtype=state_dtype(q.dtype), device=q.device)
+    with native_call(q) as stream:
+        _native.nsa_branch_fwd(
+            kind,
+            q.detach(),
+            k.detach(),
+            v.detach(),
+            out,
+            lse,
+            block_indices,
+            block_counts,
+            count,
+            a,
+            b,
+            scale,
+            cu_seqlens,
+            stream,
+        )
+    return out, lse
+
+
+@nsa_branch_fwd.register_fake
+def _(q, k, v, block_indices, block_counts, kind, count, a, b, scale, cu_seqlens):
+    out = q.new_empty((*q.shape[:3], v.shape[3]))
+    lse = q.new_empty(q.shape[:3], dtype=state_dtype(q.dtype))
+    return out, lse
+
+
+@torch.library.custom_op("longattn::nsa_branch_bwd", mutates_args=(), device_types=("cpu", "cuda"))
+def nsa_branch_bwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    grad_out: Tensor,
+    block_indices: Tensor | None,
+    block_counts: Tensor | None,
+    kind: str,
+    count: int,
+    a: int,
+    b: int,
+    scale: float,
+    cu_seqlens: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=q.dtype, device=q.device)
+    dv = torch.empty(v.shape, dtype=q.dtype, device=q.device)
+    grad_out = unit_last_stride(grad_out.to(q.dtype))
+    with native_call(q) as stream:
+        _native.nsa_branch_bwd(
+            kind,
+            q.detach(),
+            k.detach(),
+            v.detach(),
+            out.detach(),
+            lse.detach(),
+            grad_out.detach(),
+            dq,
+            dk,
+            dv,
+            block_indices,
+            block_counts,
+            count,
+            a,
+            b,
+            scale,
+            cu_seqlens,
+            stream,
+        )
+    return dq, dk, dv
+
+
+@nsa_branch_bwd.register_fake
+def _(q, k, v, out, lse, grad_out, block_indices, block_counts, kind, count, a, b, scale, cu):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _branch_setup(ctx, inputs, output):
+    q, k, v, block_indices, block_counts, kind, count, a, b, scale, cu_seqlens = inputs
+    out, lse = output
+    ctx.params = (kind, count, a, b, scale)
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, block_indices, block_counts, cu_seqlens)
+
+
+def _branch_backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, block_indices, block_counts, cu_seqlens = ctx.saved_tensors
+    kind, count, a, b, scale = ctx.params
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = nsa_branch_bwd(
+        q, k, v, out, lse, grad_out, block_indices, block_counts, kind, count, a, b, scale,
+        cu_seqlens,
+    )  # fmt: skip
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+nsa_branch_fwd.register_autograd(_branch_backward, setup_context=_branch_setup)
+
+
+def _check_qkv(q, k, v, kname="k", vname="v"):
+    check_rank(q, "q", 4, "[B, T, Hq, D]")
+    check_rank(k, kname, 4, "[B, S, Hkv, D]")
+    check_rank(v, vname, 4, "[B, S, Hkv, Dv]")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(
+            f"{kname}, {vname}: expected dtype {q.dtype} like q, got {k.dtype}, {v.dtype}"
+        )
+    for t, name in ((k, kname), (v, vname)):
+        if t.device != q.device:
+            raise ValueError(f"{name}: expected a tensor on {q.device} like q, got {t.device}")
+    return unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
+
+
+def nsa_compressed_attn(
+    q: Tensor,
+    k_cmp: Tensor,
+    v_cmp: Tensor,
+    *,
+    kernel_size: int = 32,
+    kernel_stride: int = 16,
+    scale: float | None = None,
+    cu_seqlens: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Attention of q_t over the compressed windows i it can see (t ≥ i·d + l − 1).
+
+    Args:
+        q: ``[B, T, Hq, D]``; k_cmp, v_cmp: ``[B, C, Hkv, D]`` (packed per sequence with
+            cu_seqlens, B = 1; C = Σ ⌊(T_s − l)/d⌋ + 1 over sequences with T_s ≥ l).
+        scale: default ``D ** -0.5``.
+
+    Returns:
+        ``(o, lse)``: o ``[B, T, Hq, Dv]``; lse ``[B, T, Hq]`` float32 (float64 for float64),
+        −inf (and o = 0) for rows that see no window. lse carries no gradient.
+    """
+    q, k_cmp, v_cmp = _check_qkv(q, k_cmp, v_cmp, "k_cmp", "v_cmp")
+    _check_cu(cu_seqlens)
+    _check_positive(kernel_size=kernel_size, kernel_stride=kernel_stride)
+    return nsa_branch_fwd(
+        q, k_cmp, v_cmp, None, None, "compressed", -1, int(kernel_size), int(kernel_stride),
+        _scale(scale, q), cu_seqlens,
+    )  # fmt: skip
+
+
+def nsa_selected_attn(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    block_indices: Tensor,
+    *,
+    block_size: int = 64,
+    block_counts: Tensor | int | None = None,
+    scale: float | None = None,
+    cu_seqlens: Tensor | None = None,
+    return_lse: bool = False,
+):
+    """Attention of q_t over the union of its kv group's selected blocks.
+
+    Block j covers positions ``[j·B_K, (j+1)·B_K)`` of the sequence, of which those ≤ t are
+    used; entries −1, negative or > t // B_K are skipped. Entries of a row must be distinct.
+
+    Args:
+        q: ``[B, T, Hq, D]``; k, v: ``[B, T, Hkv, D]``; block_indices ``[B, T, Hkv, n]``
+            int32/int64 (no gradient).
+        block_counts: int or ``[B, T, Hkv]`` int tensor: only the first count entries of a
+            row are used.
+        return_lse: also return the log-sum-exp ``[B, T, Hq]`` (float32, float64 for float64).
+    """
+    q, k, v = _check_qkv(q, k, v)
+    check_rank(block_indices, "block_indices", 4, "[B, T, Hkv, n]")
+    _check_cu(cu_seqlens)
+    _check_positive(block_size=block_size)
+    count, counts = -1, None
+    if isinstance(block_counts, torch.Tensor):
+        check_rank(block_counts, "block_counts", 3, "[B, T, Hkv]")
+        counts = block_counts
+    elif block_counts is not None:
+        count = max(0, int(block_counts))
+    o, lse = nsa_branch_fwd(
+        q, k, v, block_indices, counts, "selected", count, int(block_size), 0, _scale(scale, q),
+        cu_seqlens,
+    )  # fmt: skip
+    return (o, lse) if return_lse else o
+
+
+def sliding_window_attn(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    window_size: int = 512,
+    scale: float | None = None,
+    cu_seqlens: Tensor | None = None,
+) -> Tensor:
+    """Causal softmax attention of q_t over keys ``max(0, t − W + 1) … t``.
+
+    W keys including t itself (fla's convention; some references use W + 1 keys).
+    q ``[B, T, Hq, D]``, k/v ``[B, T, Hkv, D]``.
+    """
+    q, k, v = _check_qkv(q, k, v)
+    _check_cu(cu_seqlens)
+    _check_positive(window_size=window_size)
+    o, _ = nsa_branch_fwd(
+        q, k, v, None, None, "window", -1, int(window_size), 0, _scale(scale, q), cu_seqlens
+    )
+    return o
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+@torch.library.custom_op("longattn::nsa_topk_blocks", mutates_args=(), device_types=("cpu", "cuda"))
+def nsa_topk_blocks_op(
+    q: Tensor,
+    k_cmp: Tensor,
+    lse: Tensor,
+    kernel_size: int,
+    kernel_stride: int,
+    block_size: int,
+    topk: int,
+    init_blocks: int,
+    local_blocks: int,
+    scale: float,
+    cu_seqlens: Tensor | None,
+) -> Tensor:
+    out = torch.empty((*q.shape[:2], k_cmp.shape[2], topk), dtype=torch.int32, device=q.device)
+    with native_call(q) as stream:
+        _native.nsa_topk_blocks(
+            q.detach(), k_cmp.detach(), lse.detach(), out, kernel_size, kernel_stride,
+            block_size, topk, init_blocks, local_blocks, scale, cu_seqlens, stream,
+        )  # fmt: skip
+    return out
+
+
+@nsa_topk_blocks_op.register_fake
+def _(q, k_cmp, lse, kernel_size, kernel_stride, block_size, topk, init, local, scale, cu):
+    return q.new_empty((*q.shape[:2], k_cmp.shape[2], topk), dtype=torch.int32)
+
+
+def nsa_topk_blocks(
+    q: Tensor,
+    k_cmp: Tensor,
+    lse: Tensor,
+    *,
+    kernel_size: int = 32,
+    kernel_stride: int = 16,
+    block_size: int = 64,
+    topk: int = 16,
+    init_blocks: int = 1,
+    local_blocks: int = 2,
+    scale: float | None = None,
+    cu_seqlens: Tensor | None = None,
+) -> Tensor:
+    """Block selection (spec §3), fused: no ``[T, C]`` score matrix is stored.
+
+    Scores blocks by the group-summed compressed probabilities ``exp(scale·q·k̃ − lse)``
+    mapped to blocks with overlap weights; the first ``init_blocks`` and the ``local_blocks``
+    most recent blocks are forced; top ``topk`` (ties to the lower block), sorted ascending,
+    −1 beyond the blocks that exist at t. Requires kernel_size % kernel_stride == 0 and
+    block_size % kernel_stride == 0. Returns ``[B, T, Hkv, topk]`` int32 (no gradient).
+    """
+    check_rank(q, "q", 4, "[B, T, Hq, D]")
+    check_rank(k_cmp, "k_cmp", 4, "[B, C, Hkv, D]")
+    check_rank(lse, "lse", 3, "[B, T, Hq]")
+    _check_cu(cu_seqlens)
+    _check_positive(
+        kernel_size=kernel_size, kernel_stride=kernel_stride, block_size=block_size, topk=topk
+    )
+    for name, val in (("init_blocks", init_blocks), ("local_blocks", local_blocks)):
+        if int(val) < 0:
+            raise ValueError(f"{name}: must be >= 0, got {val}")
+    if lse.is_floating_point():
+        lse = lse.to(state_dtype(q.dtype))
+    q, k_cmp = unit_last_stride(q), unit_last_stride(k_cmp)
+    with torch.no_grad():
+        return nsa_topk_blocks_op(
+            q, k_cmp, lse.detach(), int(kernel_size), int(kernel_stride), int(block_size),
+            int(topk), int(init_blocks), int(local_blocks), _scale(scale, q), cu_seqlens,
+        )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- compression
+
+
+@torch.library.custom_op(
+    "longattn::nsa_compress_fwd", mutates_args=(), device_types=("cpu", "cuda")
+)
+def nsa_compress_fwd(
+    x: Tensor,
+    weight: Tensor | None,
+    pe: Tensor | None,
+    kernel_size: int,
+    kernel_stride: int,
+    num_rows: int,
+    cu_seqlens: Tensor | None,
+) -> Tensor:
+    d_out = x.shape[3] if weight is None else weight.shape[2]
+    out = torch.empty((x.shape[0], num_rows, x.shape[2], d_out), dtype=x.dtype, device=x.device)
+    with native_call(x) as stream:
+        _native.nsa_compress_fwd(
+            x.detach(),
+            None if weight is None else weight.detach(),
+            None if pe is None else pe.detach(),
+            out,
+            kernel_size,
+            kernel_stride,
+            cu_seqlens,
+            stream,
+        )
+    return out
+
+
+@nsa_compress_fwd.register_fake
+def _(x, weight, pe, kernel_size, kernel_stride, num_rows, cu_seqlens):
+    d_out = x.shape[3] if weight is None else weight.shape[2]
+    return x.new_empty((x.shape[0], num_rows, x.shape[2], d_out))
+
+
+@torch.library.custom_op(
+    "longattn::nsa_compress_bwd", mutates_args=(), device_types=("cpu", "cuda")
+)
+def nsa_compress_bwd(
+    x: Tensor,
+    weight: Tensor | None,
+    pe: Tensor | None,
+    grad_out: Tensor,
+    kernel_size: int,
+    kernel_stride: int,
+    cu_seqlens: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    # unused gradients come back as empty tensors (custom ops cannot return None)
+    dw = torch.empty(weight.shape if weight is not None else (0,), dtype=x.dtype, device=x.device)
+    dpe = torch.empty(pe.shape if pe is not None else (0,), dtype=x.dtype, device=x.device)
+    grad_out = unit_last_stride(grad_out.to(x.dtype))
+    with native_call(x) as stream:
+        _native.nsa_compress_bwd(
+            x.detach(),
+            None if weight is None else weight.detach(),
+            None if pe is None else pe.detach(),
+            grad_out.detach(),
+            dx,
+            None if weight is None else dw,
+            None if pe is None else dpe,
+            kernel_size,
+            kernel_stride,
+            cu_seqlens,
+            stream,
+        )
+    return dx, dw, dpe
+
+
+@nsa_compress_bwd.register_fake
+def _(x, weight, pe, grad_out, kernel_size, kernel_stride, cu_seqlens):
+    dw = x.new_empty(weight.shape if weight is not None else (0,))
+    dpe = x.new_empty(pe.shape if pe is not None else (0,))
+    return torch.empty_like(x), dw, dpe
+
+
+def _compress_setup(ctx, inputs, output):
+    x, weight, pe, kernel_size, kernel_stride, num_rows, cu_seqlens = inputs
+    ctx.params = (kernel_size, kernel_stride)
+    ctx.save_for_backward(x, weight, pe, cu_seqlens)
+
+
+def _compress_backward(ctx, grad_out):
+    x, weight, pe, cu_seqlens = ctx.saved_tensors
+    kernel_size, kernel_stride = ctx.params
+    dx, dw, dpe = nsa_compress_bwd(x, weight, pe, grad_out, kernel_size, kernel_stride, cu_seqlens)
+    return (
+        dx,
+        dw if weight is not None else None,
+        dpe if pe is not None else None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+nsa_compress_fwd.register_autograd(_compress_backward, setup_context=_compress_setup)
+
+
+def nsa_compress(
+    x: Tensor,
+    *,
+    kernel_size: int = 32,
+    kernel_stride: int = 16,
+    weight: Tensor | None = None,
+    pe: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Compress windows ``[i·d, i·d + l)`` of every sequence (a trailing partial window is
+    dropped): the mean when ``weight`` is None, else ``concat_r(x_{i·d+r} + pe_r) · W``.
+
+    Args:
+        x: ``[B, T, H, D]``.
+        weight: ``[H, l·D, D_out]`` (linear compression); pe: ``[H, l, D]`` (linear only).
+        cu_seqlens: packed sequences (B = 1); windows never cross a sequence start.
+
+    Returns:
+        ``(x_cmp, cu_seqlens_cmp)``: x_cmp ``[B, C, H, D_out]`` packed per sequence in order;
+        cu_seqlens_cmp the compressed offsets (None without cu_seqlens).
+    """
+    check_rank(x, "x", 4, "[B, T, H, D]")
+    check_rank(weight, "weight", 3, "[H, kernel_size·D, D_out]")
+    check_rank(pe, "pe", 3, "[H, kernel_size, D]")
+    _check_cu(cu_seqlens)
+    _check_positive(kernel_size=kernel_size, kernel_stride=kernel_stride)
+    if pe is not None and weight is None:
+        raise ValueError("pe: only used with weight (linear compression)")
+    x = unit_last_stride(x)
+    weight = None if weight is None else unit_last_stride(weight)
+    pe = None if pe is None else unit_last_stride(pe)
+    if cu_seqlens is None:
+        rows, cu_cmp = _num_windows(x.shape[1], kernel_size, kernel_stride), None
+    else:
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+        counts = [_num_windows(int(n), kernel_size, kernel_stride) for n in lengths]
+        rows = sum(counts)
+        cu_cmp = torch.tensor([0, *counts], device=cu_seqlens.device).cumsum(0)
+        cu_cmp = cu_cmp.to(cu_seqlens.dtype)
+    out = nsa_compress_fwd(
+        x, weight, pe, int(kernel_size), int(kernel_stride), int(rows), cu_seqlens
+    )
+    return out, cu_cmp
+
+
+# ----------------------------------------------------------------------------- combined
+
+
+def nsa_attn(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g_cmp: Tensor,
+    g_slc: Tensor,
+    g_swa: Tensor,
+    *,
+    k_cmp: Tensor,
+    v_cmp: Tensor,
+    kernel_size: int = 32,
+    kernel_stride: int = 16,
+    block_size: int = 64,
+    topk: int = 16,
+    window_size: int = 512,
+    init_blocks: int = 1,
+    local_blocks: int = 2,
+    scale: float | None = None,
+    cu_seqlens: Tensor | None = None,
+    block_indices: Tensor | None = None,
+) -> Tensor:
+    """``o = g_cmp·o_cmp + g_slc·o_slc + g_swa·o_swa`` per query head (gates ``[B, T, Hq]``).
+
+    Runs compressed attention, block selection (unless ``block_indices`` is given, which then
+    replaces it), selected attention and the sliding window. Gradients flow to q, k, v, the
+    gates and k_cmp/v_cmp (not through the selection).
+    """
+    for g, name in ((g_cmp, "g_cmp"), (g_slc, "g_slc"), (g_swa, "g_swa")):
+        check_rank(g, name, 3, "[B, T, Hq]")
+        if g.shape != q.shape[:3]:
+            raise ValueError(f"{name}: expected shape {tuple(q.shape[:3])}, got {tuple(g.shape)}")
+    o_cmp, lse = nsa_compressed_attn(
+        q, k_cmp, v_cmp, kernel_size=kernel_size, kernel_stride=kernel_stride, scale=scale,
+        cu_seqlens=cu_seqlens,
+    )  # fmt: skip
+    if block_indices is None:
+        block_indices = nsa_topk_blocks(
+            q, k_cmp, lse, kernel_size=kernel_size, kernel_stride=kernel_stride,
+            block_size=block_size, topk=topk, init_blocks=init_blocks,
+            local_blocks=local_blocks, scale=scale, cu_seqlens=cu_seqlens,
+        )  # fmt: skip
+    o_slc = nsa_selected_attn(
+        q, k, v, block_indices, block_size=block_size, scale=scale, cu_seqlens=cu_seqlens
+    )
+    o_swa = sliding_window_attn(
+        q, k, v, window_size=window_size, scale=scale, cu_seqlens=cu_seqlens
+    )
+    out = g_cmp[..., None] * o_cmp + g_slc[..., None] * o_slc + g_swa[..., None] * o_swa
+    return out.to(q.dtype)

@@ -1,0 +1,250 @@
+"""rat_attn: RAT chunked attention (gated recurrence inside chunks, softmax across chunks).
+
+Math and conventions: ``docs/api/rat.md``. The forward writes y, the lse and every chunk's final
+state; the backward recomputes the partial states from those (nothing O(T^2), nothing O(T·D)
+saved beyond the output). CPU kernels only for now: CUDA tensors raise NotImplementedError.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _native
+from .._runtime import check_rank, native_call, state_dtype, unit_last_stride
+
+__all__ = ["rat_attn", "rat_attn_with_states", "rat_fwd", "rat_bwd", "rat_state_chunks"]
+
+
+def rat_state_chunks(T: int, chunk_size: int, num_seqs: int | None) -> int:
+    """Chunk slots C of the ``[B, C, H, D]`` chunk-final state tensors of :func:`rat_fwd`:
+    ``ceil(T / L)``, or ``(T + N (L - 1)) // L`` for N packed sequences, where sequence n's
+    chunks start at slot ``(cu_seqlens[n] + n (L - 1)) // L``."""
+    if num_seqs is None:
+        return -(-T // chunk_size)
+    return (T + num_seqs * (chunk_size - 1)) // chunk_size
+
+
+def _state_shape(q: Tensor, chunk_size: int, cu_seqlens: Tensor | None) -> tuple[int, ...]:
+    n = None if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    B, T, H, D = q.shape
+    return (B, rat_state_chunks(T, chunk_size, n), H, D)
+
+
+@torch.library.custom_op("longattn::rat_fwd", mutates_args=(), device_types=("cpu", "cuda"))
+def rat_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    chunk_size: int,
+    scale: float,
+    rope_base: float | None,
+    cu_seqlens: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(y, lse, k_states, v_states)``: lse ``[B, T, H]`` and the un-rotated
+    chunk-final states ``[B, C, H, D]`` (:func:`rat_state_chunks`) in float32 (float64)."""
+    sdt = state_dtype(q.dtype)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:3], dtype=sdt, device=q.device)
+    shape = _state_shape(q, chunk_size, cu_seqlens)
+    k_states = torch.zeros(shape, dtype=sdt, device=q.device)
+    v_states = torch.zeros(shape, dtype=sdt, device=q.device)
+    with native_call(q) as stream:
+        _native.rat_fwd(
+            q.detach(),
+            k.detach(),
+            v.detach(),
+            g.detach(),
+            out,
+            lse,
+            k_states,
+            v_states,
+            chunk_size,
+            scale,
+            rope_base,
+            cu_seqlens,
+            stream,
+        )
+    return out, lse, k_states, v_states
+
+
+@rat_fwd.register_fake
+def _(q, k, v, g, chunk_size, scale, rope_base, cu_seqlens):
+    sdt = state_dtype(q.dtype)
+    shape = _state_shape(q, chunk_size, cu_seqlens)
+    return (
+        q.new_empty(q.shape),
+        q.new_empty(q.shape[:3], dtype=sdt),
+        q.new_empty(shape, dtype=sdt),
+        q.new_empty(shape, dtype=sdt),
+    )
+
+
+@torch.library.custom_op("longattn::rat_bwd", mutates_args=(), device_types=("cpu", "cuda"))
+def rat_bwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    k_states: Tensor,
+    v_states: Tensor,
+    grad_out: Tensor,
+    chunk_size: int,
+    scale: float,
+    rope_base: float | None,
+    cu_seqlens: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=q.dtype, device=q.device)
+    dv = torch.empty(v.shape, dtype=q.dtype, device=q.device)
+    dg = torch.empty(g.shape, dtype=g.dtype, device=q.device)
+    grad_out = unit_last_stride(grad_out)
+    with native_call(q) as stream:
+        _native.rat_bwd(
+            q.detach(),
+            k.detach(),
+            v.detach(),
+            g.detach(),
+            out.detach(),
+            lse.detach(),
+            k_states.detach(),
+            v_states.detach(),
+            grad_out.detach(),
+            dq,
+            dk,
+            dv,
+            dg,
+            chunk_size,
+            scale,
+            rope_base,
+            cu_seqlens,
+            stream,
+        )
+    return dq, dk, dv, dg
+
+
+@rat_bwd.register_fake
+def _(q, k, v, g, out, lse, k_states, v_states, grad_out, chunk_size, scale, rope_base, cu):
+    return (
+        torch.empty_like(q),
+        q.new_empty(k.shape),
+        q.new_empty(v.shape),
+        torch.empty_like(g),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, g, chunk_size, scale, rope_base, cu_seqlens = inputs
+    out, lse, k_states, v_states = output
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(lse, k_states, v_states)
+    ctx.chunk_size, ctx.scale, ctx.rope_base = chunk_size, scale, rope_base
+    ctx.save_for_backward(q, k, v, g, out, lse, k_states, v_states, cu_seqlens)
+
+
+def _backward(ctx, grad_out, _grad_lse, _grad_ks, _grad_vs):
+    q, k, v, g, out, lse, k_states, v_states, cu_seqlens = ctx.saved_tensors
+    if grad_out is None:
+        return None, None, None, None, None, None, None, None
+    dq, dk, dv, dg = rat_bwd(
+        q,
+        k,
+        v,
+        g,
+        out,
+        lse,
+        k_states,
+        v_states,
+        grad_out,
+        ctx.chunk_size,
+        ctx.scale,
+        ctx.rope_base,
+        cu_seqlens,
+    )
+    return dq, dk, dv, dg, None, None, None, None
+
+
+rat_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _prepare(q, k, v, g, chunk_size, scale, rope_base, cu_seqlens):
+    for t, name in ((q, "q"), (k, "k"), (v, "v"), (g, "g")):
+        check_rank(t, name, 4, "[B, T, H, D]")
+    check_rank(cu_seqlens, "cu_seqlens", 1, "[N + 1]")
+    if cu_seqlens is not None and cu_seqlens.shape[0] < 2:
+        raise ValueError(
+            f"cu_seqlens: expected [N + 1] entries with N >= 1, got {cu_seqlens.shape[0]}"
+        )
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"chunk_size: expected an int, got {type(chunk_size).__name__}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size: must be at least 1, got {chunk_size}")
+    if rope_base is not None:
+        rope_base = float(rope_base)
+        if not rope_base > 0:
+            raise ValueError(f"rope_base: must be a positive number or None, got {rope_base}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    q, k, v, g = (unit_last_stride(t) for t in (q, k, v, g))
+    return q, k, v, g, chunk_size, scale, rope_base
+
+
+def rat_attn(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    *,
+    chunk_size: int = 16,
+    scale: float | None = None,
+    rope_base: float | None = 10000.0,
+    cu_seqlens: Tensor | None = None,
+) -> Tensor:
+    """RAT chunked attention (specs/rat.md).
+
+    Inside every chunk of ``chunk_size`` tokens the keys and values run the gated recurrence
+    ``k~_t = g_t * k~_{t-1} + (1 - g_t) * k_t`` (same for v; reset at each chunk start); query t
+    then attends, with one softmax, to the final states of all earlier chunks of its sequence
+    and to its own partial state. q and the states are rotated by the chunk RoPE
+    (``rope_base=None`` disables it).
+
+    Args:
+        q, k, v: ``[B, T, H, D]``, same dtype (float64 on CPU, float32, float16, bfloat16);
+            any strides with a unit last stride (stride-0 expanded heads need no copy).
+        g: ``[B, T, H, D]`` forget gate in (0, 1), float32 or the input dtype.
+        chunk_size: L >= 1; T need not be a multiple of it.
+        scale: score scale, default ``D ** -0.5``.
+        rope_base: chunk-RoPE base (rotate_half over all D dims, D even), or None.
+        cu_seqlens: int32/int64 ``[N + 1]`` cumulative sequence starts of a packed batch (B = 1);
+            chunks restart at every sequence start.
+
+    Returns:
+        y ``[B, T, H, D]`` in q's dtype. Gradients flow to q, k, v and g.
+    """
+    q, k, v, g, chunk_size, scale, rope_base = _prepare(
+        q, k, v, g, chunk_size, scale, rope_base, cu_seqlens
+    )
+    out, _, _, _ = rat_fwd(q, k, v, g, chunk_size, scale, rope_base, cu_seqlens)
+    return out
+
+
+def rat_attn_with_states(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    *,
+    chunk_size: int = 16,
+    scale: float | None = None,
+    rope_base: float | None = 10000.0,
+    cu_seqlens: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`rat_attn` that also returns ``(lse, k_states, v_states)`` (no gradient through
+    them): the chunk-final states, un-rotated, ``[B, C, H, D]`` (see :func:`rat_state_chunks`;
+    the last slot of a sequence holds its running state when T is not a multiple of L)."""
+    q, k, v, g, chunk_size, scale, rope_base = _prepare(
+        q, k, v, g, chunk_size, scale, rope_base, cu_seqlens
+    )
+    return rat_fwd(q, k, v, g, chunk_size, scale, rope_base, cu_seqlens)

@@ -1,0 +1,319 @@
+"""Native Sparse Attention ops against the float64 references (specs/nsa.md, "Tests the ops
+must pass"): CPU kernels only for now; CUDA instances skip until the CUDA kernels exist.
+
+Tolerances: relative error against a float64 reference computed from the same (rounded)
+inputs; fp32 within 1e-5 on CPU, bf16/fp16 within 2e-2.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_finite, rel_err
+from longattn.ops import nsa as N
+from longattn.reference import nsa as R
+from torch.autograd import gradcheck
+
+F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
+TOL = {F64: 1e-12, F32: 1e-5, BF16: 2e-2, F16: 2e-2}
+
+
+def skip_cuda(device):
+    if device != "cpu":
+        pytest.skip("CUDA kernels for NSA are not implemented yet")
+
+
+def qkv(B, T, Hq, Hkv, D, dtype=F64, mag=1.0, Dv=None):
+    q = (torch.randn(B, T, Hq, D, dtype=F64) * mag).to(dtype)
+    k = torch.randn(B, T, Hkv, D, dtype=F64).to(dtype)
+    v = torch.randn(B, T, Hkv, Dv or D, dtype=F64).to(dtype)
+    return q, k, v
+
+
+def random_indices(B, T, Hkv, n, block_size, extra_bad=True):
+    """Distinct random blocks per row among those visible, −1 padded, plus (optionally) some
+    out-of-range entries that the kernels must skip."""
+    out = torch.full((B, T, Hkv, n), -1, dtype=torch.int32)
+    for b in range(B):
+        for t in range(T):
+            nb = t // block_size + 1
+            for g in range(Hkv):
+                m = int(torch.randint(1, n + 1, ()))
+                sel = torch.randperm(nb)[:m]
+                out[b, t, g, : sel.numel()] = sel.to(torch.int32)
+                if extra_bad and sel.numel() < n and t % 3 == 0:
+                    out[b, t, g, -1] = nb + int(torch.randint(0, 5, ()))  # future block
+                if extra_bad and sel.numel() < n - 1 and t % 5 == 0:
+                    out[b, t, g, -2] = -7
+    return out
+
+
+def leaf(*ts):
+    return [t.detach().clone().requires_grad_() for t in ts]
+
+
+# ------------------------------------------------------------------ reference self-checks
+
+
+def test_reference_selected_equals_dense_masked_softmax():
+    B, T, Hq, Hkv, D, bs = 2, 37, 4, 2, 8, 8
+    q, k, v = qkv(B, T, Hq, Hkv, D)
+    idx = random_indices(B, T, Hkv, 3, bs)
+    counts = torch.randint(0, 4, (B, T, Hkv))
+    o, lse = R.nsa_selected_attn_reference(
+        q, k, v, idx, block_size=bs, block_counts=counts, return_lse=True
+    )
+    mask = R.nsa_selection_mask(idx, bs, T, counts)
+    o2, lse2 = R.nsa_dense_masked_attn(q, k, v, mask)
+    assert rel_err(o, o2) < 1e-12
+    assert torch.equal(torch.isinf(lse), torch.isinf(lse2))
+    assert rel_err(lse.nan_to_num(0, 0, 0), lse2.nan_to_num(0, 0, 0)) < 1e-12
+
+
+def test_reference_window_and_compressed_equal_dense():
+    B, T, Hq, Hkv, D = 1, 41, 3, 1, 8
+    q, k, v = qkv(B, T, Hq, Hkv, D)
+    o = R.sliding_window_attn_reference(q, k, v, window_size=6)
+    o2, _ = R.nsa_dense_masked_attn(q, k, v, R.sliding_window_mask(T, 6)[None, None])
+    assert rel_err(o, o2) < 1e-12
+    kc, _ = R.nsa_compress_reference(k, kernel_size=8, kernel_stride=4)
+    vc, _ = R.nsa_compress_reference(v, kernel_size=8, kernel_stride=4)
+    oc, lse = R.nsa_compressed_attn_reference(q, kc, vc, kernel_size=8, kernel_stride=4)
+    mask = R.compressed_visibility_mask(T, kc.shape[1], 8, 4)[None, None]
+    oc2, lse2 = R.nsa_dense_masked_attn(q, kc, vc, mask)
+    assert rel_err(oc, oc2) < 1e-12
+    assert torch.equal(torch.isinf(lse), torch.isinf(lse2))
+    # mean compression == average pooling with stride d
+    pooled = torch.nn.functional.avg_pool1d(k[0].permute(1, 2, 0), 8, 4).permute(2, 0, 1)
+    assert rel_err(kc[0], pooled) < 1e-12
+
+
+# ----------------------------------------------------------------------------- errors, CUDA
+
+
+def test_cuda_instances(device):
+    skip_cuda(device)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda q, k, v, i: N.nsa_selected_attn(q, k[:, :5], v, i, block_size=4), "k"),
+        (lambda q, k, v, i: N.nsa_selected_attn(q, k, v, i[..., 0], block_size=4), "block_indices"),
+        (lambda q, k, v, i: N.nsa_selected_attn(q, k, v, i.float(), block_size=4), "block_indices"),
+        (lambda q, k, v, i: N.nsa_selected_attn(q, k, v, i, block_size=0), "block_size"),
+        (lambda q, k, v, i: N.sliding_window_attn(q, k.float(), v, window_size=4), "k"),
+        (lambda q, k, v, i: N.sliding_window_attn(q, k, v, window_size=0), "window_size"),
+        (lambda q, k, v, i: N.sliding_window_attn(q[:, :, :3], k, v), "k"),
+        (
+            lambda q, k, v, i: N.sliding_window_attn(
+                q, k, v, cu_seqlens=torch.tensor([0, 5, 3], dtype=torch.int32)
+            ),
+            "cu_seqlens",
+        ),
+        (lambda q, k, v, i: N.nsa_compress(k, kernel_size=4, kernel_stride=0), "kernel_stride"),
+        (
+            lambda q, k, v, i: N.nsa_compress(
+                k, kernel_size=4, kernel_stride=2, weight=torch.randn(2, 7, 8, dtype=F64)
+            ),
+            "weight",
+        ),
+        (
+            lambda q, k, v, i: N.nsa_topk_blocks(
+                q, k, torch.zeros(1, 12, 4), kernel_size=4, kernel_stride=3, block_size=4
+            ),
+            "kernel_stride",
+        ),
+        (
+            lambda q, k, v, i: N.nsa_compressed_attn(
+                q,
+                k[:, :2],
+                v[:, :2],
+                cu_seqlens=torch.tensor([0, 12]),
+                kernel_size=4,
+                kernel_stride=2,
+            ),  # fmt: skip
+            "k_cmp",
+        ),
+    ],
+)
+def test_bad_inputs_name_the_argument(call, match):
+    q, k, v = qkv(1, 12, 4, 2, 8)
+    idx = random_indices(1, 12, 2, 2, 4, extra_bad=False)
+    with pytest.raises((ValueError, TypeError), match=match):
+        call(q, k, v, idx)
+
+
+# ----------------------------------------------------------------------------- gradcheck (float64)
+
+
+def test_gradcheck_selected_gqa3_block_counts():
+    q, k, v = leaf(*qkv(1, 19, 3, 1, 4))
+    idx = random_indices(1, 19, 1, 3, 4)
+    counts = torch.randint(0, 4, (1, 19, 1), dtype=torch.int32)
+    assert gradcheck(
+        lambda q, k, v: N.nsa_selected_attn(q, k, v, idx, block_size=4, block_counts=counts),
+        (q, k, v),
+    )
+
+
+def test_gradcheck_window_varlen():
+    q, k, v = leaf(*qkv(1, 17, 4, 2, 4))
+    cu = torch.tensor([0, 2, 11, 17], dtype=torch.int32)
+    assert gradcheck(
+        lambda q, k, v: N.sliding_window_attn(q, k, v, window_size=4, cu_seqlens=cu), (q, k, v)
+    )
+
+
+def test_gradcheck_compressed_attn_and_compress_varlen():
+    cu = torch.tensor([0, 3, 14, 23], dtype=torch.int64)  # first sequence shorter than l
+    q, k, v = leaf(*qkv(1, 23, 2, 1, 4))
+    w = torch.randn(1, 4 * 4, 4, dtype=F64, requires_grad=True)
+    pe = torch.randn(1, 4, 4, dtype=F64, requires_grad=True)
+
+    def f(q, k, v, w, pe):
+        kc, cu_c = N.nsa_compress(k, kernel_size=4, kernel_stride=2, weight=w, pe=pe, cu_seqlens=cu)
+        vc, _ = N.nsa_compress(v, kernel_size=4, kernel_stride=2, cu_seqlens=cu)
+        assert cu_c.tolist() == [0, 0, 4, 7]
+        return N.nsa_compressed_attn(q, kc, vc, kernel_size=4, kernel_stride=2, cu_seqlens=cu)[0]
+
+    assert gradcheck(f, (q, k, v, w, pe))
+
+
+def test_gradcheck_nsa_attn_frozen_indices():
+    T = 20
+    q, k, v = leaf(*qkv(1, T, 2, 1, 4))
+    gates = leaf(*torch.rand(3, 1, T, 2, dtype=F64).unbind(0))
+    kc, vc = leaf(*torch.randn(2, 1, 4, 1, 4, dtype=F64).unbind(0))  # windows of l=8, d=4
+    idx = random_indices(1, T, 1, 2, 8, extra_bad=False)
+
+    def f(q, k, v, g1, g2, g3, kc, vc):
+        return N.nsa_attn(
+            q, k, v, g1, g2, g3, k_cmp=kc, v_cmp=vc, kernel_size=8, kernel_stride=4,
+            block_size=8, topk=2, window_size=5, block_indices=idx,
+        )  # fmt: skip
+
+    assert gradcheck(f, (q, k, v, *gates, kc, vc))
+
+
+# ----------------------------------------------------------------------------- vs reference
+
+
+def _check(name, out, ref, dtype):
+    assert_finite(out, name)
+    err = rel_err(out, ref)
+    assert err <= TOL[dtype], f"{name}: rel err {err:.3e} > {TOL[dtype]:g} ({dtype})"
+
+
+def _fwd_bwd(fn, inputs, dtype):
+    """Outputs and input gradients of fn on dtype inputs and on their float64 copies."""
+    lo = leaf(*inputs)
+    hi = leaf(*(t.to(F64) for t in inputs))
+    o_lo, o_hi = fn(*lo), fn(*hi)
+    do = torch.randn(o_hi.shape, dtype=F64)
+    o_lo.backward(do.to(dtype))
+    o_hi.backward(do)
+    return [(o_lo, o_hi)] + [(a.grad, b.grad) for a, b in zip(lo, hi, strict=True)]
+
+
+@pytest.mark.parametrize("G", [1, 2, 3, 5, 8, 16])
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_selected_vs_reference_gqa(G, dtype):
+    Hkv, T, bs = 2 if G <= 3 else 1, 45, 8
+    q, k, v = qkv(1, T, G * Hkv, Hkv, 16, dtype)
+    idx = random_indices(1, T, Hkv, 3, bs)
+    ref = lambda q, k, v: R.nsa_selected_attn_reference(q, k, v, idx, block_size=bs)  # noqa: E731
+    ker = lambda q, k, v: N.nsa_selected_attn(q, k, v, idx, block_size=bs)  # noqa: E731
+    outs = _fwd_bwd(lambda *a: (ker if a[0].dtype == dtype else ref)(*a), (q, k, v), dtype)
+    for name, (a, b) in zip(["o", "dq", "dk", "dv"], outs, strict=True):
+        _check(name, a, b, dtype)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16, F16])
+def test_window_vs_reference_varlen_large_logits(dtype):
+    cu = torch.tensor([0, 3, 40, 47], dtype=torch.int32)
+    q, k, v = qkv(1, 47, 4, 2, 16, dtype, mag=25.0)  # |scores| ~ 100 with scale 1
+    ref = lambda q, k, v: R.sliding_window_attn_reference(  # noqa: E731
+        q, k, v, window_size=7, scale=1.0, cu_seqlens=cu
+    )
+    ker = lambda q, k, v: N.sliding_window_attn(  # noqa: E731
+        q, k, v, window_size=7, scale=1.0, cu_seqlens=cu
+    )
+    outs = _fwd_bwd(lambda *a: (ker if a[0].dtype == dtype else ref)(*a), (q, k, v), dtype)
+    for name, (a, b) in zip(["o", "dq", "dk", "dv"], outs, strict=True):
+        _check(name, a, b, dtype)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_compressed_attn_and_compress_vs_reference(dtype):
+    cu = torch.tensor([0, 5, 50, 61], dtype=torch.int64)  # sequences shorter than l
+    q, k, v = qkv(1, 61, 6, 2, 16, dtype)
+    w = (torch.randn(2, 8 * 16, 16, dtype=F64) * 0.1).to(dtype)
+
+    def run(ops, q, k, v, w):
+        kc, _ = ops[0](k, kernel_size=8, kernel_stride=4, weight=w, cu_seqlens=cu)
+        vc, _ = ops[0](v, kernel_size=8, kernel_stride=4, cu_seqlens=cu)
+        return ops[1](q, kc, vc, kernel_size=8, kernel_stride=4, cu_seqlens=cu)[0]
+
+    ker = (N.nsa_compress, N.nsa_compressed_attn)
+    ref = (R.nsa_compress_reference, R.nsa_compressed_attn_reference)
+    outs = _fwd_bwd(lambda *a: run(ker if a[0].dtype == dtype else ref, *a), (q, k, v, w), dtype)
+    for name, (a, b) in zip(["o", "dq", "dk", "dv", "dw"], outs, strict=True):
+        _check(name, a, b, dtype)
+
+
+def test_short_sequences_and_empty_rows():
+    """T shorter than a window: compressed rows see nothing (o = 0, lse = −inf)."""
+    q, k, v = qkv(2, 5, 2, 1, 8)
+    kc, _ = N.nsa_compress(k, kernel_size=8, kernel_stride=4)
+    assert kc.shape == (2, 0, 1, 8)
+    kc2 = torch.randn(2, 1, 1, 8, dtype=F64)
+    o, lse = N.nsa_compressed_attn(q, kc2, kc2, kernel_size=8, kernel_stride=4)
+    assert (o == 0).all() and torch.isneginf(lse).all()
+    o = N.sliding_window_attn(q, k, v, window_size=64)
+    assert rel_err(o, R.sliding_window_attn_reference(q, k, v, window_size=64)) < 1e-12
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+@pytest.mark.parametrize("G", [1, 3, 4])
+def test_topk_equals_reference_varlen(G):
+    cu = torch.tensor([0, 7, 90, 150], dtype=torch.int32)
+    Hkv = 2
+    q, k, _ = qkv(1, 150, G * Hkv, Hkv, 16)
+    kc, _ = N.nsa_compress(k, kernel_size=8, kernel_stride=4, cu_seqlens=cu)
+    _, lse = N.nsa_compressed_attn(q, kc, kc, kernel_size=8, kernel_stride=4, cu_seqlens=cu)
+    kw = dict(
+        kernel_size=8, kernel_stride=4, block_size=8, topk=4, init_blocks=1, local_blocks=2,
+        cu_seqlens=cu,
+    )  # fmt: skip
+    got = N.nsa_topk_blocks(q, kc, lse, **kw)
+    want = R.nsa_topk_blocks_reference(q, kc, lse, **kw)
+    assert got.dtype == torch.int32 and torch.equal(got, want)
+    # forced blocks are present, rows sorted, −1 only at the end
+    assert ((got == 0).any(-1)).all()
+    valid = got >= 0
+    assert torch.equal(valid, valid.cummin(-1).values)
+
+
+def test_topk_batch_float32_matches_reference_and_feeds_selected():
+    q, k, v = qkv(2, 80, 4, 2, 16, F32)
+    kc, _ = N.nsa_compress(k, kernel_size=16, kernel_stride=8)
+    vc, _ = N.nsa_compress(v, kernel_size=16, kernel_stride=8)
+    _, lse = N.nsa_compressed_attn(q, kc, vc, kernel_size=16, kernel_stride=8)
+    kw = dict(kernel_size=16, kernel_stride=8, block_size=16, topk=3, init_blocks=0, local_blocks=1)
+    got = N.nsa_topk_blocks(q, kc, lse, **kw)
+    want = R.nsa_topk_blocks_reference(q, kc, lse, **kw)
+    assert (got != want).float().mean() < 0.01  # float32 scores: near-ties may flip
+    gates = torch.rand(3, 2, 80, 4).unbind(0)
+    out = N.nsa_attn(
+        q, k, v, *gates, k_cmp=kc, v_cmp=vc, kernel_size=16, kernel_stride=8, block_size=16,
+        topk=3, window_size=20, init_blocks=0, local_blocks=1,
+    )  # fmt: skip
+    assert out.shape == q.shape and out.dtype == F32
+    ref = R.nsa_attn_reference(
+        *(t.double() for t in (q, k, v, *gates)), k_cmp=kc.double(), v_cmp=vc.double(),
+        kernel_size=16, kernel_stride=8, block_size=16, window_size=20, block_indices=got,
+    )  # fmt: skip
+    _check("nsa_attn", out, ref, F32)

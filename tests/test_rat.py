@@ -1,0 +1,250 @@
+"""longattn rat_attn against the float64 per-token reference (specs/rat.md, "Tests").
+
+Tolerances: relative error against the float64 reference; fp32 within 1e-5 (outputs) and 1e-4
+(gradients) on CPU, bf16 within 2e-2.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICES, assert_finite, rel_err
+from longattn.ops.rat import rat_attn, rat_attn_with_states, rat_fwd
+from longattn.reference.rat import rat_attn_chunked, rat_attn_reference
+
+F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
+CUDA_SKIP = "CUDA kernels for rat_attn are not implemented yet"
+
+
+def skip_cuda(device: str) -> None:
+    if device == "cuda":
+        pytest.skip(CUDA_SKIP)
+
+
+def make(B, T, H, D, dtype=F32, device="cpu", g_dtype=None, requires_grad=False):
+    q, k, v = (torch.randn(B, T, H, D, device=device).to(dtype) for _ in range(3))
+    g = torch.sigmoid(torch.randn(B, T, H, D, device=device) + 1.0).to(g_dtype or dtype)
+    for t in (q, k, v, g):
+        t.requires_grad_(requires_grad)
+    return q, k, v, g
+
+
+def ref64(q, k, v, g, **kw):
+    return rat_attn_reference(q.double(), k.double(), v.double(), g.double(), **kw)
+
+
+def scan(x, g, L):
+    """In-chunk states of [B, T, H, D] in float64 (per-token loop)."""
+    h = torch.zeros_like(x[:, 0], dtype=F64)
+    out = []
+    for t in range(x.shape[1]):
+        if t % L == 0:
+            h = torch.zeros_like(h)
+        h = g[:, t].double() * h + (1 - g[:, t].double()) * x[:, t].double()
+        out.append(h)
+    return torch.stack(out, dim=1)
+
+
+# ----------------------------------------------------------------------------- gradcheck
+
+
+@pytest.mark.parametrize("L", [1, 3, 4, 10])
+@pytest.mark.parametrize("rope_base", [10000.0, 7.0, None])
+def test_gradcheck_float64(L, rope_base):
+    """T = 10 is not a multiple of 3 or 4; L = T is the pure gated RNN."""
+    q, k, v, g = make(1, 10, 2, 4, F64, requires_grad=True)
+
+    def f(q, k, v, g):
+        return rat_attn(q, k, v, g, chunk_size=L, rope_base=rope_base, scale=0.7)
+
+    assert torch.autograd.gradcheck(f, (q, k, v, g))
+
+
+def test_gradcheck_float64_varlen_and_expanded_keys():
+    q, _, v, g = make(1, 13, 4, 4, F64, requires_grad=True)
+    k1 = torch.randn(1, 13, 1, 4, dtype=F64, requires_grad=True)
+    cu = torch.tensor([0, 5, 5, 13], dtype=torch.int32)
+
+    def f(q, k1, v, g):
+        k = k1.expand(1, 13, 4, 4)  # stride-0 grouped keys
+        return rat_attn(q, k, v, g, chunk_size=3, cu_seqlens=cu)
+
+    assert torch.autograd.gradcheck(f, (q, k1, v, g))
+
+
+# ----------------------------------------------------------------------------- numerics
+
+
+def check(name, out, ref, dtype, grad=False):
+    assert_finite(out, name)
+    err = rel_err(out, ref)
+    tol = {F64: 1e-12, F32: 1e-4 if grad else 1e-5}.get(dtype, 2e-2)
+    assert err <= tol, f"{name}: rel err {err:.3e} > {tol:g} ({dtype})"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("L", [1, 16, 64])
+def test_forward_backward_vs_reference(device, dtype, D, L):
+    skip_cuda(device)
+    B, T, H = 1, 80 if L < 64 else 150, 2
+    q, k, v, g = make(B, T, H, D, dtype, device, g_dtype=F32, requires_grad=True)
+    y = rat_attn(q, k, v, g, chunk_size=L)
+    yr = ref64(q, k, v, g, chunk_size=L)
+    check("y", y, yr, dtype)
+    dy = torch.randn_like(yr)
+    grads = torch.autograd.grad(y, (q, k, v, g), dy.to(dtype))
+    grads_r = torch.autograd.grad(yr, (q, k, v, g), dy)
+    for name, a, b in zip("qkvg", grads, grads_r, strict=True):
+        check(f"d{name}", a, b, dtype, grad=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("L", [4, 16])
+def test_chunk0_rows_are_the_gated_state(device, L):
+    """In chunk 0 a query only sees its own state: y_t = v~_t."""
+    skip_cuda(device)
+    q, k, v, g = make(2, 3 * L + 1, 3, 8, F64, device)
+    y = rat_attn(q, k, v, g, chunk_size=L)
+    torch.testing.assert_close(y[:, :L], scan(v, g, L)[:, :L], rtol=1e-12, atol=1e-12)
+
+
+def test_chunk_size_at_least_T_is_the_gated_rnn():
+    q, k, v, g = make(1, 20, 2, 8, F64)
+    for L in (20, 64):
+        y = rat_attn(q, k, v, g, chunk_size=L)
+        torch.testing.assert_close(y, scan(v, g, 10**9), rtol=1e-12, atol=1e-12)
+
+
+def test_chunk_size_one_is_softmax_attention_over_gated_keys():
+    q, k, v, g = make(1, 17, 2, 8, F64)
+    kk, vv = (1 - g) * k, (1 - g) * v
+    s = 8**-0.5
+    scores = torch.einsum("bthd,bjhd->bhtj", q, kk) * s
+    scores = scores.masked_fill(torch.ones(17, 17).triu(1).bool(), float("-inf"))
+    want = torch.einsum("bhtj,bjhd->bthd", scores.softmax(-1), vv)
+    y = rat_attn(q, k, v, g, chunk_size=1, rope_base=None)
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64])
+def test_varlen_equals_separate_calls(device, idx_dtype):
+    skip_cuda(device)
+    lens = [5, 0, 23, 40, 1]
+    T, L = sum(lens), 16
+    q, k, v, g = make(1, T, 2, 64, F32, device)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=idx_dtype, device=device)
+    y = rat_attn(q, k, v, g, chunk_size=L, cu_seqlens=cu)
+    check("y", y, ref64(q, k, v, g, chunk_size=L, cu_seqlens=cu), F32)
+    a = 0
+    for n in lens:
+        if n:
+            sl = slice(a, a + n)
+            one = rat_attn(q[:, sl], k[:, sl], v[:, sl], g[:, sl], chunk_size=L)
+            torch.testing.assert_close(y[:, sl], one, rtol=1e-6, atol=1e-6)
+        a += n
+
+
+def test_varlen_gradients_vs_reference():
+    lens = [7, 30, 12]
+    cu = torch.tensor([0, 7, 37, 49])
+    q, k, v, g = make(1, sum(lens), 2, 16, F32, requires_grad=True)
+    y = rat_attn(q, k, v, g, chunk_size=8, cu_seqlens=cu)
+    yr = ref64(q, k, v, g, chunk_size=8, cu_seqlens=cu)
+    check("y", y, yr, F32)
+    dy = torch.randn_like(yr)
+    for name, a, b in zip(
+        "qkvg",
+        torch.autograd.grad(y, (q, k, v, g), dy.float()),
+        torch.autograd.grad(yr, (q, k, v, g), dy),
+        strict=True,
+    ):
+        check(f"d{name}", a, b, F32, grad=True)
+
+
+def test_strided_inputs_and_g_in_input_dtype():
+    """Transposed [B, H, T, D] views and stride-0 heads need no copy; bf16 g is accepted."""
+    B, T, H, D = 2, 40, 4, 32
+    qt = torch.randn(B, H, T, D).to(BF16)
+    k1 = torch.randn(B, T, 1, D).to(BF16)
+    v = torch.randn(B, T, H, D).to(BF16)
+    g = torch.sigmoid(torch.randn(B, T, H, D)).to(BF16)
+    q, k = qt.transpose(1, 2), k1.expand(B, T, H, D)
+    y = rat_attn(q, k, v, g, chunk_size=8)
+    check("y", y, ref64(q, k, v, g, chunk_size=8), BF16)
+
+
+def test_chunk_final_states_at_offset_L_minus_1():
+    B, T, H, D, L = 2, 23, 2, 8, 5
+    q, k, v, g = make(B, T, H, D, F64)
+    _, lse, ks, vs = rat_attn_with_states(q, k, v, g, chunk_size=L)
+    sk, sv = scan(k, g, L), scan(v, g, L)
+    assert ks.shape == (B, 5, H, D)
+    ends = [min(j * L + L - 1, T - 1) for j in range(5)]  # last slot: running state
+    torch.testing.assert_close(ks, sk[:, ends], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(vs, sv[:, ends], rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(ks[:, 1], sk[:, L])  # not the first offset of the next chunk
+    _, lse_r = rat_attn_reference(q, k, v, g, chunk_size=L, return_lse=True)
+    torch.testing.assert_close(lse, lse_r, rtol=1e-12, atol=1e-12)
+
+
+def test_chunked_eager_formulation_matches_reference():
+    q, k, v, g = make(2, 45, 2, 16, F64)
+    torch.testing.assert_close(
+        rat_attn_chunked(q, k, v, g, chunk_size=8), ref64(q, k, v, g, chunk_size=8)
+    )
+
+
+def test_large_scores_do_not_overflow():
+    q, k, v, g = make(1, 64, 2, 16, F32)
+    y = rat_attn(q * 30, k * 30, v, g, chunk_size=4)
+    assert_finite(y, "y")
+    check("y", y, ref64(q * 30, k * 30, v, g, chunk_size=4), F32)
+
+
+def test_opcheck():
+    q, k, v, g = make(1, 12, 2, 8, F32, requires_grad=True)
+    torch.library.opcheck(rat_fwd, (q, k, v, g, 4, 0.5, 10000.0, None))
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _expect(exc, match, fn):
+    with pytest.raises(exc, match=match):
+        fn()
+
+
+def test_bad_inputs_name_the_argument():
+    q, k, v, g = make(1, 8, 2, 8, F32)
+    _expect(ValueError, "q: expected rank 4", lambda: rat_attn(q[0], k, v, g))
+    _expect(ValueError, "k: expected shape", lambda: rat_attn(q, k[:, :4], v, g))
+    _expect(ValueError, "g: expected shape", lambda: rat_attn(q, k, v, g[..., :4]))
+    _expect(TypeError, "v: expected dtype float32", lambda: rat_attn(q, k, v.double(), g))
+    _expect(TypeError, "g: expected dtype float32", lambda: rat_attn(q, k, v, g.to(BF16)))
+    _expect(TypeError, "q: expected dtype", lambda: rat_attn(*(t.int() for t in (q, k, v)), g))
+    _expect(
+        ValueError, "chunk_size: must be at least 1", lambda: rat_attn(q, k, v, g, chunk_size=0)
+    )
+    _expect(ValueError, "rope_base", lambda: rat_attn(q, k, v, g, rope_base=-1.0))
+    q5, k5, v5, g5 = make(1, 8, 2, 5, F32)
+    _expect(ValueError, "even head dim", lambda: rat_attn(q5, k5, v5, g5))
+    rat_attn(q5, k5, v5, g5, rope_base=None)  # odd D is fine without RoPE
+    bad_cu = torch.tensor([0, 6, 3, 8], dtype=torch.int32)
+    _expect(ValueError, "cu_seqlens", lambda: rat_attn(q, k, v, g, cu_seqlens=bad_cu))
+    short_cu = torch.tensor([0, 5], dtype=torch.int32)
+    _expect(ValueError, "cu_seqlens", lambda: rat_attn(q, k, v, g, cu_seqlens=short_cu))
+    _expect(
+        ValueError,
+        "cu_seqlens: packed sequences need batch size 1",
+        lambda: rat_attn(*make(2, 8, 2, 8, F32), cu_seqlens=torch.tensor([0, 8])),
+    )
+
+
+def test_cuda_tensors_raise_not_implemented():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    q, k, v, g = make(1, 8, 2, 8, F32, "cuda")
+    _expect(NotImplementedError, "CUDA kernels are not implemented", lambda: rat_attn(q, k, v, g))
