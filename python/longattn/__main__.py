@@ -1,4 +1,5 @@
-"""Command line: ``python -m longattn bench`` (quick side-by-side timing on this machine).
+"""Command line: ``python -m longattn demo`` (the main job: MQAR training per attention family)
+and ``python -m longattn bench`` (quick side-by-side timing on this machine).
 
 The bench times ``lightning_attn`` against the same blocked math in torch eager (float32, on the
 same threads) and, on a GPU, against SDPA causal; it prints a table and, with matplotlib, writes a
@@ -16,6 +17,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .demo import FAMILIES, DemoConfig
+from .demo import run as run_demo
 from .ops.lightning import lightning_attn, lightning_slopes
 from .reference.lightning import lightning_attn_chunked
 
@@ -132,8 +135,28 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--dim", type=int, default=64)
     b.add_argument("--budget", type=float, default=1.0, help="seconds of timing per measurement")
     b.add_argument("--png", help="write a plot of fwd+bwd time against sequence length")
+    d = sub.add_parser("demo", help="train a small LM on MQAR with every attention family")
+    d.add_argument("--families", default=",".join(FAMILIES), help="comma list")
+    d.add_argument("--seq-len", type=int, default=DemoConfig.seq_len)
+    d.add_argument("--pairs", type=int, default=DemoConfig.num_pairs, help="key-value pairs")
+    d.add_argument("--steps", type=int, default=DemoConfig.steps)
+    d.add_argument("--batch-size", type=int, default=DemoConfig.batch_size)
+    d.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    d.add_argument("--png", default="mqar.png", help="accuracy plot (empty: none)")
     args = parser.parse_args(argv)
-    return bench(args)
+    if args.command == "bench":
+        return bench(args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = DemoConfig(
+        families=tuple(f.strip() for f in args.families.split(",") if f.strip()),
+        seq_len=args.seq_len,
+        num_pairs=args.pairs,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        device=device,
+    )
+    results = run_demo(cfg, args.png or None)
+    return 0 if all(r.error is None for r in results) else 1
 
 
 if __name__ == "__main__":

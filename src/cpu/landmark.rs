@@ -21,10 +21,10 @@
 //! query tiles are BQ rows. Work items: forward and dQ over (sequence, query head, query tile),
 //! dK/dV over (sequence, kv head, key tile); f32 accumulation (f64 for f64), scores in f32.
 
+use crate::cpu::num::{by_dtype, Acc, Input};
 use crate::cpu::POOL;
-use crate::tensor::{DType, View};
+use crate::tensor::View;
 use rayon::prelude::*;
-use std::ops::{Add, AddAssign, Mul, Sub};
 
 /// Query rows per tile.
 pub const BQ: usize = 64;
@@ -76,180 +76,6 @@ pub struct LmBwd<'a> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// element and accumulator types
-
-pub trait Float:
-    Copy
-    + Send
-    + Sync
-    + 'static
-    + PartialOrd
-    + Add<Output = Self>
-    + Sub<Output = Self>
-    + Mul<Output = Self>
-    + AddAssign
-{
-    const ZERO: Self;
-    const NEG_INF: Self;
-    fn of(x: f64) -> Self;
-    fn to_f64(self) -> f64;
-    fn ln(self) -> Self;
-    /// exp, vectorisable (polynomial) for f32; exp(−∞) = 0, NaN stays NaN.
-    fn fexp(self) -> Self;
-    fn fma<const F: bool>(a: Self, b: Self, c: Self) -> Self;
-    #[inline(always)]
-    fn maxf(self, o: Self) -> Self {
-        if o > self {
-            o
-        } else {
-            self
-        }
-    }
-}
-
-impl Float for f32 {
-    const ZERO: Self = 0.0;
-    const NEG_INF: Self = f32::NEG_INFINITY;
-    #[inline(always)]
-    fn of(x: f64) -> Self {
-        x as f32
-    }
-    #[inline(always)]
-    fn to_f64(self) -> f64 {
-        self as f64
-    }
-    #[inline(always)]
-    fn ln(self) -> Self {
-        f32::ln(self)
-    }
-    #[inline(always)]
-    fn fexp(self) -> Self {
-        exp_f32(self)
-    }
-    #[inline(always)]
-    fn fma<const F: bool>(a: Self, b: Self, c: Self) -> Self {
-        if F {
-            a.mul_add(b, c)
-        } else {
-            a * b + c
-        }
-    }
-}
-
-impl Float for f64 {
-    const ZERO: Self = 0.0;
-    const NEG_INF: Self = f64::NEG_INFINITY;
-    #[inline(always)]
-    fn of(x: f64) -> Self {
-        x
-    }
-    #[inline(always)]
-    fn to_f64(self) -> f64 {
-        self
-    }
-    #[inline(always)]
-    fn ln(self) -> Self {
-        f64::ln(self)
-    }
-    #[inline(always)]
-    fn fexp(self) -> Self {
-        f64::exp(self)
-    }
-    #[inline(always)]
-    fn fma<const F: bool>(a: Self, b: Self, c: Self) -> Self {
-        if F {
-            a.mul_add(b, c)
-        } else {
-            a * b + c
-        }
-    }
-}
-
-/// exp(x) for f32 within ~2 ulp, branch-free so that loops over it vectorise.
-#[inline(always)]
-pub fn exp_f32(x: f32) -> f32 {
-    const LO: f32 = -87.3;
-    const HI: f32 = 88.0;
-    // NaN compares false both ways and stays NaN.
-    let xc = x.clamp(LO, HI);
-    // round to nearest with the 1.5·2^23 trick (vectorises, unlike f32::round)
-    const MAGIC: f32 = 12_582_912.0;
-    let t = xc * std::f32::consts::LOG2_E + MAGIC;
-    let n = t - MAGIC;
-    let r = xc - n * 0.693_145_75 - n * 1.428_606_8e-6;
-    let mut p = 1.987_569_1e-4_f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 5e-1;
-    p = p * r * r + r + 1.0;
-    // 2^n from the bits of t = MAGIC + n (integer ops only, so that loops vectorise)
-    let scale = f32::from_bits(t.to_bits().wrapping_add(127u32.wrapping_sub(0x4B40_0000)) << 23);
-    let y = p * scale;
-    if x < LO {
-        0.0
-    } else {
-        y
-    }
-}
-
-/// Element type of q, k, v and the outputs.
-pub trait Elem: Copy + Send + Sync + 'static {
-    type A: Float;
-    fn load(self) -> Self::A;
-    fn store(a: Self::A) -> Self;
-}
-
-impl Elem for f64 {
-    type A = f64;
-    #[inline(always)]
-    fn load(self) -> f64 {
-        self
-    }
-    #[inline(always)]
-    fn store(a: f64) -> Self {
-        a
-    }
-}
-
-impl Elem for f32 {
-    type A = f32;
-    #[inline(always)]
-    fn load(self) -> f32 {
-        self
-    }
-    #[inline(always)]
-    fn store(a: f32) -> Self {
-        a
-    }
-}
-
-impl Elem for half::f16 {
-    type A = f32;
-    #[inline(always)]
-    fn load(self) -> f32 {
-        self.to_f32()
-    }
-    #[inline(always)]
-    fn store(a: f32) -> Self {
-        half::f16::from_f32(a)
-    }
-}
-
-impl Elem for half::bf16 {
-    type A = f32;
-    #[inline(always)]
-    fn load(self) -> f32 {
-        self.to_f32()
-    }
-    #[inline(always)]
-    fn store(a: f32) -> Self {
-        half::bf16::from_f32(a)
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // strided access
 
 /// Row `t`, head `h`, batch `b` of a [B, T, H, D] view as a slice (the last stride is 1).
@@ -280,7 +106,7 @@ unsafe fn row_ref<'a, T>(v: &View, b: usize, t: usize, h: usize) -> &'a [T] {
 
 /// dst[..] = row upcast.
 #[inline(always)]
-unsafe fn load_row<I: Elem>(v: &View, b: usize, t: usize, h: usize, dst: &mut [I::A]) {
+unsafe fn load_row<I: Input>(v: &View, b: usize, t: usize, h: usize, dst: &mut [I::A]) {
     let src = unsafe { row_ref::<I>(v, b, t, h) };
     dst.iter_mut()
         .zip(src.iter())
@@ -288,7 +114,7 @@ unsafe fn load_row<I: Elem>(v: &View, b: usize, t: usize, h: usize, dst: &mut [I
 }
 
 #[inline(always)]
-unsafe fn store_row<I: Elem>(v: &View, b: usize, t: usize, h: usize, src: &[I::A]) {
+unsafe fn store_row<I: Input>(v: &View, b: usize, t: usize, h: usize, src: &[I::A]) {
     let dst = unsafe { row::<I>(v, b, t, h) };
     dst.iter_mut().zip(src).for_each(|(d, &s)| *d = I::store(s));
 }
@@ -305,7 +131,7 @@ unsafe fn at3<T: Copy>(v: &View, b: usize, t: usize, h: usize) -> *mut T {
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn gemm<A: Float, const F: bool, const AT: bool>(
+fn gemm<A: Acc, const F: bool, const AT: bool>(
     m: usize,
     n: usize,
     k: usize,
@@ -365,7 +191,7 @@ fn gemm<A: Float, const F: bool, const AT: bool>(
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn gemm_row<A: Float, const F: bool, const AT: bool>(
+fn gemm_row<A: Acc, const F: bool, const AT: bool>(
     r: usize,
     j0: usize,
     n: usize,
@@ -481,7 +307,7 @@ impl QTile {
 
 /// Σ x with 8 independent lanes (vectorises).
 #[inline(always)]
-fn vsum<A: Float>(x: &[A]) -> A {
+fn vsum<A: Acc>(x: &[A]) -> A {
     let mut acc = [A::ZERO; 8];
     let mut it = x.chunks_exact(8);
     for c in &mut it {
@@ -501,7 +327,7 @@ fn vsum<A: Float>(x: &[A]) -> A {
 
 /// max x (−∞ for an empty slice; NaN ignored) with 8 lanes.
 #[inline(always)]
-fn vmax<A: Float>(x: &[A]) -> A {
+fn vmax<A: Acc>(x: &[A]) -> A {
     let mut acc = [A::NEG_INF; 8];
     let mut it = x.chunks_exact(8);
     for c in &mut it {
@@ -526,7 +352,7 @@ fn vmax<A: Float>(x: &[A]) -> A {
 /// Returns nothing; the row maxima of the effective logits go to `rmax`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn scores_pass1<A: Float>(
+fn scores_pass1<A: Acc>(
     qt: &QTile,
     k0: usize,
     n: usize,
@@ -573,7 +399,7 @@ fn scores_pass1<A: Float>(
                     bmax[r * nbt + jb] = bm;
                     row_max = row_max.maxf(bm);
                     if pi {
-                        let inv = A::of(1.0 / l.to_f64());
+                        let inv = A::of(1.0 / l.f64());
                         for (sv, &t) in sb[..block - 1].iter_mut().zip(eb[..block - 1].iter()) {
                             *sv = t * inv;
                         }
@@ -587,7 +413,7 @@ fn scores_pass1<A: Float>(
 
 /// Pass 2: `e` ← exp(E − m_r) per row (0 where E = −∞), with m_r = `m[r]` finite.
 #[inline(always)]
-fn scores_pass2<A: Float>(
+fn scores_pass2<A: Acc>(
     rows: usize,
     n: usize,
     block: usize,
@@ -633,7 +459,7 @@ struct Scratch<A> {
     delta: Vec<A>,
 }
 
-impl<A: Float> Scratch<A> {
+impl<A: Acc> Scratch<A> {
     fn new(d: usize, ev: usize, tk: usize, nbt: usize) -> Self {
         Scratch {
             q: vec![A::ZERO; BQ * d],
@@ -656,7 +482,7 @@ impl<A: Float> Scratch<A> {
 
 /// Loads key rows [k0, k0 + n) of (sequence, kv head): K transposed (d × n) and/or row-major.
 #[allow(clippy::too_many_arguments)]
-unsafe fn load_keys<I: Elem>(
+unsafe fn load_keys<I: Input>(
     x: &View,
     s: &LmSeq,
     h: usize,
@@ -687,13 +513,7 @@ unsafe fn load_keys<I: Elem>(
 
 /// Runs the forward: writes out and lse.
 pub fn forward(a: &LmArgs, f: &LmFwd) {
-    match a.q.dtype {
-        DType::F64 => forward_t::<f64>(a, f),
-        DType::F32 => forward_t::<f32>(a, f),
-        DType::F16 => forward_t::<half::f16>(a, f),
-        DType::BF16 => forward_t::<half::bf16>(a, f),
-        DType::I32 | DType::I64 => unreachable!("landmark: the caller validated a float dtype"),
-    }
+    by_dtype!(a.q.dtype, "landmark", I => forward_t::<I>(a, f))
 }
 
 fn has_fma() -> bool {
@@ -722,7 +542,7 @@ fn q_items(a: &LmArgs, heads: usize) -> Vec<(usize, usize, usize)> {
     items
 }
 
-fn forward_t<I: Elem>(a: &LmArgs, f: &LmFwd) {
+fn forward_t<I: Input>(a: &LmArgs, f: &LmFwd) {
     let fma = has_fma();
     let items = q_items(a, a.hq);
     POOL.install(|| {
@@ -741,12 +561,12 @@ fn forward_t<I: Elem>(a: &LmArgs, f: &LmFwd) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn fwd_item_fma<I: Elem>(a: &LmArgs, f: &LmFwd, si: usize, h: usize, t: usize) {
+unsafe fn fwd_item_fma<I: Input>(a: &LmArgs, f: &LmFwd, si: usize, h: usize, t: usize) {
     fwd_item::<I, true>(a, f, si, h, t)
 }
 
 #[inline(always)]
-fn fwd_item<I: Elem, const F: bool>(a: &LmArgs, f: &LmFwd, si: usize, h: usize, t: usize) {
+fn fwd_item<I: Input, const F: bool>(a: &LmArgs, f: &LmFwd, si: usize, h: usize, t: usize) {
     let s = &a.seqs[si];
     let (d, ev, bs) = (a.q.shape[3], a.v.shape[3], a.block);
     let hk = h / (a.hq / a.hkv);
@@ -821,7 +641,7 @@ fn fwd_item<I: Elem, const F: bool>(a: &LmArgs, f: &LmFwd, si: usize, h: usize, 
     }
     let one = I::A::of(1.0);
     for r in 0..rows {
-        let inv = I::A::of(one.to_f64() / z[r].to_f64());
+        let inv = I::A::of(one.f64() / z[r].f64());
         let ar = &mut acc[r * ev..(r + 1) * ev];
         ar.iter_mut().for_each(|x| *x = *x * inv);
         unsafe {
@@ -836,16 +656,10 @@ fn fwd_item<I: Elem, const F: bool>(a: &LmArgs, f: &LmFwd, si: usize, h: usize, 
 
 /// Runs the backward: writes dq, dk, dv.
 pub fn backward(a: &LmArgs, g: &LmBwd) {
-    match a.q.dtype {
-        DType::F64 => backward_t::<f64>(a, g),
-        DType::F32 => backward_t::<f32>(a, g),
-        DType::F16 => backward_t::<half::f16>(a, g),
-        DType::BF16 => backward_t::<half::bf16>(a, g),
-        DType::I32 | DType::I64 => unreachable!("landmark: the caller validated a float dtype"),
-    }
+    by_dtype!(a.q.dtype, "landmark", I => backward_t::<I>(a, g))
 }
 
-fn backward_t<I: Elem>(a: &LmArgs, g: &LmBwd) {
+fn backward_t<I: Input>(a: &LmArgs, g: &LmBwd) {
     let fma = has_fma();
     let qi = q_items(a, a.hq);
     let mut ki = Vec::new();
@@ -884,19 +698,19 @@ fn backward_t<I: Elem>(a: &LmArgs, g: &LmBwd) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dq_item_fma<I: Elem>(a: &LmArgs, g: &LmBwd, si: usize, h: usize, t: usize) {
+unsafe fn dq_item_fma<I: Input>(a: &LmArgs, g: &LmBwd, si: usize, h: usize, t: usize) {
     dq_item::<I, true>(a, g, si, h, t)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dkv_item_fma<I: Elem>(a: &LmArgs, g: &LmBwd, si: usize, h: usize, t: usize) {
+unsafe fn dkv_item_fma<I: Input>(a: &LmArgs, g: &LmBwd, si: usize, h: usize, t: usize) {
     dkv_item::<I, true>(a, g, si, h, t)
 }
 
 /// Loads q, do, lse and delta of a query tile into the scratch.
 #[inline(always)]
-fn load_q_tile<I: Elem>(a: &LmArgs, g: &LmBwd, qt: &QTile, h: usize, w: &mut Scratch<I::A>) {
+fn load_q_tile<I: Input>(a: &LmArgs, g: &LmBwd, qt: &QTile, h: usize, w: &mut Scratch<I::A>) {
     let (d, ev) = (a.q.shape[3], a.v.shape[3]);
     for r in 0..qt.rows {
         unsafe {
@@ -918,7 +732,7 @@ fn load_q_tile<I: Elem>(a: &LmArgs, g: &LmBwd, qt: &QTile, h: usize, w: &mut Scr
 /// in `dp`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn tile_grads<A: Float, const F: bool>(
+fn tile_grads<A: Acc, const F: bool>(
     qt: &QTile,
     k0: usize,
     n: usize,
@@ -979,7 +793,7 @@ fn tile_grads<A: Float, const F: bool>(
 }
 
 #[inline(always)]
-fn dq_item<I: Elem, const F: bool>(a: &LmArgs, g: &LmBwd, si: usize, h: usize, t: usize) {
+fn dq_item<I: Input, const F: bool>(a: &LmArgs, g: &LmBwd, si: usize, h: usize, t: usize) {
     let s = &a.seqs[si];
     let (d, ev, bs) = (a.q.shape[3], a.v.shape[3], a.block);
     let hk = h / (a.hq / a.hkv);
@@ -1021,7 +835,7 @@ fn dq_item<I: Elem, const F: bool>(a: &LmArgs, g: &LmBwd, si: usize, h: usize, t
 }
 
 #[inline(always)]
-fn dkv_item<I: Elem, const F: bool>(a: &LmArgs, g: &LmBwd, si: usize, hk: usize, t: usize) {
+fn dkv_item<I: Input, const F: bool>(a: &LmArgs, g: &LmBwd, si: usize, hk: usize, t: usize) {
     let s = &a.seqs[si];
     let (d, ev, bs) = (a.q.shape[3], a.v.shape[3], a.block);
     let groups = a.hq / a.hkv;
@@ -1090,16 +904,10 @@ pub struct LmTopk<'a> {
 /// (max over the kv group's query heads), sorted ascending, −1 padded. Ties keep the lower
 /// block index.
 pub fn topk_blocks(a: &LmTopk) {
-    match a.q.dtype {
-        DType::F64 => topk_t::<f64>(a),
-        DType::F32 => topk_t::<f32>(a),
-        DType::F16 => topk_t::<half::f16>(a),
-        DType::BF16 => topk_t::<half::bf16>(a),
-        DType::I32 | DType::I64 => unreachable!("landmark: the caller validated a float dtype"),
-    }
+    by_dtype!(a.q.dtype, "landmark", I => topk_t::<I>(a))
 }
 
-fn topk_t<I: Elem>(a: &LmTopk) {
+fn topk_t<I: Input>(a: &LmTopk) {
     let mut items = Vec::new();
     for (si, s) in a.seqs.iter().enumerate() {
         for h in 0..a.hkv {
@@ -1115,7 +923,7 @@ fn topk_t<I: Elem>(a: &LmTopk) {
     });
 }
 
-fn topk_item<I: Elem>(a: &LmTopk, si: usize, hk: usize, t: usize) {
+fn topk_item<I: Input>(a: &LmTopk, si: usize, hk: usize, t: usize) {
     let s = &a.seqs[si];
     let (d, bs, kk) = (a.q.shape[3], a.block, a.out.shape[3]);
     let groups = a.hq / a.hkv;
@@ -1129,7 +937,7 @@ fn topk_item<I: Elem>(a: &LmTopk, si: usize, hk: usize, t: usize) {
     for j in 0..last_c {
         unsafe { load_row::<I>(a.k, s.batch, s.k_start + j * bs + bs - 1, hk, &mut tmp) };
         for x in 0..d {
-            lk[j * d + x] = tmp[x].to_f64();
+            lk[j * d + x] = tmp[x].f64();
         }
     }
     let mut qv = vec![0f64; groups * d];
@@ -1139,7 +947,7 @@ fn topk_item<I: Elem>(a: &LmTopk, si: usize, hk: usize, t: usize) {
         for gi in 0..groups {
             unsafe { load_row::<I>(a.q, s.batch, s.q_start + i0 + r, hk * groups + gi, &mut tmp) };
             for x in 0..d {
-                qv[gi * d + x] = tmp[x].to_f64();
+                qv[gi * d + x] = tmp[x].f64();
             }
         }
         scores.clear();
@@ -1182,6 +990,7 @@ fn topk_item<I: Elem>(a: &LmTopk, si: usize, hk: usize, t: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu::num::exp_f32;
 
     #[test]
     fn landmark_exp_f32_accuracy() {

@@ -23,12 +23,12 @@
 //! to fill the pool, so that Q Kᵀ is computed once for all of them. Tile products run in a
 //! register-blocked micro-kernel, with AVX2+FMA vectors where the CPU has them.
 
+use crate::cpu::num::{by_dtype, Acc, Input};
 use crate::cpu::POOL;
-use crate::tensor::{DType, View};
+use crate::tensor::View;
 use rayon::prelude::*;
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
-use std::ops::{Add, Mul};
 
 /// One sequence of a (possibly packed) batch: batch row, first token, length.
 #[derive(Clone, Copy, Debug)]
@@ -80,50 +80,23 @@ pub fn la_pass(p: &LaPass) {
 }
 
 fn la_pass_on(p: &LaPass, isa: Isa) {
-    match p.q.dtype {
-        DType::F64 => run::<f64>(p, isa),
-        DType::F32 => run::<f32>(p, isa),
-        DType::F16 => run::<half::f16>(p, isa),
-        DType::BF16 => run::<half::bf16>(p, isa),
-        DType::I32 | DType::I64 => unreachable!("la_pass: the caller validated a float dtype"),
-    }
+    by_dtype!(p.q.dtype, "la_pass", I => run::<I>(p, isa))
 }
 
-/// Accumulator: f32, or f64 for f64 inputs. Also the dtype of slopes and states.
-trait Acc: Copy + Send + Sync + 'static + Add<Output = Self> + Mul<Output = Self> {
-    const ZERO: Self;
+/// The accumulators' AVX2 vector (f32 or f64 lanes).
+trait Lanes: Acc {
     #[cfg(target_arch = "x86_64")]
     type V256: Vector<Self>;
-    fn of(x: f64) -> Self;
-    fn f64(self) -> f64;
 }
 
-impl Acc for f32 {
-    const ZERO: Self = 0.0;
+impl Lanes for f32 {
     #[cfg(target_arch = "x86_64")]
     type V256 = __m256;
-    #[inline(always)]
-    fn of(x: f64) -> Self {
-        x as f32
-    }
-    #[inline(always)]
-    fn f64(self) -> f64 {
-        self as f64
-    }
 }
 
-impl Acc for f64 {
-    const ZERO: Self = 0.0;
+impl Lanes for f64 {
     #[cfg(target_arch = "x86_64")]
     type V256 = __m256d;
-    #[inline(always)]
-    fn of(x: f64) -> Self {
-        x
-    }
-    #[inline(always)]
-    fn f64(self) -> f64 {
-        self
-    }
 }
 
 /// One SIMD register of `W` accumulators. Explicit vectors, because LLVM's auto-vectoriser
@@ -224,61 +197,6 @@ impl<A: Acc> Vector<A> for Plain<A> {
     #[inline(always)]
     unsafe fn fma(self, b: Self, c: Self) -> Self {
         Plain(std::array::from_fn(|i| self.0[i] * b.0[i] + c.0[i]))
-    }
-}
-
-/// Element type of q, k, v, out and x.
-trait Input: Copy + Send + Sync + 'static {
-    type A: Acc;
-    fn load(self) -> Self::A;
-    fn store(a: Self::A) -> Self;
-}
-
-impl Input for f64 {
-    type A = f64;
-    #[inline(always)]
-    fn load(self) -> f64 {
-        self
-    }
-    #[inline(always)]
-    fn store(a: f64) -> Self {
-        a
-    }
-}
-
-impl Input for f32 {
-    type A = f32;
-    #[inline(always)]
-    fn load(self) -> f32 {
-        self
-    }
-    #[inline(always)]
-    fn store(a: f32) -> Self {
-        a
-    }
-}
-
-impl Input for half::f16 {
-    type A = f32;
-    #[inline(always)]
-    fn load(self) -> f32 {
-        self.to_f32()
-    }
-    #[inline(always)]
-    fn store(a: f32) -> Self {
-        half::f16::from_f32(a)
-    }
-}
-
-impl Input for half::bf16 {
-    type A = f32;
-    #[inline(always)]
-    fn load(self) -> f32 {
-        self.to_f32()
-    }
-    #[inline(always)]
-    fn store(a: f32) -> Self {
-        half::bf16::from_f32(a)
     }
 }
 
@@ -461,7 +379,7 @@ impl Isa {
     }
 
     /// Micro-kernel columns: two vectors.
-    fn nr<A: Acc>(self) -> usize {
+    fn nr<A: Lanes>(self) -> usize {
         2 * match self {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => A::V256::W,
@@ -517,7 +435,7 @@ impl<A: Acc> Scratch<A> {
     }
 }
 
-fn run<I: Input>(p: &LaPass, isa: Isa) {
+fn run<I: Input<A: Lanes>>(p: &LaPass, isa: Isa) {
     let dk = p.q.shape[3];
     let dv = p.v.shape[3];
     let heads = p.q.shape[2];
@@ -574,8 +492,8 @@ fn run<I: Input>(p: &LaPass, isa: Isa) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn item_avx2<I: Input>(p: &LaPass, it: &Item, sc: &mut Scratch<I::A>) {
-    unsafe { item::<I, <I::A as Acc>::V256, MR_AVX2>(p, it, sc) }
+unsafe fn item_avx2<I: Input<A: Lanes>>(p: &LaPass, it: &Item, sc: &mut Scratch<I::A>) {
+    unsafe { item::<I, <I::A as Lanes>::V256, MR_AVX2>(p, it, sc) }
 }
 
 /// acc += a[0..MR, 0..kc] · b[0..kc, 0..2W], with a(i, k) = `a[i·ra + k·ka]` and b row-major
@@ -851,7 +769,7 @@ unsafe fn item<I: Input, V: Vector<I::A>, const MR: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tensor::Device;
+    use crate::tensor::{DType, Device};
 
     /// xorshift64*, uniform in [−1, 1).
     struct Rng(u64);
@@ -1132,7 +1050,7 @@ mod tests {
         let mut got = vec![0.0; c.t() * hs * dv];
         for (t, &r) in rows.iter().enumerate() {
             for i in 0..hs * dv {
-                got[t * hs * dv + i] = out[r * hs * dv + i].load().f64();
+                got[t * hs * dv + i] = out[r * hs * dv + i].load::<f64>();
             }
         }
         Outs {

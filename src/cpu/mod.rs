@@ -4,6 +4,7 @@
 pub mod landmark;
 pub mod lightning;
 pub mod nsa;
+pub mod num;
 pub mod rat;
 
 use std::sync::LazyLock;

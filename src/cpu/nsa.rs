@@ -11,10 +11,10 @@
 //! Work items: forward (sequence, kv head, query tile); backward (sequence, kv head, query
 //! part); selection (sequence, kv head, query tile); compression (sequence, head).
 
+use crate::cpu::num::{by_dtype, Acc, Input};
 use crate::cpu::POOL;
 use crate::tensor::{DType, View};
 use rayon::prelude::*;
-use std::ops::{Add, AddAssign, Div, Mul, Sub};
 
 /// One sequence: batch row, first token, length, first compressed row, compressed rows.
 #[derive(Clone, Copy, Debug)]
@@ -135,147 +135,6 @@ impl KeySet<'_> {
     }
 }
 
-/// Storage element.
-pub trait Elem: Copy + Send + Sync + 'static {
-    fn load<A: Acc>(self) -> A;
-    fn store<A: Acc>(a: A) -> Self;
-}
-
-impl Elem for f64 {
-    #[inline(always)]
-    fn load<A: Acc>(self) -> A {
-        A::of(self)
-    }
-    #[inline(always)]
-    fn store<A: Acc>(a: A) -> Self {
-        a.f64()
-    }
-}
-
-impl Elem for f32 {
-    #[inline(always)]
-    fn load<A: Acc>(self) -> A {
-        A::of32(self)
-    }
-    #[inline(always)]
-    fn store<A: Acc>(a: A) -> Self {
-        a.f32()
-    }
-}
-
-impl Elem for half::f16 {
-    #[inline(always)]
-    fn load<A: Acc>(self) -> A {
-        A::of32(self.to_f32())
-    }
-    #[inline(always)]
-    fn store<A: Acc>(a: A) -> Self {
-        half::f16::from_f32(a.f32())
-    }
-}
-
-impl Elem for half::bf16 {
-    #[inline(always)]
-    fn load<A: Acc>(self) -> A {
-        A::of32(self.to_f32())
-    }
-    #[inline(always)]
-    fn store<A: Acc>(a: A) -> Self {
-        half::bf16::from_f32(a.f32())
-    }
-}
-
-/// Accumulator: f32, or f64 for f64 inputs (also the dtype of lse).
-pub trait Acc:
-    Copy
-    + Send
-    + Sync
-    + 'static
-    + PartialOrd
-    + Add<Output = Self>
-    + Sub<Output = Self>
-    + Mul<Output = Self>
-    + Div<Output = Self>
-    + AddAssign
-    + Elem
-{
-    const ZERO: Self;
-    const NEG_INF: Self;
-    fn of(x: f64) -> Self;
-    fn of32(x: f32) -> Self;
-    fn f64(self) -> f64;
-    fn f32(self) -> f32;
-    fn exp(self) -> Self;
-    fn ln(self) -> Self;
-    fn max(self, o: Self) -> Self;
-}
-
-impl Acc for f32 {
-    const ZERO: Self = 0.0;
-    const NEG_INF: Self = f32::NEG_INFINITY;
-    #[inline(always)]
-    fn of(x: f64) -> Self {
-        x as f32
-    }
-    #[inline(always)]
-    fn of32(x: f32) -> Self {
-        x
-    }
-    #[inline(always)]
-    fn f64(self) -> f64 {
-        self as f64
-    }
-    #[inline(always)]
-    fn f32(self) -> f32 {
-        self
-    }
-    #[inline(always)]
-    fn exp(self) -> Self {
-        f32::exp(self)
-    }
-    #[inline(always)]
-    fn ln(self) -> Self {
-        f32::ln(self)
-    }
-    #[inline(always)]
-    fn max(self, o: Self) -> Self {
-        f32::max(self, o)
-    }
-}
-
-impl Acc for f64 {
-    const ZERO: Self = 0.0;
-    const NEG_INF: Self = f64::NEG_INFINITY;
-    #[inline(always)]
-    fn of(x: f64) -> Self {
-        x
-    }
-    #[inline(always)]
-    fn of32(x: f32) -> Self {
-        x as f64
-    }
-    #[inline(always)]
-    fn f64(self) -> f64 {
-        self
-    }
-    #[inline(always)]
-    fn f32(self) -> f32 {
-        self as f32
-    }
-    #[inline(always)]
-    fn exp(self) -> Self {
-        f64::exp(self)
-    }
-    #[inline(always)]
-    fn ln(self) -> Self {
-        f64::ln(self)
-    }
-    #[inline(always)]
-    fn max(self, o: Self) -> Self {
-        f64::max(self, o)
-    }
-}
-
 #[inline(always)]
 fn dot<A: Acc>(a: &[A], b: &[A]) -> A {
     let mut s = [A::ZERO; 4];
@@ -303,7 +162,7 @@ fn axpy<A: Acc>(y: &mut [A], a: A, x: &[A]) {
 
 /// Loads row `[i0, i1, i2, :]` of a unit-last-stride tensor into `out` (optionally scaled).
 #[inline]
-unsafe fn load_row<E: Elem, A: Acc>(v: &View, i: [usize; 3], out: &mut [A], scale: A) {
+unsafe fn load_row<E: Input, A: Acc>(v: &View, i: [usize; 3], out: &mut [A], scale: A) {
     let p = unsafe { v.at::<E>(&[i[0], i[1], i[2], 0]) } as *const E;
     for (c, o) in out.iter_mut().enumerate() {
         *o = unsafe { *p.add(c) }.load::<A>() * scale;
@@ -311,7 +170,7 @@ unsafe fn load_row<E: Elem, A: Acc>(v: &View, i: [usize; 3], out: &mut [A], scal
 }
 
 #[inline]
-unsafe fn store_row<E: Elem, A: Acc>(v: &View, i: [usize; 3], src: &[A], scale: A) {
+unsafe fn store_row<E: Input, A: Acc>(v: &View, i: [usize; 3], src: &[A], scale: A) {
     let p = unsafe { v.at::<E>(&[i[0], i[1], i[2], 0]) };
     for (c, s) in src.iter().enumerate() {
         unsafe { *p.add(c) = E::store(*s * scale) };
@@ -351,15 +210,10 @@ pub struct AttnBwd<'a> {
     pub scale: f64,
 }
 
+/// Calls `$f::<E, A>` for the input type E of `$dtype` and its accumulator A.
 macro_rules! dispatch {
     ($dtype:expr, $f:ident, $($arg:expr),*) => {
-        match $dtype {
-            DType::F64 => $f::<f64, f64>($($arg),*),
-            DType::F32 => $f::<f32, f32>($($arg),*),
-            DType::F16 => $f::<half::f16, f32>($($arg),*),
-            DType::BF16 => $f::<half::bf16, f32>($($arg),*),
-            DType::I32 | DType::I64 => unreachable!("the caller validated a float dtype"),
-        }
+        by_dtype!($dtype, "nsa", E, A => $f::<E, A>($($arg),*))
     };
 }
 
@@ -385,7 +239,7 @@ fn tiles(seqs: &[NsaSeq], hkv: usize, tile: usize) -> Vec<(usize, usize, usize)>
     items
 }
 
-fn attn_fwd_t<E: Elem, A: Acc>(p: &AttnFwd) {
+fn attn_fwd_t<E: Input, A: Acc>(p: &AttnFwd) {
     let (hq, d) = (p.q.shape[2], p.q.shape[3]);
     let (hkv, dv) = (p.k.shape[2], p.v.shape[3]);
     let grp = hq / hkv;
@@ -478,7 +332,7 @@ fn attn_fwd_t<E: Elem, A: Acc>(p: &AttnFwd) {
     });
 }
 
-fn attn_bwd_t<E: Elem, A: Acc>(p: &AttnBwd) {
+fn attn_bwd_t<E: Input, A: Acc>(p: &AttnBwd) {
     let (hq, d) = (p.q.shape[2], p.q.shape[3]);
     let (hkv, dv) = (p.k.shape[2], p.v.shape[3]);
     let grp = hq / hkv;
@@ -629,7 +483,7 @@ pub fn topk_blocks(p: &TopK) {
     dispatch!(p.q.dtype, topk_t, p)
 }
 
-fn topk_t<E: Elem, A: Acc>(p: &TopK) {
+fn topk_t<E: Input, A: Acc>(p: &TopK) {
     let (hq, d) = (p.q.shape[2], p.q.shape[3]);
     let hkv = p.k_cmp.shape[2];
     let grp = hq / hkv;
@@ -751,7 +605,7 @@ pub fn compress_bwd(p: &CompressBwd) {
 
 /// The flattened window i of sequence s, head h: x rows (+ pe) as [l·D].
 #[allow(clippy::too_many_arguments)]
-unsafe fn load_window<E: Elem, A: Acc>(
+unsafe fn load_window<E: Input, A: Acc>(
     x: &View,
     pe: Option<&View>,
     s: &NsaSeq,
@@ -775,7 +629,7 @@ unsafe fn load_window<E: Elem, A: Acc>(
     }
 }
 
-fn compress_fwd_t<E: Elem, A: Acc>(p: &Compress) {
+fn compress_fwd_t<E: Input, A: Acc>(p: &Compress) {
     let (h, d) = (p.x.shape[2], p.x.shape[3]);
     let dout = p.out.shape[3];
     let (size, stride) = (p.size, p.stride);
@@ -815,7 +669,7 @@ fn compress_fwd_t<E: Elem, A: Acc>(p: &Compress) {
     });
 }
 
-fn compress_bwd_t<E: Elem, A: Acc>(p: &CompressBwd) {
+fn compress_bwd_t<E: Input, A: Acc>(p: &CompressBwd) {
     let (h, d) = (p.x.shape[2], p.x.shape[3]);
     let dout_w = p.dout.shape[3];
     let (size, stride) = (p.size, p.stride);

@@ -23,10 +23,10 @@
 //! Memory: O(tile · D) per work item, O(T/L · D) per (sequence, head) for the state buffers;
 //! never O(T²).
 
+use crate::cpu::num::{by_dtype, Acc, Input};
 use crate::cpu::POOL;
-use crate::tensor::{DType, View};
+use crate::tensor::View;
 use rayon::prelude::*;
-use std::ops::{Add, Mul, Sub};
 
 /// One sequence of a (possibly packed) batch: batch row, first token, length, and the index of
 /// its first chunk in the chunk axis of the state tensors.
@@ -70,89 +70,6 @@ pub struct RatGrads<'a> {
 /// Queries per forward tile (rounded to whole chunks).
 const TILE_QUERIES: usize = 64;
 
-/// Accumulator: f32, or f64 for f64 inputs (also the dtype of states and lse).
-trait Acc:
-    Copy
-    + Send
-    + Sync
-    + 'static
-    + PartialOrd
-    + Add<Output = Self>
-    + Sub<Output = Self>
-    + Mul<Output = Self>
-    + std::ops::Div<Output = Self>
-{
-    const ZERO: Self;
-    const ONE: Self;
-    const NEG_INF: Self;
-    fn of(x: f64) -> Self;
-    fn of32(x: f32) -> Self;
-    fn f64(self) -> f64;
-    fn f32(self) -> f32;
-    fn exp(self) -> Self;
-    fn ln(self) -> Self;
-}
-
-impl Acc for f32 {
-    const ZERO: Self = 0.0;
-    const ONE: Self = 1.0;
-    const NEG_INF: Self = f32::NEG_INFINITY;
-    #[inline(always)]
-    fn of(x: f64) -> Self {
-        x as f32
-    }
-    #[inline(always)]
-    fn of32(x: f32) -> Self {
-        x
-    }
-    #[inline(always)]
-    fn f64(self) -> f64 {
-        self as f64
-    }
-    #[inline(always)]
-    fn f32(self) -> f32 {
-        self
-    }
-    #[inline(always)]
-    fn exp(self) -> Self {
-        f32::exp(self)
-    }
-    #[inline(always)]
-    fn ln(self) -> Self {
-        f32::ln(self)
-    }
-}
-
-impl Acc for f64 {
-    const ZERO: Self = 0.0;
-    const ONE: Self = 1.0;
-    const NEG_INF: Self = f64::NEG_INFINITY;
-    #[inline(always)]
-    fn of(x: f64) -> Self {
-        x
-    }
-    #[inline(always)]
-    fn of32(x: f32) -> Self {
-        x as f64
-    }
-    #[inline(always)]
-    fn f64(self) -> f64 {
-        self
-    }
-    #[inline(always)]
-    fn f32(self) -> f32 {
-        self as f32
-    }
-    #[inline(always)]
-    fn exp(self) -> Self {
-        f64::exp(self)
-    }
-    #[inline(always)]
-    fn ln(self) -> Self {
-        f64::ln(self)
-    }
-}
-
 /// dst = v[idx, 0..dst.len()] upcast, whatever v's dtype.
 ///
 /// # Safety
@@ -164,31 +81,10 @@ unsafe fn load<A: Acc>(v: &View, idx: &[usize], dst: &mut [A]) {
     let mut full = [0usize; 4];
     full[..idx.len()].copy_from_slice(idx);
     let full = &full[..idx.len() + 1];
-    unsafe {
-        match v.dtype {
-            DType::F64 => {
-                let s = std::slice::from_raw_parts(v.at::<f64>(full), n);
-                dst.iter_mut().zip(s).for_each(|(d, &x)| *d = A::of(x));
-            }
-            DType::F32 => {
-                let s = std::slice::from_raw_parts(v.at::<f32>(full), n);
-                dst.iter_mut().zip(s).for_each(|(d, &x)| *d = A::of32(x));
-            }
-            DType::F16 => {
-                let s = std::slice::from_raw_parts(v.at::<half::f16>(full), n);
-                dst.iter_mut()
-                    .zip(s)
-                    .for_each(|(d, &x)| *d = A::of32(x.to_f32()));
-            }
-            DType::BF16 => {
-                let s = std::slice::from_raw_parts(v.at::<half::bf16>(full), n);
-                dst.iter_mut()
-                    .zip(s)
-                    .for_each(|(d, &x)| *d = A::of32(x.to_f32()));
-            }
-            DType::I32 | DType::I64 => unreachable!("rat: the caller validated a float dtype"),
-        }
-    }
+    by_dtype!(v.dtype, "rat", I => {
+        let s = unsafe { std::slice::from_raw_parts(v.at::<I>(full), n) };
+        dst.iter_mut().zip(s).for_each(|(d, &x)| *d = x.load());
+    })
 }
 
 /// v[idx, 0..src.len()] = src rounded to v's dtype.
@@ -201,31 +97,10 @@ unsafe fn store<A: Acc>(v: &View, idx: &[usize], src: &[A]) {
     let mut full = [0usize; 4];
     full[..idx.len()].copy_from_slice(idx);
     let full = &full[..idx.len() + 1];
-    unsafe {
-        match v.dtype {
-            DType::F64 => {
-                let d = std::slice::from_raw_parts_mut(v.at::<f64>(full), n);
-                d.iter_mut().zip(src).for_each(|(d, &x)| *d = x.f64());
-            }
-            DType::F32 => {
-                let d = std::slice::from_raw_parts_mut(v.at::<f32>(full), n);
-                d.iter_mut().zip(src).for_each(|(d, &x)| *d = x.f32());
-            }
-            DType::F16 => {
-                let d = std::slice::from_raw_parts_mut(v.at::<half::f16>(full), n);
-                d.iter_mut()
-                    .zip(src)
-                    .for_each(|(d, &x)| *d = half::f16::from_f32(x.f32()));
-            }
-            DType::BF16 => {
-                let d = std::slice::from_raw_parts_mut(v.at::<half::bf16>(full), n);
-                d.iter_mut()
-                    .zip(src)
-                    .for_each(|(d, &x)| *d = half::bf16::from_f32(x.f32()));
-            }
-            DType::I32 | DType::I64 => unreachable!("rat: the caller validated a float dtype"),
-        }
-    }
+    by_dtype!(v.dtype, "rat", I => {
+        let d = unsafe { std::slice::from_raw_parts_mut(v.at::<I>(full), n) };
+        d.iter_mut().zip(src).for_each(|(d, &x)| *d = I::store(x));
+    })
 }
 
 /// A scalar of a [B, T, H] tensor in the state dtype.
@@ -248,12 +123,12 @@ fn dot<A: Acc>(a: &[A], b: &[A]) -> A {
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
         for i in 0..8 {
-            acc[i] = acc[i] + x[i] * y[i];
+            acc[i] += x[i] * y[i];
         }
     }
     let mut tail = A::ZERO;
     for (&x, &y) in ra.iter().zip(rb) {
-        tail = tail + x * y;
+        tail += x * y;
     }
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
@@ -261,7 +136,7 @@ fn dot<A: Acc>(a: &[A], b: &[A]) -> A {
 /// y += a·x
 #[inline(always)]
 fn axpy<A: Acc>(a: A, x: &[A], y: &mut [A]) {
-    y.iter_mut().zip(x).for_each(|(y, &x)| *y = *y + a * x);
+    y.iter_mut().zip(x).for_each(|(y, &x)| *y += a * x);
 }
 
 /// cos/sin of the chunk angles c·θ_i, θ_i = base^(−2i/D), for c < chunks, i < D/2
@@ -341,17 +216,11 @@ fn max_chunks(p: &RatArgs) -> usize {
 }
 
 pub fn forward(p: &RatArgs) {
-    match p.q.dtype {
-        DType::F64 => forward_on::<f64>(p),
-        _ => forward_on::<f32>(p),
-    }
+    by_dtype!(p.q.dtype, "rat", I, A => forward_on::<A>(p))
 }
 
 pub fn backward(p: &RatArgs, gr: &RatGrads) {
-    match p.q.dtype {
-        DType::F64 => backward_on::<f64>(p, gr),
-        _ => backward_on::<f32>(p, gr),
-    }
+    by_dtype!(p.q.dtype, "rat", I, A => backward_on::<A>(p, gr))
 }
 
 /// Pass 1 of the forward: every chunk's final state of sequence n, head h.
@@ -511,7 +380,7 @@ unsafe fn forward_tile<A: Acc>(
             acc.iter_mut().zip(&hv).for_each(|(a, &v)| *a = p_own * v);
             for (j, &sj) in scores[..c].iter().enumerate() {
                 let pj = (sj - m_safe).exp();
-                l = l + pj;
+                l += pj;
                 axpy(pj, &vf[j * d..(j + 1) * d], &mut acc);
             }
             let inv = A::ONE / l;
@@ -638,7 +507,7 @@ unsafe fn backward_queries<A: Acc>(
                         axpy(pj, &dy, &mut dvf[j * d..(j + 1) * d]);
                     }
                     rotate(rope, c, &dqr, &mut x, true);
-                    dq.iter_mut().zip(&x).for_each(|(o, &v)| *o = *o + v);
+                    dq.iter_mut().zip(&x).for_each(|(o, &v)| *o += v);
                 }
                 unsafe { store(gr.dq, &row, &dq) };
             }
@@ -746,7 +615,7 @@ unsafe fn backward_scan<A: Acc>(
             unsafe { load(p.v, &row, &mut x) };
             for e in 0..d {
                 dxv[e] = (A::ONE - g[e]) * lv[e];
-                dgr[e] = dgr[e] + lv[e] * (hv_prev[e] - x[e]);
+                dgr[e] += lv[e] * (hv_prev[e] - x[e]);
             }
             unsafe {
                 store(gr.dk, &row, &dxk);
@@ -761,7 +630,7 @@ unsafe fn backward_scan<A: Acc>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tensor::Device;
+    use crate::tensor::{DType, Device};
 
     struct Rng(u64);
 

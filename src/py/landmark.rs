@@ -1,7 +1,6 @@
 //! Bindings of landmark attention.
 
 use crate::ops;
-use crate::tensor::{import, import_opt};
 use pyo3::prelude::*;
 
 /// Forward of landmark attention: writes `out` and `lse`.
@@ -21,17 +20,18 @@ fn landmark_fwd(
     cu_seqlens: Option<&Bound<'_, PyAny>>,
     stream: usize,
 ) -> PyResult<()> {
-    let q = import(q, "q", stream)?;
-    let k = import(k, "k", stream)?;
-    let v = import(v, "v", stream)?;
-    let out = import(out, "out", stream)?;
-    let lse = import(lse, "lse", stream)?;
-    let bi = import_opt(block_indices, "block_indices", stream)?;
-    let cu = import_opt(cu_seqlens, "cu_seqlens", stream)?;
-    let (bi, cu) = (bi.as_ref().map(|t| &t.view), cu.as_ref().map(|t| &t.view));
+    tensors!(stream; q, k, v, out, lse, block_indices?, cu_seqlens?);
     py.detach(|| {
         ops::landmark::forward(
-            &q.view, &k.view, &v.view, &out.view, &lse.view, bi, block_size, scale, cu,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            block_indices,
+            block_size,
+            scale,
+            cu_seqlens,
         )
     })
 }
@@ -58,33 +58,22 @@ fn landmark_bwd(
     cu_seqlens: Option<&Bound<'_, PyAny>>,
     stream: usize,
 ) -> PyResult<()> {
-    let q = import(q, "q", stream)?;
-    let k = import(k, "k", stream)?;
-    let v = import(v, "v", stream)?;
-    let dout = import(grad_out, "grad_out", stream)?;
-    let lse = import(lse, "lse", stream)?;
-    let delta = import(delta, "delta", stream)?;
-    let dq = import(dq, "dq", stream)?;
-    let dk = import(dk, "dk", stream)?;
-    let dv = import(dv, "dv", stream)?;
-    let bi = import_opt(block_indices, "block_indices", stream)?;
-    let cu = import_opt(cu_seqlens, "cu_seqlens", stream)?;
-    let (bi, cu) = (bi.as_ref().map(|t| &t.view), cu.as_ref().map(|t| &t.view));
+    tensors!(stream; q, k, v, grad_out, lse, delta, dq, dk, dv, block_indices?, cu_seqlens?);
     py.detach(|| {
         ops::landmark::backward(
-            &q.view,
-            &k.view,
-            &v.view,
-            &dout.view,
-            &lse.view,
-            &delta.view,
-            &dq.view,
-            &dk.view,
-            &dv.view,
-            bi,
+            q,
+            k,
+            v,
+            grad_out,
+            lse,
+            delta,
+            dq,
+            dk,
+            dv,
+            block_indices,
             block_size,
             scale,
-            cu,
+            cu_seqlens,
         )
     })
 }
@@ -103,12 +92,8 @@ fn landmark_topk(
     cu_seqlens: Option<&Bound<'_, PyAny>>,
     stream: usize,
 ) -> PyResult<()> {
-    let q = import(q, "q", stream)?;
-    let k = import(k, "k", stream)?;
-    let out = import(out, "out", stream)?;
-    let cu = import_opt(cu_seqlens, "cu_seqlens", stream)?;
-    let cu = cu.as_ref().map(|t| &t.view);
-    py.detach(|| ops::landmark::topk_blocks(&q.view, &k.view, &out.view, block_size, scale, cu))
+    tensors!(stream; q, k, out, cu_seqlens?);
+    py.detach(|| ops::landmark::topk_blocks(q, k, out, block_size, scale, cu_seqlens))
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -1,6 +1,5 @@
 //! Bindings of lightning attention.
 
-use crate::tensor::{import, import_opt};
 use crate::{cpu, ops};
 use pyo3::prelude::*;
 
@@ -21,26 +20,18 @@ fn lightning_fwd(
     cu_seqlens: Option<&Bound<'_, PyAny>>,
     stream: usize,
 ) -> PyResult<()> {
-    let q = import(q, "q", stream)?;
-    let k = import(k, "k", stream)?;
-    let v = import(v, "v", stream)?;
-    let slopes = import(slopes, "slopes", stream)?;
-    let out = import(out, "out", stream)?;
-    let s0 = import_opt(initial_state, "initial_state", stream)?;
-    let st = import(final_state, "final_state", stream)?;
-    let cu = import_opt(cu_seqlens, "cu_seqlens", stream)?;
-    let (s0, cu) = (s0.as_ref().map(|t| &t.view), cu.as_ref().map(|t| &t.view));
+    tensors!(stream; q, k, v, slopes, out, initial_state?, final_state, cu_seqlens?);
     py.detach(|| {
         ops::lightning::forward(
-            &q.view,
-            &k.view,
-            &v.view,
-            &slopes.view,
-            &out.view,
-            s0,
-            &st.view,
+            q,
+            k,
+            v,
+            slopes,
+            out,
+            initial_state,
+            final_state,
             scale,
-            cu,
+            cu_seqlens,
             stream,
         )
     })
@@ -70,39 +61,25 @@ fn lightning_bwd(
     cu_seqlens: Option<&Bound<'_, PyAny>>,
     stream: usize,
 ) -> PyResult<()> {
-    let q = import(q, "q", stream)?;
-    let k = import(k, "k", stream)?;
-    let v = import(v, "v", stream)?;
-    let slopes = import(slopes, "slopes", stream)?;
-    let dout = import(grad_out, "grad_out", stream)?;
-    let s0 = import_opt(initial_state, "initial_state", stream)?;
-    let dst = import_opt(grad_final_state, "grad_final_state", stream)?;
-    let dq = import(dq, "dq", stream)?;
-    let dk = import(dk, "dk", stream)?;
-    let dv = import(dv, "dv", stream)?;
-    let ds0 = import(grad_initial_state, "grad_initial_state", stream)?;
-    let pq = import(partial_q, "partial_q", stream)?;
-    let pk = import(partial_k, "partial_k", stream)?;
-    let cu = import_opt(cu_seqlens, "cu_seqlens", stream)?;
-    let (s0, dst) = (s0.as_ref().map(|t| &t.view), dst.as_ref().map(|t| &t.view));
-    let cu = cu.as_ref().map(|t| &t.view);
+    tensors!(stream; q, k, v, slopes, grad_out, initial_state?, grad_final_state?, dq, dk, dv,
+             grad_initial_state, partial_q, partial_k, cu_seqlens?);
     py.detach(|| {
         ops::lightning::backward(
-            &q.view,
-            &k.view,
-            &v.view,
-            &slopes.view,
-            &dout.view,
-            s0,
-            dst,
-            &dq.view,
-            &dk.view,
-            &dv.view,
-            &ds0.view,
-            &pq.view,
-            &pk.view,
+            q,
+            k,
+            v,
+            slopes,
+            grad_out,
+            initial_state,
+            grad_final_state,
+            dq,
+            dk,
+            dv,
+            grad_initial_state,
+            partial_q,
+            partial_k,
             scale,
-            cu,
+            cu_seqlens,
             stream,
         )
     })

@@ -2,7 +2,6 @@
 
 use crate::ops;
 use crate::ops::nsa::{Branch, Selection};
-use crate::tensor::{import, import_opt};
 use pyo3::prelude::*;
 
 /// Forward of one attention branch ("selected", "window" or "compressed"): writes out and lse.
@@ -28,28 +27,16 @@ fn nsa_branch_fwd(
     cu_seqlens: Option<&Bound<'_, PyAny>>,
     stream: usize,
 ) -> PyResult<()> {
-    let q = import(q, "q", stream)?;
-    let k = import(k, "k", stream)?;
-    let v = import(v, "v", stream)?;
-    let out = import(out, "out", stream)?;
-    let lse = import(lse, "lse", stream)?;
-    let idx = import_opt(block_indices, "block_indices", stream)?;
-    let cnt = import_opt(block_counts, "block_counts", stream)?;
-    let cu = import_opt(cu_seqlens, "cu_seqlens", stream)?;
+    tensors!(stream; q, k, v, out, lse, block_indices?, block_counts?, cu_seqlens?);
     let br = Branch {
         kind,
-        block_indices: idx.as_ref().map(|t| &t.view),
-        block_counts: cnt.as_ref().map(|t| &t.view),
+        block_indices,
+        block_counts,
         count,
         a,
         b,
     };
-    let cu = cu.as_ref().map(|t| &t.view);
-    py.detach(|| {
-        ops::nsa::attn_forward(
-            &br, &q.view, &k.view, &v.view, &out.view, &lse.view, scale, cu,
-        )
-    })
+    py.detach(|| ops::nsa::attn_forward(&br, q, k, v, out, lse, scale, cu_seqlens))
 }
 
 /// Backward of one attention branch: writes dq, dk, dv.
@@ -78,31 +65,19 @@ fn nsa_branch_bwd(
     cu_seqlens: Option<&Bound<'_, PyAny>>,
     stream: usize,
 ) -> PyResult<()> {
-    let q = import(q, "q", stream)?;
-    let k = import(k, "k", stream)?;
-    let v = import(v, "v", stream)?;
-    let out = import(out, "out", stream)?;
-    let lse = import(lse, "lse", stream)?;
-    let dout = import(grad_out, "grad_out", stream)?;
-    let dq = import(dq, "dq", stream)?;
-    let dk = import(dk, "dk", stream)?;
-    let dv = import(dv, "dv", stream)?;
-    let idx = import_opt(block_indices, "block_indices", stream)?;
-    let cnt = import_opt(block_counts, "block_counts", stream)?;
-    let cu = import_opt(cu_seqlens, "cu_seqlens", stream)?;
+    tensors!(stream; q, k, v, out, lse, grad_out, dq, dk, dv, block_indices?, block_counts?,
+             cu_seqlens?);
     let br = Branch {
         kind,
-        block_indices: idx.as_ref().map(|t| &t.view),
-        block_counts: cnt.as_ref().map(|t| &t.view),
+        block_indices,
+        block_counts,
         count,
         a,
         b,
     };
-    let cu = cu.as_ref().map(|t| &t.view);
     py.detach(|| {
         ops::nsa::attn_backward(
-            &br, &q.view, &k.view, &v.view, &out.view, &lse.view, &dout.view, &dq.view, &dk.view,
-            &dv.view, scale, cu,
+            &br, q, k, v, out, lse, grad_out, dq, dk, dv, scale, cu_seqlens,
         )
     })
 }
@@ -128,11 +103,7 @@ fn nsa_topk_blocks(
     cu_seqlens: Option<&Bound<'_, PyAny>>,
     stream: usize,
 ) -> PyResult<()> {
-    let q = import(q, "q", stream)?;
-    let kc = import(k_cmp, "k_cmp", stream)?;
-    let lse = import(lse, "lse", stream)?;
-    let out = import(block_indices, "block_indices", stream)?;
-    let cu = import_opt(cu_seqlens, "cu_seqlens", stream)?;
+    tensors!(stream; q, k_cmp, lse, block_indices, cu_seqlens?);
     let sel = Selection {
         kernel_size,
         kernel_stride,
@@ -141,8 +112,7 @@ fn nsa_topk_blocks(
         init_blocks,
         local_blocks,
     };
-    let cu = cu.as_ref().map(|t| &t.view);
-    py.detach(|| ops::nsa::topk(&sel, &q.view, &kc.view, &lse.view, &out.view, scale, cu))
+    py.detach(|| ops::nsa::topk(&sel, q, k_cmp, lse, block_indices, scale, cu_seqlens))
 }
 
 /// Compression forward (mean when weight is None, else linear with optional pe).
@@ -160,15 +130,9 @@ fn nsa_compress_fwd(
     cu_seqlens: Option<&Bound<'_, PyAny>>,
     stream: usize,
 ) -> PyResult<()> {
-    let x = import(x, "x", stream)?;
-    let w = import_opt(weight, "weight", stream)?;
-    let pe = import_opt(pe, "pe", stream)?;
-    let out = import(out, "out", stream)?;
-    let cu = import_opt(cu_seqlens, "cu_seqlens", stream)?;
-    let (w, pe) = (w.as_ref().map(|t| &t.view), pe.as_ref().map(|t| &t.view));
-    let cu = cu.as_ref().map(|t| &t.view);
+    tensors!(stream; x, weight?, pe?, out, cu_seqlens?);
     py.detach(|| {
-        ops::nsa::compress_forward(&x.view, w, pe, &out.view, kernel_size, kernel_stride, cu)
+        ops::nsa::compress_forward(x, weight, pe, out, kernel_size, kernel_stride, cu_seqlens)
     })
 }
 
@@ -191,29 +155,19 @@ fn nsa_compress_bwd(
     cu_seqlens: Option<&Bound<'_, PyAny>>,
     stream: usize,
 ) -> PyResult<()> {
-    let x = import(x, "x", stream)?;
-    let w = import_opt(weight, "weight", stream)?;
-    let pe = import_opt(pe, "pe", stream)?;
-    let dout = import(grad_out, "grad_out", stream)?;
-    let dx = import(dx, "dx", stream)?;
-    let dw = import_opt(dweight, "dweight", stream)?;
-    let dpe = import_opt(dpe, "dpe", stream)?;
-    let cu = import_opt(cu_seqlens, "cu_seqlens", stream)?;
-    let (w, pe) = (w.as_ref().map(|t| &t.view), pe.as_ref().map(|t| &t.view));
-    let (dw, dpe) = (dw.as_ref().map(|t| &t.view), dpe.as_ref().map(|t| &t.view));
-    let cu = cu.as_ref().map(|t| &t.view);
+    tensors!(stream; x, weight?, pe?, grad_out, dx, dweight?, dpe?, cu_seqlens?);
     py.detach(|| {
         ops::nsa::compress_backward(
-            &x.view,
-            w,
+            x,
+            weight,
             pe,
-            &dout.view,
-            &dx.view,
-            dw,
+            grad_out,
+            dx,
+            dweight,
             dpe,
             kernel_size,
             kernel_stride,
-            cu,
+            cu_seqlens,
         )
     })
 }

@@ -1,7 +1,6 @@
 //! Bindings of RAT chunked attention.
 
 use crate::ops;
-use crate::tensor::{import, import_opt};
 use pyo3::prelude::*;
 
 /// Forward of RAT attention: writes `out`, `lse` and the chunk-final `k_states`/`v_states`.
@@ -25,20 +24,10 @@ fn rat_fwd(
     cu_seqlens: Option<&Bound<'_, PyAny>>,
     stream: usize,
 ) -> PyResult<()> {
-    let q = import(q, "q", stream)?;
-    let k = import(k, "k", stream)?;
-    let v = import(v, "v", stream)?;
-    let g = import(g, "g", stream)?;
-    let out = import(out, "out", stream)?;
-    let lse = import(lse, "lse", stream)?;
-    let ks = import(k_states, "k_states", stream)?;
-    let vs = import(v_states, "v_states", stream)?;
-    let cu = import_opt(cu_seqlens, "cu_seqlens", stream)?;
-    let cu = cu.as_ref().map(|t| &t.view);
+    tensors!(stream; q, k, v, g, out, lse, k_states, v_states, cu_seqlens?);
     py.detach(|| {
         ops::rat::forward(
-            &q.view, &k.view, &v.view, &g.view, &out.view, &lse.view, &ks.view, &vs.view,
-            chunk_size, scale, rope_base, cu,
+            q, k, v, g, out, lse, k_states, v_states, chunk_size, scale, rope_base, cu_seqlens,
         )
     })
 }
@@ -69,25 +58,12 @@ fn rat_bwd(
     cu_seqlens: Option<&Bound<'_, PyAny>>,
     stream: usize,
 ) -> PyResult<()> {
-    let q = import(q, "q", stream)?;
-    let k = import(k, "k", stream)?;
-    let v = import(v, "v", stream)?;
-    let g = import(g, "g", stream)?;
-    let out = import(out, "out", stream)?;
-    let lse = import(lse, "lse", stream)?;
-    let ks = import(k_states, "k_states", stream)?;
-    let vs = import(v_states, "v_states", stream)?;
-    let dout = import(grad_out, "grad_out", stream)?;
-    let dq = import(dq, "dq", stream)?;
-    let dk = import(dk, "dk", stream)?;
-    let dv = import(dv, "dv", stream)?;
-    let dg = import(dg, "dg", stream)?;
-    let cu = import_opt(cu_seqlens, "cu_seqlens", stream)?;
-    let cu = cu.as_ref().map(|t| &t.view);
+    tensors!(stream; q, k, v, g, out, lse, k_states, v_states, grad_out, dq, dk, dv, dg,
+             cu_seqlens?);
     py.detach(|| {
         ops::rat::backward(
-            &q.view, &k.view, &v.view, &g.view, &out.view, &lse.view, &ks.view, &vs.view,
-            &dout.view, &dq.view, &dk.view, &dv.view, &dg.view, chunk_size, scale, rope_base, cu,
+            q, k, v, g, out, lse, k_states, v_states, grad_out, dq, dk, dv, dg, chunk_size, scale,
+            rope_base, cu_seqlens,
         )
     })
 }
