@@ -28,15 +28,15 @@ IGNORE = -100
 @dataclass
 class DemoConfig:
     families: tuple[str, ...] = FAMILIES
-    seq_len: int = 64
-    num_pairs: int = 8
-    num_keys: int = 64
-    d_model: int = 64
-    num_heads: int = 2
+    seq_len: int = 32
+    num_pairs: int = 4
+    num_keys: int = 16
+    d_model: int = 128
+    num_heads: int = 4
     num_layers: int = 2
-    steps: int = 300
-    batch_size: int = 32
-    lr: float = 3e-3
+    steps: int = 400
+    batch_size: int = 64
+    lr: float = 1e-3
     eval_every: int = 25
     eval_size: int = 256
     landmark_block: int = 8
