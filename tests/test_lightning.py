@@ -779,3 +779,19 @@ def test_valid_after_errors_still_work(device):
         args["q"], args["k"], args["v"], args["slopes"], 1.0, args["initial_state"]
     )
     check_close("o", o, o_ref, F32, device)
+
+
+@pytest.mark.parametrize("shape", [(1, 0), (0, 5)])
+def test_empty_inputs_forward_and_backward(device, shape):
+    """Empty batches or sequences: outputs are empty, the final state is the initial one, and
+    the backward accepts torch's broadcast (stride-0) gradients of empty outputs."""
+    B, T = shape
+    q = torch.randn(B, T, 2, 3, device=device, requires_grad=True)
+    s0 = torch.randn(B, 2, 3, 3, device=device, requires_grad=True)
+    slopes = torch.tensor([0.1, 1.0], device=device)
+    o, st = longattn.lightning_attn(q, q, q, slopes, initial_state=s0, output_final_state=True)
+    assert o.shape == (B, T, 2, 3)
+    torch.testing.assert_close(st, s0)
+    (o.sum() + st.sum()).backward()
+    assert q.grad.shape == q.shape
+    torch.testing.assert_close(s0.grad, torch.ones_like(s0))

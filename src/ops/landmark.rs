@@ -2,8 +2,8 @@
 //! now; CUDA tensors raise).
 
 use super::{
-    expect_device, expect_dtype, expect_shape, expect_unit_last_stride, read_cu_seqlens,
-    value_error,
+    accumulator_dtype, check_cu_seqlens, expect_device, expect_dtype, expect_shape,
+    expect_unit_last_stride, read_cu_seqlens, value_error,
 };
 use crate::cpu::landmark::{self as kernels, LmArgs, LmBwd, LmFwd, LmSeq, LmTopk};
 use crate::tensor::{DType, Device, View};
@@ -50,11 +50,7 @@ fn check(
     let device = q.device;
     expect_dtype(q, "q", &[DType::F64, DType::F32, DType::F16, DType::BF16])?;
     let dtype = q.dtype;
-    let state_dtype = if dtype == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    };
+    let state_dtype = accumulator_dtype(dtype);
     expect_shape(
         k,
         "k",
@@ -116,19 +112,7 @@ fn check(
             })
             .collect(),
         Some(cu) => {
-            expect_device(cu, "cu_seqlens", device)?;
-            expect_dtype(cu, "cu_seqlens", &[DType::I32, DType::I64])?;
-            if cu.ndim() != 1 || cu.shape[0] < 2 {
-                return Err(value_error(format!(
-                    "cu_seqlens: expected a 1-D tensor [N + 1] with N >= 1, got shape {:?}",
-                    cu.shape
-                )));
-            }
-            if b != 1 {
-                return Err(value_error(format!(
-                    "cu_seqlens: packed sequences need batch size 1, got q with B = {b}"
-                )));
-            }
+            check_cu_seqlens(cu, device, b)?;
             if tk != tq {
                 return Err(value_error(format!(
                     "cu_seqlens: packed sequences need as many keys as queries, got Tk = {tk} and Tq = {tq}"

@@ -2,8 +2,8 @@
 //! backward is three (spec: dQ forward, dK and dV reverse), each with the same kernel.
 
 use super::{
-    expect_device, expect_dtype, expect_shape, expect_unit_last_stride, read_cu_seqlens,
-    value_error,
+    accumulator_dtype, check_cu_seqlens, expect_device, expect_dtype, expect_shape,
+    expect_unit_last_stride, read_cu_seqlens, value_error,
 };
 use crate::cpu::lightning::{la_pass, LaPass, Seq, DOT_SLOTS};
 use crate::cuda;
@@ -44,11 +44,7 @@ fn check(q: &View, k: &View, v: &View, slopes: &View, cu: Option<&View>) -> Resu
     };
     expect_dtype(q, "q", floats)?;
     let dtype = q.dtype;
-    let state_dtype = if dtype == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    };
+    let state_dtype = accumulator_dtype(dtype);
     expect_shape(k, "k", &[b, t, h, d], "same as q")?;
     expect_shape(v, "v", &[b, t, h, ANY], "[B, T, H, E] with q's B, T, H")?;
     let e = v.shape[3];
@@ -84,19 +80,7 @@ fn check(q: &View, k: &View, v: &View, slopes: &View, cu: Option<&View>) -> Resu
                 .collect(),
         ),
         Some(cu) => {
-            expect_device(cu, "cu_seqlens", device)?;
-            expect_dtype(cu, "cu_seqlens", &[DType::I32, DType::I64])?;
-            if cu.ndim() != 1 || cu.shape[0] < 2 {
-                return Err(value_error(format!(
-                    "cu_seqlens: expected a 1-D tensor [N + 1] with N >= 1, got shape {:?}",
-                    cu.shape
-                )));
-            }
-            if b != 1 {
-                return Err(value_error(format!(
-                    "cu_seqlens: packed sequences need batch size 1, got q with B = {b}"
-                )));
-            }
+            check_cu_seqlens(cu, device, b)?;
             let n = cu.shape[0] - 1;
             let seqs = if device == Device::Cpu {
                 let starts = read_cu_seqlens(cu, t)?;

@@ -67,6 +67,9 @@ pub fn expect_device(t: &View, name: &str, device: Device) -> Result<(), PyErr> 
 }
 
 pub fn expect_unit_last_stride(t: &View, name: &str) -> Result<(), PyErr> {
+    if t.numel() == 0 {
+        return Ok(()); // nothing is read; torch reports any strides for empty tensors
+    }
     match (t.shape.last(), t.strides.last()) {
         (Some(&n), Some(&s)) if n > 1 && s != 1 => Err(value_error(format!(
             "{name}: the last dimension must have stride 1 (got strides {:?})",
@@ -74,6 +77,34 @@ pub fn expect_unit_last_stride(t: &View, name: &str) -> Result<(), PyErr> {
         ))),
         _ => Ok(()),
     }
+}
+
+/// Accumulator / state / lse dtype for an input dtype: float64 stays float64, else float32.
+pub fn accumulator_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// Checks the metadata of packed sequences (device, integer dtype, rank, batch 1); the values
+/// are read by `read_cu_seqlens` on the CPU only. Returns N, the number of sequences.
+pub fn check_cu_seqlens(cu: &View, device: Device, batch: usize) -> Result<usize, PyErr> {
+    expect_device(cu, "cu_seqlens", device)?;
+    expect_dtype(cu, "cu_seqlens", &[DType::I32, DType::I64])?;
+    if cu.ndim() != 1 || cu.shape[0] < 2 {
+        return Err(value_error(format!(
+            "cu_seqlens: expected a 1-D tensor [N + 1] with N >= 1, got shape {:?}",
+            cu.shape
+        )));
+    }
+    if batch != 1 {
+        return Err(value_error(format!(
+            "cu_seqlens: packed sequences need batch size 1, got B = {batch}"
+        )));
+    }
+    Ok(cu.shape[0] - 1)
 }
 
 /// Packed sequences: `(N, host copy)` for CPU cu_seqlens, validated.

@@ -1,8 +1,8 @@
 //! Native Sparse Attention: argument checks and dispatch (CPU kernels; CUDA comes later).
 
 use super::{
-    expect_device, expect_dtype, expect_shape, expect_unit_last_stride, read_cu_seqlens,
-    value_error,
+    accumulator_dtype, check_cu_seqlens, expect_device, expect_dtype, expect_shape,
+    expect_unit_last_stride, read_cu_seqlens, value_error,
 };
 use crate::cpu::nsa::{
     attn_bwd, attn_fwd, compress_bwd, compress_fwd, num_windows, topk_blocks, AttnBwd, AttnFwd,
@@ -15,14 +15,6 @@ pub const MAX_HEAD_DIM: usize = 256;
 const ANY: usize = usize::MAX;
 const FLOATS: &[DType] = &[DType::F64, DType::F32, DType::F16, DType::BF16];
 const INTS: &[DType] = &[DType::I32, DType::I64];
-
-fn acc_dtype(d: DType) -> DType {
-    if d == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    }
-}
 
 /// Rank 4, float dtype, CPU device, unit last stride; returns the shape.
 fn expect_tokens_tensor(t: &View, name: &str, op: &str, layout: &str) -> Result<(), PyErr> {
@@ -90,19 +82,7 @@ fn sequences(
             })
             .collect()),
         Some(cu) => {
-            expect_device(cu, "cu_seqlens", Device::Cpu)?;
-            expect_dtype(cu, "cu_seqlens", INTS)?;
-            if cu.ndim() != 1 || cu.shape[0] < 2 {
-                return Err(value_error(format!(
-                    "cu_seqlens: expected a 1-D tensor [N + 1] with N >= 1, got shape {:?}",
-                    cu.shape
-                )));
-            }
-            if b != 1 {
-                return Err(value_error(format!(
-                    "cu_seqlens: packed sequences need batch size 1, got B = {b}"
-                )));
-            }
+            check_cu_seqlens(cu, Device::Cpu, b)?;
             let starts = read_cu_seqlens(cu, t)?;
             let mut acc = 0;
             Ok(starts
@@ -277,7 +257,7 @@ pub fn attn_forward(
         "lse",
         &[p.b, p.t, p.hq],
         "[B, T, Hq]",
-        acc_dtype(p.dtype),
+        accumulator_dtype(p.dtype),
     )?;
     attn_fwd(&AttnFwd {
         q,
@@ -316,7 +296,7 @@ pub fn attn_backward(
         "lse",
         &[p.b, p.t, p.hq],
         "[B, T, Hq]",
-        acc_dtype(p.dtype),
+        accumulator_dtype(p.dtype),
     )?;
     expect_like(dq, "dq", &q.shape, "like q", p.dtype)?;
     expect_like(dk, "dk", &k.shape, "like k", p.dtype)?;
@@ -385,7 +365,13 @@ pub fn topk(
         "[B, C, Hkv, D] with q's B and D",
     )?;
     expect_dtype(k_cmp, "k_cmp", &[q.dtype])?;
-    expect_like(lse, "lse", &[b, t, hq], "[B, T, Hq]", acc_dtype(q.dtype))?;
+    expect_like(
+        lse,
+        "lse",
+        &[b, t, hq],
+        "[B, T, Hq]",
+        accumulator_dtype(q.dtype),
+    )?;
     expect_positive("kernel_size", sel.kernel_size)?;
     expect_positive("kernel_stride", sel.kernel_stride)?;
     expect_positive("block_size", sel.block_size)?;

@@ -2,8 +2,8 @@
 //! NotImplementedError before anything runs.
 
 use super::{
-    expect_device, expect_dtype, expect_shape, expect_unit_last_stride, read_cu_seqlens,
-    value_error,
+    accumulator_dtype, check_cu_seqlens, expect_device, expect_dtype, expect_shape,
+    expect_unit_last_stride, read_cu_seqlens, value_error,
 };
 use crate::cpu::rat::{RatArgs, RatGrads, Seq};
 use crate::tensor::{DType, Device, View};
@@ -55,11 +55,7 @@ fn check(
     let device = q.device;
     expect_dtype(q, "q", &[DType::F64, DType::F32, DType::F16, DType::BF16])?;
     let dtype = q.dtype;
-    let state_dtype = if dtype == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    };
+    let state_dtype = accumulator_dtype(dtype);
     for (t_, name) in [(k, "k"), (v, "v"), (g, "g")] {
         expect_shape(t_, name, &[b, t, h, d], "[B, T, H, D] like q")?;
         expect_device(t_, name, device)?;
@@ -120,19 +116,7 @@ fn check(
                 .collect(),
         ),
         Some(cu) => {
-            expect_device(cu, "cu_seqlens", device)?;
-            expect_dtype(cu, "cu_seqlens", &[DType::I32, DType::I64])?;
-            if cu.ndim() != 1 || cu.shape[0] < 2 {
-                return Err(value_error(format!(
-                    "cu_seqlens: expected a 1-D tensor [N + 1] with N >= 1, got shape {:?}",
-                    cu.shape
-                )));
-            }
-            if b != 1 {
-                return Err(value_error(format!(
-                    "cu_seqlens: packed sequences need batch size 1, got q with B = {b}"
-                )));
-            }
+            check_cu_seqlens(cu, device, b)?;
             let n = cu.shape[0] - 1;
             let starts = read_cu_seqlens(cu, t)?;
             let seqs = starts
