@@ -1,5 +1,6 @@
-"""Command line: ``python -m longattn demo`` (the main job: MQAR training per attention family)
-and ``python -m longattn bench`` (quick side-by-side timing on this machine).
+"""Command line: ``python -m longattn demo`` (the main job: MQAR training per attention family),
+``python -m longattn check`` (every op against its float64 reference on this device) and
+``python -m longattn bench`` (quick side-by-side timing on this machine).
 
 The bench times ``lightning_attn`` against the same blocked math in torch eager (float32, on the
 same threads) and, on a GPU, against SDPA causal; it prints a table and, with matplotlib, writes a
@@ -17,6 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .check import run as run_check
 from .demo import FAMILIES, DemoConfig
 from .demo import run as run_demo
 from .ops.lightning import lightning_attn, lightning_slopes
@@ -79,7 +81,7 @@ def _bench_shape(shape, device: torch.device, dtype: torch.dtype, budget: float)
 
 
 def bench(args: argparse.Namespace) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(_default_device(args.device))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shapes = [(1, t, args.heads, args.dim) for t in args.seqlens]
     print(f"longattn bench on {device} ({torch.get_num_threads()} threads), {dtype}")
@@ -125,6 +127,10 @@ def _plot(rows, path: str) -> None:
     print(f"wrote {path}")
 
 
+def _default_device(requested: str | None) -> str:
+    return requested or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m longattn")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -143,10 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--batch-size", type=int, default=DemoConfig.batch_size)
     d.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     d.add_argument("--png", default="mqar.png", help="accuracy plot (empty: none)")
+    c = sub.add_parser("check", help="every op against its float64 reference on this device")
+    c.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     args = parser.parse_args(argv)
     if args.command == "bench":
         return bench(args)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.command == "check":
+        return 0 if run_check(torch.device(_default_device(args.device))) else 1
+    device = _default_device(args.device)
     cfg = DemoConfig(
         families=tuple(f.strip() for f in args.families.split(",") if f.strip()),
         seq_len=args.seq_len,
