@@ -699,9 +699,20 @@ unsafe fn item<I: Input, V: Vector<I::A>, const MR: usize>(
                 for j in (0..ep).step_by(nr) {
                     ahead.step();
                     let mut acc = [[unsafe { V::zero() }; 2]; MR];
-                    mk_acc::<_, V, MR>(&mut acc, (&ab[i * BK..], BK, 1), &vb[j..], ep, kc);
+                    // Columns before the row block only: every row of the block sees them.
+                    mk_acc::<_, V, MR>(&mut acc, (&ab[i * BK..], BK, 1), &vb[j..], ep, i);
                     mk_acc::<_, V, MR>(&mut acc, (&qt[i..], 1, ROWS), &s[j..], ep, dk);
                     mk_store(&acc, &mut ob[i * ep + j..], ep, None);
+                }
+                // The diagonal block row by row, causal columns only: a masked (zero) weight
+                // times a NaN/Inf value of a later token would leak it back in time.
+                for r in i..kc {
+                    let orow = &mut ob[r * ep..(r + 1) * ep];
+                    for c in i..=r {
+                        let a = ab[r * BK + c];
+                        let vrow = &vb[c * ep..(c + 1) * ep];
+                        orow.iter_mut().zip(vrow).for_each(|(o, &v)| *o += a * v);
+                    }
                 }
             }
 

@@ -292,10 +292,10 @@ fn attn_fwd_t<E: Input, A: Acc>(p: &AttnFwd) {
                                 sc[j] = dot(qh, &kb[j * d..][..d]);
                                 mx = mx.max(sc[j]);
                             }
+                            // No early exit when m_new = −∞: every score here belongs to a real
+                            // key, so that only comes from NaN/−∞ data, and the NaN of
+                            // exp(−∞ − −∞) must reach l and o like in the reference.
                             let m_new = m[h].max(mx);
-                            if m_new == A::NEG_INF {
-                                continue;
-                            }
                             let corr = (m[h] - m_new).exp();
                             let ah = &mut acc[h * dv..][..dv];
                             if corr != A::of(1.0) {
@@ -317,7 +317,8 @@ fn attn_fwd_t<E: Input, A: Acc>(p: &AttnFwd) {
                 }
                 for h in 0..grp {
                     let head = g * grp + h;
-                    let (inv, lse) = if l[h] > A::ZERO {
+                    // l is 0 only for a row without keys; NaN (from NaN/Inf data) propagates
+                    let (inv, lse) = if l[h] != A::ZERO {
                         (A::of(1.0) / l[h], m[h] + l[h].ln())
                     } else {
                         (A::ZERO, A::NEG_INF)

@@ -40,9 +40,16 @@ def _check_cu(cu_seqlens: Tensor | None) -> None:
         )
 
 
+def _check_int(name: str, val) -> None:
+    # no silent int() coercion: "4" or 2.5 would otherwise pass (or truncate) unnoticed
+    if isinstance(val, bool) or not isinstance(val, int):
+        raise TypeError(f"{name}: expected an int, got {type(val).__name__}")
+
+
 def _check_positive(**kw: int) -> None:
     for name, val in kw.items():
-        if int(val) < 1:
+        _check_int(name, val)
+        if val < 1:
             raise ValueError(f"{name}: must be at least 1, got {val}")
 
 
@@ -334,7 +341,8 @@ def nsa_topk_blocks(
         kernel_size=kernel_size, kernel_stride=kernel_stride, block_size=block_size, topk=topk
     )
     for name, val in (("init_blocks", init_blocks), ("local_blocks", local_blocks)):
-        if int(val) < 0:
+        _check_int(name, val)
+        if val < 0:
             raise ValueError(f"{name}: must be >= 0, got {val}")
     if lse.is_floating_point():
         lse = lse.to(state_dtype(q.dtype))
@@ -523,6 +531,7 @@ def nsa_attn(
     replaces it), selected attention and the sliding window. Gradients flow to q, k, v, the
     gates and k_cmp/v_cmp (not through the selection).
     """
+    check_rank(q, "q", 4, "[B, T, Hq, D]")  # before the gates, which are checked against q
     for g, name in ((g_cmp, "g_cmp"), (g_slc, "g_slc"), (g_swa, "g_swa")):
         check_rank(g, name, 3, "[B, T, Hq]")
         if g.shape != q.shape[:3]:

@@ -130,13 +130,13 @@ def landmark_attn_reference(
     for b in range(q.shape[0]):
         parts = [o for (bb, _, o) in outs if bb == b]
         rows.append(torch.cat(parts, dim=0) if parts else out[b])
-    out = torch.stack(rows)
+    out = torch.stack(rows) if rows else out  # B == 0
     if return_lse:
         rows = []
         for b in range(q.shape[0]):
             parts = [x for (bb, _, x) in lses if bb == b]
             rows.append(torch.cat(parts, dim=0) if parts else lse_all[b])
-        return out, torch.stack(rows)
+        return out, (torch.stack(rows) if rows else lse_all)
     return out
 
 

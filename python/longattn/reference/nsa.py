@@ -147,8 +147,8 @@ def _per_token_attn(q, k, v, scale, cu_seqlens, key_rows, k_offsets=None):
                 ls_.append(lse)
             o_rows[b][s + t] = torch.cat(os_)
             lse_rows[b][s + t] = torch.cat(ls_)
-    o = torch.stack([torch.stack(r) for r in o_rows]) if T > 0 else q.new_zeros(B, 0, Hq, Dv)
-    lse = torch.stack([torch.stack(r) for r in lse_rows]) if T > 0 else q.new_zeros(B, 0, Hq)
+    o = torch.stack([torch.stack(r) for r in o_rows]) if T * B > 0 else q.new_zeros(B, T, Hq, Dv)
+    lse = torch.stack([torch.stack(r) for r in lse_rows]) if T * B > 0 else q.new_zeros(B, T, Hq)
     return o, lse
 
 

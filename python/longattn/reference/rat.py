@@ -68,7 +68,10 @@ def _attend(qs, ks_t, vs_t, L, scale, rope_base):
     visible = j[None, :] < c[:, None]  # [n, C]
     prev = prev.masked_fill(~visible[:, None, :], float("-inf"))
     p = torch.softmax(torch.cat([prev, own], dim=-1), dim=-1)
-    y = torch.einsum("thj,jhd->thd", p[..., :-1], vf) + p[..., -1:] * vs_t
+    # masked terms dropped, not multiplied by 0: a NaN/Inf in a later chunk must not leak back
+    pv = p[..., :-1, None] * vf.transpose(0, 1)[None]  # [n, H, C, D]
+    pv = torch.where(visible[:, None, :, None], pv, torch.zeros((), dtype=pv.dtype))
+    y = pv.sum(dim=2) + p[..., -1:] * vs_t
     lse = torch.logsumexp(torch.cat([prev, own], dim=-1), dim=-1)
     return y, lse
 
@@ -116,7 +119,7 @@ def rat_attn_reference(
         rows_l.append((b, a, e, lse))
     # assemble without in-place writes into a leaf-dependent tensor (keeps autograd simple)
     if cu_seqlens is None:
-        if T > 0:
+        if T > 0 and B > 0:
             ys = torch.stack([r[3] for r in rows_y])
             lses = torch.stack([r[3] for r in rows_l])
     elif rows_y:
