@@ -33,8 +33,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .._runtime import state_dtype
 from ..ops.landmark import landmark_attn
-from .nsa import _compute_dtype, _positions, apply_rotary
+from .nsa import _positions, apply_rotary
 
 __all__ = ["LandmarkAttention", "LandmarkCache"]
 
@@ -183,7 +184,7 @@ class LandmarkAttention(nn.Module):
         lm_slot = torch.where(recent, j - (nm - kt) + 1, 0)
         lm = apply_rotary(k_raw[:, bs - 1 : full : bs], prefix + lm_slot * bs + bs - 1, theta)
         with torch.no_grad():
-            cdt = _compute_dtype(q.dtype)
+            cdt = state_dtype(q.dtype)
             qg = q[:, 0].to(cdt).view(B, Hkv, G, D)
             s = torch.einsum("bhgd,bjhd->bhgj", qg, lm.to(cdt)).amax(dim=2)  # [B, Hkv, nm]
             order = torch.sort(s, dim=-1, descending=True, stable=True).indices[..., :kt]

@@ -27,13 +27,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .._runtime import state_dtype
 from ..ops.nsa import nsa_attn, nsa_compress
 
 __all__ = ["NSACache", "NativeSparseAttention", "apply_rotary"]
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def apply_rotary(x: Tensor, pos: Tensor, theta: float) -> Tensor:
@@ -43,7 +40,7 @@ def apply_rotary(x: Tensor, pos: Tensor, theta: float) -> Tensor:
     D = x.shape[-1]
     if D % 2:
         raise ValueError(f"head_dim: RoPE needs an even head dim, got {D}")
-    cdt = _compute_dtype(x.dtype)
+    cdt = state_dtype(x.dtype)
     inv_freq = 1.0 / (
         float(theta) ** (torch.arange(0, D, 2, device=x.device, dtype=cdt) / D)
     )  # [D/2]
@@ -346,7 +343,7 @@ class NativeSparseAttention(nn.Module):
         G = H // Hkv
         ks, d, bk, n = self.kernel_size, self.kernel_stride, self.block_size, self.topk
         W, sc = self.window_size, self.scale
-        cdt = _compute_dtype(q.dtype)
+        cdt = state_dtype(q.dtype)
         dev = q.device
         t = t0 + torch.arange(m, device=dev)  # [m]
         qf = q.to(cdt).view(B, m, Hkv, G, D).permute(0, 2, 3, 1, 4)  # [B, Hkv, G, m, D]

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..ops.rat import rat_attn, rat_attn_with_states
 from ..reference.rat import _scan_chunks, rat_rope
+from .lightning import _RMSNorm
 
 __all__ = ["RATAttention", "RATCache", "rat_continue"]
 
@@ -50,10 +51,6 @@ class RATCache:
     @property
     def batch_size(self) -> int:
         return self.k_run.shape[0]
-
-
-def _cache_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def rat_continue(q, k, v, g, cache: RATCache, *, chunk_size, scale=None, rope_base=10000.0):
@@ -92,18 +89,6 @@ def rat_continue(q, k, v, g, cache: RATCache, *, chunk_size, scale=None, rope_ba
     y = torch.einsum("bthj,bjhd->bthd", p[..., :-1], all_v) + p[..., -1:] * vt
     new = RATCache(all_k.detach(), all_v.detach(), kt[:, -1].detach(), vt[:, -1].detach(), P + M)
     return y.to(q.dtype), new
-
-
-class _RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float = 1e-6, device=None, dtype=None):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
 
 
 class RATAttention(nn.Module):
