@@ -2,7 +2,7 @@
 //! backward is three (spec: dQ forward, dK and dV reverse), each with the same kernel.
 
 use super::{
-    accumulator_dtype, check_cu_seqlens, expect_device, expect_dtype, expect_shape,
+    accumulator_dtype, check_cu_seqlens, expect_device, expect_dtype, expect_shape, expect_tensor,
     expect_unit_last_stride, read_cu_seqlens, value_error,
 };
 use crate::cpu::lightning::{la_pass, LaPass, Seq, DOT_SLOTS};
@@ -126,9 +126,7 @@ impl Problem {
         what: &str,
         dtype: DType,
     ) -> Result<(), PyErr> {
-        expect_shape(t, name, shape, what)?;
-        expect_dtype(t, name, &[dtype])?;
-        expect_device(t, name, self.device)?;
+        expect_tensor(t, name, shape, what, dtype, self.device)?;
         Ok(())
     }
 

@@ -44,6 +44,20 @@ pub fn expect_shape(t: &View, name: &str, expected: &[usize], what: &str) -> Res
     )))
 }
 
+/// `name` has exactly this shape and dtype and lives on `device`.
+pub fn expect_tensor(
+    t: &View,
+    name: &str,
+    shape: &[usize],
+    what: &str,
+    dtype: DType,
+    device: Device,
+) -> Result<(), PyErr> {
+    expect_shape(t, name, shape, what)?;
+    expect_dtype(t, name, &[dtype])?;
+    expect_device(t, name, device)
+}
+
 pub fn expect_dtype(t: &View, name: &str, allowed: &[DType]) -> Result<(), PyErr> {
     if allowed.contains(&t.dtype) {
         return Ok(());

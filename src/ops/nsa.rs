@@ -1,7 +1,7 @@
 //! Native Sparse Attention: argument checks and dispatch (CPU kernels; CUDA comes later).
 
 use super::{
-    accumulator_dtype, check_cu_seqlens, expect_device, expect_dtype, expect_shape,
+    accumulator_dtype, check_cu_seqlens, expect_device, expect_dtype, expect_shape, expect_tensor,
     expect_unit_last_stride, read_cu_seqlens, value_error,
 };
 use crate::cpu::nsa::{
@@ -41,9 +41,7 @@ fn expect_like(
     what: &str,
     dtype: DType,
 ) -> Result<(), PyErr> {
-    expect_shape(t, name, shape, what)?;
-    expect_dtype(t, name, &[dtype])?;
-    expect_device(t, name, Device::Cpu)
+    expect_tensor(t, name, shape, what, dtype, Device::Cpu)
 }
 
 fn expect_head_dim(name: &str, d: usize) -> Result<(), PyErr> {

@@ -2,7 +2,7 @@
 //! NotImplementedError before anything runs.
 
 use super::{
-    accumulator_dtype, check_cu_seqlens, expect_device, expect_dtype, expect_shape,
+    accumulator_dtype, check_cu_seqlens, expect_device, expect_dtype, expect_shape, expect_tensor,
     expect_unit_last_stride, read_cu_seqlens, value_error,
 };
 use crate::cpu::rat::{RatArgs, RatGrads, Seq};
@@ -153,9 +153,7 @@ impl Problem {
         what: &str,
         dtype: DType,
     ) -> Result<(), PyErr> {
-        expect_shape(t, name, shape, what)?;
-        expect_dtype(t, name, &[dtype])?;
-        expect_device(t, name, Device::Cpu)?;
+        expect_tensor(t, name, shape, what, dtype, Device::Cpu)?;
         expect_unit_last_stride(t, name)
     }
 
