@@ -4,14 +4,18 @@
 #   bash scripts/device.sh [tests] [sanitize] [bench] [-- BENCH_ARGS...]     (default: all three)
 #
 # carry: dist (the longattn wheel, built here with maturin), .whl (peer wheels: fla-core,
-# lightning-attn) and, when you have it, .triton-cache (unpacked from a previous triton-cache.tgz).
-# Results land in $OUT (at most 7 files): summary.txt, pytest.log, sanitizer.log, bench.log,
-# bench_lightning.json, triton-cache.tgz (Triton's compile and autotune cache, to unpack into
-# .triton-cache/ and carry next time: fla autotunes 35-50 s per head count/head dim otherwise).
+# lightning-attn), .peers (Python sources of the official FSA, NSA-reference, RAT and landmark
+# code, for the benches) and, when you have it, .triton-cache (unpacked from a previous
+# triton-cache.tgz).
+# Results land in $OUT: summary.txt, pytest.log, sanitizer.log, bench_<family>.log and .json per
+# family, triton-cache.tgz (Triton's compile and autotune cache, to unpack into .triton-cache/ and
+# carry next time: fla autotunes 35-50 s per head count/head dim otherwise).
 #
 # Environment (all optional):
 #   DEVICE_DEADLINE_S  seconds this script may take in all (default 560, under the tool's 600);
 #                      each stage gets what is left, the bench stops starting measurements in time
+#   FAMILIES           which families' sanitize_<f>.py / bench_<f>.py run (default
+#                      "lightning rat landmark nsa nsa_selection"; missing scripts are skipped)
 #   PYTEST_ARGS        default "-x -q"
 #   SANITIZE_TOOLS     default "memcheck racecheck" (also: initcheck synccheck)
 #   SANITIZE_ARGS      extra compute-sanitizer options, e.g. "--kernel-name kns=la_" (check only
@@ -29,6 +33,7 @@ T0=$SECONDS
 OUT=${OUT:-/tmp/device-out}
 mkdir -p "$OUT"
 DEADLINE=${DEVICE_DEADLINE_S:-560}
+FAMILIES=${FAMILIES:-lightning rat landmark nsa nsa_selection}
 export PYTHONUNBUFFERED=1
 
 stages=()
@@ -145,45 +150,64 @@ find_sanitizer() {
 }
 
 run_sanitize() {
-    local cs log=$OUT/sanitizer.log rc=0 r tool b
+    local cs log=$OUT/sanitizer.log rc=0 r tool b f script
     : >"$log"
     if ! cs=$(find_sanitizer); then
         echo "compute-sanitizer not found" | tee -a "$log"
         return 127
     fi
-    for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
-        b=$(stage_budget)
-        if ((b < 20)); then
-            echo "=== $tool: no time left" | tee -a "$log"
-            rc=124
-            continue
-        fi
-        echo "=== $cs --tool $tool python3 benchmarks/sanitize_case.py" | tee -a "$log"
-        # shellcheck disable=SC2086
-        PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 10 "$b" "$cs" --tool "$tool" \
-            --error-exitcode 86 ${SANITIZE_ARGS:-} python3 benchmarks/sanitize_case.py \
-            >"/tmp/sanitize-$tool.log" 2>&1
-        r=$?
-        cat "/tmp/sanitize-$tool.log" >>"$log"
-        echo "=== $tool exit $r" >>"$log"
-        grep -E "ERROR SUMMARY|RACECHECK SUMMARY|^case |sanitize_case:|Error|error" \
-            "/tmp/sanitize-$tool.log" | tail -n 14 | sed "s/^/[$tool] /"
-        echo "[$tool] exit $r (86: the sanitizer found errors)"
-        ((r != 0)) && rc=$r
+    for f in $FAMILIES; do
+        script=benchmarks/sanitize_$f.py
+        [[ -f $script ]] || continue
+        for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
+            b=$(stage_budget)
+            if ((b < 20)); then
+                echo "=== $f $tool: no time left" | tee -a "$log"
+                rc=124
+                continue
+            fi
+            echo "=== $cs --tool $tool python3 $script" | tee -a "$log"
+            # shellcheck disable=SC2086
+            PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 10 "$b" "$cs" --tool "$tool" \
+                --error-exitcode 86 ${SANITIZE_ARGS:-} python3 "$script" \
+                >"/tmp/sanitize-$f-$tool.log" 2>&1
+            r=$?
+            cat "/tmp/sanitize-$f-$tool.log" >>"$log"
+            echo "=== $f $tool exit $r" >>"$log"
+            grep -E "ERROR SUMMARY|RACECHECK SUMMARY|^case |sanitize_|Error|error" \
+                "/tmp/sanitize-$f-$tool.log" | tail -n 14 | sed "s/^/[$f $tool] /"
+            echo "[$f $tool] exit $r (86: the sanitizer found errors)"
+            ((r != 0)) && rc=$r
+        done
     done
     return "$rc"
 }
 
-run_bench() {
-    local b resume=()
-    b=$(($(stage_budget) - 20))
-    ((b >= 60)) || return 124
-    if [[ -n ${BENCH_RESUME_FROM:-} ]]; then
-        cp "$BENCH_RESUME_FROM" "$OUT/bench_lightning.json" && resume=(--resume)
-    fi
-    timeout -k 10 $((b + 45)) python3 benchmarks/bench_lightning.py --out "$OUT/bench_lightning.json" \
-        --budget-s "$b" ${resume[@]+"${resume[@]}"} ${bench_args[@]+"${bench_args[@]}"} 2>&1 |
-        tee "$OUT/bench.log"
+run_bench() { # each family's bench gets an equal share of what is left
+    local b f n=0 rc=0 r share resume=()
+    for f in $FAMILIES; do [[ -f benchmarks/bench_$f.py ]] && n=$((n + 1)); done
+    for f in $FAMILIES; do
+        [[ -f benchmarks/bench_$f.py ]] || continue
+        b=$(($(stage_budget) - 20))
+        share=$((b / n))
+        n=$((n - 1))
+        if ((share < 60)); then
+            echo "bench_$f: no time left"
+            rc=124
+            continue
+        fi
+        resume=()
+        if [[ $f == lightning && -n ${BENCH_RESUME_FROM:-} ]]; then
+            cp "$BENCH_RESUME_FROM" "$OUT/bench_lightning.json" && resume=(--resume)
+        fi
+        echo "== bench_$f ($share s)"
+        timeout -k 10 $((share + 45)) python3 "benchmarks/bench_$f.py" --out "$OUT/bench_$f.json" \
+            --budget-s "$share" ${resume[@]+"${resume[@]}"} ${bench_args[@]+"${bench_args[@]}"} 2>&1 |
+            tee "$OUT/bench_$f.log"
+        r=${PIPESTATUS[0]}
+        ((r != 0)) && rc=$r
+    done
+    return "$rc"
 }
 
 for s in "${stages[@]}"; do

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A small lightning-attention workload for compute-sanitizer (memcheck, racecheck) on CUDA.
 
-    compute-sanitizer --tool memcheck python3 benchmarks/sanitize_case.py
+    compute-sanitizer --tool memcheck python3 benchmarks/sanitize_lightning.py
 
 Runs, in bf16 and float32: forward + backward at B=1, T=200, H=2, D=64, E=32 (several blocks
 and a ragged tail) without and with an initial/final state, a varlen call (cu_seqlens, one
@@ -137,7 +137,7 @@ def main():
         case(f"{dn} decode T=1", decode, tol)
 
     sync()
-    print(f"sanitize_case: {'FAILED ' + ', '.join(failures) if failures else 'all cases ok'}")
+    print(f"sanitize_lightning: {'FAILED ' + ', '.join(failures) if failures else 'all cases ok'}")
     return 1 if failures else 0
 
 
