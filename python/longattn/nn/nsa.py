@@ -234,17 +234,23 @@ class NativeSparseAttention(nn.Module):
         """Compressed keys (rotated at their window start) and values of x's windows; window i
         of the input is global window ``first_window + i`` (cu_seqlens: per sequence)."""
         ks, d = self.kernel_size, self.kernel_stride
+        # Under autocast the activations arrive in the autocast dtype, the parameters do not.
+        like = lambda p: None if p is None else p.to(k_raw.dtype)  # noqa: E731
         if self.compress == "linear":
             k_cmp, cu_cmp = nsa_compress(
-                k_raw, kernel_size=ks, kernel_stride=d, weight=self.k_cmp_weight,
-                pe=self.k_cmp_pe, cu_seqlens=cu_seqlens,
+                k_raw, kernel_size=ks, kernel_stride=d, weight=like(self.k_cmp_weight),
+                pe=like(self.k_cmp_pe), cu_seqlens=cu_seqlens,
             )  # fmt: skip
             cpos = _positions(k_cmp.shape[1], cu_cmp, k_cmp.device) + first_window
             k_cmp = apply_rotary(k_cmp, cpos * d, self.rope_theta)
         else:
             k_cmp, _ = nsa_compress(k_rot, kernel_size=ks, kernel_stride=d, cu_seqlens=cu_seqlens)
         v_cmp, _ = nsa_compress(
-            v, kernel_size=ks, kernel_stride=d, weight=self.v_cmp_weight, cu_seqlens=cu_seqlens
+            v,
+            kernel_size=ks,
+            kernel_stride=d,
+            weight=like(self.v_cmp_weight),
+            cu_seqlens=cu_seqlens,
         )
         return k_cmp, v_cmp
 
