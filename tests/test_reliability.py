@@ -400,3 +400,17 @@ def test_cpu_peak_memory_64k(case):
     peak = _status_kib("VmHWM") * 1024 - base
     print(f"{case.name}: peak {peak >> 20} MiB above the inputs' {in_bytes >> 20} MiB")
     assert peak <= 40 * in_bytes + (256 << 20), f"peak {peak >> 20} MiB for {in_bytes >> 20} MiB in"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_cuda_tensors_on_a_non_current_device(case):
+    """Kernels follow the tensors' device, not torch.cuda.current_device()."""
+    with torch.cuda.device(0):
+        on0 = _run(case, "cuda:0", BF16)
+        on1 = _run(case, "cuda:1", BF16)
+    torch.cuda.synchronize(1)
+    for a, b in zip(on0[0] + on0[1], on1[0] + on1[1], strict=True):
+        assert b.device.index == 1
+        assert torch.equal(a, b.to(a.device)), "cuda:1 result differs from cuda:0"
