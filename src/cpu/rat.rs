@@ -203,6 +203,163 @@ fn step<A: Acc>(h: &mut [A], g: &[A], x: &[A]) {
     }
 }
 
+/// Rows of a query block in the blocked score products.
+const ROWS: usize = 64;
+/// States per block of the backward's score products.
+const STATES: usize = 64;
+
+/// Whether the AVX2 + FMA code paths may run.
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Register tile of `gemm`: C[MR × NR] += A[MR × k] · B[k × NR], summed over k in order.
+///
+/// # Safety
+/// The pointers address the tiles with the given leading dimensions; `nr ≤ NR` columns.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_tile<A: Acc, const MR: usize, const NR: usize>(
+    k: usize,
+    a: *const A,
+    lda: usize,
+    b: *const A,
+    ldb: usize,
+    c: *mut A,
+    ldc: usize,
+    nr: usize,
+) {
+    let mut acc = [[A::ZERO; NR]; MR];
+    unsafe {
+        if nr == NR {
+            for (r, row) in acc.iter_mut().enumerate() {
+                for (cc, x) in row.iter_mut().enumerate() {
+                    *x = *c.add(r * ldc + cc);
+                }
+            }
+            for p in 0..k {
+                let bp = b.add(p * ldb);
+                let mut brow = [A::ZERO; NR];
+                for (cc, x) in brow.iter_mut().enumerate() {
+                    *x = *bp.add(cc);
+                }
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let ar = *a.add(r * lda + p);
+                    for (x, &bv) in row.iter_mut().zip(&brow) {
+                        *x += ar * bv;
+                    }
+                }
+            }
+            for (r, row) in acc.iter().enumerate() {
+                for (cc, &x) in row.iter().enumerate() {
+                    *c.add(r * ldc + cc) = x;
+                }
+            }
+        } else {
+            for (r, row) in acc.iter_mut().enumerate() {
+                for (cc, x) in row.iter_mut().enumerate().take(nr) {
+                    *x = *c.add(r * ldc + cc);
+                }
+            }
+            for p in 0..k {
+                let bp = b.add(p * ldb);
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let ar = *a.add(r * lda + p);
+                    for (cc, x) in row.iter_mut().enumerate().take(nr) {
+                        *x += ar * *bp.add(cc);
+                    }
+                }
+            }
+            for (r, row) in acc.iter().enumerate() {
+                for (cc, &x) in row.iter().enumerate().take(nr) {
+                    *c.add(r * ldc + cc) = x;
+                }
+            }
+        }
+    }
+}
+
+/// C[m × n] += A[m × k] · B[k × n], all row-major with leading dimensions lda, ldb, ldc;
+/// every element of C is summed over k in order (results independent of the blocking).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn gemm<A: Acc>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[A],
+    lda: usize,
+    b: &[A],
+    ldb: usize,
+    c: &mut [A],
+    ldc: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(a.len() >= (m - 1) * lda + k && k <= lda);
+    assert!(k == 0 || b.len() >= (k - 1) * ldb + n && n <= ldb);
+    assert!(c.len() >= (m - 1) * ldc + n && n <= ldc);
+    const NR: usize = 16;
+    let (ap, bp, cp) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+    let mut i = 0;
+    // SAFETY: the asserts above bound every tile.
+    unsafe {
+        while i + 4 <= m {
+            let mut j = 0;
+            while j < n {
+                let nr = NR.min(n - j);
+                gemm_tile::<A, 4, NR>(
+                    k,
+                    ap.add(i * lda),
+                    lda,
+                    bp.add(j),
+                    ldb,
+                    cp.add(i * ldc + j),
+                    ldc,
+                    nr,
+                );
+                j += NR;
+            }
+            i += 4;
+        }
+        while i < m {
+            let mut j = 0;
+            while j < n {
+                let nr = NR.min(n - j);
+                gemm_tile::<A, 1, NR>(
+                    k,
+                    ap.add(i * lda),
+                    lda,
+                    bp.add(j),
+                    ldb,
+                    cp.add(i * ldc + j),
+                    ldc,
+                    nr,
+                );
+                j += NR;
+            }
+            i += 1;
+        }
+    }
+}
+
+/// dst[c × r] = srcᵀ for src[r × c] (row-major).
+fn transpose<A: Copy>(src: &[A], r: usize, c: usize, dst: &mut [A]) {
+    for i in 0..r {
+        for j in 0..c {
+            dst[j * r + i] = src[i * c + j];
+        }
+    }
+}
+
 fn chunks_of(len: usize, l: usize) -> usize {
     len.div_ceil(l)
 }
@@ -309,6 +466,7 @@ fn forward_on<A: Acc>(p: &RatArgs) {
         .collect();
     let items = tiles(p, heads);
     let sc = A::of(p.scale);
+    let avx2 = has_avx2();
     POOL.install(|| {
         // SAFETY: validated views; every (n, h) writes its own state rows.
         pairs
@@ -316,7 +474,7 @@ fn forward_on<A: Acc>(p: &RatArgs) {
             .for_each(|&(n, h)| unsafe { final_states::<A>(p, n, h) });
         items.par_iter().for_each(|&(n, h, c0, c1)| {
             // SAFETY: validated views; tiles write disjoint rows of out and lse.
-            unsafe { forward_tile::<A>(p, &rope, sc, n, h, c0, c1) }
+            unsafe { forward_tile::<A>(p, &rope, sc, n, h, c0, c1, avx2) }
         });
     });
 }
@@ -325,7 +483,47 @@ fn forward_on<A: Acc>(p: &RatArgs) {
 ///
 /// # Safety
 /// Validated views; the tile owns its out and lse rows.
+#[allow(clippy::too_many_arguments)]
 unsafe fn forward_tile<A: Acc>(
+    p: &RatArgs,
+    rope: &Option<Rope<A>>,
+    sc: A,
+    n: usize,
+    h: usize,
+    c0: usize,
+    c1: usize,
+    avx2: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        // SAFETY: the caller checked the CPU features.
+        return unsafe { forward_tile_avx2(p, rope, sc, n, h, c0, c1) };
+    }
+    let _ = avx2;
+    unsafe { forward_tile_body(p, rope, sc, n, h, c0, c1) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn forward_tile_avx2<A: Acc>(
+    p: &RatArgs,
+    rope: &Option<Rope<A>>,
+    sc: A,
+    n: usize,
+    h: usize,
+    c0: usize,
+    c1: usize,
+) {
+    unsafe { forward_tile_body(p, rope, sc, n, h, c0, c1) }
+}
+
+/// The forward tile in blocks of `ROWS` queries: scores against every visible final state as
+/// one product (exact row max, exp, sum), then the weighted values as a second product.
+///
+/// # Safety
+/// As for `forward_tile`.
+#[inline(always)]
+unsafe fn forward_tile_body<A: Acc>(
     p: &RatArgs,
     rope: &Option<Rope<A>>,
     sc: A,
@@ -336,24 +534,35 @@ unsafe fn forward_tile<A: Acc>(
 ) {
     let d = p.q.shape[3];
     let s = p.seqs[n];
+    let l = p.chunk;
     let nstates = c1 - 1; // states visible to the last chunk of the tile
     let (mut kr, mut vf) = (Vec::new(), Vec::new());
     unsafe { load_states(p, rope, &s, h, nstates, &mut kr, &mut vf) };
+    let mut krt = vec![A::ZERO; nstates * d];
+    transpose(&kr, nstates, d, &mut krt);
     let mut hk = vec![A::ZERO; d];
     let mut hv = vec![A::ZERO; d];
     let mut x = vec![A::ZERO; d];
     let mut g = vec![A::ZERO; d];
     let mut q = vec![A::ZERO; d];
-    let mut qr = vec![A::ZERO; d];
-    let mut acc = vec![A::ZERO; d];
-    let mut scores = vec![A::ZERO; nstates];
-    for c in c0..c1 {
-        hk.fill(A::ZERO);
-        hv.fill(A::ZERO);
-        let end = ((c + 1) * p.chunk).min(s.len);
-        for t in c * p.chunk..end {
-            let tok = s.start + t;
-            let row = [s.batch, tok, h];
+    let mut qr = vec![A::ZERO; ROWS * d];
+    let mut acc = vec![A::ZERO; ROWS * d];
+    let mut own = [A::ZERO; ROWS];
+    let mut rc = [0usize; ROWS];
+    let mut inv = [A::ZERO; ROWS];
+    let mut scores = vec![A::ZERO; ROWS * nstates];
+    let t_end = (c1 * l).min(s.len);
+    let mut t0 = c0 * l;
+    while t0 < t_end {
+        let m = ROWS.min(t_end - t0);
+        for i in 0..m {
+            let t = t0 + i;
+            let c = t / l;
+            if t % l == 0 {
+                hk.fill(A::ZERO);
+                hv.fill(A::ZERO);
+            }
+            let row = [s.batch, s.start + t, h];
             unsafe {
                 load(p.g, &row, &mut g);
                 load(p.k, &row, &mut x);
@@ -362,34 +571,63 @@ unsafe fn forward_tile<A: Acc>(
                 step(&mut hv, &g, &x);
                 load(p.q, &row, &mut q);
             }
-            let own = sc * dot(&q, &hk);
-            let mut m = own;
-            if c > 0 {
-                rotate(rope, c, &q, &mut qr, false);
-                for (j, sj) in scores[..c].iter_mut().enumerate() {
-                    *sj = sc * dot(&qr, &kr[j * d..(j + 1) * d]);
-                    if *sj > m {
-                        m = *sj;
-                    }
-                }
+            own[i] = sc * dot(&q, &hk);
+            rc[i] = c;
+            rotate(rope, c, &q, &mut qr[i * d..(i + 1) * d], false);
+            // the own state's value goes in first, as the first term of the weighted sum
+            acc[i * d..(i + 1) * d].copy_from_slice(&hv);
+        }
+        let nv = rc[m - 1]; // states visible to the block's last row
+        if nv > 0 {
+            scores[..m * nv].fill(A::ZERO);
+            gemm(m, nv, d, &qr, d, &krt, nstates, &mut scores, nv);
+        }
+        for i in 0..m {
+            let c = rc[i];
+            let srow = &mut scores[i * nv..(i + 1) * nv];
+            let mut mx = own[i];
+            for sj in srow[..c].iter_mut() {
+                *sj = sc * *sj;
+                mx = mx.maxf(*sj);
             }
             // exp(−inf − −inf) would be NaN: an all −inf row keeps m finite-free handling.
-            let m_safe = if m == A::NEG_INF { A::ZERO } else { m };
-            let p_own = (own - m_safe).exp();
-            let mut l = p_own;
-            acc.iter_mut().zip(&hv).for_each(|(a, &v)| *a = p_own * v);
-            for (j, &sj) in scores[..c].iter().enumerate() {
-                let pj = (sj - m_safe).exp();
-                l += pj;
-                axpy(pj, &vf[j * d..(j + 1) * d], &mut acc);
+            let m_safe = if mx == A::NEG_INF { A::ZERO } else { mx };
+            let p_own = (own[i] - m_safe).exp();
+            let mut sum = p_own;
+            for sj in srow[..c].iter_mut() {
+                *sj = (*sj - m_safe).exp();
+                sum += *sj;
             }
-            let inv = A::ONE / l;
-            acc.iter_mut().for_each(|a| *a = *a * inv);
-            unsafe {
-                store(p.out, &row, &acc);
-                *scalar::<A>(p.lse, s.batch, tok, h) = m_safe + l.ln();
+            srow[c..].fill(A::ZERO);
+            acc[i * d..(i + 1) * d]
+                .iter_mut()
+                .for_each(|a| *a = p_own * *a);
+            own[i] = m_safe + sum.ln();
+            inv[i] = A::ONE / sum;
+        }
+        // Masked weights are exact zeros but 0·Inf = NaN: the product runs only over the states
+        // every row sees, and each row adds its own later states one by one.
+        let shared = rc[0];
+        if shared > 0 {
+            gemm(m, d, shared, &scores, nv, &vf, d, &mut acc, d);
+        }
+        for i in 0..m {
+            for j in shared..rc[i] {
+                let w = scores[i * nv + j];
+                axpy(w, &vf[j * d..(j + 1) * d], &mut acc[i * d..(i + 1) * d]);
             }
         }
+        for i in 0..m {
+            let tok = s.start + t0 + i;
+            let row = [s.batch, tok, h];
+            let out = &mut acc[i * d..(i + 1) * d];
+            out.iter_mut().for_each(|a| *a = *a * inv[i]);
+            unsafe {
+                store(p.out, &row, out);
+                *scalar::<A>(p.lse, s.batch, tok, h) = own[i];
+            }
+        }
+        t0 += m;
     }
 }
 
@@ -412,6 +650,7 @@ fn backward_on<A: Acc>(p: &RatArgs, gr: &RatGrads) {
         (2 * threads).div_ceil(pairs.len().max(1))
     };
     let per = TILE_QUERIES.div_ceil(p.chunk).max(1);
+    let avx2 = has_avx2();
     let items: Vec<(usize, usize, usize)> = pairs
         .iter()
         .flat_map(|&(n, h)| (0..splits).map(move |sp| (n, h, sp)))
@@ -421,7 +660,7 @@ fn backward_on<A: Acc>(p: &RatArgs, gr: &RatGrads) {
             .par_iter()
             .map(|&(n, h, sp)| {
                 // SAFETY: validated views; splits write disjoint dq rows.
-                unsafe { backward_queries::<A>(p, gr, &rope, sc, n, h, sp, splits, per) }
+                unsafe { backward_queries::<A>(p, gr, &rope, sc, n, h, sp, splits, per, avx2) }
             })
             .collect();
         pairs.par_iter().enumerate().for_each(|(i, &(n, h))| {
@@ -448,10 +687,57 @@ unsafe fn backward_queries<A: Acc>(
     sp: usize,
     splits: usize,
     per: usize,
+    avx2: bool,
+) -> (Vec<A>, Vec<A>) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        // SAFETY: the caller checked the CPU features.
+        return unsafe { backward_queries_avx2(p, gr, rope, sc, n, h, sp, splits, per) };
+    }
+    let _ = avx2;
+    unsafe { backward_queries_body(p, gr, rope, sc, n, h, sp, splits, per) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn backward_queries_avx2<A: Acc>(
+    p: &RatArgs,
+    gr: &RatGrads,
+    rope: &Option<Rope<A>>,
+    sc: A,
+    n: usize,
+    h: usize,
+    sp: usize,
+    splits: usize,
+    per: usize,
+) -> (Vec<A>, Vec<A>) {
+    unsafe { backward_queries_body(p, gr, rope, sc, n, h, sp, splits, per) }
+}
+
+/// The backward's query pass in blocks of `ROWS` queries × `STATES` final states: the scores
+/// S = Q̃K̃ᵀ and dP = dY·Ṽᵀ, then dA = P ⊙ (dP − Δ) (zero where a query does not see the
+/// state), dQ̃ += dA·K̃, dK̃ += dAᵀ·Q̃ and dṼ += Pᵀ·dY, each a small matrix product.
+///
+/// # Safety
+/// As for `backward_queries`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn backward_queries_body<A: Acc>(
+    p: &RatArgs,
+    gr: &RatGrads,
+    rope: &Option<Rope<A>>,
+    sc: A,
+    n: usize,
+    h: usize,
+    sp: usize,
+    splits: usize,
+    per: usize,
 ) -> (Vec<A>, Vec<A>) {
     let d = p.q.shape[3];
     let s = p.seqs[n];
-    let nc = chunks_of(s.len, p.chunk);
+    let l = p.chunk;
+    let nc = chunks_of(s.len, l);
     let nstates = nc.saturating_sub(1);
     let mut dkr = vec![A::ZERO; nstates * d];
     let mut dvf = vec![A::ZERO; nstates * d];
@@ -462,20 +748,34 @@ unsafe fn backward_queries<A: Acc>(
     let visible = ((last + per).min(nc)) - 1;
     let (mut kr, mut vf) = (Vec::new(), Vec::new());
     unsafe { load_states(p, rope, &s, h, visible, &mut kr, &mut vf) };
+    let (mut krt, mut vft) = (vec![A::ZERO; visible * d], vec![A::ZERO; visible * d]);
+    transpose(&kr, visible, d, &mut krt);
+    transpose(&vf, visible, d, &mut vft);
     let v4 = || vec![A::ZERO; d];
     let (mut hk, mut hv, mut x, mut g) = (v4(), v4(), v4(), v4());
-    let (mut q, mut qr, mut dy, mut y) = (v4(), v4(), v4(), v4());
-    let (mut dqr, mut dq) = (v4(), v4());
-    let mut probs = vec![A::ZERO; visible];
+    let (mut q, mut y) = (v4(), v4());
+    let vr = || vec![A::ZERO; ROWS * d];
+    let (mut qr, mut dyb, mut dqo, mut dqr) = (vr(), vr(), vr(), vr());
+    let vs = || vec![A::ZERO; ROWS * STATES];
+    let (mut sbuf, mut dpbuf, mut pt, mut at) = (vs(), vs(), vs(), vs());
+    let mut delta = [A::ZERO; ROWS];
+    let mut lse = [A::ZERO; ROWS];
+    let mut rc = [0usize; ROWS];
     for &c0 in &my_tiles {
-        for c in c0..(c0 + per).min(nc) {
-            hk.fill(A::ZERO);
-            hv.fill(A::ZERO);
-            let end = ((c + 1) * p.chunk).min(s.len);
-            for t in c * p.chunk..end {
+        let t_end = ((c0 + per).min(nc) * l).min(s.len);
+        let mut t0 = c0 * l;
+        while t0 < t_end {
+            let m = ROWS.min(t_end - t0);
+            for i in 0..m {
+                let t = t0 + i;
+                let c = t / l;
+                if t % l == 0 {
+                    hk.fill(A::ZERO);
+                    hv.fill(A::ZERO);
+                }
                 let tok = s.start + t;
                 let row = [s.batch, tok, h];
-                let lse;
+                let dy = &mut dyb[i * d..(i + 1) * d];
                 unsafe {
                     load(p.g, &row, &mut g);
                     load(p.k, &row, &mut x);
@@ -483,34 +783,76 @@ unsafe fn backward_queries<A: Acc>(
                     load(p.v, &row, &mut x);
                     step(&mut hv, &g, &x);
                     load(p.q, &row, &mut q);
-                    load(gr.dout, &row, &mut dy);
+                    load(gr.dout, &row, dy);
                     load(p.out, &row, &mut y);
-                    lse = *scalar::<A>(p.lse, s.batch, tok, h);
+                    lse[i] = *scalar::<A>(p.lse, s.batch, tok, h);
                 }
-                let delta = dot(&dy, &y);
-                let p_own = (sc * dot(&q, &hk) - lse).exp();
-                let da_own = p_own * (dot(&dy, &hv) - delta);
-                dq.iter_mut()
+                delta[i] = dot(dy, &y);
+                let p_own = (sc * dot(&q, &hk) - lse[i]).exp();
+                let da_own = p_own * (dot(dy, &hv) - delta[i]);
+                dqo[i * d..(i + 1) * d]
+                    .iter_mut()
                     .zip(&hk)
                     .for_each(|(o, &k)| *o = sc * da_own * k);
-                if c > 0 {
-                    rotate(rope, c, &q, &mut qr, false);
-                    dqr.fill(A::ZERO);
-                    for (j, pj) in probs[..c].iter_mut().enumerate() {
-                        *pj = (sc * dot(&qr, &kr[j * d..(j + 1) * d]) - lse).exp();
+                rc[i] = c;
+                rotate(rope, c, &q, &mut qr[i * d..(i + 1) * d], false);
+            }
+            let nv = rc[m - 1]; // states visible to the block's last row
+            dqr[..m * d].fill(A::ZERO);
+            for j0 in (0..nv).step_by(STATES) {
+                let nb = STATES.min(nv - j0);
+                sbuf[..m * nb].fill(A::ZERO);
+                dpbuf[..m * nb].fill(A::ZERO);
+                gemm(m, nb, d, &qr, d, &krt[j0..], visible, &mut sbuf, nb);
+                gemm(m, nb, d, &dyb, d, &vft[j0..], visible, &mut dpbuf, nb);
+                for i in 0..m {
+                    // states j0 + jj with jj < w are visible to row i
+                    let w = rc[i].saturating_sub(j0).min(nb);
+                    let srow = &mut sbuf[i * nb..(i + 1) * nb];
+                    let dprow = &dpbuf[i * nb..(i + 1) * nb];
+                    let (li, di) = (lse[i], delta[i]);
+                    for jj in 0..w {
+                        let pj = (sc * srow[jj] - li).exp();
+                        let da = sc * (pj * (dprow[jj] - di));
+                        srow[jj] = da;
+                        pt[jj * m + i] = pj;
+                        at[jj * m + i] = da;
                     }
-                    for (j, &pj) in probs[..c].iter().enumerate() {
-                        let vj = &vf[j * d..(j + 1) * d];
-                        let da = pj * (dot(&dy, vj) - delta);
-                        axpy(sc * da, &kr[j * d..(j + 1) * d], &mut dqr);
-                        axpy(sc * da, &qr, &mut dkr[j * d..(j + 1) * d]);
-                        axpy(pj, &dy, &mut dvf[j * d..(j + 1) * d]);
+                    for jj in w..nb {
+                        srow[jj] = A::ZERO;
+                        pt[jj * m + i] = A::ZERO;
+                        at[jj * m + i] = A::ZERO;
                     }
-                    rotate(rope, c, &dqr, &mut x, true);
+                }
+                // As in the forward: products over the states every row sees, then each row's
+                // own later states one by one (no 0·Inf across the causal mask).
+                let shared = rc[0].saturating_sub(j0).min(nb);
+                gemm(m, d, shared, &sbuf, nb, &kr[j0 * d..], d, &mut dqr, d);
+                gemm(shared, d, m, &at, m, &qr, d, &mut dkr[j0 * d..], d);
+                gemm(shared, d, m, &pt, m, &dyb, d, &mut dvf[j0 * d..], d);
+                for i in 0..m {
+                    let w = rc[i].saturating_sub(j0).min(nb);
+                    let (qi, dyi) = (&qr[i * d..(i + 1) * d], &dyb[i * d..(i + 1) * d]);
+                    for jj in shared..w {
+                        let j = j0 + jj;
+                        let (da, pj) = (at[jj * m + i], pt[jj * m + i]);
+                        axpy(da, &kr[j * d..(j + 1) * d], &mut dqr[i * d..(i + 1) * d]);
+                        axpy(da, qi, &mut dkr[j * d..(j + 1) * d]);
+                        axpy(pj, dyi, &mut dvf[j * d..(j + 1) * d]);
+                    }
+                }
+            }
+            for i in 0..m {
+                let tok = s.start + t0 + i;
+                let row = [s.batch, tok, h];
+                let dq = &mut dqo[i * d..(i + 1) * d];
+                if rc[i] > 0 {
+                    rotate(rope, rc[i], &dqr[i * d..(i + 1) * d], &mut x, true);
                     dq.iter_mut().zip(&x).for_each(|(o, &v)| *o += v);
                 }
-                unsafe { store(gr.dq, &row, &dq) };
+                unsafe { store(gr.dq, &row, dq) };
             }
+            t0 += m;
         }
     }
     (dkr, dvf)
