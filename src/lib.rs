@@ -17,14 +17,17 @@ fn compile_all_kernels(py: Python<'_>, arch: &str) -> PyResult<Vec<(String, usiz
     use rayon::prelude::*;
     py.detach(|| {
         cpu::POOL.install(|| {
-            ops::lightning::Variant::all()
-                .par_iter()
-                .map(|v| {
-                    let name = format!("lightning.cu {:?}", v.defines());
-                    ops::lightning::compile_variant(v, arch)
-                        .map(|size| (name, size))
-                        .map_err(ops::value_error)
-                })
+            let lightning = ops::lightning::Variant::all().into_par_iter().map(|v| {
+                let name = format!("lightning.cu {:?}", v.defines());
+                ops::lightning::compile_variant(&v, arch).map(|size| (name, size))
+            });
+            let rat = ops::rat::Variant::all().into_par_iter().map(|v| {
+                let name = format!("rat.cu {:?}", v.defines());
+                ops::rat::compile_variant(&v, arch).map(|size| (name, size))
+            });
+            lightning
+                .chain(rat)
+                .map(|r| r.map_err(ops::value_error))
                 .collect()
         })
     })

@@ -54,6 +54,7 @@ def rat_fwd(
     rope_base: float | None,
     cu_seqlens: Any | None,
     stream: int,
+    scratch: tuple[Any, ...] | None = None,
 ) -> None: ...
 def rat_bwd(
     q: Any,
@@ -74,6 +75,7 @@ def rat_bwd(
     rope_base: float | None,
     cu_seqlens: Any | None,
     stream: int,
+    scratch: tuple[Any, ...] | None = None,
 ) -> None: ...
 
 NSA_MAX_HEAD_DIM: int

@@ -1,13 +1,13 @@
-//! rat_attn: argument checks and dispatch (specs/rat.md). CPU only for now: CUDA tensors get a
-//! NotImplementedError before anything runs.
+//! rat_attn: argument checks and dispatch (specs/rat.md): Rust CPU kernels (src/cpu/rat.rs) or
+//! the CUDA kernels of cuda/rat.cu (scratch buffers allocated by python/longattn/ops/rat.py).
 
 use super::{
     accumulator_dtype, check_cu_seqlens, expect_device, expect_dtype, expect_shape, expect_tensor,
     expect_unit_last_stride, read_cu_seqlens, value_error,
 };
 use crate::cpu::rat::{RatArgs, RatGrads, Seq};
+use crate::cuda;
 use crate::tensor::{DType, Device, View};
-use pyo3::exceptions::PyNotImplementedError;
 use pyo3::PyErr;
 
 pub const MAX_HEAD_DIM: usize = 256;
@@ -18,8 +18,11 @@ struct Problem {
     t: usize,
     h: usize,
     d: usize,
+    device: Device,
     dtype: DType,
     state_dtype: DType,
+    /// Number of sequences (B, or len(cu_seqlens) − 1).
+    n: usize,
     /// Chunk slots of the state tensors: ⌈T/L⌉, or (T + N(L − 1)) / L with cu_seqlens.
     chunks: usize,
     seqs: Vec<Seq>,
@@ -53,7 +56,11 @@ fn check(
     }
     let (b, t, h, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
     let device = q.device;
-    expect_dtype(q, "q", &[DType::F64, DType::F32, DType::F16, DType::BF16])?;
+    let floats: &[DType] = match device {
+        Device::Cpu => &[DType::F64, DType::F32, DType::F16, DType::BF16],
+        Device::Cuda(_) => &[DType::F32, DType::F16, DType::BF16],
+    };
+    expect_dtype(q, "q", floats)?;
     let dtype = q.dtype;
     let state_dtype = accumulator_dtype(dtype);
     for (t_, name) in [(k, "k"), (v, "v"), (g, "g")] {
@@ -99,11 +106,30 @@ fn check(
         }
     }
     if let Device::Cuda(_) = device {
-        return Err(PyNotImplementedError::new_err(
-            "rat_attn: the CUDA kernels are not implemented yet; use CPU tensors",
-        ));
+        let max = cuda_max_head_dim(dtype);
+        if d > max {
+            return Err(value_error(format!(
+                "q: head dim {d} is not supported by the CUDA kernels for {} (at most {max})",
+                dtype.name()
+            )));
+        }
+        if h > 65535 || b > 65535 {
+            return Err(value_error(format!(
+                "q: at most 65535 sequences and heads are supported on CUDA, got B = {b}, H = {h}"
+            )));
+        }
     }
     let (chunks, seqs) = match cu {
+        Some(cu) if device != Device::Cpu => {
+            let n = check_cu_seqlens(cu, device, b)?;
+            if n > 65535 {
+                return Err(value_error(format!(
+                    "cu_seqlens: at most 65535 sequences are supported on CUDA, got {n}"
+                )));
+            }
+            // the kernels read cu_seqlens on the device (no host synchronisation)
+            (state_chunks(t, chunk, Some(n)), Vec::new())
+        }
         None => (
             state_chunks(t, chunk, None),
             (0..b)
@@ -132,13 +158,16 @@ fn check(
             (state_chunks(t, chunk, Some(n)), seqs)
         }
     };
+    let n = cu.map_or(b, |c| c.shape[0] - 1);
     Ok(Problem {
         b,
         t,
         h,
         d,
+        device,
         dtype,
         state_dtype,
+        n,
         chunks,
         seqs,
     })
@@ -153,7 +182,7 @@ impl Problem {
         what: &str,
         dtype: DType,
     ) -> Result<(), PyErr> {
-        expect_tensor(t, name, shape, what, dtype, Device::Cpu)?;
+        expect_tensor(t, name, shape, what, dtype, self.device)?;
         expect_unit_last_stride(t, name)
     }
 
@@ -183,6 +212,20 @@ impl Problem {
     }
 }
 
+/// Scratch buffers of the CUDA path (allocated by ops/rat.py; see `cuda_scratch_shapes`).
+pub struct Scratch<'a> {
+    /// Rotated chunk-final keys and values in the input dtype, [B, C, H, D] contiguous.
+    pub kr: &'a View,
+    pub ve: &'a View,
+    /// Scan states entering every 64-token sub-tile (L > 64), [B, C·TPC, H, D] float32.
+    pub carry_k: &'a View,
+    pub carry_v: &'a View,
+    /// Backward only: Δ [B, T, H] and dK̃, dṼ [B, C, H, D], float32 contiguous.
+    pub delta: Option<&'a View>,
+    pub dks: Option<&'a View>,
+    pub dvs: Option<&'a View>,
+}
+
 /// Forward: writes out, lse and the chunk-final states.
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
@@ -198,10 +241,12 @@ pub fn forward(
     scale: f64,
     rope_base: Option<f64>,
     cu: Option<&View>,
+    scratch: Option<&Scratch>,
+    stream: usize,
 ) -> Result<(), PyErr> {
     let p = check(q, k, v, g, chunk, scale, rope_base, cu)?;
     p.expect_saved(out, lse, ks, vs)?;
-    crate::cpu::rat::forward(&RatArgs {
+    let args = RatArgs {
         q,
         k,
         v,
@@ -214,8 +259,17 @@ pub fn forward(
         chunk: chunk as usize,
         scale,
         rope_base,
-    });
-    Ok(())
+    };
+    match p.device {
+        Device::Cpu => {
+            crate::cpu::rat::forward(&args);
+            Ok(())
+        }
+        Device::Cuda(ordinal) => {
+            let sc = p.check_scratch(scratch, chunk as usize, false)?;
+            launch(&p, &args, None, sc, cu, ordinal, stream).map_err(value_error)
+        }
+    }
 }
 
 /// Backward: writes dq, dk, dv (input dtype) and dg (g's dtype) from the forward's saved out,
@@ -239,6 +293,8 @@ pub fn backward(
     scale: f64,
     rope_base: Option<f64>,
     cu: Option<&View>,
+    scratch: Option<&Scratch>,
+    stream: usize,
 ) -> Result<(), PyErr> {
     let p = check(q, k, v, g, chunk, scale, rope_base, cu)?;
     p.expect_saved(out, lse, ks, vs)?;
@@ -248,28 +304,416 @@ pub fn backward(
     p.expect(dk, "dk", &tok, "like k", p.dtype)?;
     p.expect(dv, "dv", &tok, "like v", p.dtype)?;
     p.expect(dg, "dg", &tok, "like g", g.dtype)?;
-    crate::cpu::rat::backward(
-        &RatArgs {
-            q,
-            k,
-            v,
-            g,
-            out,
-            lse,
-            ks,
-            vs,
-            seqs: &p.seqs,
-            chunk: chunk as usize,
-            scale,
-            rope_base,
-        },
-        &RatGrads {
-            dout,
-            dq,
-            dk,
-            dv,
-            dg,
-        },
-    );
+    let args = RatArgs {
+        q,
+        k,
+        v,
+        g,
+        out,
+        lse,
+        ks,
+        vs,
+        seqs: &p.seqs,
+        chunk: chunk as usize,
+        scale,
+        rope_base,
+    };
+    let grads = RatGrads {
+        dout,
+        dq,
+        dk,
+        dv,
+        dg,
+    };
+    match p.device {
+        Device::Cpu => {
+            crate::cpu::rat::backward(&args, &grads);
+            Ok(())
+        }
+        Device::Cuda(ordinal) => {
+            let sc = p.check_scratch(scratch, chunk as usize, true)?;
+            launch(&p, &args, Some(&grads), sc, cu, ordinal, stream).map_err(value_error)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// CUDA
+
+const SOURCE: &str = include_str!("../../cuda/rat.cu");
+const THREADS: u32 = 128;
+/// Shared memory a CTA may use on sm_80 and sm_90.
+const MAX_SMEM: usize = 227 * 1024;
+
+/// Largest head dim of the CUDA kernels for a dtype (the f32 backward at 256 would not fit in
+/// shared memory).
+pub fn cuda_max_head_dim(dtype: DType) -> usize {
+    if dtype == DType::F32 {
+        128
+    } else {
+        256
+    }
+}
+
+/// Sub-tiles per chunk (L > 64) for the carries: ⌈L/64⌉, 1 for L ≤ 64.
+pub fn tiles_per_chunk(chunk: usize) -> usize {
+    if chunk <= 64 {
+        1
+    } else {
+        chunk.div_ceil(64)
+    }
+}
+
+impl Problem {
+    fn check_scratch<'a>(
+        &self,
+        scratch: Option<&'a Scratch<'a>>,
+        chunk: usize,
+        backward: bool,
+    ) -> Result<&'a Scratch<'a>, PyErr> {
+        let sc =
+            scratch.ok_or_else(|| value_error("rat: CUDA tensors need the scratch buffers"))?;
+        let st = [self.b, self.chunks, self.h, self.d];
+        let contiguous = |t: &View| {
+            let mut s = 1isize;
+            for i in (0..t.shape.len()).rev() {
+                if t.shape[i] > 1 && t.strides[i] != s {
+                    return false;
+                }
+                s *= t.shape[i] as isize;
+            }
+            true
+        };
+        for (t, name) in [(sc.kr, "kr"), (sc.ve, "ve")] {
+            expect_tensor(t, name, &st, "[B, C, H, D]", self.dtype, self.device)?;
+        }
+        let carry_slots = if chunk > 64 {
+            self.chunks * tiles_per_chunk(chunk)
+        } else {
+            1
+        };
+        let cs = [self.b, carry_slots, self.h, self.d];
+        for (t, name) in [(sc.carry_k, "carry_k"), (sc.carry_v, "carry_v")] {
+            expect_tensor(t, name, &cs, "[B, C·TPC, H, D]", DType::F32, self.device)?;
+        }
+        let mut all = vec![sc.kr, sc.ve, sc.carry_k, sc.carry_v];
+        if backward {
+            let (Some(delta), Some(dks), Some(dvs)) = (sc.delta, sc.dks, sc.dvs) else {
+                return Err(value_error("rat: the CUDA backward needs delta, dks, dvs"));
+            };
+            expect_tensor(
+                delta,
+                "delta",
+                &[self.b, self.t, self.h],
+                "[B, T, H]",
+                DType::F32,
+                self.device,
+            )?;
+            for (t, name) in [(dks, "dks"), (dvs, "dvs")] {
+                expect_tensor(t, name, &st, "[B, C, H, D]", DType::F32, self.device)?;
+            }
+            all.extend([delta, dks, dvs]);
+        }
+        if !all.into_iter().all(contiguous) {
+            return Err(value_error("rat: scratch buffers must be contiguous"));
+        }
+        Ok(sc)
+    }
+}
+
+/// Kernel parameters, laid out exactly like `RatParams` in cuda/rat.cu.
+#[repr(C)]
+struct RatParams {
+    q: u64,
+    k: u64,
+    v: u64,
+    g: u64,
+    out: u64,
+    dout: u64,
+    lse: u64,
+    ks: u64,
+    vs: u64,
+    kr: u64,
+    ve: u64,
+    carry_k: u64,
+    carry_v: u64,
+    delta: u64,
+    dks: u64,
+    dvs: u64,
+    dq: u64,
+    dk: u64,
+    dv: u64,
+    dg: u64,
+    cu_seqlens: u64,
+    sq: [i64; 3],
+    sk: [i64; 3],
+    sv: [i64; 3],
+    sg: [i64; 3],
+    so: [i64; 3],
+    sdo: [i64; 3],
+    slse: [i64; 3],
+    sks: [i64; 3],
+    svs: [i64; 3],
+    sdq: [i64; 3],
+    sdk: [i64; 3],
+    sdv: [i64; 3],
+    sdg: [i64; 3],
+    srot: [i64; 3],
+    scar: [i64; 3],
+    log2_base: f64,
+    rope: i32,
+    t: i32,
+    h: i32,
+    d: i32,
+    l: i32,
+    tq: i32,
+    tpc: i32,
+    cu_kind: i32,
+    g_f32: i32,
+    mode: i32,
+    write_states: i32,
+    vec_rot: i32,
+    vec_do: i32,
+    scale: f32,
+}
+
+/// Compile-time configuration of one kernel variant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Variant {
+    pub elem: u32,
+    pub dk: usize,
+}
+
+impl Variant {
+    fn new(dtype: DType, d: usize) -> Variant {
+        let elem = match dtype {
+            DType::F32 => 0,
+            DType::F16 => 1,
+            _ => 2,
+        };
+        let dk = match d {
+            0..=16 => 16,
+            17..=32 => 32,
+            33..=64 => 64,
+            65..=128 => 128,
+            _ => 256,
+        };
+        Variant { elem, dk }
+    }
+
+    pub fn defines(&self) -> Vec<(String, String)> {
+        vec![
+            ("RAT_ELEM".into(), self.elem.to_string()),
+            ("RAT_DK".into(), self.dk.to_string()),
+        ]
+    }
+
+    fn esize(&self) -> usize {
+        if self.elem == 0 {
+            4
+        } else {
+            2
+        }
+    }
+
+    /// Dynamic shared memory of a kernel with `buffers` 64-row tiles.
+    fn smem(&self, buffers: usize) -> u32 {
+        let pad = if self.elem == 0 { 4 } else { 8 };
+        (buffers * 64 * (self.dk + pad) * self.esize()) as u32
+    }
+
+    /// Every variant the dispatcher can choose (compiled by CI for sm_80 and sm_90a).
+    pub fn all() -> Vec<Variant> {
+        let mut out = Vec::new();
+        for elem in 0..3u32 {
+            for dk in [16, 32, 64, 128, 256] {
+                if elem == 0 && dk > 128 {
+                    continue;
+                }
+                out.push(Variant { elem, dk });
+            }
+        }
+        out
+    }
+}
+
+pub fn compile_variant(v: &Variant, arch: &str) -> Result<usize, String> {
+    cuda::compile_cubin("rat.cu", &cuda::source(SOURCE), &v.defines(), arch).map(|c| c.len())
+}
+
+fn strides3(t: &View) -> [i64; 3] {
+    [
+        t.strides[0] as i64,
+        t.strides[1] as i64,
+        t.strides[2] as i64,
+    ]
+}
+
+/// Whether every row start of a [B, *, H, D] tensor is 16-byte aligned.
+fn vectorizable(t: &View) -> bool {
+    let elems = 16 / if t.dtype == DType::F32 { 4 } else { 2 };
+    t.addr() % 16 == 0 && t.strides[..3].iter().all(|&s| s % elems == 0)
+}
+
+fn launch(
+    p: &Problem,
+    a: &RatArgs,
+    grads: Option<&RatGrads>,
+    sc: &Scratch,
+    cu: Option<&View>,
+    ordinal: i32,
+    stream: usize,
+) -> Result<(), String> {
+    if p.n == 0 || p.t == 0 || p.h == 0 {
+        return Ok(());
+    }
+    let dev = cuda::device(ordinal)?;
+    let variant = Variant::new(p.dtype, p.d);
+    let (s3, s4) = (variant.smem(3), variant.smem(4));
+    if s4 as usize > MAX_SMEM {
+        return Err(format!(
+            "rat: head dim {} needs too much shared memory",
+            p.d
+        ));
+    }
+    let kernels = dev.kernels(
+        "rat.cu",
+        SOURCE,
+        &variant.defines(),
+        &[
+            ("rat_states", 0),
+            ("rat_fwd", s3),
+            ("rat_delta", 0),
+            ("rat_bwd_kv", s4),
+            ("rat_bwd_q", s4),
+        ],
+    )?;
+    let l = a.chunk;
+    let tq = if l <= 64 { (64 / l) * l } else { 64 };
+    let tpc = tiles_per_chunk(l);
+    let zero3 = [0i64; 3];
+    let addr = |t: Option<&View>| t.map_or(0, |t| t.addr());
+    let str3 = |t: Option<&View>| t.map_or(zero3, strides3);
+    let mut params = RatParams {
+        q: a.q.addr(),
+        k: a.k.addr(),
+        v: a.v.addr(),
+        g: a.g.addr(),
+        out: a.out.addr(),
+        dout: addr(grads.map(|g| g.dout)),
+        lse: a.lse.addr(),
+        ks: a.ks.addr(),
+        vs: a.vs.addr(),
+        kr: sc.kr.addr(),
+        ve: sc.ve.addr(),
+        carry_k: sc.carry_k.addr(),
+        carry_v: sc.carry_v.addr(),
+        delta: addr(sc.delta),
+        dks: addr(sc.dks),
+        dvs: addr(sc.dvs),
+        dq: addr(grads.map(|g| g.dq)),
+        dk: addr(grads.map(|g| g.dk)),
+        dv: addr(grads.map(|g| g.dv)),
+        dg: addr(grads.map(|g| g.dg)),
+        cu_seqlens: cu.map_or(0, |c| c.addr()),
+        sq: strides3(a.q),
+        sk: strides3(a.k),
+        sv: strides3(a.v),
+        sg: strides3(a.g),
+        so: strides3(a.out),
+        sdo: str3(grads.map(|g| g.dout)),
+        slse: strides3(a.lse),
+        sks: strides3(a.ks),
+        svs: strides3(a.vs),
+        sdq: str3(grads.map(|g| g.dq)),
+        sdk: str3(grads.map(|g| g.dk)),
+        sdv: str3(grads.map(|g| g.dv)),
+        sdg: str3(grads.map(|g| g.dg)),
+        srot: strides3(sc.kr),
+        scar: strides3(sc.carry_k),
+        log2_base: a.rope_base.map_or(0.0, f64::log2),
+        rope: a.rope_base.is_some() as i32,
+        t: p.t as i32,
+        h: p.h as i32,
+        d: p.d as i32,
+        l: l as i32,
+        tq: tq as i32,
+        tpc: tpc as i32,
+        cu_kind: cu.map_or(-1, |c| if c.dtype == DType::I64 { 1 } else { 0 }),
+        g_f32: (a.g.dtype == DType::F32) as i32,
+        mode: 0,
+        write_states: 1,
+        vec_rot: vectorizable(sc.kr) as i32,
+        vec_do: grads.map(|g| g.dout).is_some_and(vectorizable) as i32,
+        scale: a.scale as f32,
+    };
+    let (n, h) = (p.n as u32, p.h as u32);
+    let max_chunks = p.t.div_ceil(l) as u32;
+    let max_tiles = if l <= 64 {
+        p.t.div_ceil(tq) as u32
+    } else {
+        max_chunks * tpc as u32
+    };
+    let f = |name: &str| kernels.get(name);
+    // SAFETY: params mirrors RatParams; every pointer comes from a validated tensor of this
+    // device whose shape bounds the kernels' accesses.
+    unsafe {
+        match grads {
+            None => {
+                dev.launch(
+                    f("rat_states")?,
+                    (max_chunks, h, n),
+                    THREADS,
+                    0,
+                    stream,
+                    &params,
+                )?;
+                dev.launch(
+                    f("rat_fwd")?,
+                    (max_tiles, h, n),
+                    THREADS,
+                    s3,
+                    stream,
+                    &params,
+                )?;
+            }
+            Some(_) => {
+                // rotated elem copies of the saved states (and the carries when L > 64)
+                if l > 64 {
+                    params.write_states = 0;
+                } else {
+                    params.mode = 1;
+                }
+                dev.launch(
+                    f("rat_states")?,
+                    (max_chunks, h, n),
+                    THREADS,
+                    0,
+                    stream,
+                    &params,
+                )?;
+                let rows = (p.t * p.h).div_ceil(4) as u32;
+                dev.launch(
+                    f("rat_delta")?,
+                    (rows, p.b as u32, 1),
+                    THREADS,
+                    0,
+                    stream,
+                    &params,
+                )?;
+                let blocks = max_chunks.div_ceil(64);
+                dev.launch(
+                    f("rat_bwd_kv")?,
+                    (blocks, h, n),
+                    THREADS,
+                    s4,
+                    stream,
+                    &params,
+                )?;
+                let qgrid = if l <= 64 { max_tiles } else { max_chunks };
+                dev.launch(f("rat_bwd_q")?, (qgrid, h, n), THREADS, s4, stream, &params)?;
+            }
+        }
+    }
     Ok(())
 }

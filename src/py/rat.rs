@@ -6,7 +6,7 @@ use pyo3::prelude::*;
 /// Forward of RAT attention: writes `out`, `lse` and the chunk-final `k_states`/`v_states`.
 #[pyfunction]
 #[pyo3(signature = (q, k, v, g, out, lse, k_states, v_states, chunk_size, scale, rope_base,
-                    cu_seqlens, stream))]
+                    cu_seqlens, stream, scratch=None))]
 #[allow(clippy::too_many_arguments)]
 fn rat_fwd(
     py: Python<'_>,
@@ -23,11 +23,27 @@ fn rat_fwd(
     rope_base: Option<f64>,
     cu_seqlens: Option<&Bound<'_, PyAny>>,
     stream: usize,
+    scratch: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<()> {
     tensors!(stream; q, k, v, g, out, lse, k_states, v_states, cu_seqlens?);
+    let scratch = Scratch::import(scratch, stream)?;
+    let sc = scratch.as_ref().map(|s| s.views());
     py.detach(|| {
         ops::rat::forward(
-            q, k, v, g, out, lse, k_states, v_states, chunk_size, scale, rope_base, cu_seqlens,
+            q,
+            k,
+            v,
+            g,
+            out,
+            lse,
+            k_states,
+            v_states,
+            chunk_size,
+            scale,
+            rope_base,
+            cu_seqlens,
+            sc.as_ref(),
+            stream,
         )
     })
 }
@@ -35,7 +51,7 @@ fn rat_fwd(
 /// Backward of RAT attention: writes dq, dk, dv, dg.
 #[pyfunction]
 #[pyo3(signature = (q, k, v, g, out, lse, k_states, v_states, grad_out, dq, dk, dv, dg,
-                    chunk_size, scale, rope_base, cu_seqlens, stream))]
+                    chunk_size, scale, rope_base, cu_seqlens, stream, scratch=None))]
 #[allow(clippy::too_many_arguments)]
 fn rat_bwd(
     py: Python<'_>,
@@ -57,15 +73,77 @@ fn rat_bwd(
     rope_base: Option<f64>,
     cu_seqlens: Option<&Bound<'_, PyAny>>,
     stream: usize,
+    scratch: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<()> {
     tensors!(stream; q, k, v, g, out, lse, k_states, v_states, grad_out, dq, dk, dv, dg,
              cu_seqlens?);
+    let scratch = Scratch::import(scratch, stream)?;
+    let sc = scratch.as_ref().map(|s| s.views());
     py.detach(|| {
         ops::rat::backward(
-            q, k, v, g, out, lse, k_states, v_states, grad_out, dq, dk, dv, dg, chunk_size, scale,
-            rope_base, cu_seqlens,
+            q,
+            k,
+            v,
+            g,
+            out,
+            lse,
+            k_states,
+            v_states,
+            grad_out,
+            dq,
+            dk,
+            dv,
+            dg,
+            chunk_size,
+            scale,
+            rope_base,
+            cu_seqlens,
+            sc.as_ref(),
+            stream,
         )
     })
+}
+
+/// The CUDA scratch buffers, passed from Python as a tuple
+/// `(kr, ve, carry_k, carry_v[, delta, dks, dvs])`.
+struct Scratch {
+    tensors: Vec<crate::tensor::Tensor>,
+}
+
+impl Scratch {
+    fn import(obj: Option<&Bound<'_, PyAny>>, stream: usize) -> PyResult<Option<Scratch>> {
+        let Some(obj) = obj else { return Ok(None) };
+        if obj.is_none() {
+            return Ok(None);
+        }
+        let items: Vec<Bound<'_, PyAny>> = obj.extract()?;
+        if items.len() != 4 && items.len() != 7 {
+            return Err(ops::value_error(format!(
+                "scratch: expected 4 or 7 tensors, got {}",
+                items.len()
+            )));
+        }
+        let names = ["kr", "ve", "carry_k", "carry_v", "delta", "dks", "dvs"];
+        let tensors = items
+            .iter()
+            .zip(names)
+            .map(|(t, name)| crate::tensor::import(t, name, stream))
+            .collect::<PyResult<Vec<_>>>()?;
+        Ok(Some(Scratch { tensors }))
+    }
+
+    fn views(&self) -> ops::rat::Scratch<'_> {
+        let v = |i: usize| self.tensors.get(i).map(|t| &t.view);
+        ops::rat::Scratch {
+            kr: &self.tensors[0].view,
+            ve: &self.tensors[1].view,
+            carry_k: &self.tensors[2].view,
+            carry_v: &self.tensors[3].view,
+            delta: v(4),
+            dks: v(5),
+            dvs: v(6),
+        }
+    }
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -8,9 +8,9 @@
     out     = out_proj(y)                    (+ x with ``norm_and_residual=True``)
 
 Generation keeps a :class:`RATCache`: the chunk-final states (T/L per layer) plus the running
-state of the current chunk. A call without a cache runs the fused op; a call with a cache (one
-token, or a chunk of a prefill) continues from it in PyTorch over the cached states (O(T/L)
-per token) and equals the full forward.
+state of the current chunk. A call without a cache runs the fused op (CPU or CUDA); a call with
+a cache (one token, or a chunk of a prefill) continues from it in PyTorch over the cached states
+(O(T/L) per token, on any device, without host synchronisation) and equals the full forward.
 """
 
 from __future__ import annotations
@@ -76,9 +76,13 @@ def rat_continue(q, k, v, g, cache: RATCache, *, chunk_size, scale=None, rope_ba
     vt = _scan_chunks(vx, gx, L)[:, o:]
     pos = P + torch.arange(M, device=q.device)
     c = pos // L
-    done = (pos % L) == L - 1
-    all_k = torch.cat([cache.k_states, kt[:, done]], dim=1)
-    all_v = torch.cat([cache.v_states, vt[:, done]], dim=1)
+    # new tokens that complete a chunk: offsets first, first + L, ... (a slice, no host sync)
+    first = (L - 1 - P) % L
+    if first < M:
+        all_k = torch.cat([cache.k_states, kt[:, first::L]], dim=1)
+        all_v = torch.cat([cache.v_states, vt[:, first::L]], dim=1)
+    else:  # no chunk completes: the cached states are reused as they are (no copy)
+        all_k, all_v = cache.k_states, cache.v_states
     j = torch.arange(all_k.shape[1], device=q.device)
     qr = rat_rope(qc, c, rope_base)
     kr = rat_rope(all_k, j, rope_base)  # state j rotated by its chunk index

@@ -2,7 +2,9 @@
 
 Math and conventions: ``docs/api/rat.md``. The forward writes y, the lse and every chunk's final
 state; the backward recomputes the partial states from those (nothing O(T^2), nothing O(T·D)
-saved beyond the output). CPU kernels only for now: CUDA tensors raise NotImplementedError.
+saved beyond the output). CPU tensors run the Rust CPU kernels, CUDA tensors the fused kernels of
+``cuda/rat.cu`` (float32/float16/bfloat16; head dim <= 256, <= 128 for float32); the CUDA path
+allocates its scratch buffers here with torch (O(B·T/L·H·D), plus Δ [B, T, H] in the backward).
 """
 
 from __future__ import annotations
@@ -31,6 +33,27 @@ def _state_shape(q: Tensor, chunk_size: int, cu_seqlens: Tensor | None) -> tuple
     return (B, rat_state_chunks(T, chunk_size, n), H, D)
 
 
+def _cuda_scratch(q: Tensor, shape: tuple[int, ...], chunk_size: int, backward: bool):
+    """Scratch of the CUDA kernels: rotated chunk-final keys and values in q's dtype, the scan
+    states entering every 64-token sub-tile (L > 64 only), and in the backward Δ and the
+    chunk-state gradients (float32)."""
+    if q.device.type != "cuda":
+        return None
+    B, C, H, D = shape
+    kr = torch.empty(shape, dtype=q.dtype, device=q.device)
+    ve = torch.empty(shape, dtype=q.dtype, device=q.device)
+    slots = C * -(-chunk_size // 64) if chunk_size > 64 else 1
+    f32 = {"dtype": torch.float32, "device": q.device}
+    carry_k = torch.empty(B, slots, H, D, **f32)
+    carry_v = torch.empty(B, slots, H, D, **f32)
+    if not backward:
+        return (kr, ve, carry_k, carry_v)
+    delta = torch.empty(q.shape[:3], **f32)
+    dks = torch.empty(shape, **f32)
+    dvs = torch.empty(shape, **f32)
+    return (kr, ve, carry_k, carry_v, delta, dks, dvs)
+
+
 @torch.library.custom_op("longattn::rat_fwd", mutates_args=(), device_types=("cpu", "cuda"))
 def rat_fwd(
     q: Tensor,
@@ -50,6 +73,7 @@ def rat_fwd(
     shape = _state_shape(q, chunk_size, cu_seqlens)
     k_states = torch.zeros(shape, dtype=sdt, device=q.device)
     v_states = torch.zeros(shape, dtype=sdt, device=q.device)
+    scratch = _cuda_scratch(q, shape, chunk_size, backward=False)
     with native_call(q) as stream:
         _native.rat_fwd(
             q.detach(),
@@ -65,6 +89,7 @@ def rat_fwd(
             rope_base,
             cu_seqlens,
             stream,
+            scratch,
         )
     return out, lse, k_states, v_states
 
@@ -102,6 +127,7 @@ def rat_bwd(
     dv = torch.empty(v.shape, dtype=q.dtype, device=q.device)
     dg = torch.empty(g.shape, dtype=g.dtype, device=q.device)
     grad_out = unit_last_stride(grad_out)
+    scratch = _cuda_scratch(q, tuple(k_states.shape), chunk_size, backward=True)
     with native_call(q) as stream:
         _native.rat_bwd(
             q.detach(),
@@ -122,6 +148,7 @@ def rat_bwd(
             rope_base,
             cu_seqlens,
             stream,
+            scratch,
         )
     return dq, dk, dv, dg
 

@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""A small rat_attn workload for compute-sanitizer (memcheck, racecheck) on CUDA.
+
+    compute-sanitizer --tool memcheck python3 benchmarks/sanitize_rat.py
+    compute-sanitizer --tool racecheck python3 benchmarks/sanitize_rat.py
+
+Cases (forward + backward, each checked against the float64 per-token reference, so an unwritten
+or wrong element shows up too): bf16 and float32 at L = 16 (tiles of whole chunks), L = 3 (tiles
+that do not start at a multiple of 64), L = 100 (sub-tiles inside a chunk: the carries and the
+reverse scan across sub-tiles), D = 40 (padded head dim), NoPE, g in bf16, varlen with an empty
+and a one-token sequence, stride-0 grouped keys.  Exit status 1 when a case raised or missed its
+tolerance; the sanitizer's own verdict is its 'ERROR SUMMARY' line.  `--cpu` runs the same cases
+on the CPU (a check of this script, no sanitizer).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+# One cudaMalloc per tensor, so memcheck sees the true bounds of every tensor.
+os.environ.setdefault("PYTORCH_NO_CUDA_MEMORY_CACHING", "1")
+
+import torch  # noqa: E402
+
+
+def rel(a, b):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    if not bool(torch.isfinite(a).all()):
+        return float("nan")
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def main() -> int:
+    from longattn import rat_attn
+    from longattn.reference.rat import rat_attn_reference
+
+    dev = torch.device("cpu" if "--cpu" in sys.argv else "cuda")
+    torch.manual_seed(0)
+    failures = []
+
+    def run(name, B, T, H, D, L, dtype, g_dtype=torch.float32, rope=10000.0, cu=None, group=0):
+        tol_y = 1e-5 if dtype == torch.float32 else 2e-2
+        tol_g = 1e-4 if dtype == torch.float32 else 2e-2
+        try:
+            q = torch.randn(B, T, H, D, device=dev).to(dtype).requires_grad_()
+            hk = group or H
+            k0 = torch.randn(B, T, hk, D, device=dev).to(dtype).requires_grad_()
+            v = torch.randn(B, T, H, D, device=dev).to(dtype).requires_grad_()
+            g = torch.sigmoid(torch.randn(B, T, H, D, device=dev) + 1).to(g_dtype).requires_grad_()
+            k = k0.expand(B, T, H, D) if group else k0
+            cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=dev)
+            kw = {"chunk_size": L, "rope_base": rope, "cu_seqlens": cu_t}
+            dy = torch.randn(B, T, H, D, device=dev)
+            y = rat_attn(q, k, v, g, **kw)
+            grads = torch.autograd.grad(y, (q, k0, v, g), dy.to(dtype))
+            d64 = [t.detach().double().requires_grad_() for t in (q, k0, v, g)]
+            k64 = d64[1].expand(B, T, H, D) if group else d64[1]
+            yr = rat_attn_reference(d64[0], k64, d64[2], d64[3], **kw)
+            grads_r = torch.autograd.grad(yr, d64, dy.double())
+            errs = {"y": (rel(y, yr), tol_y)}
+            for n, a, b in zip("qkvg", grads, grads_r, strict=True):
+                errs["d" + n] = (rel(a, b), tol_g)
+            bad = {k: e for k, (e, tol) in errs.items() if not e <= tol}
+            status = "FAIL" if bad else "ok"
+            print(f"{status:4s} {name}: " + ", ".join(f"{k} {e:.2e}" for k, (e, _) in errs.items()))
+            if bad:
+                failures.append(name)
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+            failures.append(name)
+
+    bf16, f32 = torch.bfloat16, torch.float32
+    run("bf16 L16 D64", 2, 150, 2, 64, 16, bf16)
+    run("f32 L16 D64", 1, 150, 2, 64, 16, f32)
+    run("f32 L3 D40", 1, 141, 2, 40, 3, f32)
+    run("bf16 L100 D128", 1, 230, 2, 128, 100, bf16)
+    run("f32 L100 D32 NoPE", 1, 230, 2, 32, 100, f32, rope=None)
+    run("f16 L1 D64 g-f16", 1, 70, 2, 64, 1, torch.float16, g_dtype=torch.float16)
+    run("bf16 L16 varlen", 1, 120, 2, 64, 16, bf16, cu=[0, 5, 5, 101, 102, 120])
+    run("f32 L100 varlen", 1, 260, 2, 32, 100, f32, cu=[0, 70, 259, 260])
+    run("bf16 L16 grouped", 2, 90, 4, 64, 16, bf16, group=1)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    print("FAILED: " + ", ".join(failures) if failures else "all cases passed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,900 @@
+// RAT chunked attention (specs/rat.md): in-chunk gated scan, chunk RoPE, softmax over earlier
+// chunk-final states plus the own partial state.
+//
+// Tiles: a query tile holds at most 64 tokens and never starts inside a chunk unless L > 64.
+//   L <= 64: tile x covers tokens [x·TQ, x·TQ + TQ) of its sequence, TQ = ⌊64/L⌋·L.
+//   L >  64: tile x = (chunk c = x / TPC, sub = x % TPC), TPC = ⌈L/64⌉, covers
+//            [c·L + 64·sub, min(c·L + 64·sub + 64, c·L + L)); the scan state entering a sub-tile
+//            > 0 is read from the carry scratch (slot chunk0·TPC + x) written by rat_states.
+//
+// Kernels (all 128 threads; the scan phases give thread i the channel pair (i, i + Dh),
+// Dh = ⌈D/2⌉, so that RoPE pairs live in one thread):
+//   rat_states  per (chunk, head, sequence): scans the chunk (float32), writes the chunk-final
+//               states (float32, un-rotated; mode 0) or reads them (mode 1), and writes the
+//               rotated elem copy kr and the elem copy ve used by the tensor-core kernels, and
+//               the carries (L > 64).
+//   rat_fwd     per (tile, head, sequence): rescans the tile, own logit as the first softmax
+//               term (m = own, l = 1, O = v~), then blocks of 64 chunk states with mma.
+//   rat_delta   Δ_t = dy_t·y_t per row.
+//   rat_bwd_kv  per (block of 64 chunk states, head, sequence): dK~_j (un-rotated) and dV~_j over
+//               every later query tile (no atomics).
+//   rat_bwd_q   per tile (L <= 64) or per chunk (L > 64, its sub-tiles in reverse): dq, then the
+//               reverse scan (own-state gradients + dK~/dV~ at offset L − 1) to dk, dv, dg.
+//
+// Defines: RAT_ELEM (0 f32, 1 f16, 2 bf16), RAT_DK (padded head dim, multiple of 16, <= 256).
+#include "common.cuh"
+
+#define RAT_THREADS 128
+#define LOG2E 1.4426950408889634f
+#define RAT_INF __int_as_float(0x7f800000)
+
+struct RatParams {
+  const void *q, *k, *v, *g;
+  void *out;
+  const void *dout;
+  float *lse;
+  float *ks, *vs;      // saved chunk-final states [B, C, H, D] f32
+  void *kr, *ve;       // elem scratch [B, C, H, D] contiguous
+  float *carry_k, *carry_v; // [B, C·TPC, H, D] f32 contiguous (L > 64)
+  float *delta;        // [B, T, H] f32 contiguous
+  float *dks, *dvs;    // [B, C, H, D] f32 contiguous
+  void *dq, *dk, *dv, *dg;
+  const void *cu_seqlens;
+  i64 sq[3], sk[3], sv[3], sg[3], so[3], sdo[3], slse[3], sks[3], svs[3];
+  i64 sdq[3], sdk[3], sdv[3], sdg[3];
+  i64 srot[3]; // strides of kr, ve, dks, dvs (contiguous [B, C, H, D])
+  i64 scar[3]; // strides of the carries
+  double log2_base; // log2(rope_base)
+  int rope;
+  int T, H, D, L;
+  int TQ, TPC;
+  int cu_kind;
+  int g_f32;
+  int mode;          // rat_states: 0 scan, 1 read saved states
+  int write_states;  // rat_states mode 0: write ks, vs
+  int vec_rot, vec_do;
+  float scale;
+};
+
+struct Seq {
+  int b;
+  i64 start;
+  int len;
+  i64 chunk0;
+};
+
+__device__ __forceinline__ Seq seq_of(const RatParams &p, int n) {
+  Seq s;
+  if (p.cu_kind < 0) {
+    s.b = n;
+    s.start = 0;
+    s.len = p.T;
+    s.chunk0 = 0;
+    return s;
+  }
+  i64 s0, s1;
+  if (p.cu_kind == 1) {
+    s0 = ((const i64 *)p.cu_seqlens)[n];
+    s1 = ((const i64 *)p.cu_seqlens)[n + 1];
+  } else {
+    s0 = ((const int *)p.cu_seqlens)[n];
+    s1 = ((const int *)p.cu_seqlens)[n + 1];
+  }
+  s0 = s0 < 0 ? 0 : (s0 > p.T ? p.T : s0);
+  s1 = s1 < s0 ? s0 : (s1 > p.T ? p.T : s1);
+  s.b = 0;
+  s.start = s0;
+  s.len = (int)(s1 - s0);
+  s.chunk0 = (s0 + (i64)n * (p.L - 1)) / p.L;
+  return s;
+}
+
+// Tile x of a sequence: first token (sequence-relative) and token count (<= 0: no tile).
+__device__ __forceinline__ void tile_of(const RatParams &p, const Seq &s, int x, int &t0, int &m) {
+  if (p.L <= 64) {
+    t0 = x * p.TQ;
+    m = min(p.TQ, s.len - t0);
+  } else {
+    const int c = x / p.TPC, sub = x % p.TPC;
+    t0 = c * p.L + 64 * sub;
+    const int end = min(c * p.L + p.L, s.len);
+    m = min(64, min(c * p.L + p.L - t0, end - t0));
+  }
+}
+
+template <int ELEM> __device__ __forceinline__ float ld(const void *base, i64 off) {
+  return load_f32<ELEM>((const typename Elem<ELEM>::T *)base + off);
+}
+__device__ __forceinline__ float ld_g(const RatParams &p, i64 off) {
+  return p.g_f32 ? ((const float *)p.g)[off] : ld<RAT_ELEM>(p.g, off);
+}
+template <int ELEM> __device__ __forceinline__ void st(void *base, i64 off, float x) {
+  ((typename Elem<ELEM>::T *)base)[off] = from_f32<ELEM>(x);
+}
+
+// θ_i = base^(−2i/D) (float64), 0 without RoPE.
+__device__ __forceinline__ double theta_of(const RatParams &p, int i) {
+  return p.rope ? exp2(-2.0 * (double)i / (double)p.D * p.log2_base) : 0.0;
+}
+// cos/sin of c·θ (angle reduced in float64).
+__device__ __forceinline__ void cs_of(double theta, i64 c, float &co, float &si) {
+  double a = (double)c * theta;
+  a -= 6.283185307179586 * rint(a * 0.15915494309189535);
+  __sincosf((float)a, &si, &co);
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// ------------------------------------------------------------------------------- states
+template <int ELEM> __device__ void states_impl(const RatParams &p) {
+  typedef typename Elem<ELEM>::T T;
+  const int x = blockIdx.x, h = blockIdx.y, n = blockIdx.z;
+  const Seq s = seq_of(p, n);
+  const int nc = (s.len + p.L - 1) / p.L;
+  if (x >= nc) return;
+  const int i = threadIdx.x, Dh = (p.D + 1) / 2;
+  if (i >= Dh) return;
+  const int ch0 = i, ch1 = i + Dh;
+  const bool has1 = ch1 < p.D;
+  const i64 slot = s.chunk0 + x;
+  float k0 = 0.f, k1 = 0.f, v0 = 0.f, v1 = 0.f;
+  if (p.mode == 0) {
+    const int c0 = x * p.L, m = min(p.L, s.len - c0);
+    const i64 cbase = (i64)s.b * p.scar[0] + s.chunk0 * p.TPC * p.scar[1] + (i64)x * p.TPC * p.scar[1] +
+                      (i64)h * p.scar[2];
+#pragma unroll 4
+    for (int l = 0; l < m; ++l) {
+      if (p.L > 64 && l > 0 && (l & 63) == 0) {
+        const i64 o = cbase + (i64)(l >> 6) * p.scar[1];
+        p.carry_k[o + ch0] = k0;
+        p.carry_v[o + ch0] = v0;
+        if (has1) {
+          p.carry_k[o + ch1] = k1;
+          p.carry_v[o + ch1] = v1;
+        }
+      }
+      const i64 tok = s.start + c0 + l;
+      const i64 og = s.b * p.sg[0] + tok * p.sg[1] + h * p.sg[2];
+      const i64 ok = s.b * p.sk[0] + tok * p.sk[1] + h * p.sk[2];
+      const i64 ov = s.b * p.sv[0] + tok * p.sv[1] + h * p.sv[2];
+      const float g0 = ld_g(p, og + ch0);
+      k0 = g0 * k0 + (1.f - g0) * ld<ELEM>(p.k, ok + ch0);
+      v0 = g0 * v0 + (1.f - g0) * ld<ELEM>(p.v, ov + ch0);
+      if (has1) {
+        const float g1 = ld_g(p, og + ch1);
+        k1 = g1 * k1 + (1.f - g1) * ld<ELEM>(p.k, ok + ch1);
+        v1 = g1 * v1 + (1.f - g1) * ld<ELEM>(p.v, ov + ch1);
+      }
+    }
+    if (p.write_states) {
+      const i64 oks = s.b * p.sks[0] + slot * p.sks[1] + h * p.sks[2];
+      const i64 ovs = s.b * p.svs[0] + slot * p.svs[1] + h * p.svs[2];
+      p.ks[oks + ch0] = k0;
+      p.vs[ovs + ch0] = v0;
+      if (has1) {
+        p.ks[oks + ch1] = k1;
+        p.vs[ovs + ch1] = v1;
+      }
+    }
+  } else {
+    const i64 oks = s.b * p.sks[0] + slot * p.sks[1] + h * p.sks[2];
+    const i64 ovs = s.b * p.svs[0] + slot * p.svs[1] + h * p.svs[2];
+    k0 = p.ks[oks + ch0];
+    v0 = p.vs[ovs + ch0];
+    if (has1) {
+      k1 = p.ks[oks + ch1];
+      v1 = p.vs[ovs + ch1];
+    }
+  }
+  float r0 = k0, r1 = k1;
+  if (p.rope) {
+    float co, si;
+    cs_of(theta_of(p, i), x, co, si);
+    r0 = k0 * co - k1 * si;
+    r1 = k1 * co + k0 * si;
+  }
+  const i64 orot = s.b * p.srot[0] + slot * p.srot[1] + h * p.srot[2];
+  T *kr = (T *)p.kr, *ve = (T *)p.ve;
+  kr[orot + ch0] = from_f32<ELEM>(r0);
+  ve[orot + ch0] = from_f32<ELEM>(v0);
+  if (has1) {
+    kr[orot + ch1] = from_f32<ELEM>(r1);
+    ve[orot + ch1] = from_f32<ELEM>(v1);
+  }
+}
+
+// ------------------------------------------------------------------------------- forward
+template <int ELEM, int DK> __device__ void fwd_impl(const RatParams &p) {
+  typedef typename Elem<ELEM>::T T;
+  typedef Frag<ELEM> F;
+  constexpr int KS = Elem<ELEM>::KS, LD = DK + Elem<ELEM>::PAD, NJ = DK / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T *Qs = reinterpret_cast<T *>(smem_raw);
+  T *Ks = Qs + 64 * LD, *Vs = Ks + 64 * LD;
+  float *VT = reinterpret_cast<float *>(Ks); // [64][DK] own v~ (before the key loop)
+  __shared__ float red[64][4];
+  __shared__ float own2[64];
+
+  const int x = blockIdx.x, h = blockIdx.y, n = blockIdx.z;
+  const Seq s = seq_of(p, n);
+  int t0, m;
+  tile_of(p, s, x, t0, m);
+  if (m <= 0) return;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
+  const int Dh = (p.D + 1) / 2;
+  const float sl2 = p.scale * LOG2E;
+
+  // Zero the padding columns of Qs and VT.
+  for (int e = tid; e < 64 * (DK - p.D); e += RAT_THREADS) {
+    const int r = e / (DK - p.D), c = p.D + e % (DK - p.D);
+    Qs[r * LD + c] = from_f32<ELEM>(0.f);
+    VT[r * DK + c] = 0.f;
+  }
+  // In-tile scan.
+  {
+    const int i = tid, ch0 = i, ch1 = i + Dh;
+    const bool act = i < Dh, has1 = act && ch1 < p.D;
+    const double th = theta_of(p, i);
+    float k0 = 0.f, k1 = 0.f, v0 = 0.f, v1 = 0.f;
+    if (p.L > 64 && (x % p.TPC) != 0 && act) {
+      const i64 o = (i64)s.b * p.scar[0] + (s.chunk0 * p.TPC + x) * p.scar[1] + (i64)h * p.scar[2];
+      k0 = p.carry_k[o + ch0];
+      v0 = p.carry_v[o + ch0];
+      if (has1) {
+        k1 = p.carry_k[o + ch1];
+        v1 = p.carry_v[o + ch1];
+      }
+    }
+    for (int l = 0; l < 64; ++l) {
+      float part = 0.f;
+      if (l < m && act) {
+        const int pos = t0 + l;
+        if (pos % p.L == 0) k0 = k1 = v0 = v1 = 0.f;
+        const i64 tok = s.start + pos;
+        const i64 og = s.b * p.sg[0] + tok * p.sg[1] + h * p.sg[2];
+        const i64 ok = s.b * p.sk[0] + tok * p.sk[1] + h * p.sk[2];
+        const i64 ov = s.b * p.sv[0] + tok * p.sv[1] + h * p.sv[2];
+        const i64 oq = s.b * p.sq[0] + tok * p.sq[1] + h * p.sq[2];
+        const float g0 = ld_g(p, og + ch0);
+        k0 = g0 * k0 + (1.f - g0) * ld<ELEM>(p.k, ok + ch0);
+        v0 = g0 * v0 + (1.f - g0) * ld<ELEM>(p.v, ov + ch0);
+        const float q0 = ld<ELEM>(p.q, oq + ch0);
+        float q1 = 0.f;
+        if (has1) {
+          const float g1 = ld_g(p, og + ch1);
+          k1 = g1 * k1 + (1.f - g1) * ld<ELEM>(p.k, ok + ch1);
+          v1 = g1 * v1 + (1.f - g1) * ld<ELEM>(p.v, ov + ch1);
+          q1 = ld<ELEM>(p.q, oq + ch1);
+        }
+        part = q0 * k0 + (has1 ? q1 * k1 : 0.f);
+        VT[l * DK + ch0] = v0;
+        float r0 = q0, r1 = q1;
+        if (p.rope) {
+          float co, si;
+          cs_of(th, pos / p.L, co, si);
+          r0 = q0 * co - q1 * si;
+          r1 = q1 * co + q0 * si;
+        }
+        Qs[l * LD + ch0] = from_f32<ELEM>(r0);
+        if (has1) {
+          VT[l * DK + ch1] = v1;
+          Qs[l * LD + ch1] = from_f32<ELEM>(r1);
+        }
+      } else if (act) {
+        VT[l * DK + ch0] = 0.f;
+        Qs[l * LD + ch0] = from_f32<ELEM>(0.f);
+        if (has1) {
+          VT[l * DK + ch1] = 0.f;
+          Qs[l * LD + ch1] = from_f32<ELEM>(0.f);
+        }
+      }
+      part = warp_sum(part);
+      if (lane == 0) red[l][warp] = part;
+    }
+  }
+  __syncthreads();
+  if (tid < 64) own2[tid] = (red[tid][0] + red[tid][1] + red[tid][2] + red[tid][3]) * sl2;
+  __syncthreads();
+
+  const int r0 = 16 * warp;
+  float O[NJ][4], mrow[2], lrow[2];
+  int crow[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = r0 + g + 8 * r;
+    mrow[r] = own2[row];
+    lrow[r] = tq == 0 ? 1.f : 0.f;
+    crow[r] = row < m ? (t0 + row) / p.L : 0;
+  }
+#pragma unroll
+  for (int j = 0; j < NJ; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) O[j][e] = VT[(r0 + g + 8 * (e >> 1)) * DK + 8 * j + 2 * tq + (e & 1)];
+  __syncthreads(); // VT is dead; Ks/Vs take its place
+
+  const int nstates = (t0 + m - 1) / p.L; // states visible to the last row
+  const T *krb = (const T *)p.kr + s.b * p.srot[0] + s.chunk0 * p.srot[1] + h * p.srot[2];
+  const T *veb = (const T *)p.ve + s.b * p.srot[0] + s.chunk0 * p.srot[1] + h * p.srot[2];
+  for (int jb = 0; jb < nstates; jb += 64) {
+    const int rows = min(64, nstates - jb);
+    load_tile_async<ELEM, 64, DK, RAT_THREADS>(Ks, LD, krb + (i64)jb * p.srot[1], p.srot[1], rows, p.D,
+                                               p.vec_rot);
+    load_tile_async<ELEM, 64, DK, RAT_THREADS>(Vs, LD, veb + (i64)jb * p.srot[1], p.srot[1], rows, p.D,
+                                               p.vec_rot);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    float S[8][4];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) S[j][0] = S[j][1] = S[j][2] = S[j][3] = 0.f;
+#pragma unroll
+    for (int k0 = 0; k0 < DK; k0 += KS) {
+      u32 a[4], bf[2];
+      F::A_mk(a, Qs, LD, r0, k0);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        F::B_nk(bf, Ks, LD, k0, 8 * j);
+        mma<ELEM>(S[j], a, bf);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = -RAT_INF;
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int cc = 0; cc < 2; ++cc) {
+          const int col = jb + 8 * j + 2 * tq + cc;
+          float v = col < crow[r] ? S[j][2 * r + cc] * sl2 : -RAT_INF;
+          S[j][2 * r + cc] = v;
+          mx = fmaxf(mx, v);
+        }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float mnew = fmaxf(mrow[r], mx);
+      const float alpha = (mnew == mrow[r]) ? 1.f : fast_exp2(mrow[r] - mnew);
+      mrow[r] = mnew;
+      lrow[r] *= alpha;
+#pragma unroll
+      for (int j = 0; j < NJ; ++j) {
+        O[j][2 * r] *= alpha;
+        O[j][2 * r + 1] *= alpha;
+      }
+      float ls = 0.f;
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int cc = 0; cc < 2; ++cc) {
+          const float v = S[j][2 * r + cc];
+          const float pr = v == -RAT_INF ? 0.f : fast_exp2(v - mnew);
+          S[j][2 * r + cc] = pr;
+          ls += pr;
+        }
+      lrow[r] += ls;
+    }
+#pragma unroll
+    for (int kk = 0; kk < 64 / KS; ++kk) {
+      u32 a[4], bf[2];
+      F::A_from_acc(a, S, kk);
+#pragma unroll
+      for (int j = 0; j < NJ; ++j) {
+        F::B_kn(bf, Vs, LD, kk * KS, 8 * j);
+        mma<ELEM>(O[j], a, bf);
+      }
+    }
+    __syncthreads();
+  }
+  // Write y and the lse.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = lrow[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const int row = r0 + g + 8 * r;
+    if (row < m) {
+      const i64 tok = s.start + t0 + row;
+      const float inv = 1.f / l;
+      const i64 oo = s.b * p.so[0] + tok * p.so[1] + h * p.so[2];
+#pragma unroll
+      for (int j = 0; j < NJ; ++j)
+#pragma unroll
+        for (int cc = 0; cc < 2; ++cc) {
+          const int col = 8 * j + 2 * tq + cc;
+          if (col < p.D) st<ELEM>(p.out, oo + col, O[j][2 * r + cc] * inv);
+        }
+      if (tq == 0) p.lse[s.b * p.slse[0] + tok * p.slse[1] + h * p.slse[2]] = (mrow[r] + __log2f(l)) * 0.6931471805599453f;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------- Δ
+template <int ELEM> __device__ void delta_impl(const RatParams &p) {
+  const i64 rowid = (i64)blockIdx.x * 4 + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  const i64 rows = (i64)gridDim.y * p.T * p.H; // gridDim.y = B
+  (void)rows;
+  const int b = blockIdx.y;
+  if (rowid >= (i64)p.T * p.H) return;
+  const i64 t = rowid / p.H, h = rowid % p.H;
+  const i64 oy = b * p.so[0] + t * p.so[1] + h * p.so[2];
+  const i64 od = b * p.sdo[0] + t * p.sdo[1] + h * p.sdo[2];
+  float acc = 0.f;
+  for (int d = lane; d < p.D; d += 32) acc += ld<ELEM>(p.out, oy + d) * ld<ELEM>(p.dout, od + d);
+  acc = warp_sum(acc);
+  if (lane == 0) p.delta[((i64)b * p.T + t) * p.H + h] = acc;
+}
+
+// ------------------------------------------------------------------------------- dK~, dV~
+template <int ELEM, int DK> __device__ void bwd_kv_impl(const RatParams &p) {
+  typedef typename Elem<ELEM>::T T;
+  typedef Frag<ELEM> F;
+  constexpr int KS = Elem<ELEM>::KS, LD = DK + Elem<ELEM>::PAD, NJ = DK / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T *Ks = reinterpret_cast<T *>(smem_raw);
+  T *Vs = Ks + 64 * LD, *Qs = Vs + 64 * LD, *dYs = Qs + 64 * LD;
+  __shared__ float lse2[64], dlt[64];
+  __shared__ int crow[64];
+
+  const int x = blockIdx.x, h = blockIdx.y, n = blockIdx.z;
+  const Seq s = seq_of(p, n);
+  const int nc = (s.len + p.L - 1) / p.L;
+  const int j0 = 64 * x;
+  if (j0 >= nc - 1) return; // nothing attends these states
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
+  const int Dh = (p.D + 1) / 2;
+  const float sl2 = p.scale * LOG2E;
+  const int nrows = min(64, nc - j0);
+  const T *krb = (const T *)p.kr + s.b * p.srot[0] + (s.chunk0 + j0) * p.srot[1] + h * p.srot[2];
+  const T *veb = (const T *)p.ve + s.b * p.srot[0] + (s.chunk0 + j0) * p.srot[1] + h * p.srot[2];
+  load_tile_async<ELEM, 64, DK, RAT_THREADS>(Ks, LD, krb, p.srot[1], nrows, p.D, p.vec_rot);
+  load_tile_async<ELEM, 64, DK, RAT_THREADS>(Vs, LD, veb, p.srot[1], nrows, p.D, p.vec_rot);
+  cp_async_commit();
+  for (int e = tid; e < 64 * (DK - p.D); e += RAT_THREADS) {
+    const int r = e / (DK - p.D), c = p.D + e % (DK - p.D);
+    Qs[r * LD + c] = from_f32<ELEM>(0.f);
+  }
+  const int i = tid, ch0 = i, ch1 = i + Dh;
+  const bool act = i < Dh, has1 = act && ch1 < p.D;
+  const double th = theta_of(p, i);
+  const int r0 = 16 * warp;
+  float dK[NJ][4], dV[NJ][4];
+#pragma unroll
+  for (int j = 0; j < NJ; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dK[j][e] = dV[j][e] = 0.f;
+  const T *dob = (const T *)p.dout + s.b * p.sdo[0] + s.start * p.sdo[1] + h * p.sdo[2];
+  for (int tb = (j0 + 1) * p.L; tb < s.len; tb += 64) {
+    const int m = min(64, s.len - tb);
+    load_tile_async<ELEM, 64, DK, RAT_THREADS>(dYs, LD, dob + (i64)tb * p.sdo[1], p.sdo[1], m, p.D, p.vec_do);
+    cp_async_commit();
+    if (act) {
+      for (int l = 0; l < 64; ++l) {
+        float r0v = 0.f, r1v = 0.f;
+        if (l < m) {
+          const int pos = tb + l;
+          const i64 oq = s.b * p.sq[0] + (s.start + pos) * p.sq[1] + h * p.sq[2];
+          const float q0 = ld<ELEM>(p.q, oq + ch0);
+          const float q1 = has1 ? ld<ELEM>(p.q, oq + ch1) : 0.f;
+          r0v = q0;
+          r1v = q1;
+          if (p.rope) {
+            float co, si;
+            cs_of(th, pos / p.L, co, si);
+            r0v = q0 * co - q1 * si;
+            r1v = q1 * co + q0 * si;
+          }
+        }
+        Qs[l * LD + ch0] = from_f32<ELEM>(r0v);
+        if (has1) Qs[l * LD + ch1] = from_f32<ELEM>(r1v);
+      }
+    }
+    if (tid < 64) {
+      const int l = tid;
+      if (l < m) {
+        const i64 tok = s.start + tb + l;
+        lse2[l] = p.lse[s.b * p.slse[0] + tok * p.slse[1] + h * p.slse[2]] * LOG2E;
+        dlt[l] = p.delta[((i64)s.b * p.T + tok) * p.H + h];
+        crow[l] = (tb + l) / p.L;
+      } else {
+        lse2[l] = 0.f;
+        dlt[l] = 0.f;
+        crow[l] = -1;
+      }
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+    float P[8][4], dP[8][4];
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) P[j][e] = dP[j][e] = 0.f;
+#pragma unroll
+    for (int k0 = 0; k0 < DK; k0 += KS) {
+      u32 a[4], av[4], bf[2];
+      F::A_mk(a, Ks, LD, r0, k0);
+      F::A_mk(av, Vs, LD, r0, k0);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        F::B_nk(bf, Qs, LD, k0, 8 * j);
+        mma<ELEM>(P[j], a, bf);
+        F::B_nk(bf, dYs, LD, k0, 8 * j);
+        mma<ELEM>(dP[j], av, bf);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int js = j0 + r0 + g + 8 * r;
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int cc = 0; cc < 2; ++cc) {
+          const int col = 8 * j + 2 * tq + cc;
+          const bool ok = js < crow[col];
+          const float pr = ok ? fast_exp2(P[j][2 * r + cc] * sl2 - lse2[col]) : 0.f;
+          P[j][2 * r + cc] = pr;
+          dP[j][2 * r + cc] = ok ? pr * (dP[j][2 * r + cc] - dlt[col]) : 0.f;
+        }
+    }
+#pragma unroll
+    for (int kk = 0; kk < 64 / KS; ++kk) {
+      u32 a[4], ad[4], bf[2];
+      F::A_from_acc(a, P, kk);
+      F::A_from_acc(ad, dP, kk);
+#pragma unroll
+      for (int j = 0; j < NJ; ++j) {
+        F::B_kn(bf, dYs, LD, kk * KS, 8 * j);
+        mma<ELEM>(dV[j], a, bf);
+        F::B_kn(bf, Qs, LD, kk * KS, 8 * j);
+        mma<ELEM>(dK[j], ad, bf);
+      }
+    }
+    __syncthreads();
+  }
+  // Stash to shared memory as float32 (Qs/dYs region for dK, Ks/Vs for dV), un-rotate, write.
+  float *FK = reinterpret_cast<float *>(Qs), *FV = reinterpret_cast<float *>(Ks);
+#pragma unroll
+  for (int j = 0; j < NJ; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int row = r0 + g + 8 * (e >> 1), col = 8 * j + 2 * tq + (e & 1);
+      FK[row * DK + col] = dK[j][e] * p.scale;
+      FV[row * DK + col] = dV[j][e];
+    }
+  __syncthreads();
+  if (act) {
+    for (int l = 0; l < nrows; ++l) {
+      const int jj = j0 + l;
+      const i64 o = s.b * p.srot[0] + (s.chunk0 + jj) * p.srot[1] + h * p.srot[2];
+      const float x0 = FK[l * DK + ch0], x1 = has1 ? FK[l * DK + ch1] : 0.f;
+      float o0 = x0, o1 = x1;
+      if (p.rope) {
+        float co, si;
+        cs_of(th, jj, co, si);
+        o0 = x0 * co + x1 * si;
+        o1 = x1 * co - x0 * si;
+      }
+      p.dks[o + ch0] = o0;
+      p.dvs[o + ch0] = FV[l * DK + ch0];
+      if (has1) {
+        p.dks[o + ch1] = o1;
+        p.dvs[o + ch1] = FV[l * DK + ch1];
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------- dq, dk, dv, dg
+template <int ELEM, int DK> __device__ void bwd_q_impl(const RatParams &p) {
+  typedef typename Elem<ELEM>::T T;
+  typedef Frag<ELEM> F;
+  constexpr int KS = Elem<ELEM>::KS, LD = DK + Elem<ELEM>::PAD, NJ = DK / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T *Qs = reinterpret_cast<T *>(smem_raw);
+  T *dYs = Qs + 64 * LD, *Ks = dYs + 64 * LD, *Vs = Ks + 64 * LD;
+  float *F1 = reinterpret_cast<float *>(Qs); // after the key loop: hv [64][DK]
+  float *F2 = reinterpret_cast<float *>(Ks); // after the key loop: dq_rot, then hk [64][DK]
+  __shared__ float redq[64][4], redv[64][4];
+  __shared__ float lse2[64], dlt[64], pst[64], dast[64];
+  __shared__ int crow[64];
+
+  const int x = blockIdx.x, h = blockIdx.y, n = blockIdx.z;
+  const Seq s = seq_of(p, n);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
+  const int Dh = (p.D + 1) / 2;
+  const float sl2 = p.scale * LOG2E;
+  const int i = tid, ch0 = i, ch1 = i + Dh;
+  const bool act = i < Dh, has1 = act && ch1 < p.D;
+  const double th = theta_of(p, i);
+  const int nc = (s.len + p.L - 1) / p.L;
+  // Tiles of this CTA, processed last to first.
+  int xfirst, xlast;
+  if (p.L <= 64) {
+    xfirst = xlast = x;
+  } else {
+    if (x >= nc) return;
+    xfirst = x * p.TPC;
+    xlast = xfirst + (min(p.L, s.len - x * p.L) + 63) / 64 - 1;
+  }
+  {
+    int t0, m;
+    tile_of(p, s, xlast, t0, m);
+    if (m <= 0) return;
+  }
+  float lk0 = 0.f, lk1 = 0.f, lv0 = 0.f, lv1 = 0.f, gn0 = 0.f, gn1 = 0.f; // reverse-scan carry
+  const T *krb = (const T *)p.kr + s.b * p.srot[0] + s.chunk0 * p.srot[1] + h * p.srot[2];
+  const T *veb = (const T *)p.ve + s.b * p.srot[0] + s.chunk0 * p.srot[1] + h * p.srot[2];
+  for (int xt = xlast; xt >= xfirst; --xt) {
+    int t0, m;
+    tile_of(p, s, xt, t0, m);
+    float ck0 = 0.f, ck1 = 0.f, cv0 = 0.f, cv1 = 0.f; // scan state entering the tile
+    if (p.L > 64 && (xt % p.TPC) != 0 && act) {
+      const i64 o = (i64)s.b * p.scar[0] + (s.chunk0 * p.TPC + xt) * p.scar[1] + (i64)h * p.scar[2];
+      ck0 = p.carry_k[o + ch0];
+      cv0 = p.carry_v[o + ch0];
+      if (has1) {
+        ck1 = p.carry_k[o + ch1];
+        cv1 = p.carry_v[o + ch1];
+      }
+    }
+    for (int e = tid; e < 64 * (DK - p.D); e += RAT_THREADS) {
+      const int r = e / (DK - p.D), c = p.D + e % (DK - p.D);
+      Qs[r * LD + c] = from_f32<ELEM>(0.f);
+      dYs[r * LD + c] = from_f32<ELEM>(0.f);
+    }
+    // Phase 1: scan, own-state dot products, rotated q and dy into shared memory.
+    {
+      float k0 = ck0, k1 = ck1, v0 = cv0, v1 = cv1;
+      for (int l = 0; l < 64; ++l) {
+        float pq = 0.f, pv = 0.f;
+        if (l < m && act) {
+          const int pos = t0 + l;
+          if (pos % p.L == 0) k0 = k1 = v0 = v1 = 0.f;
+          const i64 tok = s.start + pos;
+          const i64 og = s.b * p.sg[0] + tok * p.sg[1] + h * p.sg[2];
+          const i64 ok = s.b * p.sk[0] + tok * p.sk[1] + h * p.sk[2];
+          const i64 ov = s.b * p.sv[0] + tok * p.sv[1] + h * p.sv[2];
+          const i64 oq = s.b * p.sq[0] + tok * p.sq[1] + h * p.sq[2];
+          const i64 od = s.b * p.sdo[0] + tok * p.sdo[1] + h * p.sdo[2];
+          const float g0 = ld_g(p, og + ch0);
+          k0 = g0 * k0 + (1.f - g0) * ld<ELEM>(p.k, ok + ch0);
+          v0 = g0 * v0 + (1.f - g0) * ld<ELEM>(p.v, ov + ch0);
+          const float q0 = ld<ELEM>(p.q, oq + ch0), y0 = ld<ELEM>(p.dout, od + ch0);
+          float q1 = 0.f, y1 = 0.f;
+          if (has1) {
+            const float g1 = ld_g(p, og + ch1);
+            k1 = g1 * k1 + (1.f - g1) * ld<ELEM>(p.k, ok + ch1);
+            v1 = g1 * v1 + (1.f - g1) * ld<ELEM>(p.v, ov + ch1);
+            q1 = ld<ELEM>(p.q, oq + ch1);
+            y1 = ld<ELEM>(p.dout, od + ch1);
+          }
+          pq = q0 * k0 + (has1 ? q1 * k1 : 0.f);
+          pv = y0 * v0 + (has1 ? y1 * v1 : 0.f);
+          float r0v = q0, r1v = q1;
+          if (p.rope) {
+            float co, si;
+            cs_of(th, pos / p.L, co, si);
+            r0v = q0 * co - q1 * si;
+            r1v = q1 * co + q0 * si;
+          }
+          Qs[l * LD + ch0] = from_f32<ELEM>(r0v);
+          dYs[l * LD + ch0] = from_f32<ELEM>(y0);
+          if (has1) {
+            Qs[l * LD + ch1] = from_f32<ELEM>(r1v);
+            dYs[l * LD + ch1] = from_f32<ELEM>(y1);
+          }
+        } else if (act) {
+          Qs[l * LD + ch0] = from_f32<ELEM>(0.f);
+          dYs[l * LD + ch0] = from_f32<ELEM>(0.f);
+          if (has1) {
+            Qs[l * LD + ch1] = from_f32<ELEM>(0.f);
+            dYs[l * LD + ch1] = from_f32<ELEM>(0.f);
+          }
+        }
+        pq = warp_sum(pq);
+        pv = warp_sum(pv);
+        if (lane == 0) {
+          redq[l][warp] = pq;
+          redv[l][warp] = pv;
+        }
+      }
+    }
+    __syncthreads();
+    if (tid < 64) {
+      const int l = tid;
+      if (l < m) {
+        const i64 tok = s.start + t0 + l;
+        const float L2 = p.lse[s.b * p.slse[0] + tok * p.slse[1] + h * p.slse[2]] * LOG2E;
+        const float dl = p.delta[((i64)s.b * p.T + tok) * p.H + h];
+        const float own = (redq[l][0] + redq[l][1] + redq[l][2] + redq[l][3]) * sl2;
+        const float dyv = redv[l][0] + redv[l][1] + redv[l][2] + redv[l][3];
+        const float ps = fast_exp2(own - L2);
+        lse2[l] = L2;
+        dlt[l] = dl;
+        pst[l] = ps;
+        dast[l] = ps * (dyv - dl);
+        crow[l] = (t0 + l) / p.L;
+      } else {
+        lse2[l] = dlt[l] = pst[l] = dast[l] = 0.f;
+        crow[l] = 0;
+      }
+    }
+    __syncthreads();
+    // Phase 2: dq_rot = s Σ_j dA_tj K~_j over the earlier chunk states.
+    const int r0 = 16 * warp;
+    float dQ[NJ][4];
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) dQ[j][0] = dQ[j][1] = dQ[j][2] = dQ[j][3] = 0.f;
+    const int nstates = (t0 + m - 1) / p.L;
+    for (int jb = 0; jb < nstates; jb += 64) {
+      const int rows = min(64, nstates - jb);
+      load_tile_async<ELEM, 64, DK, RAT_THREADS>(Ks, LD, krb + (i64)jb * p.srot[1], p.srot[1], rows, p.D,
+                                                 p.vec_rot);
+      load_tile_async<ELEM, 64, DK, RAT_THREADS>(Vs, LD, veb + (i64)jb * p.srot[1], p.srot[1], rows, p.D,
+                                                 p.vec_rot);
+      cp_async_commit();
+      cp_async_wait<0>();
+      __syncthreads();
+      float S[8][4], dP[8][4];
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) S[j][e] = dP[j][e] = 0.f;
+#pragma unroll
+      for (int k0 = 0; k0 < DK; k0 += KS) {
+        u32 a[4], ay[4], bf[2];
+        F::A_mk(a, Qs, LD, r0, k0);
+        F::A_mk(ay, dYs, LD, r0, k0);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          F::B_nk(bf, Ks, LD, k0, 8 * j);
+          mma<ELEM>(S[j], a, bf);
+          F::B_nk(bf, Vs, LD, k0, 8 * j);
+          mma<ELEM>(dP[j], ay, bf);
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = r0 + g + 8 * r;
+        const int cr = row < m ? crow[row] : 0;
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+          for (int cc = 0; cc < 2; ++cc) {
+            const int col = jb + 8 * j + 2 * tq + cc;
+            const bool ok = col < cr;
+            const float pr = ok ? fast_exp2(S[j][2 * r + cc] * sl2 - lse2[row]) : 0.f;
+            S[j][2 * r + cc] = ok ? pr * (dP[j][2 * r + cc] - dlt[row]) : 0.f;
+          }
+      }
+#pragma unroll
+      for (int kk = 0; kk < 64 / KS; ++kk) {
+        u32 a[4], bf[2];
+        F::A_from_acc(a, S, kk);
+#pragma unroll
+        for (int j = 0; j < NJ; ++j) {
+          F::B_kn(bf, Ks, LD, kk * KS, 8 * j);
+          mma<ELEM>(dQ[j], a, bf);
+        }
+      }
+      __syncthreads();
+    }
+    // Phase 2b: dq_rot (scaled) to F2, un-rotated in place.
+#pragma unroll
+    for (int j = 0; j < NJ; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        F2[(r0 + g + 8 * (e >> 1)) * DK + 8 * j + 2 * tq + (e & 1)] = dQ[j][e] * p.scale;
+    __syncthreads();
+    // Phase 3: un-rotate, rescan, write dq; keep hk (F2) and hv (F1) per token.
+    if (act) {
+      float k0 = ck0, k1 = ck1, v0 = cv0, v1 = cv1;
+      for (int l = 0; l < m; ++l) {
+        const int pos = t0 + l;
+        if (pos % p.L == 0) k0 = k1 = v0 = v1 = 0.f;
+        const i64 tok = s.start + pos;
+        const i64 og = s.b * p.sg[0] + tok * p.sg[1] + h * p.sg[2];
+        const i64 ok = s.b * p.sk[0] + tok * p.sk[1] + h * p.sk[2];
+        const i64 ov = s.b * p.sv[0] + tok * p.sv[1] + h * p.sv[2];
+        const float g0 = ld_g(p, og + ch0);
+        k0 = g0 * k0 + (1.f - g0) * ld<ELEM>(p.k, ok + ch0);
+        v0 = g0 * v0 + (1.f - g0) * ld<ELEM>(p.v, ov + ch0);
+        if (has1) {
+          const float g1 = ld_g(p, og + ch1);
+          k1 = g1 * k1 + (1.f - g1) * ld<ELEM>(p.k, ok + ch1);
+          v1 = g1 * v1 + (1.f - g1) * ld<ELEM>(p.v, ov + ch1);
+        }
+        const float x0 = F2[l * DK + ch0], x1 = has1 ? F2[l * DK + ch1] : 0.f;
+        float o0 = x0, o1 = x1;
+        if (p.rope) {
+          float co, si;
+          cs_of(th, pos / p.L, co, si);
+          o0 = x0 * co + x1 * si;
+          o1 = x1 * co - x0 * si;
+        }
+        const float da = p.scale * dast[l];
+        const i64 oq = s.b * p.sdq[0] + tok * p.sdq[1] + h * p.sdq[2];
+        st<ELEM>(p.dq, oq + ch0, o0 + da * k0);
+        F2[l * DK + ch0] = k0;
+        F1[l * DK + ch0] = v0;
+        if (has1) {
+          st<ELEM>(p.dq, oq + ch1, o1 + da * k1);
+          F2[l * DK + ch1] = k1;
+          F1[l * DK + ch1] = v1;
+        }
+      }
+      // Phase 4: reverse scan.
+      for (int l = m - 1; l >= 0; --l) {
+        const int pos = t0 + l;
+        const int c = pos / p.L;
+        if (pos % p.L == p.L - 1 || pos == s.len - 1) gn0 = gn1 = 0.f; // chunk end: no successor
+        const i64 tok = s.start + pos;
+        const i64 og = s.b * p.sg[0] + tok * p.sg[1] + h * p.sg[2];
+        const i64 ok = s.b * p.sk[0] + tok * p.sk[1] + h * p.sk[2];
+        const i64 ov = s.b * p.sv[0] + tok * p.sv[1] + h * p.sv[2];
+        const i64 oq = s.b * p.sq[0] + tok * p.sq[1] + h * p.sq[2];
+        const i64 od = s.b * p.sdo[0] + tok * p.sdo[1] + h * p.sdo[2];
+        const float da = p.scale * dast[l], ps = pst[l];
+        lk0 = gn0 * lk0 + da * ld<ELEM>(p.q, oq + ch0);
+        lv0 = gn0 * lv0 + ps * ld<ELEM>(p.dout, od + ch0);
+        if (has1) {
+          lk1 = gn1 * lk1 + da * ld<ELEM>(p.q, oq + ch1);
+          lv1 = gn1 * lv1 + ps * ld<ELEM>(p.dout, od + ch1);
+        }
+        if (pos % p.L == p.L - 1 && c < nc - 1) {
+          const i64 o = s.b * p.srot[0] + (s.chunk0 + c) * p.srot[1] + h * p.srot[2];
+          lk0 += p.dks[o + ch0];
+          lv0 += p.dvs[o + ch0];
+          if (has1) {
+            lk1 += p.dks[o + ch1];
+            lv1 += p.dvs[o + ch1];
+          }
+        }
+        const bool first = pos % p.L == 0;
+        const float hk0 = first ? 0.f : (l > 0 ? F2[(l - 1) * DK + ch0] : ck0);
+        const float hv0 = first ? 0.f : (l > 0 ? F1[(l - 1) * DK + ch0] : cv0);
+        const float g0 = ld_g(p, og + ch0);
+        const float xk0 = ld<ELEM>(p.k, ok + ch0), xv0 = ld<ELEM>(p.v, ov + ch0);
+        const i64 odk = s.b * p.sdk[0] + tok * p.sdk[1] + h * p.sdk[2];
+        const i64 odv = s.b * p.sdv[0] + tok * p.sdv[1] + h * p.sdv[2];
+        const i64 odg = s.b * p.sdg[0] + tok * p.sdg[1] + h * p.sdg[2];
+        st<ELEM>(p.dk, odk + ch0, (1.f - g0) * lk0);
+        st<ELEM>(p.dv, odv + ch0, (1.f - g0) * lv0);
+        const float dg0 = lk0 * (hk0 - xk0) + lv0 * (hv0 - xv0);
+        if (p.g_f32) ((float *)p.dg)[odg + ch0] = dg0; else st<ELEM>(p.dg, odg + ch0, dg0);
+        gn0 = g0;
+        if (has1) {
+          const float hk1 = first ? 0.f : (l > 0 ? F2[(l - 1) * DK + ch1] : ck1);
+          const float hv1 = first ? 0.f : (l > 0 ? F1[(l - 1) * DK + ch1] : cv1);
+          const float g1 = ld_g(p, og + ch1);
+          const float xk1 = ld<ELEM>(p.k, ok + ch1), xv1 = ld<ELEM>(p.v, ov + ch1);
+          st<ELEM>(p.dk, odk + ch1, (1.f - g1) * lk1);
+          st<ELEM>(p.dv, odv + ch1, (1.f - g1) * lv1);
+          const float dg1 = lk1 * (hk1 - xk1) + lv1 * (hv1 - xv1);
+          if (p.g_f32) ((float *)p.dg)[odg + ch1] = dg1; else st<ELEM>(p.dg, odg + ch1, dg1);
+          gn1 = g1;
+        }
+      }
+    }
+    __syncthreads(); // shared memory is reused by the previous tile
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(RAT_THREADS) rat_states(const RatParams p) {
+  states_impl<RAT_ELEM>(p);
+}
+extern "C" __global__ void __launch_bounds__(RAT_THREADS) rat_fwd(const RatParams p) {
+  fwd_impl<RAT_ELEM, RAT_DK>(p);
+}
+extern "C" __global__ void __launch_bounds__(RAT_THREADS) rat_delta(const RatParams p) {
+  delta_impl<RAT_ELEM>(p);
+}
+extern "C" __global__ void __launch_bounds__(RAT_THREADS) rat_bwd_kv(const RatParams p) {
+  bwd_kv_impl<RAT_ELEM, RAT_DK>(p);
+}
+extern "C" __global__ void __launch_bounds__(RAT_THREADS) rat_bwd_q(const RatParams p) {
+  bwd_q_impl<RAT_ELEM, RAT_DK>(p);
+}
