@@ -17,6 +17,7 @@
 #   FAMILIES           which families' sanitize_<f>.py / bench_<f>.py run (default
 #                      "lightning rat landmark nsa nsa_selection"; missing scripts are skipped)
 #   PYTEST_ARGS        default "-x -q"
+#   PYTEST_TARGETS     default "tests" (test files or node ids)
 #   SANITIZE_TOOLS     default "memcheck racecheck" (also: initcheck synccheck)
 #   SANITIZE_ARGS      extra compute-sanitizer options, e.g. "--kernel-name kns=la_" (check only
 #                      longattn's kernels, if torch's own make it too slow)
@@ -133,7 +134,7 @@ run_tests() {
     b=$(stage_budget)
     ((b >= 20)) || return 124
     # shellcheck disable=SC2086
-    timeout -k 10 "$b" python3 -m pytest ${PYTEST_ARGS:--x -q} tests 2>&1 | tee "$OUT/pytest.log"
+    timeout -k 10 "$b" python3 -m pytest ${PYTEST_ARGS:--x -q} ${PYTEST_TARGETS:-tests} 2>&1 | tee "$OUT/pytest.log"
 }
 
 find_sanitizer() {
