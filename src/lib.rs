@@ -17,15 +17,19 @@ fn compile_all_kernels(py: Python<'_>, arch: &str) -> PyResult<Vec<(String, usiz
     use rayon::prelude::*;
     py.detach(|| {
         cpu::POOL.install(|| {
-            ops::lightning::Variant::all()
-                .par_iter()
-                .map(|v| {
-                    let name = format!("lightning.cu {:?}", v.defines());
-                    ops::lightning::compile_variant(v, arch)
-                        .map(|size| (name, size))
-                        .map_err(ops::value_error)
-                })
-                .collect()
+            let lightning = ops::lightning::Variant::all().into_par_iter().map(|v| {
+                let name = format!("lightning.cu {:?}", v.defines());
+                ops::lightning::compile_variant(&v, arch)
+                    .map(|size| (name, size))
+                    .map_err(ops::value_error)
+            });
+            let landmark = ops::landmark::Variant::all().into_par_iter().map(|v| {
+                let name = format!("landmark.cu {:?}", v.defines());
+                ops::landmark::compile_variant(&v, arch)
+                    .map(|size| (name, size))
+                    .map_err(ops::value_error)
+            });
+            lightning.chain(landmark).collect()
         })
     })
 }
