@@ -392,8 +392,9 @@ const KT: usize = 64;
 /// Query rows per CTA (LM_BQ) and threads per CTA (LM_THREADS, TOPK_THREADS).
 const BQ: usize = 64;
 const THREADS: u32 = 128;
-/// Shared memory a CTA may use on sm_80 and sm_90.
-const MAX_SMEM: usize = 227 * 1024;
+/// Dynamic shared memory of the top-k kernel at most (below the opt-in limit of sm_80, 163 KiB,
+/// and of sm_90, 227 KiB, with room for its static shared memory).
+const TOPK_SMEM: usize = 160 * 1024;
 
 /// Kernel parameters, laid out exactly like `LmParams` in cuda/landmark.cu.
 #[repr(C)]
@@ -629,7 +630,7 @@ fn launch(
             ("lm_fwd", variant.smem_fwd()),
             ("lm_bwd_dq", variant.smem_dq()),
             ("lm_bwd_dkdv", variant.smem_dkdv()),
-            ("lm_topk", MAX_SMEM as u32),
+            ("lm_topk", TOPK_SMEM as u32),
         ],
     )?;
     let bs = prm.bs as usize;
@@ -657,11 +658,11 @@ fn launch(
             let g = p.hq / p.hkv;
             let blocks = p.tk / bs;
             let smem = 8 * (g * p.d + blocks);
-            if smem > MAX_SMEM {
+            if smem > TOPK_SMEM {
                 return Err(format!(
                     "landmark_topk_blocks: the CUDA kernel keeps one score per block and q of the \
                      kv group in shared memory ({smem} bytes for {blocks} blocks and {g} heads of \
-                     dim {}); at most {MAX_SMEM} bytes",
+                     dim {}); at most {TOPK_SMEM} bytes",
                     p.d
                 ));
             }
