@@ -25,8 +25,13 @@ fn compile_all_kernels(py: Python<'_>, arch: &str) -> PyResult<Vec<(String, usiz
                 let name = format!("rat.cu {:?}", v.defines());
                 ops::rat::compile_variant(&v, arch).map(|size| (name, size))
             });
+            let landmark = ops::landmark::Variant::all().into_par_iter().map(|v| {
+                let name = format!("landmark.cu {:?}", v.defines());
+                ops::landmark::compile_variant(&v, arch).map(|size| (name, size))
+            });
             lightning
                 .chain(rat)
+                .chain(landmark)
                 .map(|r| r.map_err(ops::value_error))
                 .collect()
         })

@@ -1,19 +1,21 @@
-//! landmark_attn and landmark_topk_blocks: argument checks and dispatch (CPU kernels only for
-//! now; CUDA tensors raise).
+//! landmark_attn and landmark_topk_blocks: argument checks and dispatch to the CPU kernels
+//! (src/cpu/landmark.rs) or the CUDA kernels (cuda/landmark.cu).
 
 use super::{
     accumulator_dtype, check_cu_seqlens, expect_device, expect_dtype, expect_shape, expect_tensor,
     expect_unit_last_stride, read_cu_seqlens, value_error,
 };
 use crate::cpu::landmark::{self as kernels, LmArgs, LmBwd, LmFwd, LmSeq, LmTopk};
+use crate::cuda;
 use crate::tensor::{DType, Device, View};
 use pyo3::PyErr;
 
 pub const MAX_HEAD_DIM: usize = 256;
+/// Largest head dim (of q/k and of v) of the CUDA kernels.
+pub const CUDA_MAX_HEAD_DIM: usize = 128;
+/// Largest block size of the CUDA kernels (a key tile holds whole blocks).
+pub const CUDA_MAX_BLOCK: usize = KT;
 const ANY: usize = usize::MAX;
-
-const CUDA_MISSING: &str =
-    "landmark_attn: the CUDA kernels are not implemented yet; use CPU tensors";
 
 /// Validated problem sizes shared by every direction.
 struct Problem {
@@ -24,8 +26,12 @@ struct Problem {
     hkv: usize,
     d: usize,
     e: usize,
+    device: Device,
     dtype: DType,
     state_dtype: DType,
+    /// Number of sequences (B, or len(cu_seqlens) − 1).
+    n: usize,
+    /// CPU only: the sequences (CUDA kernels read cu_seqlens on the device).
     seqs: Vec<LmSeq>,
 }
 
@@ -48,7 +54,11 @@ fn check(
     }
     let (b, tq, hq, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
     let device = q.device;
-    expect_dtype(q, "q", &[DType::F64, DType::F32, DType::F16, DType::BF16])?;
+    let floats: &[DType] = match device {
+        Device::Cpu => &[DType::F64, DType::F32, DType::F16, DType::BF16],
+        Device::Cuda(_) => &[DType::F32, DType::F16, DType::BF16],
+    };
+    expect_dtype(q, "q", floats)?;
     let dtype = q.dtype;
     let state_dtype = accumulator_dtype(dtype);
     expect_shape(
@@ -101,6 +111,21 @@ fn check(
             expect_unit_last_stride(t, name)?;
         }
     }
+    if device != Device::Cpu {
+        for (name, size) in [("q", d), ("v", e)] {
+            if size > CUDA_MAX_HEAD_DIM {
+                return Err(value_error(format!(
+                    "{name}: the CUDA kernels support head dims up to {CUDA_MAX_HEAD_DIM}, got {size}"
+                )));
+            }
+        }
+        if block_size as usize > CUDA_MAX_BLOCK {
+            return Err(value_error(format!(
+                "block_size: the CUDA kernels support block sizes up to {CUDA_MAX_BLOCK}, got {block_size}"
+            )));
+        }
+    }
+    let mut n = b;
     let seqs = match cu {
         None => (0..b)
             .map(|i| LmSeq {
@@ -118,24 +143,28 @@ fn check(
                     "cu_seqlens: packed sequences need as many keys as queries, got Tk = {tk} and Tq = {tq}"
                 )));
             }
+            n = cu.shape[0] - 1;
             if device != Device::Cpu {
-                return Err(value_error(CUDA_MISSING));
+                Vec::new() // the kernels read cu_seqlens on the device (no host synchronisation)
+            } else {
+                let starts = read_cu_seqlens(cu, tq)?;
+                starts
+                    .windows(2)
+                    .map(|w| LmSeq {
+                        batch: 0,
+                        q_start: w[0],
+                        q_len: w[1] - w[0],
+                        k_start: w[0],
+                        k_len: w[1] - w[0],
+                    })
+                    .collect()
             }
-            let starts = read_cu_seqlens(cu, tq)?;
-            starts
-                .windows(2)
-                .map(|w| LmSeq {
-                    batch: 0,
-                    q_start: w[0],
-                    q_len: w[1] - w[0],
-                    k_start: w[0],
-                    k_len: w[1] - w[0],
-                })
-                .collect()
         }
     };
-    if device != Device::Cpu {
-        return Err(value_error(CUDA_MISSING));
+    if device != Device::Cpu && (n > 65535 || hq > 65535) {
+        return Err(value_error(format!(
+            "q: at most 65535 sequences and heads are supported on CUDA, got {n} and {hq}"
+        )));
     }
     Ok(Problem {
         b,
@@ -145,8 +174,10 @@ fn check(
         hkv,
         d,
         e,
+        device,
         dtype,
         state_dtype,
+        n,
         seqs,
     })
 }
@@ -160,7 +191,7 @@ impl Problem {
         what: &str,
         dtype: DType,
     ) -> Result<(), PyErr> {
-        expect_tensor(t, name, shape, what, dtype, Device::Cpu)?;
+        expect_tensor(t, name, shape, what, dtype, self.device)?;
         if t.ndim() == 4 {
             expect_unit_last_stride(t, name)?;
         }
@@ -176,7 +207,7 @@ impl Problem {
                 "[B, Tq, Hkv, n] with q's B, Tq and k's Hkv",
             )?;
             expect_dtype(bi, "block_indices", &[DType::I32])?;
-            expect_device(bi, "block_indices", Device::Cpu)?;
+            expect_device(bi, "block_indices", self.device)?;
         }
         Ok(())
     }
@@ -216,6 +247,7 @@ pub fn forward(
     block_size: i64,
     scale: f64,
     cu: Option<&View>,
+    stream: usize,
 ) -> Result<(), PyErr> {
     let p = check(q, k, Some(v), block_size, cu)?;
     p.check_indices(block_indices)?;
@@ -227,6 +259,15 @@ pub fn forward(
         p.dtype,
     )?;
     p.expect(lse, "lse", &[p.b, p.tq, p.hq], "[B, Tq, Hq]", p.state_dtype)?;
+    if let Device::Cuda(ordinal) = p.device {
+        let mut prm = p.params(q, k, Some(v), block_size, scale, cu);
+        prm.out = out.addr();
+        prm.so = strides3(out);
+        prm.lse = lse.addr();
+        prm.slse = strides3(lse);
+        set_indices(&mut prm, block_indices);
+        return launch(&p, ordinal, Dir::Fwd, &prm, stream).map_err(value_error);
+    }
     let a = p.args(q, k, v, block_indices, block_size, scale);
     kernels::forward(&a, &LmFwd { out, lse });
     Ok(())
@@ -248,6 +289,7 @@ pub fn backward(
     block_size: i64,
     scale: f64,
     cu: Option<&View>,
+    stream: usize,
 ) -> Result<(), PyErr> {
     let p = check(q, k, Some(v), block_size, cu)?;
     p.check_indices(block_indices)?;
@@ -269,6 +311,25 @@ pub fn backward(
     p.expect(dq, "dq", &[p.b, p.tq, p.hq, p.d], "like q", p.dtype)?;
     p.expect(dk, "dk", &[p.b, p.tk, p.hkv, p.d], "like k", p.dtype)?;
     p.expect(dv, "dv", &[p.b, p.tk, p.hkv, p.e], "like v", p.dtype)?;
+    if let Device::Cuda(ordinal) = p.device {
+        let mut prm = p.params(q, k, Some(v), block_size, scale, cu);
+        prm.dout = dout.addr();
+        prm.sdo = strides3(dout);
+        prm.vec_do = vectorizable(dout) as i32;
+        prm.lse = lse.addr();
+        prm.slse = strides3(lse);
+        prm.delta = delta.addr();
+        prm.sdl = strides3(delta);
+        prm.dq = dq.addr();
+        prm.sdq = strides3(dq);
+        prm.dk = dk.addr();
+        prm.sdk = strides3(dk);
+        prm.dv = dv.addr();
+        prm.sdv = strides3(dv);
+        set_indices(&mut prm, block_indices);
+        launch(&p, ordinal, Dir::BwdDq, &prm, stream).map_err(value_error)?;
+        return launch(&p, ordinal, Dir::BwdDkdv, &prm, stream).map_err(value_error);
+    }
     let a = p.args(q, k, v, block_indices, block_size, scale);
     let g = LmBwd {
         dout,
@@ -290,6 +351,7 @@ pub fn topk_blocks(
     block_size: i64,
     scale: f64,
     cu: Option<&View>,
+    stream: usize,
 ) -> Result<(), PyErr> {
     let p = check(q, k, None, block_size, cu)?;
     expect_shape(
@@ -299,7 +361,14 @@ pub fn topk_blocks(
         "[B, Tq, Hkv, topk] with q's B, Tq and k's Hkv",
     )?;
     expect_dtype(out, "out", &[DType::I32])?;
-    expect_device(out, "out", Device::Cpu)?;
+    expect_device(out, "out", p.device)?;
+    if let Device::Cuda(ordinal) = p.device {
+        let mut prm = p.params(q, k, None, block_size, scale, cu);
+        prm.topk_out = out.addr();
+        prm.stk = strides4(out);
+        prm.topk = out.shape[3] as i32;
+        return launch(&p, ordinal, Dir::Topk, &prm, stream).map_err(value_error);
+    }
     let a = LmTopk {
         q,
         k,
@@ -312,4 +381,298 @@ pub fn topk_blocks(
     };
     kernels::topk_blocks(&a);
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// CUDA
+
+const SOURCE: &str = include_str!("../../cuda/landmark.cu");
+/// Keys per key tile (LM_KT); a tile holds KT / block_size whole blocks.
+const KT: usize = 64;
+/// Query rows per CTA (LM_BQ) and threads per CTA (LM_THREADS, TOPK_THREADS).
+const BQ: usize = 64;
+const THREADS: u32 = 128;
+/// Dynamic shared memory of the top-k kernel at most (below the opt-in limit of sm_80, 163 KiB,
+/// and of sm_90, 227 KiB, with room for its static shared memory).
+const TOPK_SMEM: usize = 160 * 1024;
+
+/// Kernel parameters, laid out exactly like `LmParams` in cuda/landmark.cu.
+#[repr(C)]
+#[derive(Default)]
+struct LmParams {
+    q: u64,
+    k: u64,
+    v: u64,
+    out: u64,
+    lse: u64,
+    dout: u64,
+    delta: u64,
+    dq: u64,
+    dk: u64,
+    dv: u64,
+    bidx: u64,
+    cu_seqlens: u64,
+    topk_out: u64,
+    sq: [i64; 3],
+    sk: [i64; 3],
+    sv: [i64; 3],
+    so: [i64; 3],
+    sdo: [i64; 3],
+    sdq: [i64; 3],
+    sdk: [i64; 3],
+    sdv: [i64; 3],
+    slse: [i64; 3],
+    sdl: [i64; 3],
+    sbi: [i64; 4],
+    stk: [i64; 4],
+    tq: i32,
+    tk: i32,
+    hq: i32,
+    hkv: i32,
+    d: i32,
+    e: i32,
+    bs: i32,
+    nidx: i32,
+    topk: i32,
+    nseq: i32,
+    cu_kind: i32,
+    vec_q: i32,
+    vec_k: i32,
+    vec_v: i32,
+    vec_do: i32,
+    scale: f32,
+    scale_log2: f32,
+}
+
+/// Compile-time configuration of one kernel module.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Variant {
+    /// 0 f32 (3xTF32), 1 f16, 2 bf16
+    pub elem: u32,
+    /// padded head dim of q/k and v (32, 64, 128)
+    pub dp: usize,
+}
+
+impl Variant {
+    fn new(dtype: DType, d: usize, e: usize) -> Variant {
+        let elem = match dtype {
+            DType::F32 => 0,
+            DType::F16 => 1,
+            _ => 2,
+        };
+        let dp = match d.max(e) {
+            0..=32 => 32,
+            33..=64 => 64,
+            _ => 128,
+        };
+        Variant { elem, dp }
+    }
+
+    pub fn defines(&self) -> Vec<(String, String)> {
+        vec![
+            ("LM_ELEM".into(), self.elem.to_string()),
+            ("LM_DP".into(), self.dp.to_string()),
+            ("LM_KT".into(), KT.to_string()),
+        ]
+    }
+
+    fn elem_bytes(&self) -> usize {
+        if self.elem == 0 {
+            4
+        } else {
+            2
+        }
+    }
+
+    fn pad(&self) -> usize {
+        if self.elem == 0 {
+            4
+        } else {
+            8
+        }
+    }
+
+    /// Dynamic shared memory of the forward: Q, K, V tiles.
+    fn smem_fwd(&self) -> u32 {
+        ((BQ + 2 * KT) * (self.dp + self.pad()) * self.elem_bytes()) as u32
+    }
+
+    /// dQ: Q, dO, K, V tiles.
+    fn smem_dq(&self) -> u32 {
+        ((2 * BQ + 2 * KT) * (self.dp + self.pad()) * self.elem_bytes()) as u32
+    }
+
+    /// dK/dV: K, V, Q, dO tiles plus the P/dS tile.
+    fn smem_dkdv(&self) -> u32 {
+        (((2 * BQ + 2 * KT) * (self.dp + self.pad()) + BQ * (KT + self.pad())) * self.elem_bytes())
+            as u32
+    }
+
+    /// Every variant the dispatcher can choose (compiled by CI for sm_80 and sm_90a).
+    pub fn all() -> Vec<Variant> {
+        let mut out = Vec::new();
+        for elem in 0..3 {
+            for dp in [32, 64, 128] {
+                out.push(Variant { elem, dp });
+            }
+        }
+        out
+    }
+}
+
+pub fn compile_variant(v: &Variant, arch: &str) -> Result<usize, String> {
+    cuda::compile_cubin("landmark.cu", &cuda::source(SOURCE), &v.defines(), arch).map(|c| c.len())
+}
+
+fn strides3(t: &View) -> [i64; 3] {
+    [
+        t.strides[0] as i64,
+        t.strides[1] as i64,
+        t.strides[2] as i64,
+    ]
+}
+
+fn strides4(t: &View) -> [i64; 4] {
+    [
+        t.strides[0] as i64,
+        t.strides[1] as i64,
+        t.strides[2] as i64,
+        t.strides[3] as i64,
+    ]
+}
+
+/// Whether every row start of a [B, T, H, D] tensor is 16-byte aligned.
+fn vectorizable(t: &View) -> bool {
+    let elems = 16 / if t.dtype == DType::F32 { 4 } else { 2 };
+    t.addr() % 16 == 0 && t.strides[..3].iter().all(|&s| s % elems == 0)
+}
+
+fn set_indices(prm: &mut LmParams, bi: Option<&View>) {
+    if let Some(bi) = bi {
+        if bi.shape[3] > 0 {
+            prm.bidx = bi.addr();
+            prm.sbi = strides4(bi);
+            prm.nidx = bi.shape[3] as i32;
+        } else {
+            // an empty list: only the current block takes part; a non-null pointer with no
+            // entries keeps the kernels in retrieval mode
+            prm.bidx = bi.addr().max(1);
+            prm.nidx = 0;
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    Fwd,
+    BwdDq,
+    BwdDkdv,
+    Topk,
+}
+
+impl Problem {
+    fn params(
+        &self,
+        q: &View,
+        k: &View,
+        v: Option<&View>,
+        block_size: i64,
+        scale: f64,
+        cu: Option<&View>,
+    ) -> LmParams {
+        LmParams {
+            q: q.addr(),
+            k: k.addr(),
+            v: v.map_or(0, |v| v.addr()),
+            cu_seqlens: cu.map_or(0, |c| c.addr()),
+            sq: strides3(q),
+            sk: strides3(k),
+            sv: v.map_or([0; 3], strides3),
+            tq: self.tq as i32,
+            tk: self.tk as i32,
+            hq: self.hq as i32,
+            hkv: self.hkv as i32,
+            d: self.d as i32,
+            e: self.e as i32,
+            bs: block_size as i32,
+            nseq: self.n as i32,
+            cu_kind: cu.map_or(-1, |c| if c.dtype == DType::I64 { 1 } else { 0 }),
+            vec_q: vectorizable(q) as i32,
+            vec_k: vectorizable(k) as i32,
+            vec_v: v.is_some_and(vectorizable) as i32,
+            scale: scale as f32,
+            scale_log2: (scale * std::f64::consts::LOG2_E) as f32,
+            ..Default::default()
+        }
+    }
+}
+
+fn launch(
+    p: &Problem,
+    ordinal: i32,
+    dir: Dir,
+    prm: &LmParams,
+    stream: usize,
+) -> Result<(), String> {
+    if p.b == 0 || p.tq == 0 || p.n == 0 || p.hq == 0 {
+        return Ok(());
+    }
+    if p.tq > i32::MAX as usize || p.tk > i32::MAX as usize {
+        return Err("landmark_attn: sequences longer than 2^31 - 1 tokens".into());
+    }
+    let dev = cuda::device(ordinal)?;
+    let variant = Variant::new(p.dtype, p.d, p.e);
+    let kernels = dev.kernels(
+        "landmark.cu",
+        SOURCE,
+        &variant.defines(),
+        &[
+            ("lm_fwd", variant.smem_fwd()),
+            ("lm_bwd_dq", variant.smem_dq()),
+            ("lm_bwd_dkdv", variant.smem_dkdv()),
+            ("lm_topk", TOPK_SMEM as u32),
+        ],
+    )?;
+    let bs = prm.bs as usize;
+    let tile = (KT / bs) * bs;
+    let (name, grid, smem) = match dir {
+        Dir::Fwd | Dir::BwdDq => {
+            let grid = (p.tq.div_ceil(BQ) as u32, p.hq as u32, p.n as u32);
+            if dir == Dir::Fwd {
+                ("lm_fwd", grid, variant.smem_fwd())
+            } else {
+                ("lm_bwd_dq", grid, variant.smem_dq())
+            }
+        }
+        Dir::BwdDkdv => {
+            if p.tk == 0 {
+                return Ok(());
+            }
+            let grid = (p.tk.div_ceil(tile) as u32, p.hkv as u32, p.n as u32);
+            ("lm_bwd_dkdv", grid, variant.smem_dkdv())
+        }
+        Dir::Topk => {
+            if prm.topk == 0 {
+                return Ok(());
+            }
+            let g = p.hq / p.hkv;
+            let blocks = p.tk / bs;
+            let smem = 8 * (g * p.d + blocks);
+            if smem > TOPK_SMEM {
+                return Err(format!(
+                    "landmark_topk_blocks: the CUDA kernel keeps one score per block and q of the \
+                     kv group in shared memory ({smem} bytes for {blocks} blocks and {g} heads of \
+                     dim {}); at most {TOPK_SMEM} bytes",
+                    p.d
+                ));
+            }
+            let grid = (p.tq as u32, p.hkv as u32, p.b as u32);
+            ("lm_topk", grid, smem as u32)
+        }
+    };
+    if grid.0 == 0 {
+        return Ok(());
+    }
+    // SAFETY: prm mirrors LmParams; all pointers come from validated tensors on this device.
+    unsafe { dev.launch(kernels.get(name)?, grid, THREADS, smem, stream, prm) }
 }

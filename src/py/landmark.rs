@@ -32,6 +32,7 @@ fn landmark_fwd(
             block_size,
             scale,
             cu_seqlens,
+            stream,
         )
     })
 }
@@ -74,6 +75,7 @@ fn landmark_bwd(
             block_size,
             scale,
             cu_seqlens,
+            stream,
         )
     })
 }
@@ -93,7 +95,7 @@ fn landmark_topk(
     stream: usize,
 ) -> PyResult<()> {
     tensors!(stream; q, k, out, cu_seqlens?);
-    py.detach(|| ops::landmark::topk_blocks(q, k, out, block_size, scale, cu_seqlens))
+    py.detach(|| ops::landmark::topk_blocks(q, k, out, block_size, scale, cu_seqlens, stream))
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -3,7 +3,8 @@
 Math and conventions: ``docs/api/landmark.md`` (spec: specs/landmark.md). The forward is one
 FlashAttention-style pass of the native kernel over "effective logits" (landmark gate + inner
 block log-softmax); it saves the log-sum-exp per (token, head). The backward recomputes the
-scores tile by tile (dq over query tiles, dk/dv over key tiles). CPU kernels only for now.
+scores tile by tile (dq over query tiles, dk/dv over key tiles). CPU (float64/32/16, bf16) and
+CUDA (float32 via 3xTF32, float16, bfloat16; head dims up to 128, block sizes up to 64) kernels.
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ from .._runtime import check_rank, native_call, state_dtype, unit_last_stride
 
 __all__ = ["insert_landmarks", "landmark_attn", "landmark_topk_blocks", "remove_landmarks"]
 
-_CUDA_MISSING = "CUDA kernels for landmark_attn are not implemented yet; use CPU tensors"
+
+def _empty(shape, like: Tensor, dtype, packed: bool) -> Tensor:
+    """Output buffer. With cu_seqlens on CUDA the kernels only write tokens inside the packed
+    sequences (the offsets are never read on the host), so the rest is zero-initialised."""
+    if packed and like.device.type == "cuda":
+        return torch.zeros(shape, dtype=dtype, device=like.device)
+    return torch.empty(shape, dtype=dtype, device=like.device)
 
 
 @torch.library.custom_op("longattn::landmark_fwd", mutates_args=(), device_types=("cpu", "cuda"))
@@ -29,8 +36,9 @@ def landmark_fwd(
     scale: float,
     cu_seqlens: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
-    out = torch.empty(q.shape[:3] + v.shape[3:], dtype=q.dtype, device=q.device)
-    lse = torch.empty(q.shape[:3], dtype=state_dtype(q.dtype), device=q.device)
+    packed = cu_seqlens is not None
+    out = _empty(q.shape[:3] + v.shape[3:], q, q.dtype, packed)
+    lse = _empty(q.shape[:3], q, state_dtype(q.dtype), packed)
     with native_call(q) as stream:
         _native.landmark_fwd(
             q.detach(),
@@ -70,9 +78,10 @@ def landmark_bwd(
     sdt = state_dtype(q.dtype)
     grad_out = unit_last_stride(grad_out)
     delta = (grad_out.to(sdt) * out.to(sdt)).sum(dim=-1)
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=q.dtype, device=q.device)
-    dv = torch.empty(v.shape, dtype=q.dtype, device=q.device)
+    packed = cu_seqlens is not None
+    dq = _empty(q.shape, q, q.dtype, packed)
+    dk = _empty(k.shape, q, q.dtype, packed)
+    dv = _empty(v.shape, q, q.dtype, packed)
     with native_call(q) as stream:
         _native.landmark_bwd(
             q.detach(),
@@ -121,7 +130,10 @@ landmark_fwd.register_autograd(_backward, setup_context=_setup_context)
 def landmark_topk(
     q: Tensor, k: Tensor, block_size: int, topk: int, scale: float, cu_seqlens: Tensor | None
 ) -> Tensor:
-    out = torch.empty(q.shape[:2] + (k.shape[2], topk), dtype=torch.int32, device=q.device)
+    if cu_seqlens is not None and q.device.type == "cuda":
+        out = torch.full(q.shape[:2] + (k.shape[2], topk), -1, dtype=torch.int32, device=q.device)
+    else:
+        out = torch.empty(q.shape[:2] + (k.shape[2], topk), dtype=torch.int32, device=q.device)
     with native_call(q) as stream:
         _native.landmark_topk(q, k, out, block_size, scale, cu_seqlens, stream)
     return out
@@ -148,9 +160,6 @@ def _check_common(q, k, v, block_size, cu_seqlens):
         raise ValueError(
             f"cu_seqlens: expected [N + 1] entries with N >= 1, got {cu_seqlens.shape[0]}"
         )
-    for t in (q, k, v, cu_seqlens):
-        if t is not None and t.device.type == "cuda":
-            raise NotImplementedError(f"landmark_attn: {_CUDA_MISSING}")
 
 
 def landmark_attn(

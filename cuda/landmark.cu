@@ -1,0 +1,948 @@
+// Landmark attention (specs/landmark.md): forward, backward (dQ; dK/dV) and top-k block retrieval.
+//
+// The grouped softmax is one flat softmax over effective logits (natural-log form; the kernels
+// work in log2 units, s2 = log2(e)·scale·q·k):
+//   current block (p ∈ S_i):            E_ip = s_ip
+//   ordinary p of an earlier block j:   E_ip = s_ip − lse_ij + s_iℓj   (lse_ij over the ordinary
+//                                       tokens of block j)
+//   landmarks, future keys, skipped:    E = −∞
+// Σ_{p∈j} exp(E_ip) = exp(s_iℓj), so exp(E − lse_i) are the spec's weights and lse_i = log Z_i.
+//
+// Key tiles hold whole landmark blocks: nbt = KT / block_size blocks of one (sequence, kv head),
+// starting at a block boundary (block_size ≤ KT), so every inner softmax is a segmented row
+// reduction inside the tile (quad shuffles). A CTA has NW = 4 warps; warp w owns query rows
+// 16w .. 16w + 15 of a BQ = 64 query tile (mma.sync m16n8k16 for f16/bf16, 3xTF32 for f32).
+//
+// Forward, per key tile: S = Q Kᵀ; a row bound M_i = max(landmark logits of earlier blocks,
+// visible current logits) (every E of an earlier block is ≤ its landmark logit); per block:
+// t = exp2(s − max_j), Σ t, and P = t · exp2(s_ℓj − M) / Σt (earlier) or exp2(s − M) (current);
+// then FlashAttention's online rescaling with M and O += P V. Saves lse (natural log).
+// Backward, per (query tile, key tile): P = exp(E − lse), dP = dO Vᵀ and per earlier block
+// c_ij = Σ π dP (π the inner softmax), G_ij = exp(s_ℓj − lse_i):
+//   ds = P (dP − c) (ordinary, earlier), ds_ℓ = G (c − Δ), ds = P (dP − Δ) (current).
+// dQ: grid over query tiles (dQ += dS K); dK/dV: grid over key tiles, looping over the query
+// tiles and heads of the kv group (dV += Pᵀ dO, dK += dSᵀ Q, P and dS through shared memory).
+// No atomics: every output element is written by exactly one CTA (deterministic).
+//
+// Retrieval (block_indices): a query tile visits only key tiles that hold a listed earlier block
+// or the current block of one of its rows (the next such tile is found by a CTA-wide minimum),
+// and rows mask the blocks they did not list.
+//
+// Compile-time specialisation (-D): LM_ELEM (0 f32/3xTF32, 1 f16, 2 bf16), LM_DP (padded head
+// dim of q/k and v: 32, 64 or 128), LM_KT (keys per tile: 64).
+#include "common.cuh"
+
+#define LM_NW 4
+#define LM_THREADS 128
+#define LM_BQ 64
+#define LM_BIG 0x7fffffff
+#define TOPK_THREADS 128
+#define LM_FULL 0xffffffffu
+#define LM_NINF __int_as_float(0xff800000)
+
+#define K_SKIP 0
+#define K_CUR 1
+#define K_EARLY 2
+
+struct LmParams {
+  const void *q, *k, *v;
+  void *out;
+  float *lse;
+  const void *dout;
+  const float *delta;
+  void *dq, *dk, *dv;
+  const int *bidx;
+  const void *cu_seqlens;
+  int *topk_out;
+  i64 sq[3], sk[3], sv[3], so[3], sdo[3], sdq[3], sdk[3], sdv[3]; // batch, token, head (elements)
+  i64 slse[3], sdl[3];                                             // lse, delta [B, Tq, Hq]
+  i64 sbi[4];                                                      // block_indices [B, Tq, Hkv, n]
+  i64 stk[4];                                                      // top-k output [B, Tq, Hkv, k]
+  int Tq, Tk, Hq, Hkv, D, E, bs, nidx, topk, nseq;
+  int cu_kind; // -1: none, 0: int32, 1: int64
+  int vec_q, vec_k, vec_v, vec_do;
+  float scale, scale_log2;
+};
+
+struct LmSeq {
+  int b;
+  i64 qs, ks; // first query / key token
+  int ql, kl; // queries, keys
+};
+
+__device__ __forceinline__ i64 cu_at(const LmParams &p, int i) {
+  return p.cu_kind == 1 ? ((const i64 *)p.cu_seqlens)[i] : (i64)((const int *)p.cu_seqlens)[i];
+}
+
+// Sequence n. cu_seqlens are clamped to [0, Tq] so that no index, however wrong, reads outside
+// the tensors (values are not validated on the GPU: that would need a host synchronisation).
+__device__ __forceinline__ LmSeq seq_of(const LmParams &p, int n) {
+  LmSeq s;
+  if (p.cu_kind < 0) {
+    s.b = n;
+    s.qs = 0;
+    s.ks = 0;
+    s.ql = p.Tq;
+    s.kl = p.Tk;
+    return s;
+  }
+  i64 s0 = cu_at(p, n), s1 = cu_at(p, n + 1);
+  s0 = s0 < 0 ? 0 : (s0 > p.Tq ? p.Tq : s0);
+  s1 = s1 < s0 ? s0 : (s1 > p.Tq ? p.Tq : s1);
+  s.b = 0;
+  s.qs = s0;
+  s.ks = s0;
+  s.ql = (int)(s1 - s0);
+  s.kl = s.ql;
+  return s;
+}
+
+// The two query rows a thread owns in the mma accumulator layout (rows g and g + 8 of its warp).
+struct Rows {
+  int pos[2], c[2];
+  bool valid[2];
+  const int *bi[2];
+};
+
+__device__ __forceinline__ void make_rows(const LmParams &p, const LmSeq &s, int hk, int i0,
+                                          int rows, int warp, int g, Rows &R) {
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int r = 16 * warp + g + 8 * rr;
+    R.valid[rr] = r < rows;
+    R.pos[rr] = i0 + r + (s.kl - s.ql);
+    R.c[rr] = R.pos[rr] / p.bs;
+    R.bi[rr] = (p.bidx != nullptr && R.valid[rr])
+                   ? p.bidx + s.b * p.sbi[0] + (s.qs + i0 + r) * p.sbi[1] + hk * p.sbi[2]
+                   : nullptr;
+  }
+}
+
+__device__ __forceinline__ float qmax(float x) {
+  x = fmaxf(x, __shfl_xor_sync(LM_FULL, x, 1));
+  return fmaxf(x, __shfl_xor_sync(LM_FULL, x, 2));
+}
+__device__ __forceinline__ float qsum(float x) {
+  x += __shfl_xor_sync(LM_FULL, x, 1);
+  return x + __shfl_xor_sync(LM_FULL, x, 2);
+}
+
+// Bit jb set: block j0 + jb (jb < nbt ≤ 32) is an earlier block the row attends to. Called by
+// all lanes (the quad splits the index list and ORs its findings).
+__device__ __forceinline__ u32 early_mask(const LmParams &p, const Rows &R, int rr, int j0, int nbt,
+                                          int t4) {
+  u32 m = 0;
+  if (R.valid[rr]) {
+    const int hi = min(R.c[rr], j0 + nbt);
+    if (hi > j0) {
+      if (p.bidx == nullptr) {
+        if (t4 == 0) m = (hi - j0 >= 32) ? LM_FULL : ((1u << (hi - j0)) - 1u);
+      } else {
+        for (int x = t4; x < p.nidx; x += 4) {
+          const int j = R.bi[rr][x * p.sbi[3]];
+          if (j >= j0 && j < hi) m |= 1u << (j - j0);
+        }
+      }
+    }
+  }
+  m |= __shfl_xor_sync(LM_FULL, m, 1);
+  m |= __shfl_xor_sync(LM_FULL, m, 2);
+  return m;
+}
+
+__device__ __forceinline__ int kind_of(const Rows &R, int rr, u32 em, int j0, int jb) {
+  if (!R.valid[rr]) return K_SKIP;
+  if (j0 + jb == R.c[rr]) return K_CUR;
+  return ((em >> jb) & 1u) ? K_EARLY : K_SKIP;
+}
+
+// Smallest block index ≥ jlo that one of the thread's rows needs (LM_BIG if none); quad-reduced.
+__device__ __forceinline__ int next_block(const LmParams &p, const Rows &R, int jlo, int t4) {
+  int best = LM_BIG;
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    if (!R.valid[rr]) continue;
+    const int c = R.c[rr];
+    if (c < jlo) continue;
+    if (p.bidx == nullptr) {
+      best = min(best, jlo);
+    } else {
+      best = min(best, c);
+      for (int x = t4; x < p.nidx; x += 4) {
+        const int j = R.bi[rr][x * p.sbi[3]];
+        if (j >= jlo && j < c) best = min(best, j);
+      }
+    }
+  }
+  best = min(best, __shfl_xor_sync(LM_FULL, best, 1));
+  return min(best, __shfl_xor_sync(LM_FULL, best, 2));
+}
+
+__device__ __forceinline__ int cta_min(int v, int *red) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = min(v, __shfl_xor_sync(LM_FULL, v, o));
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  int r = red[0];
+#pragma unroll
+  for (int w = 1; w < LM_NW; ++w) r = min(r, red[w]);
+  __syncthreads();
+  return r;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row phase of one key tile for a warp's 16 query rows. S holds log2-scaled scores of columns
+// 8f + 2·t4 + e (rows g: S[f][e], g + 8: S[f][2 + e]); key tile [k0, k0 + nk), blocks j0 + jb.
+
+// Forward: turns S into P relative to the new running maxima (mu, log2 units) and rescales the
+// running state. Returns alpha per row (the rescale factor of l and O).
+template <int NF>
+__device__ __forceinline__ void fwd_probs(float (*S)[4], const Rows &R, const u32 *em, int j0,
+                                          int nbt, int k0, int nk, int bs, float *m, float *mu,
+                                          float *alpha) {
+  const int t4 = threadIdx.x & 3;
+  float mb[2] = {LM_NINF, LM_NINF};
+  for (int jb = 0; jb < nbt; ++jb) {
+    const int lo = jb * bs, lm = lo + bs - 1;
+    if (lo >= nk) break;
+    int kd[2];
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) kd[rr] = kind_of(R, rr, em[rr], j0, jb);
+#pragma unroll
+    for (int f = 0; f < NF; ++f)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = 8 * f + 2 * t4 + e;
+        if (col < lo || col > lm || col >= nk) continue;
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+          const bool use = kd[rr] == K_EARLY
+                               ? col == lm
+                               : (kd[rr] == K_CUR && col != lm && k0 + col <= R.pos[rr]);
+          if (use) mb[rr] = fmaxf(mb[rr], S[f][2 * rr + e]);
+        }
+      }
+  }
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const float bound = qmax(mb[rr]);
+    const float m_new = fmaxf(m[rr], bound);
+    mu[rr] = m_new == LM_NINF ? 0.f : m_new;
+    alpha[rr] = fast_exp2(m[rr] - mu[rr]); // 0 when m was −∞
+    m[rr] = m_new;
+  }
+  // columns past the tile's keys
+#pragma unroll
+  for (int f = 0; f < NF; ++f)
+#pragma unroll
+    for (int e = 0; e < 2; ++e)
+      if (8 * f + 2 * t4 + e >= nk) S[f][e] = S[f][2 + e] = 0.f;
+  for (int jb = 0; jb < nbt; ++jb) {
+    const int lo = jb * bs, lm = lo + bs - 1;
+    if (lo >= nk) break;
+    int kd[2];
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) kd[rr] = kind_of(R, rr, em[rr], j0, jb);
+    float mx[2] = {LM_NINF, LM_NINF}, gl[2] = {LM_NINF, LM_NINF};
+#pragma unroll
+    for (int f = 0; f < NF; ++f)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = 8 * f + 2 * t4 + e;
+        if (col < lo || col > lm || col >= nk) continue;
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+          if (col == lm) gl[rr] = fmaxf(gl[rr], S[f][2 * rr + e]);
+          else mx[rr] = fmaxf(mx[rr], S[f][2 * rr + e]);
+        }
+      }
+    float sm[2] = {0.f, 0.f};
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      mx[rr] = qmax(mx[rr]);
+      gl[rr] = qmax(gl[rr]);
+    }
+#pragma unroll
+    for (int f = 0; f < NF; ++f)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = 8 * f + 2 * t4 + e;
+        if (col < lo || col > lm || col >= nk) continue;
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+          float &x = S[f][2 * rr + e];
+          if (kd[rr] == K_EARLY) {
+            if (col == lm) {
+              x = 0.f;
+            } else {
+              x = fast_exp2(x - mx[rr]);
+              sm[rr] += x;
+            }
+          } else if (kd[rr] == K_CUR && col != lm && k0 + col <= R.pos[rr]) {
+            x = fast_exp2(x - mu[rr]);
+          } else {
+            x = 0.f;
+          }
+        }
+      }
+    float fac[2];
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      sm[rr] = qsum(sm[rr]);
+      fac[rr] = kd[rr] == K_EARLY ? fast_exp2(gl[rr] - mu[rr]) / sm[rr] : 1.f;
+    }
+#pragma unroll
+    for (int f = 0; f < NF; ++f)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = 8 * f + 2 * t4 + e;
+        if (col < lo || col > lm || col >= nk) continue;
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr)
+          if (kd[rr] == K_EARLY) S[f][2 * rr + e] *= fac[rr];
+      }
+  }
+}
+
+// Backward: S (log2-scaled scores) -> P, dP (= dO·vᵀ) -> dS (natural units), given lse2 (log2
+// units) and delta per row.
+template <int NF>
+__device__ __forceinline__ void bwd_probs(float (*S)[4], float (*dP)[4], const Rows &R,
+                                          const u32 *em, int j0, int nbt, int k0, int nk, int bs,
+                                          const float *lse2, const float *dl) {
+  const int t4 = threadIdx.x & 3;
+#pragma unroll
+  for (int f = 0; f < NF; ++f)
+#pragma unroll
+    for (int e = 0; e < 2; ++e)
+      if (8 * f + 2 * t4 + e >= nk) S[f][e] = S[f][2 + e] = dP[f][e] = dP[f][2 + e] = 0.f;
+  for (int jb = 0; jb < nbt; ++jb) {
+    const int lo = jb * bs, lm = lo + bs - 1;
+    if (lo >= nk) break;
+    int kd[2];
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) kd[rr] = kind_of(R, rr, em[rr], j0, jb);
+    float mx[2] = {LM_NINF, LM_NINF}, gl[2] = {LM_NINF, LM_NINF};
+#pragma unroll
+    for (int f = 0; f < NF; ++f)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = 8 * f + 2 * t4 + e;
+        if (col < lo || col > lm || col >= nk) continue;
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+          if (col == lm) gl[rr] = fmaxf(gl[rr], S[f][2 * rr + e]);
+          else mx[rr] = fmaxf(mx[rr], S[f][2 * rr + e]);
+        }
+      }
+    float sm[2] = {0.f, 0.f}, cs[2] = {0.f, 0.f};
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      mx[rr] = qmax(mx[rr]);
+      gl[rr] = qmax(gl[rr]);
+    }
+#pragma unroll
+    for (int f = 0; f < NF; ++f)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = 8 * f + 2 * t4 + e;
+        if (col < lo || col > lm || col >= nk || col == lm) continue;
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+          if (kd[rr] == K_EARLY) {
+            const float t = fast_exp2(S[f][2 * rr + e] - mx[rr]);
+            S[f][2 * rr + e] = t;
+            sm[rr] += t;
+            cs[rr] += t * dP[f][2 * rr + e];
+          }
+        }
+      }
+    float G[2], c[2], gs[2];
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      sm[rr] = qsum(sm[rr]);
+      cs[rr] = qsum(cs[rr]);
+      const bool early = kd[rr] == K_EARLY;
+      G[rr] = early ? fast_exp2(gl[rr] - lse2[rr]) : 0.f;
+      c[rr] = early ? cs[rr] / sm[rr] : 0.f;
+      gs[rr] = early ? G[rr] / sm[rr] : 0.f;
+    }
+#pragma unroll
+    for (int f = 0; f < NF; ++f)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = 8 * f + 2 * t4 + e;
+        if (col < lo || col > lm || col >= nk) continue;
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+          float &x = S[f][2 * rr + e];
+          float &d = dP[f][2 * rr + e];
+          if (kd[rr] == K_EARLY) {
+            if (col == lm) {
+              x = 0.f;
+              d = G[rr] * (c[rr] - dl[rr]);
+            } else {
+              const float pr = x * gs[rr];
+              x = pr;
+              d = pr * (d - c[rr]);
+            }
+          } else if (kd[rr] == K_CUR && col != lm && k0 + col <= R.pos[rr]) {
+            const float pr = fast_exp2(x - lse2[rr]);
+            x = pr;
+            d = pr * (d - dl[rr]);
+          } else {
+            x = 0.f;
+            d = 0.f;
+          }
+        }
+      }
+  }
+}
+
+// C[16 x 8·NF] += A(rows m0.., smem row-major, ld) · B(smem [n][k] row-major, ld), k over KD,
+// skipping column tiles at or past `ncols`.
+template <int ELEM, int NF, int KD>
+__device__ __forceinline__ void gemm_nk(float (*C)[4], const typename Elem<ELEM>::T *As, int lda,
+                                        int m0, const typename Elem<ELEM>::T *Bs, int ldb,
+                                        int ncols) {
+  constexpr int KS = Elem<ELEM>::KS;
+#pragma unroll
+  for (int k0 = 0; k0 < KD; k0 += KS) {
+    u32 a[4], b[2];
+    Frag<ELEM>::A_mk(a, As, lda, m0, k0);
+#pragma unroll
+    for (int f = 0; f < NF; ++f) {
+      if (8 * f < ncols) {
+        Frag<ELEM>::B_nk(b, Bs, ldb, k0, 8 * f);
+        mma<ELEM>(C[f], a, b);
+      }
+    }
+  }
+}
+
+// C[16 x 8·NO] += P(accumulator tiles, 16 x KT) · B(smem [k][n] row-major), k steps below nk.
+template <int ELEM, int NF, int NO>
+__device__ __forceinline__ void gemm_acc_kn(float (*C)[4], float (*P)[4],
+                                            const typename Elem<ELEM>::T *Bs, int ldb, int nk) {
+  constexpr int KS = Elem<ELEM>::KS;
+#pragma unroll
+  for (int kk = 0; kk < (8 * NF) / KS; ++kk) {
+    if (kk * KS < nk) {
+      u32 a[4], b[2];
+      Frag<ELEM>::A_from_acc(a, P, kk);
+#pragma unroll
+      for (int f = 0; f < NO; ++f) {
+        Frag<ELEM>::B_kn(b, Bs, ldb, kk * KS, 8 * f);
+        mma<ELEM>(C[f], a, b);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// forward
+
+template <int ELEM, int DP, int KT> __device__ __forceinline__ void lm_fwd_impl(const LmParams &p) {
+  typedef typename Elem<ELEM>::T T;
+  constexpr int BQ = LM_BQ, PAD = Elem<ELEM>::PAD, LD = DP + PAD;
+  constexpr int NF = KT / 8, NO = DP / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T *Qs = reinterpret_cast<T *>(smem_raw);
+  T *Ks = Qs + BQ * LD;
+  T *Vs = Ks + KT * LD;
+  __shared__ int red[LM_NW];
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+  const int qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, n = blockIdx.z;
+  const LmSeq s = seq_of(p, n);
+  const int i0 = qt * BQ;
+  if (i0 >= s.ql) return;
+  const int rows = min(BQ, s.ql - i0);
+  const int hk = h / (p.Hq / p.Hkv);
+  const int bs = p.bs, nbt = KT / bs, TW = nbt * bs;
+
+  const T *qb = (const T *)p.q + s.b * p.sq[0] + (s.qs + i0) * p.sq[1] + h * p.sq[2];
+  const T *kb = (const T *)p.k + s.b * p.sk[0] + s.ks * p.sk[1] + hk * p.sk[2];
+  const T *vb = (const T *)p.v + s.b * p.sv[0] + s.ks * p.sv[1] + hk * p.sv[2];
+  load_tile_async<ELEM, BQ, DP, LM_THREADS>(Qs, LD, qb, p.sq[1], rows, p.D, p.vec_q);
+  cp_async_commit();
+
+  Rows R;
+  make_rows(p, s, hk, i0, rows, warp, g, R);
+  const bool active = 16 * warp < rows;
+  float O[NO][4];
+#pragma unroll
+  for (int f = 0; f < NO; ++f) O[f][0] = O[f][1] = O[f][2] = O[f][3] = 0.f;
+  float m[2] = {LM_NINF, LM_NINF}, l[2] = {0.f, 0.f};
+
+  int jlo = 0;
+  while (true) {
+    const int jn = cta_min(next_block(p, R, jlo, t4), red);
+    if (jn == LM_BIG) break;
+    const int j0 = (jn / nbt) * nbt, k0 = j0 * bs;
+    const int nk = min(TW, s.kl - k0);
+    jlo = j0 + nbt;
+    load_tile_async<ELEM, KT, DP, LM_THREADS>(Ks, LD, kb + (i64)k0 * p.sk[1], p.sk[1], nk, p.D,
+                                              p.vec_k);
+    cp_async_commit();
+    load_tile_async<ELEM, KT, DP, LM_THREADS>(Vs, LD, vb + (i64)k0 * p.sv[1], p.sv[1], nk, p.E,
+                                              p.vec_v);
+    cp_async_commit();
+    u32 em[2];
+    em[0] = early_mask(p, R, 0, j0, nbt, t4);
+    em[1] = early_mask(p, R, 1, j0, nbt, t4);
+    cp_async_wait<1>();
+    __syncthreads();
+    float S[NF][4];
+#pragma unroll
+    for (int f = 0; f < NF; ++f) S[f][0] = S[f][1] = S[f][2] = S[f][3] = 0.f;
+    if (active) {
+      gemm_nk<ELEM, NF, DP>(S, Qs, LD, 16 * warp, Ks, LD, nk);
+#pragma unroll
+      for (int f = 0; f < NF; ++f)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) S[f][r] *= p.scale_log2;
+      float mu[2], alpha[2];
+      fwd_probs<NF>(S, R, em, j0, nbt, k0, nk, bs, m, mu, alpha);
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        float ps = 0.f;
+#pragma unroll
+        for (int f = 0; f < NF; ++f) ps += S[f][2 * rr] + S[f][2 * rr + 1];
+        l[rr] = l[rr] * alpha[rr] + ps;
+#pragma unroll
+        for (int f = 0; f < NO; ++f) {
+          O[f][2 * rr] *= alpha[rr];
+          O[f][2 * rr + 1] *= alpha[rr];
+        }
+      }
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+    if (active) gemm_acc_kn<ELEM, NF, NO>(O, S, Vs, LD, nk);
+    __syncthreads(); // Ks, Vs free for the next tile
+  }
+
+  T *ob = (T *)p.out + s.b * p.so[0] + (s.qs + i0) * p.so[1] + h * p.so[2];
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const float lt = qsum(l[rr]);
+    const int r = 16 * warp + g + 8 * rr;
+    if (r < rows) {
+      const float inv = 1.f / lt;
+#pragma unroll
+      for (int f = 0; f < NO; ++f)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = 8 * f + 2 * t4 + e;
+          if (col < p.E) ob[(i64)r * p.so[1] + col] = from_f32<ELEM>(O[f][2 * rr + e] * inv);
+        }
+      if (t4 == 0) {
+        const float mm = m[rr] == LM_NINF ? 0.f : m[rr];
+        p.lse[s.b * p.slse[0] + (s.qs + i0 + r) * p.slse[1] + h * p.slse[2]] =
+            (mm + __log2f(lt)) * 0.6931471805599453f;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// backward
+
+// Loads lse (as log2 units) and delta of the thread's rows.
+__device__ __forceinline__ void load_row_stats(const LmParams &p, const LmSeq &s, int h, int i0,
+                                               const Rows &R, int warp, int g, float *lse2,
+                                               float *dl) {
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int r = 16 * warp + g + 8 * rr;
+    if (R.valid[rr]) {
+      const i64 t = s.qs + i0 + r;
+      lse2[rr] = p.lse[s.b * p.slse[0] + t * p.slse[1] + h * p.slse[2]] * 1.4426950408889634f;
+      dl[rr] = p.delta[s.b * p.sdl[0] + t * p.sdl[1] + h * p.sdl[2]];
+    } else {
+      lse2[rr] = 0.f;
+      dl[rr] = 0.f;
+    }
+  }
+}
+
+template <int ELEM, int DP, int KT>
+__device__ __forceinline__ void lm_bwd_dq_impl(const LmParams &p) {
+  typedef typename Elem<ELEM>::T T;
+  constexpr int BQ = LM_BQ, PAD = Elem<ELEM>::PAD, LD = DP + PAD;
+  constexpr int NF = KT / 8, NO = DP / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T *Qs = reinterpret_cast<T *>(smem_raw);
+  T *dOs = Qs + BQ * LD;
+  T *Ks = dOs + BQ * LD;
+  T *Vs = Ks + KT * LD;
+  __shared__ int red[LM_NW];
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+  const int qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, n = blockIdx.z;
+  const LmSeq s = seq_of(p, n);
+  const int i0 = qt * BQ;
+  if (i0 >= s.ql) return;
+  const int rows = min(BQ, s.ql - i0);
+  const int hk = h / (p.Hq / p.Hkv);
+  const int bs = p.bs, nbt = KT / bs, TW = nbt * bs;
+
+  const T *qb = (const T *)p.q + s.b * p.sq[0] + (s.qs + i0) * p.sq[1] + h * p.sq[2];
+  const T *dob = (const T *)p.dout + s.b * p.sdo[0] + (s.qs + i0) * p.sdo[1] + h * p.sdo[2];
+  const T *kb = (const T *)p.k + s.b * p.sk[0] + s.ks * p.sk[1] + hk * p.sk[2];
+  const T *vb = (const T *)p.v + s.b * p.sv[0] + s.ks * p.sv[1] + hk * p.sv[2];
+  load_tile_async<ELEM, BQ, DP, LM_THREADS>(Qs, LD, qb, p.sq[1], rows, p.D, p.vec_q);
+  load_tile_async<ELEM, BQ, DP, LM_THREADS>(dOs, LD, dob, p.sdo[1], rows, p.E, p.vec_do);
+  cp_async_commit();
+
+  Rows R;
+  make_rows(p, s, hk, i0, rows, warp, g, R);
+  const bool active = 16 * warp < rows;
+  float lse2[2], dl[2];
+  load_row_stats(p, s, h, i0, R, warp, g, lse2, dl);
+  float dQ[NO][4];
+#pragma unroll
+  for (int f = 0; f < NO; ++f) dQ[f][0] = dQ[f][1] = dQ[f][2] = dQ[f][3] = 0.f;
+
+  int jlo = 0;
+  while (true) {
+    const int jn = cta_min(next_block(p, R, jlo, t4), red);
+    if (jn == LM_BIG) break;
+    const int j0 = (jn / nbt) * nbt, k0 = j0 * bs;
+    const int nk = min(TW, s.kl - k0);
+    jlo = j0 + nbt;
+    load_tile_async<ELEM, KT, DP, LM_THREADS>(Ks, LD, kb + (i64)k0 * p.sk[1], p.sk[1], nk, p.D,
+                                              p.vec_k);
+    load_tile_async<ELEM, KT, DP, LM_THREADS>(Vs, LD, vb + (i64)k0 * p.sv[1], p.sv[1], nk, p.E,
+                                              p.vec_v);
+    cp_async_commit();
+    u32 em[2];
+    em[0] = early_mask(p, R, 0, j0, nbt, t4);
+    em[1] = early_mask(p, R, 1, j0, nbt, t4);
+    cp_async_wait<0>();
+    __syncthreads();
+    if (active) {
+      float S[NF][4], dP[NF][4];
+#pragma unroll
+      for (int f = 0; f < NF; ++f)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) S[f][r] = dP[f][r] = 0.f;
+      gemm_nk<ELEM, NF, DP>(S, Qs, LD, 16 * warp, Ks, LD, nk);
+      gemm_nk<ELEM, NF, DP>(dP, dOs, LD, 16 * warp, Vs, LD, nk);
+#pragma unroll
+      for (int f = 0; f < NF; ++f)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) S[f][r] *= p.scale_log2;
+      bwd_probs<NF>(S, dP, R, em, j0, nbt, k0, nk, bs, lse2, dl);
+      gemm_acc_kn<ELEM, NF, NO>(dQ, dP, Ks, LD, nk);
+    }
+    __syncthreads(); // Ks, Vs free for the next tile
+  }
+
+  T *dqb = (T *)p.dq + s.b * p.sdq[0] + (s.qs + i0) * p.sdq[1] + h * p.sdq[2];
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int r = 16 * warp + g + 8 * rr;
+    if (r < rows) {
+#pragma unroll
+      for (int f = 0; f < NO; ++f)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = 8 * f + 2 * t4 + e;
+          if (col < p.D) dqb[(i64)r * p.sdq[1] + col] = from_f32<ELEM>(dQ[f][2 * rr + e] * p.scale);
+        }
+    }
+  }
+}
+
+template <int ELEM, int DP, int KT>
+__device__ __forceinline__ void lm_bwd_dkdv_impl(const LmParams &p) {
+  typedef typename Elem<ELEM>::T T;
+  constexpr int BQ = LM_BQ, PAD = Elem<ELEM>::PAD, LD = DP + PAD, LDP = KT + PAD;
+  constexpr int NF = KT / 8, NO = DP / 8, KS = Elem<ELEM>::KS;
+  static_assert(KT == 16 * LM_NW, "one warp per 16 keys of the tile");
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T *Ks = reinterpret_cast<T *>(smem_raw);
+  T *Vs = Ks + KT * LD;
+  T *Qs = Vs + KT * LD;
+  T *dOs = Qs + BQ * LD;
+  T *PSs = dOs + BQ * LD; // P, then dS: [query][key]
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+  const int tt = blockIdx.x, hk = blockIdx.y, n = blockIdx.z;
+  const LmSeq s = seq_of(p, n);
+  const int bs = p.bs, nbt = KT / bs, TW = nbt * bs;
+  const int j0 = tt * nbt, k0 = j0 * bs;
+  if (k0 >= s.kl) return;
+  const int nk = min(TW, s.kl - k0);
+  const int G = p.Hq / p.Hkv;
+
+  const T *kb = (const T *)p.k + s.b * p.sk[0] + (s.ks + k0) * p.sk[1] + hk * p.sk[2];
+  const T *vb = (const T *)p.v + s.b * p.sv[0] + (s.ks + k0) * p.sv[1] + hk * p.sv[2];
+  load_tile_async<ELEM, KT, DP, LM_THREADS>(Ks, LD, kb, p.sk[1], nk, p.D, p.vec_k);
+  load_tile_async<ELEM, KT, DP, LM_THREADS>(Vs, LD, vb, p.sv[1], nk, p.E, p.vec_v);
+  cp_async_commit();
+
+  float dK[NO][4], dV[NO][4];
+#pragma unroll
+  for (int f = 0; f < NO; ++f)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) dK[f][r] = dV[f][r] = 0.f;
+  const bool kactive = 16 * warp < nk;
+
+  const int off = s.kl - s.ql;
+  const int first = max(0, k0 - off); // first query row whose position reaches k0
+  for (int hh = 0; hh < G; ++hh) {
+    const int h = hk * G + hh;
+    for (int i0 = (first / BQ) * BQ; i0 < s.ql; i0 += BQ) {
+      const int rows = min(BQ, s.ql - i0);
+      Rows R;
+      make_rows(p, s, hk, i0, rows, warp, g, R);
+      u32 em[2];
+      em[0] = early_mask(p, R, 0, j0, nbt, t4);
+      em[1] = early_mask(p, R, 1, j0, nbt, t4);
+      bool need = false;
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr)
+        need |= R.valid[rr] && (em[rr] != 0u || (R.c[rr] >= j0 && R.c[rr] < j0 + nbt));
+      if (!__syncthreads_or(need)) continue;
+
+      const T *qb = (const T *)p.q + s.b * p.sq[0] + (s.qs + i0) * p.sq[1] + h * p.sq[2];
+      const T *dob = (const T *)p.dout + s.b * p.sdo[0] + (s.qs + i0) * p.sdo[1] + h * p.sdo[2];
+      load_tile_async<ELEM, BQ, DP, LM_THREADS>(Qs, LD, qb, p.sq[1], rows, p.D, p.vec_q);
+      load_tile_async<ELEM, BQ, DP, LM_THREADS>(dOs, LD, dob, p.sdo[1], rows, p.E, p.vec_do);
+      cp_async_commit();
+      float lse2[2], dl[2];
+      load_row_stats(p, s, h, i0, R, warp, g, lse2, dl);
+      cp_async_wait<0>();
+      __syncthreads();
+
+      float S[NF][4], dP[NF][4];
+#pragma unroll
+      for (int f = 0; f < NF; ++f)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) S[f][r] = dP[f][r] = 0.f;
+      if (16 * warp < rows) {
+        gemm_nk<ELEM, NF, DP>(S, Qs, LD, 16 * warp, Ks, LD, nk);
+        gemm_nk<ELEM, NF, DP>(dP, dOs, LD, 16 * warp, Vs, LD, nk);
+#pragma unroll
+        for (int f = 0; f < NF; ++f)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) S[f][r] *= p.scale_log2;
+        bwd_probs<NF>(S, dP, R, em, j0, nbt, k0, nk, bs, lse2, dl);
+      }
+      // P -> shared memory (rows of warps without queries are zeros)
+#pragma unroll
+      for (int f = 0; f < NF; ++f)
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+          PSs[(16 * warp + g + 8 * (r >> 1)) * LDP + 8 * f + 2 * t4 + (r & 1)] =
+              from_f32<ELEM>(S[f][r]);
+      __syncthreads();
+      if (kactive) {
+#pragma unroll
+        for (int kq = 0; kq < BQ; kq += KS) {
+          u32 a[4], b[2];
+          Frag<ELEM>::A_km(a, PSs, LDP, 16 * warp, kq);
+#pragma unroll
+          for (int f = 0; f < NO; ++f) {
+            Frag<ELEM>::B_kn(b, dOs, LD, kq, 8 * f);
+            mma<ELEM>(dV[f], a, b);
+          }
+        }
+      }
+      __syncthreads();
+#pragma unroll
+      for (int f = 0; f < NF; ++f)
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+          PSs[(16 * warp + g + 8 * (r >> 1)) * LDP + 8 * f + 2 * t4 + (r & 1)] =
+              from_f32<ELEM>(dP[f][r]);
+      __syncthreads();
+      if (kactive) {
+#pragma unroll
+        for (int kq = 0; kq < BQ; kq += KS) {
+          u32 a[4], b[2];
+          Frag<ELEM>::A_km(a, PSs, LDP, 16 * warp, kq);
+#pragma unroll
+          for (int f = 0; f < NO; ++f) {
+            Frag<ELEM>::B_kn(b, Qs, LD, kq, 8 * f);
+            mma<ELEM>(dK[f], a, b);
+          }
+        }
+      }
+      __syncthreads(); // Qs, dOs, PSs free for the next query tile
+    }
+  }
+
+  cp_async_wait<0>(); // K, V copies complete even when no query tile needed them
+
+  T *dkb = (T *)p.dk + s.b * p.sdk[0] + (s.ks + k0) * p.sdk[1] + hk * p.sdk[2];
+  T *dvb = (T *)p.dv + s.b * p.sdv[0] + (s.ks + k0) * p.sdv[1] + hk * p.sdv[2];
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int r = 16 * warp + g + 8 * rr;
+    if (r < nk) {
+#pragma unroll
+      for (int f = 0; f < NO; ++f)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = 8 * f + 2 * t4 + e;
+          if (col < p.D) dkb[(i64)r * p.sdk[1] + col] = from_f32<ELEM>(dK[f][2 * rr + e] * p.scale);
+          if (col < p.E) dvb[(i64)r * p.sdv[1] + col] = from_f32<ELEM>(dV[f][2 * rr + e]);
+        }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// top-k blocks: one CTA per (token, kv head). Landmark scores max_g scale·q_g·k_ℓj in float64
+// (as the CPU path), kept as order-preserving 64-bit keys in shared memory; k rounds of a
+// CTA-wide argmax (ties to the lower block) mark the winners, which are then written in
+// ascending order. Dynamic shared memory: G·D doubles of q and one key per candidate block.
+
+__device__ __forceinline__ unsigned long long order_key(double x) {
+  const unsigned long long b = (unsigned long long)__double_as_longlong(x);
+  return (b >> 63) ? ~b : (b | 0x8000000000000000ull);
+}
+
+template <int ELEM> __device__ __forceinline__ void lm_topk_impl(const LmParams &p) {
+  typedef typename Elem<ELEM>::T T;
+  constexpr int NWT = TOPK_THREADS / 32;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int G = p.Hq / p.Hkv;
+  double *qsm = reinterpret_cast<double *>(smem_raw);
+  unsigned long long *keys = reinterpret_cast<unsigned long long *>(qsm + G * p.D);
+  __shared__ unsigned long long wk[NWT];
+  __shared__ int wj[NWT];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int i = blockIdx.x, hk = blockIdx.y, bb = blockIdx.z;
+  int *out = p.topk_out + bb * p.stk[0] + (i64)i * p.stk[1] + hk * p.stk[2];
+  const int K = p.topk;
+
+  // the token's sequence
+  int b = bb, il = i, ql = p.Tq, kl = p.Tk;
+  i64 qs = 0, ks = 0;
+  bool inside = true;
+  if (p.cu_kind >= 0) {
+    int lo = 0, hi = p.nseq - 1; // largest n with cu[n] <= i
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) >> 1;
+      if (cu_at(p, mid) <= i) lo = mid;
+      else hi = mid - 1;
+    }
+    const LmSeq s = seq_of(p, lo);
+    b = 0;
+    qs = s.qs;
+    ks = s.ks;
+    ql = s.ql;
+    kl = s.kl;
+    il = (int)(i - qs);
+    inside = il >= 0 && il < ql;
+  }
+  int cand = 0;
+  if (inside) {
+    const int pos = il + kl - ql;
+    cand = min(pos / p.bs, kl / p.bs);
+  }
+  if (cand <= K) {
+    for (int x = threadIdx.x; x < K; x += TOPK_THREADS) out[x * p.stk[3]] = x < cand ? x : -1;
+    return;
+  }
+  const T *qrow = (const T *)p.q + b * p.sq[0] + (qs + il) * p.sq[1];
+  for (int x = threadIdx.x; x < G * p.D; x += TOPK_THREADS) {
+    const int gi = x / p.D, d = x % p.D;
+    qsm[x] = (double)load_f32<ELEM>(qrow + (hk * G + gi) * p.sq[2] + d);
+  }
+  __syncthreads();
+  const T *kb = (const T *)p.k + b * p.sk[0] + ks * p.sk[1] + hk * p.sk[2];
+  for (int j = warp; j < cand; j += NWT) {
+    const T *krow = kb + ((i64)j * p.bs + p.bs - 1) * p.sk[1];
+    double kv[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      const int d = lane + 32 * u;
+      kv[u] = d < p.D ? (double)load_f32<ELEM>(krow + d) : 0.0;
+    }
+    double best = __longlong_as_double(0xfff0000000000000ll);
+    for (int gi = 0; gi < G; ++gi) {
+      double dot = 0.0;
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        const int d = lane + 32 * u;
+        if (d < p.D) dot += qsm[gi * p.D + d] * kv[u];
+      }
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(LM_FULL, dot, o);
+      best = fmax(best, dot * (double)p.scale); // NaN scores are ignored (rank as −∞)
+    }
+    if (lane == 0) keys[j] = order_key(best);
+  }
+  __syncthreads();
+  // K rounds of argmax; a taken key becomes 0 (every real key is above 2^52)
+  for (int round = 0; round < K; ++round) {
+    unsigned long long bk = 0;
+    int bj = LM_BIG;
+    for (int j = threadIdx.x; j < cand; j += TOPK_THREADS) {
+      const unsigned long long kk = keys[j];
+      if (kk > bk) {
+        bk = kk;
+        bj = j;
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const unsigned long long ok = __shfl_xor_sync(LM_FULL, bk, o);
+      const int oj = __shfl_xor_sync(LM_FULL, bj, o);
+      if (ok > bk || (ok == bk && oj < bj)) {
+        bk = ok;
+        bj = oj;
+      }
+    }
+    if (lane == 0) {
+      wk[warp] = bk;
+      wj[warp] = bj;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      unsigned long long k2 = wk[0];
+      int j2 = wj[0];
+      for (int w = 1; w < NWT; ++w)
+        if (wk[w] > k2 || (wk[w] == k2 && wj[w] < j2)) {
+          k2 = wk[w];
+          j2 = wj[w];
+        }
+      if (j2 < cand) keys[j2] = 0;
+    }
+    __syncthreads();
+  }
+  if (warp == 0) {
+    int written = 0;
+    for (int base = 0; base < cand; base += 32) {
+      const int j = base + lane;
+      const bool sel = j < cand && keys[j] == 0;
+      const u32 bal = __ballot_sync(LM_FULL, sel);
+      if (sel) {
+        const int at = written + __popc(bal & ((1u << lane) - 1u));
+        if (at < K) out[at * p.stk[3]] = j;
+      }
+      written += __popc(bal);
+    }
+    for (int x = written + lane; x < K; x += 32) out[x * p.stk[3]] = -1;
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(LM_THREADS) lm_fwd(const LmParams p) {
+  lm_fwd_impl<LM_ELEM, LM_DP, LM_KT>(p);
+}
+extern "C" __global__ void __launch_bounds__(LM_THREADS) lm_bwd_dq(const LmParams p) {
+  lm_bwd_dq_impl<LM_ELEM, LM_DP, LM_KT>(p);
+}
+extern "C" __global__ void __launch_bounds__(LM_THREADS) lm_bwd_dkdv(const LmParams p) {
+  lm_bwd_dkdv_impl<LM_ELEM, LM_DP, LM_KT>(p);
+}
+extern "C" __global__ void __launch_bounds__(TOPK_THREADS) lm_topk(const LmParams p) {
+  lm_topk_impl<LM_ELEM>(p);
+}
