@@ -18,6 +18,7 @@
 #                      "lightning rat landmark nsa nsa_selection"; missing scripts are skipped)
 #   PYTEST_ARGS        default "-x -q"
 #   PYTEST_TARGETS     default "tests" (test files or node ids)
+#   PYTEST_K           a pytest -k expression
 #   SANITIZE_TOOLS     default "memcheck racecheck" (also: initcheck synccheck)
 #   SANITIZE_ARGS      extra compute-sanitizer options, e.g. "--kernel-name kns=la_" (check only
 #                      longattn's kernels, if torch's own make it too slow)
@@ -134,7 +135,7 @@ run_tests() {
     b=$(stage_budget)
     ((b >= 20)) || return 124
     # shellcheck disable=SC2086
-    timeout -k 10 "$b" python3 -m pytest ${PYTEST_ARGS:--x -q} ${PYTEST_TARGETS:-tests} 2>&1 | tee "$OUT/pytest.log"
+    timeout -k 10 "$b" python3 -m pytest ${PYTEST_ARGS:--x -q} ${PYTEST_K:+-k "$PYTEST_K"} ${PYTEST_TARGETS:-tests} 2>&1 | tee "$OUT/pytest.log"
 }
 
 find_sanitizer() {
@@ -149,6 +150,9 @@ find_sanitizer() {
     done
     return 1
 }
+
+# Only longattn's kernels are checked (torch's own would make racecheck take minutes).
+declare -A KERNEL_PREFIX=([lightning]=la_ [rat]=rat_ [landmark]=lm_ [nsa]=nsa_ [nsa_selection]=nsa_)
 
 run_sanitize() {
     local cs log=$OUT/sanitizer.log rc=0 r tool b f script
@@ -170,7 +174,8 @@ run_sanitize() {
             echo "=== $cs --tool $tool python3 $script" | tee -a "$log"
             # shellcheck disable=SC2086
             PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 10 "$b" "$cs" --tool "$tool" \
-                --error-exitcode 86 ${SANITIZE_ARGS:-} python3 "$script" \
+                --error-exitcode 86 --kernel-name "kns=${KERNEL_PREFIX[$f]:-}" \
+                ${SANITIZE_ARGS:-} python3 "$script" \
                 >"/tmp/sanitize-$f-$tool.log" 2>&1
             r=$?
             cat "/tmp/sanitize-$f-$tool.log" >>"$log"
