@@ -17,15 +17,18 @@ fn compile_all_kernels(py: Python<'_>, arch: &str) -> PyResult<Vec<(String, usiz
     use rayon::prelude::*;
     py.detach(|| {
         cpu::POOL.install(|| {
-            ops::lightning::Variant::all()
-                .par_iter()
-                .map(|v| {
-                    let name = format!("lightning.cu {:?}", v.defines());
-                    ops::lightning::compile_variant(v, arch)
-                        .map(|size| (name, size))
-                        .map_err(ops::value_error)
-                })
-                .collect()
+            let lightning = ops::lightning::Variant::all().into_par_iter().map(|v| {
+                let name = format!("lightning.cu {:?}", v.defines());
+                ops::lightning::compile_variant(&v, arch).map(|size| (name, size))
+            });
+            let nsa_select = ops::nsa::SelVariant::all().into_par_iter().map(|v| {
+                let name = format!("nsa_select.cu {:?}", v.defines());
+                ops::nsa::compile_sel_variant(&v, arch).map(|size| (name, size))
+            });
+            lightning
+                .chain(nsa_select)
+                .collect::<Result<Vec<_>, String>>()
+                .map_err(ops::value_error)
         })
     })
 }
