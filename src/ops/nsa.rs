@@ -653,7 +653,7 @@ fn topk_cuda(
         return Ok(());
     }
     let dev = cuda::device(ordinal).map_err(cuda_err)?;
-    let limit = smem_limit(&dev.arch);
+    let limit = smem_limit(&dev.arch) - 1024; // room for the static shared memory
     let elem = SelVariant::elem_of(q.dtype);
     let dp = SelVariant::padded(d);
     let gmode = if matches!(g, 1 | 2 | 4 | 8 | 16) {
