@@ -29,9 +29,14 @@ fn compile_all_kernels(py: Python<'_>, arch: &str) -> PyResult<Vec<(String, usiz
                 let name = format!("landmark.cu {:?}", v.defines());
                 ops::landmark::compile_variant(&v, arch).map(|size| (name, size))
             });
+            let nsa_select = ops::nsa::SelVariant::all().into_par_iter().map(|v| {
+                let name = format!("nsa_select.cu {:?}", v.defines());
+                ops::nsa::compile_sel_variant(&v, arch).map(|size| (name, size))
+            });
             lightning
                 .chain(rat)
                 .chain(landmark)
+                .chain(nsa_select)
                 .map(|r| r.map_err(ops::value_error))
                 .collect()
         })

@@ -139,6 +139,7 @@ def nsa_compress_fwd(
     kernel_size: Any,
     kernel_stride: Any,
     cu_seqlens: Any,
+    cu_seqlens_cmp: Any,
     stream: Any,
 ) -> Any: ...
 def nsa_compress_bwd(
@@ -152,6 +153,8 @@ def nsa_compress_bwd(
     kernel_size: Any,
     kernel_stride: Any,
     cu_seqlens: Any,
+    cu_seqlens_cmp: Any,
+    scratch: Any,
     stream: Any,
 ) -> Any: ...
 

@@ -8,6 +8,7 @@ use crate::cpu::nsa::{
     attn_bwd, attn_fwd, compress_bwd, compress_fwd, num_windows, topk_blocks, AttnBwd, AttnFwd,
     Compress, CompressBwd, Counts, KeySet, NsaSeq, TopK,
 };
+use crate::cuda;
 use crate::tensor::{DType, Device, View};
 use pyo3::PyErr;
 
@@ -336,6 +337,7 @@ pub struct Selection {
     pub local_blocks: usize,
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn topk(
     sel: &Selection,
     q: &View,
@@ -344,10 +346,13 @@ pub fn topk(
     out: &View,
     scale: f64,
     cu: Option<&View>,
+    stream: usize,
 ) -> Result<(), PyErr> {
     let op = "nsa_topk_blocks";
-    expect_tokens_tensor(q, "q", op, "[B, T, Hq, D]")?;
-    expect_tokens_tensor(k_cmp, "k_cmp", op, "[B, C, Hkv, D]")?;
+    let dev = q.device;
+    expect_sel_tokens(q, "q", "[B, T, Hq, D]", dev)?;
+    expect_sel_tokens(k_cmp, "k_cmp", "[B, C, Hkv, D]", dev)?;
+    let _ = op;
     let (b, t, hq, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
     expect_head_dim("q", d)?;
     let hkv = k_cmp.shape[2];
@@ -363,12 +368,13 @@ pub fn topk(
         "[B, C, Hkv, D] with q's B and D",
     )?;
     expect_dtype(k_cmp, "k_cmp", &[q.dtype])?;
-    expect_like(
+    expect_tensor(
         lse,
         "lse",
         &[b, t, hq],
         "[B, T, Hq]",
         accumulator_dtype(q.dtype),
+        dev,
     )?;
     expect_positive("kernel_size", sel.kernel_size)?;
     expect_positive("kernel_stride", sel.kernel_stride)?;
@@ -380,14 +386,21 @@ pub fn topk(
             sel.kernel_size, sel.block_size, sel.kernel_stride
         )));
     }
-    expect_like(
+    expect_tensor(
         out,
         "block_indices",
         &[b, t, hkv, sel.topk],
         "[B, T, Hkv, topk]",
         DType::I32,
+        dev,
     )?;
     let c = k_cmp.shape[1];
+    if let Device::Cuda(ordinal) = dev {
+        if let Some(cu) = cu {
+            check_cu_seqlens(cu, dev, b)?;
+        }
+        return topk_cuda(sel, q, k_cmp, lse, out, scale, cu, ordinal, stream);
+    }
     let seqs = sequences(b, t, cu, Some((sel.kernel_size, sel.kernel_stride)), c)?;
     if cu.is_some() {
         let total: usize = seqs.iter().map(|x| x.clen).sum();
@@ -414,6 +427,545 @@ pub fn topk(
     Ok(())
 }
 
+// ---------------------------------------------------------------------------------------------
+// CUDA: selection stage (compression and block selection), cuda/nsa_select.cu
+
+/// Rank 4, a float dtype the device supports, unit last stride.
+fn expect_sel_tokens(t: &View, name: &str, layout: &str, dev: Device) -> Result<(), PyErr> {
+    if t.ndim() != 4 {
+        return Err(value_error(format!(
+            "{name}: expected rank 4 {layout}, got shape {:?}",
+            t.shape
+        )));
+    }
+    expect_device(t, name, dev)?;
+    match dev {
+        Device::Cpu => expect_dtype(t, name, FLOATS)?,
+        Device::Cuda(_) => expect_dtype(t, name, &[DType::F32, DType::F16, DType::BF16])?,
+    }
+    expect_unit_last_stride(t, name)
+}
+
+const SEL_SOURCE: &str = include_str!("../../cuda/nsa_select.cu");
+/// Key tile of the selection kernel (NS_BN in cuda/nsa_select.cu).
+const SEL_BN: usize = 64;
+/// Threads of the compression kernels (CMP_THREADS).
+const CMP_THREADS: u32 = 128;
+
+/// Compile-time configuration of cuda/nsa_select.cu.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SelVariant {
+    /// 0 f32 (3xTF32), 1 f16, 2 bf16
+    pub elem: u32,
+    /// padded head dim of the selection kernel
+    pub dp: usize,
+    /// warps of the selection kernel (rows = 16 per warp)
+    pub nw: usize,
+}
+
+impl SelVariant {
+    fn elem_of(dtype: DType) -> u32 {
+        match dtype {
+            DType::F32 => 0,
+            DType::F16 => 1,
+            _ => 2,
+        }
+    }
+
+    fn padded(d: usize) -> usize {
+        match d {
+            0..=32 => 32,
+            33..=64 => 64,
+            65..=96 => 96,
+            97..=128 => 128,
+            129..=192 => 192,
+            _ => 256,
+        }
+    }
+
+    /// The compression kernels do not depend on dp/nw: one module per dtype.
+    fn compress(dtype: DType) -> SelVariant {
+        SelVariant {
+            elem: Self::elem_of(dtype),
+            dp: 64,
+            nw: 4,
+        }
+    }
+
+    pub fn defines(&self) -> Vec<(String, String)> {
+        vec![
+            ("NS_ELEM".into(), self.elem.to_string()),
+            ("NS_DP".into(), self.dp.to_string()),
+            ("NS_NW".into(), self.nw.to_string()),
+        ]
+    }
+
+    /// Every variant the dispatcher can choose (compiled by CI for sm_80 and sm_90a).
+    pub fn all() -> Vec<SelVariant> {
+        let mut out = Vec::new();
+        for elem in 0..3 {
+            for dp in [32, 64, 96, 128, 192, 256] {
+                for nw in [4, 8] {
+                    out.push(SelVariant { elem, dp, nw });
+                }
+            }
+        }
+        out
+    }
+}
+
+pub fn compile_sel_variant(v: &SelVariant, arch: &str) -> Result<usize, String> {
+    cuda::compile_cubin(
+        "nsa_select.cu",
+        &cuda::source(SEL_SOURCE),
+        &v.defines(),
+        arch,
+    )
+    .map(|c| c.len())
+}
+
+/// Dynamic shared memory of nsa_topk (mirrors `TopkSmem` in cuda/nsa_select.cu).
+fn topk_smem_bytes(
+    v: &SelVariant,
+    stages: usize,
+    bt: usize,
+    nb: usize,
+    n: usize,
+    gmode: usize,
+) -> usize {
+    let (size, pad) = if v.elem == 0 { (4, 4) } else { (2, 8) };
+    let bm = 16 * v.nw;
+    let ld = v.dp + pad;
+    let ldp = SEL_BN + 4;
+    let floats = bm + bt * ldp + if gmode == 0 { bm * ldp } else { 0 } + bt * nb + bt * n;
+    let ints = bt * n + 3 * bt;
+    (bm * ld + stages * SEL_BN * ld) * size + 4 * (floats + ints)
+}
+
+/// Shared memory a CTA may use, by architecture.
+fn smem_limit(arch: &str) -> usize {
+    if arch.starts_with("sm_90") || arch.starts_with("sm_100") {
+        227 * 1024
+    } else if arch == "sm_80" || arch == "sm_87" {
+        163 * 1024
+    } else {
+        99 * 1024
+    }
+}
+
+fn strides_i64<const N: usize>(t: &View) -> [i64; N] {
+    let mut out = [0i64; N];
+    for (o, s) in out.iter_mut().zip(&t.strides) {
+        *o = *s as i64;
+    }
+    out
+}
+
+/// Whether every row start of a [B, T, H, D] tensor is 16-byte aligned.
+fn rows_aligned(t: &View) -> bool {
+    let elems = 16 / if t.dtype == DType::F32 { 4 } else { 2 };
+    t.addr() % 16 == 0 && t.strides[..3].iter().all(|&s| s % elems == 0)
+}
+
+fn cu_kind(cu: Option<&View>) -> i32 {
+    cu.map_or(-1, |c| if c.dtype == DType::I64 { 1 } else { 0 })
+}
+
+/// Parameters of nsa_topk, laid out exactly like `TopkParams` in cuda/nsa_select.cu.
+#[repr(C)]
+struct TopkParams {
+    q: u64,
+    k: u64,
+    cu: u64,
+    lse: u64,
+    out: u64,
+    sq: [i64; 3],
+    sk: [i64; 3],
+    sl: [i64; 3],
+    so: [i64; 4],
+    t: i32,
+    c: i32,
+    hq: i32,
+    hkv: i32,
+    g: i32,
+    d: i32,
+    l: i32,
+    s: i32,
+    bk: i32,
+    a: i32,
+    bb: i32,
+    topk: i32,
+    init_blocks: i32,
+    local_blocks: i32,
+    n_seq: i32,
+    cu_kind: i32,
+    bt: i32,
+    nb: i32,
+    gmode: i32,
+    stages: i32,
+    vec_q: i32,
+    vec_k: i32,
+    scale_log2: f32,
+}
+
+fn cuda_err(e: String) -> PyErr {
+    value_error(e)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn topk_cuda(
+    sel: &Selection,
+    q: &View,
+    k_cmp: &View,
+    lse: &View,
+    out: &View,
+    scale: f64,
+    cu: Option<&View>,
+    ordinal: i32,
+    stream: usize,
+) -> Result<(), PyErr> {
+    let (b, t, hq, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
+    let (c, hkv) = (k_cmp.shape[1], k_cmp.shape[2]);
+    let g = hq / hkv;
+    let (a, bb) = (
+        sel.kernel_size / sel.kernel_stride,
+        sel.block_size / sel.kernel_stride,
+    );
+    if bb + a - 1 > SEL_BN {
+        return Err(value_error(format!(
+            "nsa_topk_blocks: on CUDA, block_size/kernel_stride + kernel_size/kernel_stride − 1 must be at most {SEL_BN} (got {})",
+            bb + a - 1
+        )));
+    }
+    let nb = (SEL_BN - (a - 1)) / bb;
+    let too_big = |name: &str, v: usize| {
+        value_error(format!(
+            "nsa_topk_blocks: {name} = {v} is too large for the CUDA kernel"
+        ))
+    };
+    if t > i32::MAX as usize / 2 || c > i32::MAX as usize / 2 {
+        return Err(too_big("T", t.max(c)));
+    }
+    if hkv > 65535 || b > 65535 {
+        return Err(too_big("B or Hkv", b.max(hkv)));
+    }
+    if t == 0 || b == 0 || hkv == 0 {
+        return Ok(());
+    }
+    let dev = cuda::device(ordinal).map_err(cuda_err)?;
+    let limit = smem_limit(&dev.arch) - 1024; // room for the static shared memory
+    let elem = SelVariant::elem_of(q.dtype);
+    let dp = SelVariant::padded(d);
+    let gmode = if matches!(g, 1 | 2 | 4 | 8 | 16) {
+        g
+    } else {
+        0
+    };
+    // 8 warps (128 rows) for 16-bit inputs, 4 for float32; fewer warps and one key buffer when
+    // the shared memory would not fit.
+    let mut choice = None;
+    let nws: &[usize] = if elem == 0 { &[4] } else { &[8, 4] };
+    'outer: for &nw in nws {
+        if g > 16 * nw {
+            continue;
+        }
+        let v = SelVariant { elem, dp, nw };
+        let bt = 16 * nw / g;
+        for stages in [2, 1] {
+            let bytes = topk_smem_bytes(&v, stages, bt, nb, sel.topk, gmode);
+            if bytes <= limit {
+                choice = Some((v, stages, bt, bytes));
+                break 'outer;
+            }
+        }
+    }
+    let Some((v, stages, bt, bytes)) = choice else {
+        return Err(value_error(format!(
+            "nsa_topk_blocks: on CUDA, G = {g} query heads per kv head with topk = {} and head dim {d} do not fit the kernel (G ≤ 128 and a smaller topk are supported)",
+            sel.topk
+        )));
+    };
+    let kernels = dev
+        .kernels(
+            "nsa_select.cu",
+            SEL_SOURCE,
+            &v.defines(),
+            &[("nsa_topk", bytes as u32)],
+        )
+        .map_err(cuda_err)?;
+    let params = TopkParams {
+        q: q.addr(),
+        k: k_cmp.addr(),
+        cu: cu.map_or(0, |x| x.addr()),
+        lse: lse.addr(),
+        out: out.addr(),
+        sq: strides_i64(q),
+        sk: strides_i64(k_cmp),
+        sl: strides_i64(lse),
+        so: strides_i64(out),
+        t: t as i32,
+        c: c as i32,
+        hq: hq as i32,
+        hkv: hkv as i32,
+        g: g as i32,
+        d: d as i32,
+        l: sel.kernel_size as i32,
+        s: sel.kernel_stride as i32,
+        bk: sel.block_size as i32,
+        a: a as i32,
+        bb: bb as i32,
+        topk: sel.topk as i32,
+        init_blocks: sel.init_blocks.min(i32::MAX as usize) as i32,
+        local_blocks: sel.local_blocks.min(i32::MAX as usize / 2) as i32,
+        n_seq: cu.map_or(b, |x| x.shape[0] - 1) as i32,
+        cu_kind: cu_kind(cu),
+        bt: bt as i32,
+        nb: nb as i32,
+        gmode: gmode as i32,
+        stages: stages as i32,
+        vec_q: rows_aligned(q) as i32,
+        vec_k: rows_aligned(k_cmp) as i32,
+        scale_log2: (scale * std::f64::consts::LOG2_E) as f32,
+    };
+    let grid = (t.div_ceil(bt) as u32, hkv as u32, b as u32);
+    let f = kernels.get("nsa_topk").map_err(cuda_err)?;
+    // SAFETY: params mirrors TopkParams; every pointer comes from a validated tensor on this
+    // device and the kernel guards every index by the shapes passed along.
+    unsafe { dev.launch(f, grid, 32 * v.nw as u32, bytes as u32, stream, &params) }
+        .map_err(cuda_err)
+}
+
+/// Tensors of one compression call on CUDA.
+struct CmpArgs<'a> {
+    x: &'a View,
+    weight: Option<&'a View>,
+    pe: Option<&'a View>,
+    /// forward: out; backward: grad_out ([B, R, H, D_out])
+    out_or_dout: &'a View,
+    cu: Option<&'a View>,
+    cu_cmp: Option<&'a View>,
+    size: usize,
+    stride: usize,
+}
+
+/// With cu_seqlens on CUDA, the compressed offsets [N + 1] (same dtype) are required.
+fn expect_cu_cmp<'a>(
+    cu: Option<&View>,
+    cu_cmp: Option<&'a View>,
+    x: &View,
+) -> Result<Option<&'a View>, PyErr> {
+    match (cu, cu_cmp) {
+        (None, _) => Ok(None),
+        (Some(cu), Some(cc)) => {
+            expect_tensor(
+                cc,
+                "cu_seqlens_cmp",
+                &cu.shape,
+                "[N + 1] like cu_seqlens",
+                cu.dtype,
+                x.device,
+            )?;
+            Ok(Some(cc))
+        }
+        (Some(_), None) => Err(value_error(
+            "cu_seqlens_cmp: required with cu_seqlens on CUDA (the compressed offsets)",
+        )),
+    }
+}
+
+/// Parameters of the compression kernels, laid out exactly like `CmpParams`.
+#[repr(C)]
+struct CmpParams {
+    x: u64,
+    w: u64,
+    pe: u64,
+    dout: u64,
+    out: u64,
+    dx: u64,
+    dw: u64,
+    dpe: u64,
+    gbuf: u64,
+    cu: u64,
+    cu_cmp: u64,
+    sx: [i64; 3],
+    so: [i64; 3],
+    sdx: [i64; 3],
+    sw: [i64; 2],
+    sdw: [i64; 2],
+    sp: [i64; 2],
+    sdp: [i64; 2],
+    b: i32,
+    t: i32,
+    h: i32,
+    d: i32,
+    dout_dim: i32,
+    l: i32,
+    s: i32,
+    r: i32,
+    n_seq: i32,
+    cu_kind: i32,
+    has_pe: i32,
+}
+
+fn cmp_params(a: &CmpArgs) -> Result<CmpParams, PyErr> {
+    let x = a.x;
+    let (b, t, h, d) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3]);
+    let r = a.out_or_dout.shape[1];
+    let dout_dim = a.out_or_dout.shape[3];
+    if t > i32::MAX as usize / 2 || r > i32::MAX as usize / 2 || b * h > 65535 {
+        return Err(value_error(
+            "nsa_compress: T, the compressed rows and B·H are too large for the CUDA kernels",
+        ));
+    }
+    Ok(CmpParams {
+        x: x.addr(),
+        w: a.weight.map_or(0, |w| w.addr()),
+        pe: a.pe.map_or(0, |w| w.addr()),
+        dout: a.out_or_dout.addr(),
+        out: a.out_or_dout.addr(),
+        dx: 0,
+        dw: 0,
+        dpe: 0,
+        gbuf: 0,
+        cu: a.cu.map_or(0, |c| c.addr()),
+        cu_cmp: a.cu_cmp.map_or(0, |c| c.addr()),
+        sx: strides_i64(x),
+        so: strides_i64(a.out_or_dout),
+        sdx: [0; 3],
+        sw: a.weight.map_or([0; 2], strides_i64),
+        sdw: [0; 2],
+        sp: a.pe.map_or([0; 2], strides_i64),
+        sdp: [0; 2],
+        b: b as i32,
+        t: t as i32,
+        h: h as i32,
+        d: d as i32,
+        dout_dim: dout_dim as i32,
+        l: a.size as i32,
+        s: a.stride as i32,
+        r: r as i32,
+        n_seq: a.cu.map_or(b, |c| c.shape[0] - 1) as i32,
+        cu_kind: cu_kind(a.cu),
+        has_pe: a.pe.is_some() as i32,
+    })
+}
+
+const CMP_KERNELS: &[(&str, u32)] = &[
+    ("nsa_cmp_mean_fwd", 0),
+    ("nsa_cmp_linear_fwd", 0),
+    ("nsa_cmp_linear_dg", 0),
+    ("nsa_cmp_dx_mean", 0),
+    ("nsa_cmp_dx_linear", 0),
+    ("nsa_cmp_linear_dw", 0),
+    ("nsa_cmp_linear_dpe", 0),
+];
+
+fn compress_forward_cuda(a: &CmpArgs, ordinal: i32, stream: usize) -> Result<(), PyErr> {
+    let p = cmp_params(a)?;
+    let (b, h, r) = (p.b as u32, p.h as u32, p.r as u32);
+    if b == 0 || r == 0 || h == 0 || p.dout_dim == 0 {
+        return Ok(());
+    }
+    let dev = cuda::device(ordinal).map_err(cuda_err)?;
+    let v = SelVariant::compress(a.x.dtype);
+    let k = dev
+        .kernels("nsa_select.cu", SEL_SOURCE, &v.defines(), CMP_KERNELS)
+        .map_err(cuda_err)?;
+    // SAFETY: p mirrors CmpParams; pointers come from validated tensors on this device.
+    unsafe {
+        if a.weight.is_none() {
+            let f = k.get("nsa_cmp_mean_fwd").map_err(cuda_err)?;
+            dev.launch(f, (r.div_ceil(8), h, b), CMP_THREADS, 0, stream, &p)
+        } else {
+            let f = k.get("nsa_cmp_linear_fwd").map_err(cuda_err)?;
+            let grid = (r.div_ceil(64), (p.dout_dim as u32).div_ceil(64), b * h);
+            dev.launch(f, grid, CMP_THREADS, 0, stream, &p)
+        }
+    }
+    .map_err(cuda_err)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn compress_backward_cuda(
+    a: &CmpArgs,
+    dx: &View,
+    dweight: Option<&View>,
+    dpe: Option<&View>,
+    scratch: Option<&View>,
+    ordinal: i32,
+    stream: usize,
+) -> Result<(), PyErr> {
+    let mut p = cmp_params(a)?;
+    p.dx = dx.addr();
+    p.sdx = strides_i64(dx);
+    p.dw = dweight.map_or(0, |w| w.addr());
+    p.sdw = dweight.map_or([0; 2], strides_i64);
+    p.dpe = dpe.map_or(0, |w| w.addr());
+    p.sdp = dpe.map_or([0; 2], strides_i64);
+    let (b, t, h, r) = (p.b as u32, p.t as u32, p.h as u32, p.r as u32);
+    let kdim = (p.l * p.d) as u32;
+    if h == 0 {
+        return Ok(());
+    }
+    if a.weight.is_some() {
+        let want = [b as usize, r as usize, h as usize, kdim as usize];
+        let s = scratch.ok_or_else(|| {
+            value_error("scratch: a float32 [B, C, H, kernel_size·D] buffer is required")
+        })?;
+        expect_tensor(
+            s,
+            "scratch",
+            &want,
+            "[B, C, H, kernel_size·D]",
+            DType::F32,
+            a.x.device,
+        )?;
+        if s.numel() > 0
+            && s.strides
+                != [
+                    (r * h * kdim) as isize,
+                    (h * kdim) as isize,
+                    kdim as isize,
+                    1,
+                ]
+        {
+            return Err(value_error("scratch: must be contiguous"));
+        }
+        p.gbuf = s.addr();
+    }
+    let dev = cuda::device(ordinal).map_err(cuda_err)?;
+    let v = SelVariant::compress(a.x.dtype);
+    let k = dev
+        .kernels("nsa_select.cu", SEL_SOURCE, &v.defines(), CMP_KERNELS)
+        .map_err(cuda_err)?;
+    let launch = |name: &str, grid: (u32, u32, u32)| -> Result<(), PyErr> {
+        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+            return Ok(());
+        }
+        let f = k.get(name).map_err(cuda_err)?;
+        // SAFETY: p mirrors CmpParams; pointers come from validated tensors on this device.
+        unsafe { dev.launch(f, grid, CMP_THREADS, 0, stream, &p) }.map_err(cuda_err)
+    };
+    if a.weight.is_none() {
+        return launch("nsa_cmp_dx_mean", (t.div_ceil(8), h, b));
+    }
+    launch(
+        "nsa_cmp_linear_dg",
+        (r.div_ceil(64), kdim.div_ceil(64), b * h),
+    )?;
+    launch("nsa_cmp_dx_linear", (t.div_ceil(8), h, b))?;
+    if dweight.is_some() {
+        launch(
+            "nsa_cmp_linear_dw",
+            (kdim.div_ceil(64), (p.dout_dim as u32).div_ceil(64), h),
+        )?;
+    }
+    if dpe.is_some() {
+        launch("nsa_cmp_linear_dpe", (kdim.div_ceil(CMP_THREADS), h, 1))?;
+    }
+    Ok(())
+}
+
 struct CompressProblem {
     seqs: Vec<NsaSeq>,
     dout: usize,
@@ -427,7 +979,8 @@ fn check_compress(
     stride: usize,
     cu: Option<&View>,
 ) -> Result<CompressProblem, PyErr> {
-    expect_tokens_tensor(x, "x", "nsa_compress", "[B, T, H, D]")?;
+    let dev = x.device;
+    expect_sel_tokens(x, "x", "[B, T, H, D]", dev)?;
     expect_positive("kernel_size", size)?;
     expect_positive("kernel_stride", stride)?;
     let (b, t, h, d) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3]);
@@ -441,7 +994,7 @@ fn check_compress(
             "[H, kernel_size·D, D_out]",
         )?;
         expect_dtype(w, "weight", &[x.dtype])?;
-        expect_device(w, "weight", Device::Cpu)?;
+        expect_device(w, "weight", dev)?;
         expect_unit_last_stride(w, "weight")?;
         dout = w.shape[2];
         expect_head_dim("weight", dout)?;
@@ -452,10 +1005,17 @@ fn check_compress(
                 "pe: only used with weight (linear compression)",
             ));
         }
-        expect_like(pe, "pe", &[h, size, d], "[H, kernel_size, D]", x.dtype)?;
+        expect_tensor(pe, "pe", &[h, size, d], "[H, kernel_size, D]", x.dtype, dev)?;
         expect_unit_last_stride(pe, "pe")?;
     }
-    let seqs = sequences(b, t, cu, Some((size, stride)), num_windows(t, size, stride))?;
+    let seqs = if dev == Device::Cpu {
+        sequences(b, t, cu, Some((size, stride)), num_windows(t, size, stride))?
+    } else {
+        if let Some(cu) = cu {
+            check_cu_seqlens(cu, dev, b)?;
+        }
+        Vec::new() // CUDA: the kernels read cu_seqlens and cu_seqlens_cmp on the device
+    };
     Ok(CompressProblem { seqs, dout })
 }
 
@@ -464,6 +1024,23 @@ fn out_rows(seqs: &[NsaSeq], cu: Option<&View>, batch_windows: usize) -> usize {
         seqs.iter().map(|s| s.clen).sum()
     } else {
         batch_windows
+    }
+}
+
+/// Compressed rows of the output: on CUDA with cu_seqlens the count comes from the output
+/// tensor (the wrapper sized it from cu_seqlens_cmp), which the kernels never read past.
+fn compress_rows(
+    p: &CompressProblem,
+    x: &View,
+    out: &View,
+    size: usize,
+    stride: usize,
+    cu: Option<&View>,
+) -> usize {
+    if x.device != Device::Cpu && cu.is_some() {
+        out.shape.get(1).copied().unwrap_or(0)
+    } else {
+        out_rows(&p.seqs, cu, num_windows(x.shape[1], size, stride))
     }
 }
 
@@ -476,12 +1053,27 @@ pub fn compress_forward(
     size: usize,
     stride: usize,
     cu: Option<&View>,
+    cu_cmp: Option<&View>,
+    stream: usize,
 ) -> Result<(), PyErr> {
     let p = check_compress(x, weight, pe, size, stride, cu)?;
-    let c = out_rows(&p.seqs, cu, num_windows(x.shape[1], size, stride));
+    let c = compress_rows(&p, x, out, size, stride, cu);
     let shape = [x.shape[0], c, x.shape[2], p.dout];
-    expect_like(out, "out", &shape, "[B, C, H, D_out]", x.dtype)?;
+    expect_tensor(out, "out", &shape, "[B, C, H, D_out]", x.dtype, x.device)?;
     expect_unit_last_stride(out, "out")?;
+    if let Device::Cuda(ordinal) = x.device {
+        let cmp = CmpArgs {
+            x,
+            weight,
+            pe,
+            out_or_dout: out,
+            cu,
+            cu_cmp: expect_cu_cmp(cu, cu_cmp, x)?,
+            size,
+            stride,
+        };
+        return compress_forward_cuda(&cmp, ordinal, stream);
+    }
     compress_fwd(&Compress {
         x,
         weight,
@@ -506,23 +1098,40 @@ pub fn compress_backward(
     size: usize,
     stride: usize,
     cu: Option<&View>,
+    cu_cmp: Option<&View>,
+    scratch: Option<&View>,
+    stream: usize,
 ) -> Result<(), PyErr> {
     let p = check_compress(x, weight, pe, size, stride, cu)?;
-    let c = out_rows(&p.seqs, cu, num_windows(x.shape[1], size, stride));
+    let dev = x.device;
+    let c = compress_rows(&p, x, dout, size, stride, cu);
     let shape = [x.shape[0], c, x.shape[2], p.dout];
-    expect_like(dout, "grad_out", &shape, "[B, C, H, D_out]", x.dtype)?;
+    expect_tensor(dout, "grad_out", &shape, "[B, C, H, D_out]", x.dtype, dev)?;
     expect_unit_last_stride(dout, "grad_out")?;
-    expect_like(dx, "dx", &x.shape, "like x", x.dtype)?;
+    expect_tensor(dx, "dx", &x.shape, "like x", x.dtype, dev)?;
     expect_unit_last_stride(dx, "dx")?;
     if let Some(dw) = dweight {
         let w = weight.ok_or_else(|| value_error("dweight: given without weight"))?;
-        expect_like(dw, "dweight", &w.shape, "like weight", x.dtype)?;
+        expect_tensor(dw, "dweight", &w.shape, "like weight", x.dtype, dev)?;
         expect_unit_last_stride(dw, "dweight")?;
     }
     if let Some(dp) = dpe {
         let pe = pe.ok_or_else(|| value_error("dpe: given without pe"))?;
-        expect_like(dp, "dpe", &pe.shape, "like pe", x.dtype)?;
+        expect_tensor(dp, "dpe", &pe.shape, "like pe", x.dtype, dev)?;
         expect_unit_last_stride(dp, "dpe")?;
+    }
+    if let Device::Cuda(ordinal) = dev {
+        let cmp = CmpArgs {
+            x,
+            weight,
+            pe,
+            out_or_dout: dout,
+            cu,
+            cu_cmp: expect_cu_cmp(cu, cu_cmp, x)?,
+            size,
+            stride,
+        };
+        return compress_backward_cuda(&cmp, dx, dweight, dpe, scratch, ordinal, stream);
     }
     compress_bwd(&CompressBwd {
         x,

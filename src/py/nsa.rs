@@ -112,12 +112,25 @@ fn nsa_topk_blocks(
         init_blocks,
         local_blocks,
     };
-    py.detach(|| ops::nsa::topk(&sel, q, k_cmp, lse, block_indices, scale, cu_seqlens))
+    py.detach(|| {
+        ops::nsa::topk(
+            &sel,
+            q,
+            k_cmp,
+            lse,
+            block_indices,
+            scale,
+            cu_seqlens,
+            stream,
+        )
+    })
 }
 
 /// Compression forward (mean when weight is None, else linear with optional pe).
+/// `cu_seqlens_cmp`: the compressed offsets (required with cu_seqlens on CUDA).
 #[pyfunction]
-#[pyo3(signature = (x, weight, pe, out, kernel_size, kernel_stride, cu_seqlens, stream))]
+#[pyo3(signature = (x, weight, pe, out, kernel_size, kernel_stride, cu_seqlens, cu_seqlens_cmp,
+                    stream))]
 #[allow(clippy::too_many_arguments)]
 fn nsa_compress_fwd(
     py: Python<'_>,
@@ -128,18 +141,29 @@ fn nsa_compress_fwd(
     kernel_size: usize,
     kernel_stride: usize,
     cu_seqlens: Option<&Bound<'_, PyAny>>,
+    cu_seqlens_cmp: Option<&Bound<'_, PyAny>>,
     stream: usize,
 ) -> PyResult<()> {
-    tensors!(stream; x, weight?, pe?, out, cu_seqlens?);
+    tensors!(stream; x, weight?, pe?, out, cu_seqlens?, cu_seqlens_cmp?);
     py.detach(|| {
-        ops::nsa::compress_forward(x, weight, pe, out, kernel_size, kernel_stride, cu_seqlens)
+        ops::nsa::compress_forward(
+            x,
+            weight,
+            pe,
+            out,
+            kernel_size,
+            kernel_stride,
+            cu_seqlens,
+            cu_seqlens_cmp,
+            stream,
+        )
     })
 }
 
 /// Compression backward: writes dx (and dweight, dpe when given).
 #[pyfunction]
 #[pyo3(signature = (x, weight, pe, grad_out, dx, dweight, dpe, kernel_size, kernel_stride,
-                    cu_seqlens, stream))]
+                    cu_seqlens, cu_seqlens_cmp, scratch, stream))]
 #[allow(clippy::too_many_arguments)]
 fn nsa_compress_bwd(
     py: Python<'_>,
@@ -153,9 +177,12 @@ fn nsa_compress_bwd(
     kernel_size: usize,
     kernel_stride: usize,
     cu_seqlens: Option<&Bound<'_, PyAny>>,
+    cu_seqlens_cmp: Option<&Bound<'_, PyAny>>,
+    scratch: Option<&Bound<'_, PyAny>>,
     stream: usize,
 ) -> PyResult<()> {
-    tensors!(stream; x, weight?, pe?, grad_out, dx, dweight?, dpe?, cu_seqlens?);
+    tensors!(stream; x, weight?, pe?, grad_out, dx, dweight?, dpe?, cu_seqlens?, cu_seqlens_cmp?,
+             scratch?);
     py.detach(|| {
         ops::nsa::compress_backward(
             x,
@@ -168,6 +195,9 @@ fn nsa_compress_bwd(
             kernel_size,
             kernel_stride,
             cu_seqlens,
+            cu_seqlens_cmp,
+            scratch,
+            stream,
         )
     })
 }

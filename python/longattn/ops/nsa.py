@@ -3,7 +3,7 @@ selection, selected attention, sliding window, and the gated combination.
 
 Math and conventions: ``docs/api/nsa.md``. The three attention branches share one native
 kernel pair (``_native.nsa_branch_fwd/bwd``) parametrised by the key set of every query. CPU
-kernels only for now: CUDA tensors raise a clear error.
+kernels for every op; on CUDA, compression and block selection run (cuda/nsa_select.cu).
 """
 
 from __future__ import annotations
@@ -368,6 +368,7 @@ def nsa_compress_fwd(
     kernel_stride: int,
     num_rows: int,
     cu_seqlens: Tensor | None,
+    cu_seqlens_cmp: Tensor | None,
 ) -> Tensor:
     d_out = x.shape[3] if weight is None else weight.shape[2]
     out = torch.empty((x.shape[0], num_rows, x.shape[2], d_out), dtype=x.dtype, device=x.device)
@@ -380,13 +381,14 @@ def nsa_compress_fwd(
             kernel_size,
             kernel_stride,
             cu_seqlens,
+            cu_seqlens_cmp,
             stream,
         )
     return out
 
 
 @nsa_compress_fwd.register_fake
-def _(x, weight, pe, kernel_size, kernel_stride, num_rows, cu_seqlens):
+def _(x, weight, pe, kernel_size, kernel_stride, num_rows, cu_seqlens, cu_seqlens_cmp):
     d_out = x.shape[3] if weight is None else weight.shape[2]
     return x.new_empty((x.shape[0], num_rows, x.shape[2], d_out))
 
@@ -402,12 +404,21 @@ def nsa_compress_bwd(
     kernel_size: int,
     kernel_stride: int,
     cu_seqlens: Tensor | None,
+    cu_seqlens_cmp: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     # unused gradients come back as empty tensors (custom ops cannot return None)
     dw = torch.empty(weight.shape if weight is not None else (0,), dtype=x.dtype, device=x.device)
     dpe = torch.empty(pe.shape if pe is not None else (0,), dtype=x.dtype, device=x.device)
     grad_out = unit_last_stride(grad_out.to(x.dtype))
+    # CUDA, linear: float32 scratch for grad_out · Wᵀ per window ([B, C, H, l·D], O(B·T·H·D))
+    scratch = None
+    if weight is not None and x.device.type == "cuda":
+        scratch = torch.empty(
+            (x.shape[0], grad_out.shape[1], x.shape[2], kernel_size * x.shape[3]),
+            dtype=torch.float32,
+            device=x.device,
+        )
     with native_call(x) as stream:
         _native.nsa_compress_bwd(
             x.detach(),
@@ -420,28 +431,32 @@ def nsa_compress_bwd(
             kernel_size,
             kernel_stride,
             cu_seqlens,
+            cu_seqlens_cmp,
+            scratch,
             stream,
         )
     return dx, dw, dpe
 
 
 @nsa_compress_bwd.register_fake
-def _(x, weight, pe, grad_out, kernel_size, kernel_stride, cu_seqlens):
+def _(x, weight, pe, grad_out, kernel_size, kernel_stride, cu_seqlens, cu_seqlens_cmp):
     dw = x.new_empty(weight.shape if weight is not None else (0,))
     dpe = x.new_empty(pe.shape if pe is not None else (0,))
     return torch.empty_like(x), dw, dpe
 
 
 def _compress_setup(ctx, inputs, output):
-    x, weight, pe, kernel_size, kernel_stride, num_rows, cu_seqlens = inputs
+    x, weight, pe, kernel_size, kernel_stride, num_rows, cu_seqlens, cu_seqlens_cmp = inputs
     ctx.params = (kernel_size, kernel_stride)
-    ctx.save_for_backward(x, weight, pe, cu_seqlens)
+    ctx.save_for_backward(x, weight, pe, cu_seqlens, cu_seqlens_cmp)
 
 
 def _compress_backward(ctx, grad_out):
-    x, weight, pe, cu_seqlens = ctx.saved_tensors
+    x, weight, pe, cu_seqlens, cu_seqlens_cmp = ctx.saved_tensors
     kernel_size, kernel_stride = ctx.params
-    dx, dw, dpe = nsa_compress_bwd(x, weight, pe, grad_out, kernel_size, kernel_stride, cu_seqlens)
+    dx, dw, dpe = nsa_compress_bwd(
+        x, weight, pe, grad_out, kernel_size, kernel_stride, cu_seqlens, cu_seqlens_cmp
+    )
     return (
         dx,
         dw if weight is not None else None,
@@ -450,10 +465,23 @@ def _compress_backward(ctx, grad_out):
         None,
         None,
         None,
+        None,
     )
 
 
 nsa_compress_fwd.register_autograd(_compress_backward, setup_context=_compress_setup)
+
+
+def _compressed_offsets(cu_seqlens: Tensor, kernel_size: int, kernel_stride: int) -> Tensor:
+    """Compressed cu_seqlens, computed on cu_seqlens' device (no host synchronisation)."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
+    counts = torch.where(
+        lengths >= kernel_size,
+        torch.div(lengths - kernel_size, kernel_stride, rounding_mode="floor") + 1,
+        torch.zeros_like(lengths),
+    )
+    cu_cmp = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    return cu_cmp.to(cu_seqlens.dtype)
 
 
 def nsa_compress(
@@ -476,6 +504,11 @@ def nsa_compress(
     Returns:
         ``(x_cmp, cu_seqlens_cmp)``: x_cmp ``[B, C, H, D_out]`` packed per sequence in order;
         cu_seqlens_cmp the compressed offsets (None without cu_seqlens).
+
+    With cu_seqlens the number of output rows depends on the sequence lengths, so on CUDA this
+    op reads one scalar (the total compressed row count) back to the host to size x_cmp; the
+    compressed offsets themselves are computed on the device and the kernels read cu_seqlens
+    on the device. Without cu_seqlens nothing is synchronised.
     """
     check_rank(x, "x", 4, "[B, T, H, D]")
     check_rank(weight, "weight", 3, "[H, kernel_size·D, D_out]")
@@ -490,13 +523,11 @@ def nsa_compress(
     if cu_seqlens is None:
         rows, cu_cmp = _num_windows(x.shape[1], kernel_size, kernel_stride), None
     else:
-        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-        counts = [_num_windows(int(n), kernel_size, kernel_stride) for n in lengths]
-        rows = sum(counts)
-        cu_cmp = torch.tensor([0, *counts], device=cu_seqlens.device).cumsum(0)
-        cu_cmp = cu_cmp.to(cu_seqlens.dtype)
+        cu_cmp = _compressed_offsets(cu_seqlens, kernel_size, kernel_stride)
+        # the output shape is data-dependent: the one host read of this op (API-imposed)
+        rows = max(0, int(cu_cmp[-1]))
     out = nsa_compress_fwd(
-        x, weight, pe, int(kernel_size), int(kernel_stride), int(rows), cu_seqlens
+        x, weight, pe, int(kernel_size), int(kernel_stride), int(rows), cu_seqlens, cu_cmp
     )
     return out, cu_cmp
 
