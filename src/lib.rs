@@ -17,7 +17,7 @@ fn compile_all_kernels(py: Python<'_>, arch: &str) -> PyResult<Vec<(String, usiz
     use rayon::prelude::*;
     py.detach(|| {
         cpu::POOL.install(|| {
-            ops::lightning::Variant::all()
+            let mut out: Vec<(String, usize)> = ops::lightning::Variant::all()
                 .par_iter()
                 .map(|v| {
                     let name = format!("lightning.cu {:?}", v.defines());
@@ -25,7 +25,18 @@ fn compile_all_kernels(py: Python<'_>, arch: &str) -> PyResult<Vec<(String, usiz
                         .map(|size| (name, size))
                         .map_err(ops::value_error)
                 })
-                .collect()
+                .collect::<PyResult<_>>()?;
+            let nsa: Vec<(String, usize)> = ops::nsa::Variant::all()
+                .par_iter()
+                .map(|v| {
+                    let name = format!("nsa.cu {:?}", v.defines());
+                    ops::nsa::compile_variant(v, arch)
+                        .map(|size| (name, size))
+                        .map_err(ops::value_error)
+                })
+                .collect::<PyResult<_>>()?;
+            out.extend(nsa);
+            Ok(out)
         })
     })
 }
