@@ -1,8 +1,9 @@
 """longattn: long-context attention kernels for PyTorch (CUDA and CPU).
 
 Ops: ``lightning_attn`` and ``lightning_slopes`` (lightning-linear attention, CPU and CUDA);
-the native sparse attention family (``nsa_*``, ``sliding_window_attn``) and ``rat_attn`` (RAT
-chunked attention) and landmark attention (``landmark_*``), CPU only so far.
+the native sparse attention family (``nsa_*``, ``sliding_window_attn``; attention branches on
+CUDA too, compression and selection CPU only so far), ``rat_attn`` (RAT chunked attention) and
+landmark attention (``landmark_*``), CPU only so far.
 Modules live in ``longattn.nn``; float64 references in ``longattn.reference``.
 """
 
