@@ -33,10 +33,15 @@ fn compile_all_kernels(py: Python<'_>, arch: &str) -> PyResult<Vec<(String, usiz
                 let name = format!("nsa_select.cu {:?}", v.defines());
                 ops::nsa::compile_sel_variant(&v, arch).map(|size| (name, size))
             });
+            let nsa = ops::nsa::Variant::all().into_par_iter().map(|v| {
+                let name = format!("nsa.cu {:?}", v.defines());
+                ops::nsa::compile_variant(&v, arch).map(|size| (name, size))
+            });
             lightning
                 .chain(rat)
                 .chain(landmark)
                 .chain(nsa_select)
+                .chain(nsa)
                 .map(|r| r.map_err(ops::value_error))
                 .collect()
         })

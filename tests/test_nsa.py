@@ -1,15 +1,15 @@
 """Native Sparse Attention ops against the float64 references (specs/nsa.md, "Tests the ops
-must pass"): CPU kernels only for now; CUDA instances skip until the CUDA kernels exist.
+must pass"), on the CPU and (attention branches) on CUDA.
 
 Tolerances: relative error against a float64 reference computed from the same (rounded)
-inputs; fp32 within 1e-5 on CPU, bf16/fp16 within 2e-2.
+inputs; fp32 within 1e-5, bf16/fp16 within 2e-2.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_finite, rel_err
+from conftest import DEVICES, HAS_CUDA, assert_finite, rel_err
 from longattn.ops import nsa as N
 from longattn.reference import nsa as R
 from torch.autograd import gradcheck
@@ -18,9 +18,7 @@ F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float1
 TOL = {F64: 1e-12, F32: 1e-5, BF16: 2e-2, F16: 2e-2}
 
 
-def skip_cuda(device):
-    if device != "cpu":
-        pytest.skip("CUDA kernels for NSA are not implemented yet")
+cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
 
 def qkv(B, T, Hq, Hkv, D, dtype=F64, mag=1.0, Dv=None):
@@ -91,8 +89,12 @@ def test_reference_window_and_compressed_equal_dense():
 # ----------------------------------------------------------------------------- errors, CUDA
 
 
-def test_cuda_instances(device):
-    skip_cuda(device)
+@cuda_only
+@pytest.mark.cuda
+def test_cuda_head_dim_limit():
+    q, k, v = qkv(1, 8, 2, 1, 192, F32)
+    with pytest.raises(ValueError, match="head dims"):
+        N.sliding_window_attn(q.cuda(), k.cuda(), v.cuda())
 
 
 @pytest.mark.parametrize(
@@ -205,41 +207,44 @@ def _check(name, out, ref, dtype):
     assert err <= TOL[dtype], f"{name}: rel err {err:.3e} > {TOL[dtype]:g} ({dtype})"
 
 
-def _fwd_bwd(fn, inputs, dtype):
-    """Outputs and input gradients of fn on dtype inputs and on their float64 copies."""
-    lo = leaf(*inputs)
+def _fwd_bwd(fn, inputs, dtype, device="cpu"):
+    """Outputs and input gradients of fn on dtype inputs (on device) and on their float64 CPU
+    copies."""
+    lo = leaf(*(t.to(device) for t in inputs))
     hi = leaf(*(t.to(F64) for t in inputs))
     o_lo, o_hi = fn(*lo), fn(*hi)
     do = torch.randn(o_hi.shape, dtype=F64)
-    o_lo.backward(do.to(dtype))
+    o_lo.backward(do.to(device=device, dtype=dtype))
     o_hi.backward(do)
     return [(o_lo, o_hi)] + [(a.grad, b.grad) for a, b in zip(lo, hi, strict=True)]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("G", [1, 2, 3, 5, 8, 16])
 @pytest.mark.parametrize("dtype", [F32, BF16])
-def test_selected_vs_reference_gqa(G, dtype):
+def test_selected_vs_reference_gqa(G, dtype, device):
     Hkv, T, bs = 2 if G <= 3 else 1, 45, 8
     q, k, v = qkv(1, T, G * Hkv, Hkv, 16, dtype)
     idx = random_indices(1, T, Hkv, 3, bs)
     ref = lambda q, k, v: R.nsa_selected_attn_reference(q, k, v, idx, block_size=bs)  # noqa: E731
-    ker = lambda q, k, v: N.nsa_selected_attn(q, k, v, idx, block_size=bs)  # noqa: E731
-    outs = _fwd_bwd(lambda *a: (ker if a[0].dtype == dtype else ref)(*a), (q, k, v), dtype)
+    ker = lambda q, k, v: N.nsa_selected_attn(q, k, v, idx.to(q.device), block_size=bs)  # noqa: E731
+    outs = _fwd_bwd(lambda *a: (ker if a[0].dtype == dtype else ref)(*a), (q, k, v), dtype, device)
     for name, (a, b) in zip(["o", "dq", "dk", "dv"], outs, strict=True):
         _check(name, a, b, dtype)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [F32, BF16, F16])
-def test_window_vs_reference_varlen_large_logits(dtype):
+def test_window_vs_reference_varlen_large_logits(dtype, device):
     cu = torch.tensor([0, 3, 40, 47], dtype=torch.int32)
     q, k, v = qkv(1, 47, 4, 2, 16, dtype, mag=25.0)  # |scores| ~ 100 with scale 1
     ref = lambda q, k, v: R.sliding_window_attn_reference(  # noqa: E731
         q, k, v, window_size=7, scale=1.0, cu_seqlens=cu
     )
     ker = lambda q, k, v: N.sliding_window_attn(  # noqa: E731
-        q, k, v, window_size=7, scale=1.0, cu_seqlens=cu
+        q, k, v, window_size=7, scale=1.0, cu_seqlens=cu.to(q.device)
     )
-    outs = _fwd_bwd(lambda *a: (ker if a[0].dtype == dtype else ref)(*a), (q, k, v), dtype)
+    outs = _fwd_bwd(lambda *a: (ker if a[0].dtype == dtype else ref)(*a), (q, k, v), dtype, device)
     for name, (a, b) in zip(["o", "dq", "dk", "dv"], outs, strict=True):
         _check(name, a, b, dtype)
 
@@ -317,3 +322,268 @@ def test_topk_batch_float32_matches_reference_and_feeds_selected():
         kernel_size=16, kernel_stride=8, block_size=16, window_size=20, block_indices=got,
     )  # fmt: skip
     _check("nsa_attn", out, ref, F32)
+
+
+# ----------------------------------------------------------------------------- CUDA kernels
+#
+# Against the dense masked float64 formulation on the GPU (fast at T of a few thousand), for
+# both loop orders of selected attention (KV-outer for G <= KV_OUTER_MAX_GROUP, query-outer
+# above), every range kind, dtypes f32/bf16/f16, head dims 64/128, block sizes 32/64/128.
+
+CUDA_TOL = {F32: 1e-5, BF16: 2e-2, F16: 2e-2}
+
+
+def _sorted_indices(B, T, Hkv, n, bs, device, bad=True):
+    """Random distinct blocks per row (sorted, −1 padded), block 0 and the local block forced,
+    plus out-of-range / negative entries when ``bad``."""
+    nb = (T + bs - 1) // bs
+    t = torch.arange(T)
+    score = torch.rand(B, T, Hkv, nb)
+    blk = torch.arange(nb)
+    score = score.masked_fill(blk > (t // bs)[None, :, None, None], -1.0)
+    score[..., 0] = 2.0
+    score.scatter_(3, (t // bs)[None, :, None, None].expand(B, T, Hkv, 1), 3.0)
+    top = score.topk(min(n, nb), dim=-1)
+    idx = torch.where(top.values >= 0, top.indices, -1)
+    idx = torch.where(idx >= 0, idx, nb + 10).sort(-1).values
+    idx = torch.where(idx >= nb + 10, -1, idx)
+    if idx.shape[-1] < n:
+        idx = torch.cat([idx, idx.new_full((B, T, Hkv, n - idx.shape[-1]), -1)], -1)
+    if bad and n >= 2:
+        idx[:, ::7, :, -1] = torch.where(idx[:, ::7, :, -1] < 0, nb + 3, idx[:, ::7, :, -1])
+        idx[:, 3::11, :, -1] = torch.where(idx[:, 3::11, :, -1] < 0, -5, idx[:, 3::11, :, -1])
+    return idx.to(torch.int32).to(device)
+
+
+def _dense_ref(q, k, v, mask, scale=None):
+    """float64 dense masked attention on q's device; mask [B, Hkv, T, S]."""
+    return R.nsa_dense_masked_attn(q, k, v, mask, scale)
+
+
+def _cuda_check(name, got, ref, dtype):
+    assert_finite(got, name)
+    err = rel_err(got, ref)
+    assert err <= CUDA_TOL[dtype], f"{name}: rel err {err:.3e} > {CUDA_TOL[dtype]:g} ({dtype})"
+
+
+def _run_cuda(fn, ref_fn, shapes, dtype, mag=1.0):
+    """fn(q, k, v) on CUDA in dtype vs ref_fn(q, k, v) in float64 on CUDA (same rounded
+    inputs); forward, lse (if fn returns it) and gradients."""
+    (B, T, Hq, Hkv, D, Dv) = shapes
+    q, k, v = qkv(B, T, Hq, Hkv, D, dtype, mag, Dv)
+    lo = leaf(*(t.cuda() for t in (q, k, v)))
+    hi = leaf(*(t.to("cuda", F64) for t in (q, k, v)))
+    o_lo, lse_lo = fn(*lo)
+    o_hi, lse_hi = ref_fn(*hi)
+    do = torch.randn(o_hi.shape, dtype=F64, device="cuda")
+    o_lo.backward(do.to(dtype))
+    o_hi.backward(do)
+    _cuda_check("o", o_lo, o_hi, dtype)
+    if lse_lo is not None:
+        fin = torch.isfinite(lse_hi)
+        assert torch.equal(fin, torch.isfinite(lse_lo)), "lse: -inf rows differ"
+        assert (lse_lo[fin].double() - lse_hi[fin]).abs().max().item() < (
+            1e-4 if dtype == F32 else 5e-2
+        )
+    for name, a, b in zip(["dq", "dk", "dv"], lo, hi, strict=True):
+        _cuda_check(name, a.grad, b.grad, dtype)
+
+
+@cuda_only
+@pytest.mark.cuda
+@pytest.mark.parametrize("G", [1, 2, 3, 4, 6, 8, 16])
+@pytest.mark.parametrize("dtype", [F32, BF16, F16])
+def test_cuda_selected_gqa(G, dtype):
+    B, T, Hkv, D, bs, n = 2, 333, 2, 64, 32, 5
+    idx = _sorted_indices(B, T, Hkv, n, bs, "cuda")
+    counts = torch.randint(0, n + 2, (B, T, Hkv), dtype=torch.int32, device="cuda")
+    mask = R.nsa_selection_mask(idx, bs, T, counts)
+
+    def fn(q, k, v):
+        return N.nsa_selected_attn(
+            q, k, v, idx, block_size=bs, block_counts=counts, return_lse=True
+        )
+
+    _run_cuda(fn, lambda q, k, v: _dense_ref(q, k, v, mask), (B, T, G * Hkv, Hkv, D, D), dtype)
+
+
+@cuda_only
+@pytest.mark.cuda
+@pytest.mark.parametrize("bs", [32, 64, 128])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("G", [1, 16])
+def test_cuda_selected_block_sizes_head_dims(bs, D, G):
+    B, T, Hkv, n = 1, 1500, 2, 6
+    idx = _sorted_indices(B, T, Hkv, n, bs, "cuda")
+    mask = R.nsa_selection_mask(idx, bs, T)
+
+    def fn(q, k, v):
+        return N.nsa_selected_attn(q, k, v, idx, block_size=bs, return_lse=True)
+
+    _run_cuda(fn, lambda q, k, v: _dense_ref(q, k, v, mask), (B, T, G * Hkv, Hkv, D, D), BF16)
+
+
+@cuda_only
+@pytest.mark.cuda
+@pytest.mark.parametrize("G", [1, 4, 16])
+def test_cuda_selected_long_lists_split(G):
+    """T = 4100 > the dK/dV chunk of a list: block 0 (selected by every token) is split."""
+    B, T, Hkv, D, bs, n = 1, 4100, 1, 64, 64, 3
+    idx = _sorted_indices(B, T, Hkv, n, bs, "cuda", bad=False)
+    mask = R.nsa_selection_mask(idx, bs, T)
+
+    def fn(q, k, v):
+        return N.nsa_selected_attn(q, k, v, idx, block_size=bs, block_counts=2, return_lse=True)
+
+    mask = R.nsa_selection_mask(idx, bs, T, 2)
+    _run_cuda(fn, lambda q, k, v: _dense_ref(q, k, v, mask), (B, T, G * Hkv, Hkv, D, D), F32)
+
+
+@cuda_only
+@pytest.mark.cuda
+@pytest.mark.parametrize("G", [1, 3, 16])
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_cuda_selected_varlen_large_logits(G, dtype):
+    cu = torch.tensor([0, 5, 40, 41, 300, 333], dtype=torch.int64)
+    Hkv, D, bs, n = 2, 64, 32, 4
+    T = int(cu[-1])
+    idx = torch.full((1, T, Hkv, n), -1, dtype=torch.int32)
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        if e > s:
+            idx[:, s:e] = _sorted_indices(1, e - s, Hkv, n, bs, "cpu")
+    q, k, v = qkv(1, T, G * Hkv, Hkv, D, dtype, mag=12.0)  # |scores| ~ 100
+
+    def run(ker, q, k, v):
+        return (N.nsa_selected_attn if ker else R.nsa_selected_attn_reference)(
+            q, k, v, idx.to(q.device), block_size=bs, cu_seqlens=cu.to(q.device), scale=1.0
+        )
+
+    outs = _fwd_bwd(lambda *a: run(a[0].dtype == dtype, *a), (q, k, v), dtype, "cuda")
+    for name, (a, b) in zip(["o", "dq", "dk", "dv"], outs, strict=True):
+        _cuda_check(name, a, b, dtype)
+
+
+@cuda_only
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [F32, BF16, F16])
+@pytest.mark.parametrize(
+    "D, Dv, G, W, T",
+    [(64, 64, 1, 512, 2048), (128, 128, 4, 100, 777), (128, 64, 3, 33, 300), (40, 72, 16, 64, 129)],
+)
+def test_cuda_window(dtype, D, Dv, G, W, T):
+    Hkv = 2
+    mask = R.sliding_window_mask(T, W, device="cuda")[None, None].expand(1, Hkv, T, T)
+
+    def fn(q, k, v):
+        o = N.sliding_window_attn(q, k, v, window_size=W)
+        return o, None
+
+    def ref(q, k, v):
+        return _dense_ref(q, k, v, mask)[0], None
+
+    _run_cuda(fn, ref, (1, T, G * Hkv, Hkv, D, Dv), dtype)
+
+
+@cuda_only
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [F32, BF16, F16])
+@pytest.mark.parametrize(
+    "D, G, T, ks, d",
+    [(64, 1, 2048, 32, 16), (128, 16, 600, 32, 16), (64, 3, 100, 16, 8), (128, 2, 31, 32, 16)],
+)
+def test_cuda_compressed(dtype, D, G, T, ks, d):
+    Hkv = 2
+    C = max(0, (T - ks) // d + 1)
+    kc = torch.randn(1, max(C, 1), Hkv, D, dtype=F64).to(dtype)[:, :C]
+    vc = torch.randn(1, max(C, 1), Hkv, D, dtype=F64).to(dtype)[:, :C]
+    mask = R.compressed_visibility_mask(T, C, ks, d, device="cuda")[None, None].expand(1, Hkv, T, C)
+    q = (torch.randn(1, T, G * Hkv, D, dtype=F64)).to(dtype)
+    lo = leaf(q.cuda(), kc.cuda(), vc.cuda())
+    hi = leaf(q.to("cuda", F64), kc.to("cuda", F64), vc.to("cuda", F64))
+    o, lse = N.nsa_compressed_attn(*lo, kernel_size=ks, kernel_stride=d)
+    o2, lse2 = _dense_ref(*hi, mask)
+    do = torch.randn(o2.shape, dtype=F64, device="cuda")
+    o.backward(do.to(dtype))
+    o2.backward(do)
+    _cuda_check("o", o, o2, dtype)
+    assert torch.equal(torch.isfinite(lse), torch.isfinite(lse2))
+    for name, a, b in zip(["dq", "dk_cmp", "dv_cmp"], lo, hi, strict=True):
+        _cuda_check(name, a.grad, b.grad, dtype)
+
+
+@cuda_only
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_cuda_compressed_varlen(dtype):
+    cu = torch.tensor([0, 5, 50, 61, 140], dtype=torch.int64)  # sequences shorter than l
+    q, k, v = qkv(1, 140, 6, 2, 64, dtype)
+    kc, _ = R.nsa_compress_reference(k, kernel_size=8, kernel_stride=4, cu_seqlens=cu)
+    vc, _ = R.nsa_compress_reference(v, kernel_size=8, kernel_stride=4, cu_seqlens=cu)
+
+    def run(ker, q, kc, vc):
+        f = N.nsa_compressed_attn if ker else R.nsa_compressed_attn_reference
+        return f(q, kc, vc, kernel_size=8, kernel_stride=4, cu_seqlens=cu.to(q.device))[0]
+
+    outs = _fwd_bwd(lambda *a: run(a[0].dtype == dtype, *a), (q, kc, vc), dtype, "cuda")
+    for name, (a, b) in zip(["o", "dq", "dk", "dv"], outs, strict=True):
+        _cuda_check(name, a, b, dtype)
+
+
+@cuda_only
+@pytest.mark.cuda
+@pytest.mark.parametrize("T", [1, 2, 63, 65])
+def test_cuda_tiny_lengths(T):
+    q, k, v = qkv(1, T, 4, 2, 64, BF16)
+    idx = _sorted_indices(1, T, 2, 3, 32, "cpu")
+    for fn, ref in [
+        (
+            lambda q, k, v: N.sliding_window_attn(q, k, v, window_size=16),
+            lambda q, k, v: R.sliding_window_attn_reference(q, k, v, window_size=16),
+        ),
+        (
+            lambda q, k, v: N.nsa_selected_attn(q, k, v, idx.to(q.device), block_size=32),
+            lambda q, k, v: R.nsa_selected_attn_reference(q, k, v, idx, block_size=32),
+        ),
+    ]:
+        outs = _fwd_bwd(lambda *a: (fn if a[0].dtype == BF16 else ref)(*a), (q, k, v), BF16, "cuda")  # noqa: B023
+        for name, (a, b) in zip(["o", "dq", "dk", "dv"], outs, strict=True):
+            _cuda_check(name, a, b, BF16)
+
+
+@cuda_only
+@pytest.mark.cuda
+def test_cuda_nsa_attn_layer():
+    """The gated combination on CUDA (given block indices) vs the float64 reference."""
+    T, Hq, Hkv, D = 300, 8, 2, 64
+    q, k, v = qkv(1, T, Hq, Hkv, D, BF16)
+    gates = [torch.rand(1, T, Hq, dtype=F64).to(BF16) for _ in range(3)]
+    kc, _ = R.nsa_compress_reference(k.double(), kernel_size=32, kernel_stride=16)
+    vc, _ = R.nsa_compress_reference(v.double(), kernel_size=32, kernel_stride=16)
+    kc, vc = kc.to(BF16), vc.to(BF16)
+    idx = _sorted_indices(1, T, Hkv, 4, 64, "cpu", bad=False)
+    kw = dict(kernel_size=32, kernel_stride=16, block_size=64, topk=4, window_size=128)
+
+    def run(ker, q, k, v, g1, g2, g3, kc, vc):
+        f = N.nsa_attn if ker else R.nsa_attn_reference
+        return f(q, k, v, g1, g2, g3, k_cmp=kc, v_cmp=vc, block_indices=idx.to(q.device), **kw)
+
+    outs = _fwd_bwd(lambda *a: run(a[0].dtype == BF16, *a), (q, k, v, *gates, kc, vc), BF16, "cuda")
+    for name, (a, b) in zip(
+        ["o", "dq", "dk", "dv", "dg1", "dg2", "dg3", "dkc", "dvc"], outs, strict=True
+    ):
+        _cuda_check(name, a, b, BF16)
+
+
+@cuda_only
+@pytest.mark.cuda
+def test_cuda_selected_deterministic():
+    T, Hq, Hkv, D = 5000, 2, 1, 64
+    q, k, v = (t.cuda().requires_grad_() for t in qkv(1, T, Hq, Hkv, D, BF16))
+    idx = _sorted_indices(1, T, Hkv, 4, 64, "cuda", bad=False)
+    do = torch.randn(1, T, Hq, D, device="cuda", dtype=BF16)
+    grads = []
+    for _ in range(2):
+        o = N.nsa_selected_attn(q, k, v, idx, block_size=64)
+        grads.append(torch.autograd.grad(o, (q, k, v), do))
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)

@@ -1,8 +1,8 @@
 """longattn: long-context attention kernels for PyTorch (CUDA and CPU).
 
 Ops: ``lightning_attn`` and ``lightning_slopes`` (lightning-linear attention, CPU and CUDA);
-landmark attention (``landmark_*``, CPU and CUDA); the native sparse attention family
-(``nsa_*``, ``sliding_window_attn``) and ``rat_attn`` (RAT chunked attention), CPU only so far.
+landmark attention (``landmark_*``), the native sparse attention family (``nsa_*``,
+``sliding_window_attn``) and ``rat_attn`` (RAT chunked attention), all on CPU and CUDA.
 Modules live in ``longattn.nn``; float64 references in ``longattn.reference``.
 """
 

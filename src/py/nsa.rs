@@ -1,14 +1,17 @@
-//! Bindings of Native Sparse Attention (CPU kernels; CUDA tensors raise a clear error).
+//! Bindings of Native Sparse Attention (CPU kernels; CUDA kernels for the attention branches).
 
 use crate::ops;
-use crate::ops::nsa::{Branch, Selection};
+use crate::ops::nsa::{Branch, CudaAux, Selection};
 use pyo3::prelude::*;
 
 /// Forward of one attention branch ("selected", "window" or "compressed"): writes out and lse.
 /// `a`/`b`: block_size / window_size / (kernel_size, kernel_stride); `count` < 0: all entries.
 #[pyfunction]
+/// CUDA only: `cmp_off`, the selected-attention list plan (`entries`, `list_off`, `chunk_off`,
+/// `chunk_tokens`; KV-outer order when given) and its partials (`part_o`, `part_lse`).
 #[pyo3(signature = (kind, q, k, v, out, lse, block_indices, block_counts, count, a, b, scale,
-                    cu_seqlens, stream))]
+                    cu_seqlens, stream, cmp_off=None, entries=None, list_off=None,
+                    chunk_off=None, part_o=None, part_lse=None, chunk_tokens=0))]
 #[allow(clippy::too_many_arguments)]
 fn nsa_branch_fwd(
     py: Python<'_>,
@@ -26,8 +29,16 @@ fn nsa_branch_fwd(
     scale: f64,
     cu_seqlens: Option<&Bound<'_, PyAny>>,
     stream: usize,
+    cmp_off: Option<&Bound<'_, PyAny>>,
+    entries: Option<&Bound<'_, PyAny>>,
+    list_off: Option<&Bound<'_, PyAny>>,
+    chunk_off: Option<&Bound<'_, PyAny>>,
+    part_o: Option<&Bound<'_, PyAny>>,
+    part_lse: Option<&Bound<'_, PyAny>>,
+    chunk_tokens: usize,
 ) -> PyResult<()> {
-    tensors!(stream; q, k, v, out, lse, block_indices?, block_counts?, cu_seqlens?);
+    tensors!(stream; q, k, v, out, lse, block_indices?, block_counts?, cu_seqlens?, cmp_off?,
+             entries?, list_off?, chunk_off?, part_o?, part_lse?);
     let br = Branch {
         kind,
         block_indices,
@@ -36,13 +47,28 @@ fn nsa_branch_fwd(
         a,
         b,
     };
-    py.detach(|| ops::nsa::attn_forward(&br, q, k, v, out, lse, scale, cu_seqlens))
+    let aux = CudaAux {
+        cmp_off,
+        entries,
+        list_off,
+        chunk_off,
+        part_o,
+        part_lse,
+        chunk_tokens,
+        stream,
+        ..Default::default()
+    };
+    py.detach(|| ops::nsa::attn_forward(&br, q, k, v, out, lse, scale, cu_seqlens, &aux))
 }
 
 /// Backward of one attention branch: writes dq, dk, dv.
 #[pyfunction]
+/// CUDA only: `delta` ([B, T, Hq] float32 scratch), `cmp_off`, and for selected attention the
+/// list plan (`entries`, `list_off`, `chunk_off`, `split_off`, `scratch`, `chunk_tokens`).
 #[pyo3(signature = (kind, q, k, v, out, lse, grad_out, dq, dk, dv, block_indices, block_counts,
-                    count, a, b, scale, cu_seqlens, stream))]
+                    count, a, b, scale, cu_seqlens, stream, delta=None, cmp_off=None,
+                    entries=None, list_off=None, chunk_off=None, split_off=None, scratch=None,
+                    chunk_tokens=0))]
 #[allow(clippy::too_many_arguments)]
 fn nsa_branch_bwd(
     py: Python<'_>,
@@ -64,9 +90,18 @@ fn nsa_branch_bwd(
     scale: f64,
     cu_seqlens: Option<&Bound<'_, PyAny>>,
     stream: usize,
+    delta: Option<&Bound<'_, PyAny>>,
+    cmp_off: Option<&Bound<'_, PyAny>>,
+    entries: Option<&Bound<'_, PyAny>>,
+    list_off: Option<&Bound<'_, PyAny>>,
+    chunk_off: Option<&Bound<'_, PyAny>>,
+    split_off: Option<&Bound<'_, PyAny>>,
+    scratch: Option<&Bound<'_, PyAny>>,
+    chunk_tokens: usize,
 ) -> PyResult<()> {
     tensors!(stream; q, k, v, out, lse, grad_out, dq, dk, dv, block_indices?, block_counts?,
-             cu_seqlens?);
+             cu_seqlens?, delta?, cmp_off?, entries?, list_off?, chunk_off?, split_off?,
+             scratch?);
     let br = Branch {
         kind,
         block_indices,
@@ -75,9 +110,21 @@ fn nsa_branch_bwd(
         a,
         b,
     };
+    let aux = CudaAux {
+        cmp_off,
+        entries,
+        list_off,
+        chunk_off,
+        split_off,
+        delta,
+        scratch,
+        chunk_tokens,
+        stream,
+        ..Default::default()
+    };
     py.detach(|| {
         ops::nsa::attn_backward(
-            &br, q, k, v, out, lse, grad_out, dq, dk, dv, scale, cu_seqlens,
+            &br, q, k, v, out, lse, grad_out, dq, dk, dv, scale, cu_seqlens, &aux,
         )
     })
 }

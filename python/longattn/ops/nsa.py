@@ -2,8 +2,12 @@
 selection, selected attention, sliding window, and the gated combination.
 
 Math and conventions: ``docs/api/nsa.md``. The three attention branches share one native
-kernel pair (``_native.nsa_branch_fwd/bwd``) parametrised by the key set of every query. CPU
-kernels for every op; on CUDA, compression and block selection run (cuda/nsa_select.cu).
+kernel pair (``_native.nsa_branch_fwd/bwd``) parametrised by the key set of every query; on
+CUDA they run the tensor-core kernels of ``cuda/nsa.cu``, and compression and block selection
+run ``cuda/nsa_select.cu``. The CUDA scratch (float32 partials, Δ, the per-block query lists of
+selected attention) is allocated here, and everything derived from ``cu_seqlens`` or the block
+indices is computed with device tensor ops (no host synchronisation, except sizing the output of
+``nsa_compress`` with ``cu_seqlens``).
 """
 
 from __future__ import annotations
@@ -53,6 +57,91 @@ def _check_positive(**kw: int) -> None:
             raise ValueError(f"{name}: must be at least 1, got {val}")
 
 
+# ----------------------------------------------------------------------------- CUDA plans
+
+# Selected attention on CUDA: groups with fewer query heads than this run KV-outer (FSA: one CTA
+# per chunk of the queries that selected a block, float32 partials combined afterwards); larger
+# groups run query-outer (one CTA per token and kv group, looping over its blocks).
+KV_OUTER_MAX_GROUP = 7
+# Query-list chunk per CTA: forward (about 256 query rows) and dK/dV (long lists are split and
+# their float32 partials reduced in order).
+_FWD_CHUNK_ROWS = 256
+_BWD_CHUNK_TOKENS = 4096
+
+
+def _cmp_offsets(cu_seqlens: Tensor, total: int, kernel_size: int, kernel_stride: int) -> Tensor:
+    """First compressed row of every sequence ([N + 1] int64), on the device."""
+    cu = cu_seqlens.long().clamp(0, total)
+    lens = (cu[1:] - cu[:-1]).clamp_min(0)
+    win = torch.where(
+        lens >= kernel_size,
+        torch.div(lens - kernel_size, kernel_stride, rounding_mode="floor") + 1,
+        0,
+    )
+    return torch.cat([win.new_zeros(1), win.cumsum(0)])
+
+
+def _block_lists(
+    block_indices: Tensor,
+    block_counts: Tensor | None,
+    count: int,
+    block_size: int,
+    cu_seqlens: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """Per (block, kv head) lists of the queries that selected it, built on the device.
+
+    Returns ``entries`` (int32 entry ids ``((b·T + t)·Hkv + g)·n + slot`` sorted by list, token
+    order inside a list: stable) and ``list_off`` (``[NL + 1]`` int32 list starts). Invalid
+    entries (−1, future blocks, beyond the count) sort past the last list.
+    """
+    B, T, Hkv, n = block_indices.shape
+    dev = block_indices.device
+    t = torch.arange(T, device=dev)
+    nb = (T + block_size - 1) // block_size
+    if cu_seqlens is None:
+        tloc = t[None, :].expand(B, T)
+        base = (torch.arange(B, device=dev) * nb)[:, None].expand(B, T)
+        nblocks = B * nb
+    else:
+        cu = cu_seqlens.long().clamp(0, T)
+        nseq = cu.shape[0] - 1
+        seq = (torch.searchsorted(cu, t, right=True) - 1).clamp(0, nseq - 1)
+        tloc = (t - cu[seq])[None, :]
+        lens = (cu[1:] - cu[:-1]).clamp_min(0)
+        nbs = (lens + block_size - 1) // block_size
+        off = torch.cat([nbs.new_zeros(1), nbs.cumsum(0)])
+        base = off[seq][None, :]
+        nblocks = B * nb + nseq
+    j = block_indices.long()
+    valid = (j >= 0) & (j <= torch.div(tloc, block_size, rounding_mode="floor")[..., None, None])
+    slots = torch.arange(n, device=dev)
+    if block_counts is not None:
+        valid &= slots < block_counts.long()[..., None]
+    elif count >= 0:
+        valid &= slots < count
+    nl = nblocks * Hkv
+    key = (base[..., None, None] + j) * Hkv + torch.arange(Hkv, device=dev)[:, None]
+    key = torch.where(valid, key, nl).flatten()
+    sorted_key, order = torch.sort(key, stable=True)
+    list_off = torch.searchsorted(sorted_key, torch.arange(nl + 1, device=dev))
+    return order.to(torch.int32), list_off.to(torch.int32)
+
+
+def _chunk_offsets(list_off: Tensor, chunk_tokens: int) -> tuple[Tensor, Tensor]:
+    """Chunk starts per list ([NL + 1] int32) and the scratch slot starts of split lists."""
+    lens = (list_off[1:] - list_off[:-1]).long()
+    chunks = (lens + chunk_tokens - 1) // chunk_tokens
+    zero = chunks.new_zeros(1)
+    chunk_off = torch.cat([zero, chunks.cumsum(0)]).to(torch.int32)
+    split = torch.where(chunks > 1, chunks, 0)
+    split_off = torch.cat([zero, split.cumsum(0)]).to(torch.int32)
+    return chunk_off, split_off
+
+
+def _kv_outer(q: Tensor, k: Tensor, block_size: int) -> bool:
+    return q.shape[2] // max(1, k.shape[2]) <= KV_OUTER_MAX_GROUP and block_size <= 128
+
+
 # ----------------------------------------------------------------------------- attention branches
 
 
@@ -72,6 +161,7 @@ def nsa_branch_fwd(
 ) -> tuple[Tensor, Tensor]:
     out = torch.empty((*q.shape[:3], v.shape[3]), dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:3], dtype=state_dtype(q.dtype), device=q.device)
+    aux = _cuda_fwd_aux(q, k, v, block_indices, block_counts, kind, count, a, b, cu_seqlens)
     with native_call(q) as stream:
         _native.nsa_branch_fwd(
             kind,
@@ -88,8 +178,62 @@ def nsa_branch_fwd(
             scale,
             cu_seqlens,
             stream,
+            **aux,
         )
     return out, lse
+
+
+def _cuda_fwd_aux(q, k, v, block_indices, block_counts, kind, count, a, b, cu_seqlens) -> dict:
+    if q.device.type != "cuda":
+        return {}
+    aux = {}
+    if kind == "compressed" and cu_seqlens is not None:
+        aux["cmp_off"] = _cmp_offsets(cu_seqlens, q.shape[1], a, b)
+    if kind == "selected" and block_indices is not None and block_indices.dim() == 4:
+        if _kv_outer(q, k, a) and q.numel() > 0:
+            B, T, Hq = q.shape[:3]
+            n = block_indices.shape[3]
+            G = Hq // max(1, k.shape[2])
+            ct = max(1, _FWD_CHUNK_ROWS // max(1, G))
+            entries, list_off = _block_lists(block_indices, block_counts, count, a, cu_seqlens)
+            chunk_off, _ = _chunk_offsets(list_off, ct)
+            aux.update(
+                entries=entries,
+                list_off=list_off,
+                chunk_off=chunk_off,
+                chunk_tokens=ct,
+                part_o=torch.empty((B, T, Hq, n, v.shape[3]), dtype=torch.float32, device=q.device),
+                part_lse=torch.empty((B, T, Hq, n), dtype=torch.float32, device=q.device),
+            )
+    return aux
+
+
+def _cuda_bwd_aux(q, k, v, block_indices, block_counts, kind, count, a, b, cu_seqlens) -> dict:
+    if q.device.type != "cuda":
+        return {}
+    aux = {"delta": torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)}
+    if kind == "compressed" and cu_seqlens is not None:
+        aux["cmp_off"] = _cmp_offsets(cu_seqlens, q.shape[1], a, b)
+    if kind == "selected" and block_indices is not None and block_indices.dim() == 4:
+        B, T, Hkv, n = block_indices.shape
+        ct = _BWD_CHUNK_TOKENS
+        entries, list_off = _block_lists(block_indices, block_counts, count, a, cu_seqlens)
+        chunk_off, split_off = _chunk_offsets(list_off, ct)
+        # split lists: at most 2·(entries / chunk) chunk slots of [key tiles, 64, D + Dv]
+        slots = 2 * (B * T * Hkv * n) // ct + 1
+        tiles = (a + 63) // 64
+        scratch = torch.empty(
+            (slots, tiles, 64, q.shape[3] + v.shape[3]), dtype=torch.float32, device=q.device
+        )
+        aux.update(
+            entries=entries,
+            list_off=list_off,
+            chunk_off=chunk_off,
+            split_off=split_off,
+            scratch=scratch,
+            chunk_tokens=ct,
+        )
+    return aux
 
 
 @nsa_branch_fwd.register_fake
@@ -117,9 +261,12 @@ def nsa_branch_bwd(
     cu_seqlens: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=q.dtype, device=q.device)
-    dv = torch.empty(v.shape, dtype=q.dtype, device=q.device)
+    # selected attention on CUDA writes dk/dv only for the keys of selected blocks
+    zero_kv = q.device.type == "cuda" and kind == "selected"
+    dk = (torch.zeros if zero_kv else torch.empty)(k.shape, dtype=q.dtype, device=q.device)
+    dv = (torch.zeros if zero_kv else torch.empty)(v.shape, dtype=q.dtype, device=q.device)
     grad_out = unit_last_stride(grad_out.to(q.dtype))
+    aux = _cuda_bwd_aux(q, k, v, block_indices, block_counts, kind, count, a, b, cu_seqlens)
     with native_call(q) as stream:
         _native.nsa_branch_bwd(
             kind,
@@ -140,6 +287,7 @@ def nsa_branch_bwd(
             scale,
             cu_seqlens,
             stream,
+            **aux,
         )
     return dq, dk, dv
 

@@ -1,0 +1,1007 @@
+// Native Sparse Attention: the three attention branches (sliding window, compressed, selected)
+// on tensor cores, forward and backward (specs/nsa.md sections 2, 4, 5).
+//
+// Every kernel works on ROW TILES (query rows = (token, query head) pairs, flattened as
+// row = token·G + head-in-group, so the G heads of a kv group share every K/V tile) and KEY
+// TILES of 64 consecutive key positions. Each row carries its own visible key range
+// [lo, hi) in global key positions (window: [max(seq start, t−W+1), t+1); compressed:
+// [cstart, cstart + visible windows); selected: [seq start, t+1) intersected with the block
+// tile), so one masking rule serves every kind and every packed (varlen) layout.
+//
+// Kernels (NSA_ELEM: 0 f32 (3xTF32), 1 f16, 2 bf16; NSA_DK, NSA_DV: padded head dims 64/128):
+//   nsa_fwd_{win,cmp}      query-tile outer (64 rows, 4 warps), key tiles streamed, online softmax
+//   nsa_fwd_selq{1,2,4}    selected, query-outer: one CTA per (token, kv head, 16·NW heads),
+//                          loops over the token's selected blocks (large G)
+//   nsa_fwd_selkv{1,2}     selected, KV-outer (FSA): one CTA per chunk of the list of queries
+//                          that selected a block (block K/V stay in shared memory), writes
+//                          float32 partials (o, lse) per (token, head, slot)
+//   nsa_combine            exact log-sum-exp combination of the partials
+//   nsa_delta              Δ = rowsum(dO ∘ O)
+//   nsa_dq_{win,cmp}, nsa_dq_selq{1,2,4}    dQ, query-outer (deterministic)
+//   nsa_dkdv_{win,cmp}     dK/dV per key tile over the query rows that can see it
+//   nsa_dkdv_sel           dK/dV per (block, key tile, chunk of its query list); lists longer
+//                          than one chunk write float32 partials reduced in order by
+//   nsa_dkdv_reduce        (deterministic, no atomics anywhere)
+#include "common.cuh"
+
+#define NSA_BN 64
+#define NSA_LOG2E 1.4426950408889634f
+#define NSA_LN2 0.6931471805599453f
+#define NSA_NEG_INF (-__int_as_float(0x7f800000))
+
+struct NsaParams {
+  const void *q, *k, *v, *o, *dout;
+  void *out, *dq, *dk, *dv;
+  float *lse;              // [B, T, Hq] (strides slse)
+  float *delta;            // [B, T, Hq] contiguous
+  const void *idx;         // [B, T, Hkv, n] int32/int64
+  const void *counts;      // [B, T, Hkv] int32/int64 or null
+  const void *cu;          // [N + 1] int32/int64 or null
+  const long long *cmp_off; // [N + 1] compressed row offsets (varlen compressed only)
+  const int *entries;      // sorted list entries e = ((b·T + t)·Hkv + g)·n + slot
+  const int *list_off;     // [NL + 1]
+  const int *chunk_off;    // [NL + 1]
+  const int *split_off;    // [NL + 1]
+  float *part_o;           // [B, T, Hq, n, DV]
+  float *part_lse;         // [B, T, Hq, n]
+  float *scratch;          // [slots, key tiles, 64, D + DV]
+  i64 sq[3], sk[3], sv[3], so[3], sdo[3], sdq[3], sdk[3], sdv[3], slse[3], sidx[4], scnt[3];
+  int B, T, S, Hq, Hkv, G, D, DV, n;
+  int N, cu_kind, idx_kind, cnt_kind, count_const;
+  int a, b;        // window: a = W; compressed: a = l, b = d; selected: a = block size
+  int NL, chunk_tokens, key_tiles;
+  int vec_q, vec_k, vec_v, vec_o, vec_do;
+  float scale;
+};
+
+// ----------------------------------------------------------------------------- small helpers
+
+__device__ __forceinline__ i64 nsa_cu(const NsaParams &p, int s) {
+  i64 x = p.cu_kind == 1 ? ((const i64 *)p.cu)[s] : (i64)((const int *)p.cu)[s];
+  return x < 0 ? 0 : (x > p.T ? p.T : x);
+}
+
+// Start and end (exclusive) of the sequence holding token t of batch row b.
+__device__ __forceinline__ void nsa_seq_of(const NsaParams &p, int t, int &s, int &start, int &end) {
+  if (p.cu_kind < 0) {
+    s = 0;
+    start = 0;
+    end = p.T;
+    return;
+  }
+  int lo = 0, hi = p.N - 1; // largest s in [0, N) with cu[s] <= t
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (nsa_cu(p, mid) <= t) lo = mid;
+    else hi = mid - 1;
+  }
+  s = lo;
+  start = (int)nsa_cu(p, lo);
+  end = (int)nsa_cu(p, lo + 1);
+  if (end < start) end = start;
+}
+
+__device__ __forceinline__ int nsa_nvis(int tl, int l, int d) {
+  return tl + 1 >= l ? (tl + 1 - l) / d + 1 : 0;
+}
+__device__ __forceinline__ int nsa_nwin(int len, int l, int d) {
+  return len >= l ? (len - l) / d + 1 : 0;
+}
+
+__device__ __forceinline__ i64 nsa_idx(const NsaParams &p, int b, int t, int g, int slot) {
+  const i64 off = b * p.sidx[0] + t * p.sidx[1] + g * p.sidx[2] + slot * p.sidx[3];
+  return p.idx_kind == 1 ? ((const i64 *)p.idx)[off] : (i64)((const int *)p.idx)[off];
+}
+
+// Number of used entries of the block-index row (b, t, g).
+__device__ __forceinline__ int nsa_count(const NsaParams &p, int b, int t, int g) {
+  if (p.cnt_kind < 0) return p.count_const < 0 ? p.n : min(p.count_const, p.n);
+  const i64 off = b * p.scnt[0] + t * p.scnt[1] + g * p.scnt[2];
+  i64 c = p.cnt_kind == 1 ? ((const i64 *)p.counts)[off] : (i64)((const int *)p.counts)[off];
+  return c < 0 ? 0 : (c > p.n ? p.n : (int)c);
+}
+
+// Visible key range [lo, hi) of token t (global in its batch row) for the range kinds.
+template <int KIND>
+__device__ __forceinline__ void nsa_range(const NsaParams &p, int t, int &lo, int &hi) {
+  int s, start, end;
+  nsa_seq_of(p, t, s, start, end);
+  if (KIND == 0) {
+    lo = max(start, t - p.a + 1);
+    hi = t + 1;
+  } else {
+    i64 cst = 0;
+    int clen = p.S;
+    if (p.cu_kind >= 0) {
+      cst = p.cmp_off[s];
+      clen = nsa_nwin(end - start, p.a, p.b);
+    }
+    const int nv = min(nsa_nvis(t - start, p.a, p.b), clen);
+    i64 l0 = cst < 0 ? 0 : (cst > p.S ? p.S : cst);
+    i64 h0 = cst + nv;
+    h0 = h0 > p.S ? p.S : (h0 < l0 ? l0 : h0);
+    lo = (int)l0;
+    hi = (int)h0;
+  }
+}
+
+// Decodes a list entry.
+__device__ __forceinline__ void nsa_entry(const NsaParams &p, int e, int &b, int &t, int &g, int &slot) {
+  slot = e % p.n;
+  e /= p.n;
+  g = e % p.Hkv;
+  e /= p.Hkv;
+  t = e % p.T;
+  b = e / p.T;
+}
+
+// Loads ROWS gathered rows (per-row element offsets `off`, < 0: zero row) of COLS columns.
+template <int ELEM, int ROWS, int COLS, int THREADS>
+__device__ __forceinline__ void nsa_load_rows(typename Elem<ELEM>::T *s, int ld,
+                                              const typename Elem<ELEM>::T *base, const i64 *off,
+                                              int cols_valid, bool vec) {
+  typedef typename Elem<ELEM>::T T;
+  constexpr int V = 16 / sizeof(T);
+  constexpr int GROUPS = COLS / V;
+  for (int i = threadIdx.x; i < ROWS * GROUPS; i += THREADS) {
+    const int r = i / GROUPS, c = (i % GROUPS) * V;
+    T *dst = s + r * ld + c;
+    const i64 o = off[r];
+    if (o >= 0 && vec && c + V <= cols_valid) {
+      cp_async16(dst, base + o + c);
+    } else {
+#pragma unroll
+      for (int j = 0; j < V; ++j) dst[j] = (o >= 0 && c + j < cols_valid) ? base[o + c + j] : T(0);
+    }
+  }
+}
+
+// Row bookkeeping of one row tile, in shared memory.
+template <int M> struct Rows {
+  int b[M], t[M], h[M], slot[M], lo[M], hi[M];
+  float lse2[M], dl[M];
+  i64 qo[M], oo[M];
+};
+
+// ----------------------------------------------------------------------------- tile math
+
+// Online-softmax update of one warp's 16 rows with one key tile (keys k0 .. k0 + nk − 1).
+template <int ELEM, int DK, int DV>
+__device__ __forceinline__ void nsa_fwd_tile(const typename Elem<ELEM>::T *Qs,
+                                             const typename Elem<ELEM>::T *Ks,
+                                             const typename Elem<ELEM>::T *Vs, int row0, int k0,
+                                             int nk, const int *rlo, const int *rhi, float sl2,
+                                             float (*O)[4], float *m, float *l) {
+  typedef Frag<ELEM> F;
+  constexpr int KS = Elem<ELEM>::KS, PAD = Elem<ELEM>::PAD;
+  constexpr int LDK = DK + PAD, LDV = DV + PAD, NT = NSA_BN / 8;
+  const int lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+  float S[NT][4];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) S[j][0] = S[j][1] = S[j][2] = S[j][3] = 0.f;
+#pragma unroll
+  for (int kd = 0; kd < DK; kd += KS) {
+    u32 a[4], bf[2];
+    F::A_mk(a, Qs, LDK, row0, kd);
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      F::B_nk(bf, Ks, LDK, kd, 8 * j);
+      mma<ELEM>(S[j], a, bf);
+    }
+  }
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int r = row0 + g + 8 * rr;
+    const int lo = rlo[r], hi = rhi[r];
+    float mx = NSA_NEG_INF;
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int cc = 0; cc < 2; ++cc) {
+        const int col = 8 * j + 2 * tq + cc, key = k0 + col;
+        const bool ok = col < nk && key >= lo && key < hi;
+        const float s = ok ? S[j][2 * rr + cc] * sl2 : NSA_NEG_INF;
+        S[j][2 * rr + cc] = s;
+        mx = fmaxf(mx, s);
+      }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float mnew = fmaxf(m[rr], mx);
+    const float muse = mnew == NSA_NEG_INF ? 0.f : mnew;
+    const float corr = fast_exp2(m[rr] - muse);
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int cc = 0; cc < 2; ++cc) {
+        const float pv = fast_exp2(S[j][2 * rr + cc] - muse);
+        S[j][2 * rr + cc] = pv;
+        sum += pv;
+      }
+    l[rr] = l[rr] * corr + sum;
+    m[rr] = mnew;
+#pragma unroll
+    for (int j = 0; j < DV / 8; ++j) {
+      O[j][2 * rr] *= corr;
+      O[j][2 * rr + 1] *= corr;
+    }
+  }
+#pragma unroll
+  for (int kk = 0; kk < NSA_BN / KS; ++kk) {
+    u32 a[4], bf[2];
+    F::A_from_acc(a, S, kk);
+#pragma unroll
+    for (int j = 0; j < DV / 8; ++j) {
+      F::B_kn(bf, Vs, LDV, kk * KS, 8 * j);
+      mma<ELEM>(O[j], a, bf);
+    }
+  }
+}
+
+// dQ update of one warp's 16 rows with one key tile.
+template <int ELEM, int DK, int DV>
+__device__ __forceinline__ void nsa_dq_tile(const typename Elem<ELEM>::T *Qs,
+                                            const typename Elem<ELEM>::T *dOs,
+                                            const typename Elem<ELEM>::T *Ks,
+                                            const typename Elem<ELEM>::T *Vs, int row0, int k0,
+                                            int nk, const int *rlo, const int *rhi,
+                                            const float *rlse2, const float *rdl, float sl2,
+                                            float (*dQ)[4]) {
+  typedef Frag<ELEM> F;
+  constexpr int KS = Elem<ELEM>::KS, PAD = Elem<ELEM>::PAD;
+  constexpr int LDK = DK + PAD, LDV = DV + PAD, NT = NSA_BN / 8;
+  const int lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+  float S[NT][4], P[NT][4];
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) S[j][c] = P[j][c] = 0.f;
+#pragma unroll
+  for (int kd = 0; kd < DK; kd += KS) {
+    u32 a[4], bf[2];
+    F::A_mk(a, Qs, LDK, row0, kd);
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      F::B_nk(bf, Ks, LDK, kd, 8 * j);
+      mma<ELEM>(S[j], a, bf);
+    }
+  }
+#pragma unroll
+  for (int kd = 0; kd < DV; kd += KS) {
+    u32 a[4], bf[2];
+    F::A_mk(a, dOs, LDV, row0, kd);
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      F::B_nk(bf, Vs, LDV, kd, 8 * j);
+      mma<ELEM>(P[j], a, bf);
+    }
+  }
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int r = row0 + g + 8 * rr;
+    const int lo = rlo[r], hi = rhi[r];
+    const float l2 = rlse2[r], dl = rdl[r];
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int cc = 0; cc < 2; ++cc) {
+        const int col = 8 * j + 2 * tq + cc, key = k0 + col;
+        const bool ok = col < nk && key >= lo && key < hi;
+        const float pv = ok ? fast_exp2(S[j][2 * rr + cc] * sl2 - l2) : 0.f;
+        S[j][2 * rr + cc] = ok ? pv * (P[j][2 * rr + cc] - dl) : 0.f;
+      }
+  }
+#pragma unroll
+  for (int kk = 0; kk < NSA_BN / KS; ++kk) {
+    u32 a[4], bf[2];
+    F::A_from_acc(a, S, kk);
+#pragma unroll
+    for (int j = 0; j < DK / 8; ++j) {
+      F::B_kn(bf, Ks, LDK, kk * KS, 8 * j);
+      mma<ELEM>(dQ[j], a, bf);
+    }
+  }
+}
+
+// dK/dV update of one warp's 16 keys (rows 16·warp of the key tile) with one 64-row query tile.
+template <int ELEM, int DK, int DV>
+__device__ __forceinline__ void nsa_dkdv_tile(const typename Elem<ELEM>::T *Qs,
+                                              const typename Elem<ELEM>::T *dOs,
+                                              const typename Elem<ELEM>::T *Ks,
+                                              const typename Elem<ELEM>::T *Vs, int key0, int k0,
+                                              int nk, const int *rt, const int *rlo,
+                                              const int *rhi, const float *rlse2,
+                                              const float *rdl, float sl2, float (*dK)[4],
+                                              float (*dV)[4]) {
+  typedef Frag<ELEM> F;
+  constexpr int KS = Elem<ELEM>::KS, PAD = Elem<ELEM>::PAD;
+  constexpr int LDK = DK + PAD, LDV = DV + PAD, NT = 64 / 8; // 64 query columns
+  const int lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+  float S[NT][4], P[NT][4];
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) S[j][c] = P[j][c] = 0.f;
+  // Sᵀ = K Qᵀ (keys x queries), dPᵀ = V dOᵀ
+#pragma unroll
+  for (int kd = 0; kd < DK; kd += KS) {
+    u32 a[4], bf[2];
+    F::A_mk(a, Ks, LDK, key0, kd);
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      F::B_nk(bf, Qs, LDK, kd, 8 * j);
+      mma<ELEM>(S[j], a, bf);
+    }
+  }
+#pragma unroll
+  for (int kd = 0; kd < DV; kd += KS) {
+    u32 a[4], bf[2];
+    F::A_mk(a, Vs, LDV, key0, kd);
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      F::B_nk(bf, dOs, LDV, kd, 8 * j);
+      mma<ELEM>(P[j], a, bf);
+    }
+  }
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int kr = key0 + g + 8 * rr, key = k0 + kr;
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int cc = 0; cc < 2; ++cc) {
+        const int qc = 8 * j + 2 * tq + cc;
+        const bool ok = kr < nk && rt[qc] >= 0 && key >= rlo[qc] && key < rhi[qc];
+        const float pv = ok ? fast_exp2(S[j][2 * rr + cc] * sl2 - rlse2[qc]) : 0.f;
+        S[j][2 * rr + cc] = pv;
+        P[j][2 * rr + cc] = ok ? pv * (P[j][2 * rr + cc] - rdl[qc]) : 0.f;
+      }
+  }
+  // dV += Pᵀ dO, dK += dSᵀ Q
+#pragma unroll
+  for (int kk = 0; kk < 64 / KS; ++kk) {
+    u32 a[4], bf[2];
+    F::A_from_acc(a, S, kk);
+#pragma unroll
+    for (int j = 0; j < DV / 8; ++j) {
+      F::B_kn(bf, dOs, LDV, kk * KS, 8 * j);
+      mma<ELEM>(dV[j], a, bf);
+    }
+    F::A_from_acc(a, P, kk);
+#pragma unroll
+    for (int j = 0; j < DK / 8; ++j) {
+      F::B_kn(bf, Qs, LDK, kk * KS, 8 * j);
+      mma<ELEM>(dK[j], a, bf);
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------- row set-up
+
+// Flattened row R (= t·G + head in group) of batch row b and kv head g, range kinds.
+template <int KIND, int M>
+__device__ __forceinline__ void nsa_row_range(const NsaParams &p, Rows<M> &R, int r, int b, int g,
+                                              i64 flat, bool with_bwd) {
+  int t = -1, h = 0, lo = 0, hi = 0;
+  if (flat >= 0 && flat < (i64)p.T * p.G) {
+    t = (int)(flat / p.G);
+    h = g * p.G + (int)(flat % p.G);
+    nsa_range<KIND>(p, t, lo, hi);
+  }
+  R.b[r] = b;
+  R.t[r] = t;
+  R.h[r] = h;
+  R.slot[r] = 0;
+  R.lo[r] = lo;
+  R.hi[r] = hi;
+  R.qo[r] = t >= 0 ? b * p.sq[0] + t * p.sq[1] + h * p.sq[2] : -1;
+  R.oo[r] = t >= 0 ? b * p.sdo[0] + t * p.sdo[1] + h * p.sdo[2] : -1;
+  if (with_bwd) {
+    R.lse2[r] = t >= 0 ? p.lse[b * p.slse[0] + t * p.slse[1] + h * p.slse[2]] * NSA_LOG2E : 0.f;
+    R.dl[r] = t >= 0 ? p.delta[((i64)b * p.T + t) * p.Hq + h] : 0.f;
+  }
+}
+
+// Row r of a list-gathered tile: entry e, head hin of the group; keys [seq start, t + 1).
+template <int M>
+__device__ __forceinline__ void nsa_row_entry(const NsaParams &p, Rows<M> &R, int r, int e,
+                                              int hin, bool valid, bool with_bwd) {
+  int b = 0, t = -1, g = 0, slot = 0, h = 0, lo = 0, hi = 0;
+  if (valid) {
+    nsa_entry(p, p.entries[e], b, t, g, slot);
+    int s, start, end;
+    nsa_seq_of(p, t, s, start, end);
+    h = g * p.G + hin;
+    lo = start;
+    hi = t + 1;
+  }
+  R.b[r] = b;
+  R.t[r] = t;
+  R.h[r] = h;
+  R.slot[r] = slot;
+  R.lo[r] = lo;
+  R.hi[r] = hi;
+  R.qo[r] = t >= 0 ? b * p.sq[0] + t * p.sq[1] + h * p.sq[2] : -1;
+  R.oo[r] = t >= 0 ? b * p.sdo[0] + t * p.sdo[1] + h * p.sdo[2] : -1;
+  if (with_bwd) {
+    R.lse2[r] = t >= 0 ? p.lse[b * p.slse[0] + t * p.slse[1] + h * p.slse[2]] * NSA_LOG2E : 0.f;
+    R.dl[r] = t >= 0 ? p.delta[((i64)b * p.T + t) * p.Hq + h] : 0.f;
+  }
+}
+
+// Key tile load: rows k0 .. k0 + nk − 1 of k and v (batch b, kv head g), zero-filled to 64.
+template <int ELEM, int DK, int DV, int THREADS>
+__device__ __forceinline__ void nsa_load_kv(const NsaParams &p, typename Elem<ELEM>::T *Ks,
+                                            typename Elem<ELEM>::T *Vs, int b, int g, int k0,
+                                            int nk) {
+  typedef typename Elem<ELEM>::T T;
+  constexpr int PAD = Elem<ELEM>::PAD;
+  const T *kb = (const T *)p.k + b * p.sk[0] + (i64)k0 * p.sk[1] + g * p.sk[2];
+  const T *vb = (const T *)p.v + b * p.sv[0] + (i64)k0 * p.sv[1] + g * p.sv[2];
+  load_tile_async<ELEM, NSA_BN, DK, THREADS>(Ks, DK + PAD, kb, p.sk[1], nk, p.D, p.vec_k);
+  load_tile_async<ELEM, NSA_BN, DV, THREADS>(Vs, DV + PAD, vb, p.sv[1], nk, p.DV, p.vec_v);
+}
+
+// Final output of a forward row tile (o normalised, natural-log lse), or partials.
+template <int ELEM, int DV, int M>
+__device__ __forceinline__ void nsa_fwd_store(const NsaParams &p, const Rows<M> &R, int row0,
+                                              float (*O)[4], float *m, float *l, bool partial) {
+  typedef typename Elem<ELEM>::T T;
+  const int lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    float lt = l[rr];
+    lt += __shfl_xor_sync(0xffffffffu, lt, 1);
+    lt += __shfl_xor_sync(0xffffffffu, lt, 2);
+    const int r = row0 + g + 8 * rr;
+    const int t = R.t[r];
+    if (t < 0) continue;
+    const int b = R.b[r], h = R.h[r];
+    const bool any = lt > 0.f;
+    const float inv = any ? 1.f / lt : 0.f;
+    const float lse = any ? m[rr] * NSA_LN2 + logf(lt) : NSA_NEG_INF;
+    if (partial) {
+      const i64 pi = (((i64)b * p.T + t) * p.Hq + h) * p.n + R.slot[r];
+      float *po = p.part_o + pi * p.DV;
+#pragma unroll
+      for (int j = 0; j < DV / 8; ++j)
+#pragma unroll
+        for (int cc = 0; cc < 2; ++cc) {
+          const int col = 8 * j + 2 * tq + cc;
+          if (col < p.DV) po[col] = O[j][2 * rr + cc] * inv;
+        }
+      if (tq == 0) p.part_lse[pi] = lse;
+    } else {
+      T *ob = (T *)p.out + b * p.so[0] + (i64)t * p.so[1] + h * p.so[2];
+#pragma unroll
+      for (int j = 0; j < DV / 8; ++j)
+#pragma unroll
+        for (int cc = 0; cc < 2; ++cc) {
+          const int col = 8 * j + 2 * tq + cc;
+          if (col < p.DV) ob[col] = from_f32<ELEM>(O[j][2 * rr + cc] * inv);
+        }
+      if (tq == 0) p.lse[b * p.slse[0] + t * p.slse[1] + h * p.slse[2]] = lse;
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------- forward
+
+// KIND 0 window, 1 compressed (grid: row tiles of 64, Hkv, B); KIND 2 selected query-outer
+// (grid: T · head chunks, Hkv, B; rows = 16·NW heads of one token).
+template <int ELEM, int DK, int DV, int NW, int KIND>
+__device__ __forceinline__ void nsa_fwd_impl(const NsaParams &p) {
+  typedef typename Elem<ELEM>::T T;
+  constexpr int M = 16 * NW, THREADS = 32 * NW, PAD = Elem<ELEM>::PAD;
+  constexpr int LDK = DK + PAD, LDV = DV + PAD;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T *Qs = reinterpret_cast<T *>(smem_raw);
+  T *Ks = Qs + M * LDK;
+  T *Vs = Ks + NSA_BN * LDK;
+  __shared__ Rows<M> R;
+  __shared__ int s_klo, s_khi;
+  const int g = blockIdx.y, b = blockIdx.z, warp = threadIdx.x >> 5;
+  const int row0 = 16 * warp;
+  const float sl2 = p.scale * NSA_LOG2E;
+  int tok = 0;
+  if (KIND <= 1) {
+    if (threadIdx.x < M)
+      nsa_row_range<KIND, M>(p, R, threadIdx.x, b, g, (i64)blockIdx.x * M + threadIdx.x, false);
+  } else {
+    const int hc = (p.G + M - 1) / M;
+    tok = blockIdx.x / hc;
+    const int hin0 = (blockIdx.x % hc) * M;
+    if (threadIdx.x < M) {
+      const int hin = hin0 + threadIdx.x;
+      const bool ok = tok < p.T && hin < p.G;
+      int s, start = 0, end = 0;
+      if (ok) nsa_seq_of(p, tok, s, start, end);
+      const int h = g * p.G + hin;
+      R.b[threadIdx.x] = b;
+      R.t[threadIdx.x] = ok ? tok : -1;
+      R.h[threadIdx.x] = h;
+      R.slot[threadIdx.x] = 0;
+      R.lo[threadIdx.x] = start;
+      R.hi[threadIdx.x] = tok + 1;
+      R.qo[threadIdx.x] = ok ? b * p.sq[0] + (i64)tok * p.sq[1] + h * p.sq[2] : -1;
+    }
+  }
+  __syncthreads();
+  if (R.t[0] < 0) return; // valid rows form a prefix: an empty tile has nothing to do
+  if (KIND <= 1 && threadIdx.x == 0) {
+    int lo = 0x7fffffff, hi = 0;
+    for (int r = 0; r < M; ++r)
+      if (R.t[r] >= 0 && R.hi[r] > R.lo[r]) {
+        lo = min(lo, R.lo[r]);
+        hi = max(hi, R.hi[r]);
+      }
+    s_klo = lo;
+    s_khi = hi;
+  }
+  nsa_load_rows<ELEM, M, DK, THREADS>(Qs, LDK, (const T *)p.q, R.qo, p.D, p.vec_q);
+  cp_async_commit();
+
+  float O[DV / 8][4], m[2] = {NSA_NEG_INF, NSA_NEG_INF}, l[2] = {0.f, 0.f};
+#pragma unroll
+  for (int j = 0; j < DV / 8; ++j) O[j][0] = O[j][1] = O[j][2] = O[j][3] = 0.f;
+  const bool active = R.t[row0] >= 0;
+
+  auto tile = [&](int k0, int nk) {
+    __syncthreads(); // previous tile's reads are done
+    nsa_load_kv<ELEM, DK, DV, THREADS>(p, Ks, Vs, b, g, k0, nk);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    if (active) nsa_fwd_tile<ELEM, DK, DV>(Qs, Ks, Vs, row0, k0, nk, R.lo, R.hi, sl2, O, m, l);
+  };
+
+  if (KIND <= 1) {
+    __syncthreads();
+    const int klo = s_klo, khi = s_khi;
+    for (int k0 = klo; k0 < khi; k0 += NSA_BN) tile(k0, min(NSA_BN, khi - k0));
+  } else {
+    int s, start, end;
+    nsa_seq_of(p, tok, s, start, end);
+    const int tl = tok - start, last = tl / p.a;
+    const int cnt = nsa_count(p, b, tok, g);
+    for (int slot = 0; slot < cnt; ++slot) {
+      const i64 j = nsa_idx(p, b, tok, g, slot);
+      if (j < 0 || j > last) continue;
+      const int blo = start + (int)j * p.a;
+      const int bhi = min(blo + p.a, tok + 1);
+      for (int k0 = blo; k0 < bhi; k0 += NSA_BN) tile(k0, min(NSA_BN, bhi - k0));
+    }
+  }
+  cp_async_wait<0>(); // a tile with no key tiles still has its Q copies in flight
+  if (active) nsa_fwd_store<ELEM, DV, M>(p, R, row0, O, m, l, false);
+}
+
+// Selected KV-outer: grid.x = chunk (of the per-block query lists). KT: key tiles per block.
+template <int ELEM, int DK, int DV, int KT>
+__device__ __forceinline__ void nsa_fwd_kv_impl(const NsaParams &p) {
+  typedef typename Elem<ELEM>::T T;
+  constexpr int NW = 4, M = 64, THREADS = 128, PAD = Elem<ELEM>::PAD;
+  constexpr int LDK = DK + PAD, LDV = DV + PAD;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T *Qs = reinterpret_cast<T *>(smem_raw);
+  T *Ks = Qs + M * LDK;
+  T *Vs = Ks + KT * NSA_BN * LDK;
+  __shared__ Rows<M> R;
+  const int chunk = blockIdx.x, warp = threadIdx.x >> 5, row0 = 16 * warp;
+  if (chunk >= p.chunk_off[p.NL]) return;
+  int lo = 0, hi = p.NL - 1; // list L: largest with chunk_off[L] <= chunk
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (p.chunk_off[mid] <= chunk) lo = mid;
+    else hi = mid - 1;
+  }
+  const int L = lo, c = chunk - p.chunk_off[L];
+  const int e_begin = p.list_off[L], e_end = p.list_off[L + 1];
+  const int eb = e_begin + c * p.chunk_tokens;
+  const int ee = min(e_end, eb + p.chunk_tokens);
+  if (eb >= ee) return;
+  int b, t0, g, slot0;
+  nsa_entry(p, p.entries[e_begin], b, t0, g, slot0);
+  int s, start, end;
+  nsa_seq_of(p, t0, s, start, end);
+  const i64 j = nsa_idx(p, b, t0, g, slot0);
+  const int blo = start + (int)j * p.a;
+  const int bhi = min(blo + p.a, end);
+  const int nkb = bhi - blo;
+  if (j < 0 || nkb <= 0) return;
+  for (int kt = 0; kt < KT; ++kt)
+    nsa_load_kv<ELEM, DK, DV, THREADS>(p, Ks + kt * NSA_BN * LDK, Vs + kt * NSA_BN * LDV, b, g,
+                                       blo + kt * NSA_BN, min(NSA_BN, nkb - kt * NSA_BN));
+  cp_async_commit();
+  const float sl2 = p.scale * NSA_LOG2E;
+  const int rows = (ee - eb) * p.G;
+  for (int r0 = 0; r0 < rows; r0 += M) {
+    __syncthreads(); // previous tile's reads of R and Qs are done
+    if (threadIdx.x < M) {
+      const int rr = r0 + threadIdx.x;
+      nsa_row_entry<M>(p, R, threadIdx.x, eb + rr / p.G, rr % p.G, rr < rows, false);
+    }
+    __syncthreads();
+    nsa_load_rows<ELEM, M, DK, THREADS>(Qs, LDK, (const T *)p.q, R.qo, p.D, p.vec_q);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    if (R.t[row0] >= 0) {
+      float O[DV / 8][4], m[2] = {NSA_NEG_INF, NSA_NEG_INF}, l[2] = {0.f, 0.f};
+#pragma unroll
+      for (int jj = 0; jj < DV / 8; ++jj) O[jj][0] = O[jj][1] = O[jj][2] = O[jj][3] = 0.f;
+#pragma unroll
+      for (int kt = 0; kt < KT; ++kt) {
+        const int nk = min(NSA_BN, nkb - kt * NSA_BN);
+        if (nk > 0)
+          nsa_fwd_tile<ELEM, DK, DV>(Qs, Ks + kt * NSA_BN * LDK, Vs + kt * NSA_BN * LDV, row0,
+                                     blo + kt * NSA_BN, nk, R.lo, R.hi, sl2, O, m, l);
+      }
+      nsa_fwd_store<ELEM, DV, M>(p, R, row0, O, m, l, true);
+    }
+  }
+}
+
+// Combines the partials of every (token, head): one warp per row.
+template <int ELEM> __device__ __forceinline__ void nsa_combine_impl(const NsaParams &p) {
+  typedef typename Elem<ELEM>::T T;
+  const int lane = threadIdx.x & 31;
+  const i64 row = (i64)blockIdx.x * 4 + (threadIdx.x >> 5);
+  if (row >= (i64)p.B * p.T * p.Hq) return;
+  const int h = (int)(row % p.Hq), t = (int)((row / p.Hq) % p.T), b = (int)(row / ((i64)p.Hq * p.T));
+  const int g = h / p.G;
+  int s, start, end;
+  nsa_seq_of(p, t, s, start, end);
+  const int last = (t - start) / p.a;
+  const int cnt = nsa_count(p, b, t, g);
+  const float *pl = p.part_lse + row * p.n;
+  float mx = NSA_NEG_INF;
+  for (int slot = 0; slot < cnt; ++slot) {
+    const i64 j = nsa_idx(p, b, t, g, slot);
+    if (j >= 0 && j <= last) mx = fmaxf(mx, pl[slot]);
+  }
+  const float muse = mx == NSA_NEG_INF ? 0.f : mx;
+  float sum = 0.f;
+  for (int slot = 0; slot < cnt; ++slot) {
+    const i64 j = nsa_idx(p, b, t, g, slot);
+    if (j >= 0 && j <= last) sum += __expf(pl[slot] - muse);
+  }
+  const float lse = sum > 0.f ? muse + logf(sum) : NSA_NEG_INF;
+  T *ob = (T *)p.out + b * p.so[0] + (i64)t * p.so[1] + h * p.so[2];
+  for (int col = lane; col < p.DV; col += 32) {
+    float acc = 0.f;
+    for (int slot = 0; slot < cnt; ++slot) {
+      const i64 j = nsa_idx(p, b, t, g, slot);
+      if (j >= 0 && j <= last) acc += __expf(pl[slot] - lse) * p.part_o[(row * p.n + slot) * p.DV + col];
+    }
+    ob[col] = from_f32<ELEM>(sum > 0.f ? acc : 0.f);
+  }
+  if (lane == 0) p.lse[b * p.slse[0] + t * p.slse[1] + h * p.slse[2]] = lse;
+}
+
+// ----------------------------------------------------------------------------- backward
+
+// Δ = rowsum(dO ∘ O), one warp per row.
+template <int ELEM> __device__ __forceinline__ void nsa_delta_impl(const NsaParams &p) {
+  typedef typename Elem<ELEM>::T T;
+  const int lane = threadIdx.x & 31;
+  const i64 row = (i64)blockIdx.x * 4 + (threadIdx.x >> 5);
+  if (row >= (i64)p.B * p.T * p.Hq) return;
+  const int h = (int)(row % p.Hq), t = (int)((row / p.Hq) % p.T), b = (int)(row / ((i64)p.Hq * p.T));
+  const T *ob = (const T *)p.o + b * p.so[0] + (i64)t * p.so[1] + h * p.so[2];
+  const T *db = (const T *)p.dout + b * p.sdo[0] + (i64)t * p.sdo[1] + h * p.sdo[2];
+  float acc = 0.f;
+  for (int col = lane; col < p.DV; col += 32) acc += load_f32<ELEM>(ob + col) * load_f32<ELEM>(db + col);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+  if (lane == 0) p.delta[row] = acc;
+}
+
+// dQ, query-outer; same grids as the forward (KIND 0, 1: row tiles; 2: selected tokens).
+template <int ELEM, int DK, int DV, int NW, int KIND>
+__device__ __forceinline__ void nsa_dq_impl(const NsaParams &p) {
+  typedef typename Elem<ELEM>::T T;
+  constexpr int M = 16 * NW, THREADS = 32 * NW, PAD = Elem<ELEM>::PAD;
+  constexpr int LDK = DK + PAD, LDV = DV + PAD;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T *Qs = reinterpret_cast<T *>(smem_raw);
+  T *dOs = Qs + M * LDK;
+  T *Ks = dOs + M * LDV;
+  T *Vs = Ks + NSA_BN * LDK;
+  __shared__ Rows<M> R;
+  __shared__ int s_klo, s_khi;
+  const int g = blockIdx.y, b = blockIdx.z, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int row0 = 16 * warp;
+  const float sl2 = p.scale * NSA_LOG2E;
+  int tok = 0;
+  if (KIND <= 1) {
+    if (threadIdx.x < M)
+      nsa_row_range<KIND, M>(p, R, threadIdx.x, b, g, (i64)blockIdx.x * M + threadIdx.x, true);
+  } else {
+    const int hc = (p.G + M - 1) / M;
+    tok = blockIdx.x / hc;
+    const int hin0 = (blockIdx.x % hc) * M;
+    if (threadIdx.x < M) {
+      const int hin = hin0 + threadIdx.x;
+      const bool ok = tok < p.T && hin < p.G;
+      int s, start = 0, end = 0;
+      if (ok) nsa_seq_of(p, tok, s, start, end);
+      const int h = g * p.G + hin;
+      R.b[threadIdx.x] = b;
+      R.t[threadIdx.x] = ok ? tok : -1;
+      R.h[threadIdx.x] = h;
+      R.slot[threadIdx.x] = 0;
+      R.lo[threadIdx.x] = start;
+      R.hi[threadIdx.x] = tok + 1;
+      R.qo[threadIdx.x] = ok ? b * p.sq[0] + (i64)tok * p.sq[1] + h * p.sq[2] : -1;
+      R.oo[threadIdx.x] = ok ? b * p.sdo[0] + (i64)tok * p.sdo[1] + h * p.sdo[2] : -1;
+      R.lse2[threadIdx.x] = ok ? p.lse[b * p.slse[0] + tok * p.slse[1] + h * p.slse[2]] * NSA_LOG2E : 0.f;
+      R.dl[threadIdx.x] = ok ? p.delta[((i64)b * p.T + tok) * p.Hq + h] : 0.f;
+    }
+  }
+  __syncthreads();
+  if (R.t[0] < 0) return;
+  if (KIND <= 1 && threadIdx.x == 0) {
+    int lo = 0x7fffffff, hi = 0;
+    for (int r = 0; r < M; ++r)
+      if (R.t[r] >= 0 && R.hi[r] > R.lo[r]) {
+        lo = min(lo, R.lo[r]);
+        hi = max(hi, R.hi[r]);
+      }
+    s_klo = lo;
+    s_khi = hi;
+  }
+  nsa_load_rows<ELEM, M, DK, THREADS>(Qs, LDK, (const T *)p.q, R.qo, p.D, p.vec_q);
+  nsa_load_rows<ELEM, M, DV, THREADS>(dOs, LDV, (const T *)p.dout, R.oo, p.DV, p.vec_do);
+  cp_async_commit();
+  float dQ[DK / 8][4];
+#pragma unroll
+  for (int j = 0; j < DK / 8; ++j) dQ[j][0] = dQ[j][1] = dQ[j][2] = dQ[j][3] = 0.f;
+  const bool active = R.t[row0] >= 0;
+  auto tile = [&](int k0, int nk) {
+    __syncthreads();
+    nsa_load_kv<ELEM, DK, DV, THREADS>(p, Ks, Vs, b, g, k0, nk);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    if (active)
+      nsa_dq_tile<ELEM, DK, DV>(Qs, dOs, Ks, Vs, row0, k0, nk, R.lo, R.hi, R.lse2, R.dl, sl2, dQ);
+  };
+  if (KIND <= 1) {
+    __syncthreads();
+    const int klo = s_klo, khi = s_khi;
+    for (int k0 = klo; k0 < khi; k0 += NSA_BN) tile(k0, min(NSA_BN, khi - k0));
+  } else {
+    int s, start, end;
+    nsa_seq_of(p, tok, s, start, end);
+    const int tl = tok - start, last = tl / p.a;
+    const int cnt = nsa_count(p, b, tok, g);
+    for (int slot = 0; slot < cnt; ++slot) {
+      const i64 j = nsa_idx(p, b, tok, g, slot);
+      if (j < 0 || j > last) continue;
+      const int blo = start + (int)j * p.a;
+      const int bhi = min(blo + p.a, tok + 1);
+      for (int k0 = blo; k0 < bhi; k0 += NSA_BN) tile(k0, min(NSA_BN, bhi - k0));
+    }
+  }
+  cp_async_wait<0>();
+  if (!active) return;
+  const int gq = lane >> 2, tq = lane & 3;
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int r = row0 + gq + 8 * rr;
+    const int t = R.t[r];
+    if (t < 0) continue;
+    T *db = (T *)p.dq + R.b[r] * p.sdq[0] + (i64)t * p.sdq[1] + R.h[r] * p.sdq[2];
+#pragma unroll
+    for (int j = 0; j < DK / 8; ++j)
+#pragma unroll
+      for (int cc = 0; cc < 2; ++cc) {
+        const int col = 8 * j + 2 * tq + cc;
+        if (col < p.D) db[col] = from_f32<ELEM>(dQ[j][2 * rr + cc] * p.scale);
+      }
+  }
+}
+
+// dK/dV. KIND 0, 1: grid (key tiles, Hkv, B), rows = the flattened rows that can see the tile.
+// KIND 3 (selected): grid (chunks, key tiles per block), rows = the chunk of the block's list.
+template <int ELEM, int DK, int DV, int KIND>
+__device__ __forceinline__ void nsa_dkdv_impl(const NsaParams &p) {
+  typedef typename Elem<ELEM>::T T;
+  constexpr int M = 64, THREADS = 128, PAD = Elem<ELEM>::PAD;
+  constexpr int LDK = DK + PAD, LDV = DV + PAD;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T *Qs = reinterpret_cast<T *>(smem_raw);
+  T *dOs = Qs + M * LDK;
+  T *Ks = dOs + M * LDV;
+  T *Vs = Ks + NSA_BN * LDK;
+  __shared__ Rows<M> R;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, key0 = 16 * warp;
+  const float sl2 = p.scale * NSA_LOG2E;
+  int b, g, k0, nk;
+  i64 R0 = 0, R1 = 0; // flattened rows (range kinds) or list rows (selected)
+  int eb = 0, L = 0, c = 0, nch = 1;
+  if (KIND <= 1) {
+    b = blockIdx.z;
+    g = blockIdx.y;
+    k0 = blockIdx.x * NSA_BN;
+    nk = min(NSA_BN, p.S - k0);
+    if (nk <= 0) return;
+    i64 tlo, thi;
+    if (KIND == 0) {
+      tlo = k0;
+      thi = min((i64)p.T - 1, (i64)k0 + nk - 1 + p.a - 1);
+    } else {
+      if (p.cu_kind < 0) {
+        tlo = (i64)k0 * p.b + p.a - 1;
+      } else {
+        int lo = 0, hi = p.N - 1; // sequence of compressed row k0
+        while (lo < hi) {
+          const int mid = (lo + hi + 1) >> 1;
+          if (p.cmp_off[mid] <= k0) lo = mid;
+          else hi = mid - 1;
+        }
+        tlo = nsa_cu(p, lo) + (i64)(k0 - p.cmp_off[lo]) * p.b + p.a - 1;
+      }
+      thi = p.T - 1;
+    }
+    R0 = tlo * p.G;
+    R1 = thi >= tlo ? (thi + 1) * p.G : R0;
+  } else {
+    const int chunk = blockIdx.x;
+    if (chunk >= p.chunk_off[p.NL]) return;
+    int lo = 0, hi = p.NL - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) >> 1;
+      if (p.chunk_off[mid] <= chunk) lo = mid;
+      else hi = mid - 1;
+    }
+    L = lo;
+    c = chunk - p.chunk_off[L];
+    nch = p.chunk_off[L + 1] - p.chunk_off[L];
+    const int e_begin = p.list_off[L], e_end = p.list_off[L + 1];
+    eb = e_begin + c * p.chunk_tokens;
+    const int ee = min(e_end, eb + p.chunk_tokens);
+    if (eb >= ee) return;
+    int t0, slot0;
+    nsa_entry(p, p.entries[e_begin], b, t0, g, slot0);
+    int s, start, end;
+    nsa_seq_of(p, t0, s, start, end);
+    const i64 j = nsa_idx(p, b, t0, g, slot0);
+    if (j < 0) return;
+    const int blo = start + (int)j * p.a;
+    const int bhi = min(blo + p.a, end);
+    k0 = blo + blockIdx.y * NSA_BN;
+    nk = min(NSA_BN, bhi - k0);
+    if (nk <= 0) return;
+    R0 = 0;
+    R1 = (i64)(ee - eb) * p.G;
+  }
+  nsa_load_kv<ELEM, DK, DV, THREADS>(p, Ks, Vs, b, g, k0, nk);
+  cp_async_commit();
+  float dK[DK / 8][4], dV[DV / 8][4];
+#pragma unroll
+  for (int j = 0; j < DK / 8; ++j) dK[j][0] = dK[j][1] = dK[j][2] = dK[j][3] = 0.f;
+#pragma unroll
+  for (int j = 0; j < DV / 8; ++j) dV[j][0] = dV[j][1] = dV[j][2] = dV[j][3] = 0.f;
+  for (i64 r0 = R0; r0 < R1; r0 += M) {
+    __syncthreads();
+    if (threadIdx.x < M) {
+      const i64 rr = r0 + threadIdx.x;
+      if (KIND <= 1) {
+        nsa_row_range<KIND, M>(p, R, threadIdx.x, b, g, rr < R1 ? rr : -1, true);
+      } else {
+        nsa_row_entry<M>(p, R, threadIdx.x, eb + (int)(rr / p.G), (int)(rr % p.G), rr < R1, true);
+      }
+    }
+    __syncthreads();
+    nsa_load_rows<ELEM, M, DK, THREADS>(Qs, LDK, (const T *)p.q, R.qo, p.D, p.vec_q);
+    nsa_load_rows<ELEM, M, DV, THREADS>(dOs, LDV, (const T *)p.dout, R.oo, p.DV, p.vec_do);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    if (key0 < nk)
+      nsa_dkdv_tile<ELEM, DK, DV>(Qs, dOs, Ks, Vs, key0, k0, nk, R.t, R.lo, R.hi, R.lse2, R.dl, sl2,
+                                  dK, dV);
+  }
+  cp_async_wait<0>();
+  const int gq = lane >> 2, tq = lane & 3;
+  const bool to_scratch = KIND == 3 && nch > 1;
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int kr = key0 + gq + 8 * rr;
+    if (kr >= nk) continue;
+    const int key = k0 + kr;
+    if (to_scratch) {
+      const i64 slot = (i64)p.split_off[L] + c;
+      float *sb = p.scratch + ((slot * p.key_tiles + blockIdx.y) * NSA_BN + kr) * (i64)(p.D + p.DV);
+#pragma unroll
+      for (int j = 0; j < DK / 8; ++j)
+#pragma unroll
+        for (int cc = 0; cc < 2; ++cc) {
+          const int col = 8 * j + 2 * tq + cc;
+          if (col < p.D) sb[col] = dK[j][2 * rr + cc] * p.scale;
+        }
+#pragma unroll
+      for (int j = 0; j < DV / 8; ++j)
+#pragma unroll
+        for (int cc = 0; cc < 2; ++cc) {
+          const int col = 8 * j + 2 * tq + cc;
+          if (col < p.DV) sb[p.D + col] = dV[j][2 * rr + cc];
+        }
+    } else {
+      T *kb = (T *)p.dk + b * p.sdk[0] + (i64)key * p.sdk[1] + g * p.sdk[2];
+      T *vb = (T *)p.dv + b * p.sdv[0] + (i64)key * p.sdv[1] + g * p.sdv[2];
+#pragma unroll
+      for (int j = 0; j < DK / 8; ++j)
+#pragma unroll
+        for (int cc = 0; cc < 2; ++cc) {
+          const int col = 8 * j + 2 * tq + cc;
+          if (col < p.D) kb[col] = from_f32<ELEM>(dK[j][2 * rr + cc] * p.scale);
+        }
+#pragma unroll
+      for (int j = 0; j < DV / 8; ++j)
+#pragma unroll
+        for (int cc = 0; cc < 2; ++cc) {
+          const int col = 8 * j + 2 * tq + cc;
+          if (col < p.DV) vb[col] = from_f32<ELEM>(dV[j][2 * rr + cc]);
+        }
+    }
+  }
+}
+
+// Sums the scratch partials of the lists split over several chunks, in chunk order.
+// grid (NL, key tiles per block), 128 threads.
+template <int ELEM> __device__ __forceinline__ void nsa_dkdv_reduce_impl(const NsaParams &p) {
+  typedef typename Elem<ELEM>::T T;
+  const int L = blockIdx.x;
+  const int nch = p.chunk_off[L + 1] - p.chunk_off[L];
+  if (nch <= 1) return;
+  const int e_begin = p.list_off[L];
+  int b, t0, g, slot0;
+  nsa_entry(p, p.entries[e_begin], b, t0, g, slot0);
+  int s, start, end;
+  nsa_seq_of(p, t0, s, start, end);
+  const i64 j = nsa_idx(p, b, t0, g, slot0);
+  if (j < 0) return;
+  const int blo = start + (int)j * p.a;
+  const int bhi = min(blo + p.a, end);
+  const int k0 = blo + blockIdx.y * NSA_BN;
+  const int nk = min(NSA_BN, bhi - k0);
+  if (nk <= 0) return;
+  const int W = p.D + p.DV;
+  const i64 s0 = p.split_off[L];
+  for (int i = threadIdx.x; i < nk * W; i += blockDim.x) {
+    const int kr = i / W, col = i % W;
+    float acc = 0.f;
+    for (int cc = 0; cc < nch; ++cc)
+      acc += p.scratch[(((s0 + cc) * p.key_tiles + blockIdx.y) * NSA_BN + kr) * (i64)W + col];
+    const int key = k0 + kr;
+    if (col < p.D)
+      ((T *)p.dk)[b * p.sdk[0] + (i64)key * p.sdk[1] + g * p.sdk[2] + col] = from_f32<ELEM>(acc);
+    else
+      ((T *)p.dv)[b * p.sdv[0] + (i64)key * p.sdv[1] + g * p.sdv[2] + col - p.D] = from_f32<ELEM>(acc);
+  }
+}
+
+// ----------------------------------------------------------------------------- entry points
+
+#define NSA_E NSA_ELEM, NSA_DK, NSA_DV
+extern "C" __global__ void __launch_bounds__(128) nsa_fwd_win(const NsaParams p) { nsa_fwd_impl<NSA_E, 4, 0>(p); }
+extern "C" __global__ void __launch_bounds__(128) nsa_fwd_cmp(const NsaParams p) { nsa_fwd_impl<NSA_E, 4, 1>(p); }
+extern "C" __global__ void __launch_bounds__(32) nsa_fwd_selq1(const NsaParams p) { nsa_fwd_impl<NSA_E, 1, 2>(p); }
+extern "C" __global__ void __launch_bounds__(64) nsa_fwd_selq2(const NsaParams p) { nsa_fwd_impl<NSA_E, 2, 2>(p); }
+extern "C" __global__ void __launch_bounds__(128) nsa_fwd_selq4(const NsaParams p) { nsa_fwd_impl<NSA_E, 4, 2>(p); }
+extern "C" __global__ void __launch_bounds__(128) nsa_fwd_selkv1(const NsaParams p) { nsa_fwd_kv_impl<NSA_E, 1>(p); }
+extern "C" __global__ void __launch_bounds__(128) nsa_fwd_selkv2(const NsaParams p) { nsa_fwd_kv_impl<NSA_E, 2>(p); }
+extern "C" __global__ void __launch_bounds__(128) nsa_combine(const NsaParams p) { nsa_combine_impl<NSA_ELEM>(p); }
+extern "C" __global__ void __launch_bounds__(128) nsa_delta(const NsaParams p) { nsa_delta_impl<NSA_ELEM>(p); }
+extern "C" __global__ void __launch_bounds__(128) nsa_dq_win(const NsaParams p) { nsa_dq_impl<NSA_E, 4, 0>(p); }
+extern "C" __global__ void __launch_bounds__(128) nsa_dq_cmp(const NsaParams p) { nsa_dq_impl<NSA_E, 4, 1>(p); }
+extern "C" __global__ void __launch_bounds__(32) nsa_dq_selq1(const NsaParams p) { nsa_dq_impl<NSA_E, 1, 2>(p); }
+extern "C" __global__ void __launch_bounds__(64) nsa_dq_selq2(const NsaParams p) { nsa_dq_impl<NSA_E, 2, 2>(p); }
+extern "C" __global__ void __launch_bounds__(128) nsa_dq_selq4(const NsaParams p) { nsa_dq_impl<NSA_E, 4, 2>(p); }
+extern "C" __global__ void __launch_bounds__(128) nsa_dkdv_win(const NsaParams p) { nsa_dkdv_impl<NSA_E, 0>(p); }
+extern "C" __global__ void __launch_bounds__(128) nsa_dkdv_cmp(const NsaParams p) { nsa_dkdv_impl<NSA_E, 1>(p); }
+extern "C" __global__ void __launch_bounds__(128) nsa_dkdv_sel(const NsaParams p) { nsa_dkdv_impl<NSA_E, 3>(p); }
+extern "C" __global__ void __launch_bounds__(128) nsa_dkdv_reduce(const NsaParams p) { nsa_dkdv_reduce_impl<NSA_ELEM>(p); }
