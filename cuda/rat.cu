@@ -25,6 +25,7 @@
 #include "common.cuh"
 
 #define RAT_THREADS 128
+#define RAT_U 8 // rows whose scan inputs are loaded ahead of use
 #define LOG2E 1.4426950408889634f
 #define RAT_INF __int_as_float(0x7f800000)
 
@@ -53,6 +54,7 @@ struct RatParams {
   int mode;          // rat_states: 0 scan, 1 read saved states
   int write_states;  // rat_states mode 0: write ks, vs
   int vec_rot, vec_do;
+  int vec_q;         // q rows are 16-byte aligned (cp.async tile loads)
   float scale;
 };
 
@@ -228,13 +230,20 @@ template <int ELEM, int DK> __device__ void fwd_impl(const RatParams &p) {
   const int Dh = (p.D + 1) / 2;
   const float sl2 = p.scale * LOG2E;
 
-  // Zero the padding columns of Qs and VT.
+  // Zero the padding columns of VT (Qs is zero-filled by its tile load).
   for (int e = tid; e < 64 * (DK - p.D); e += RAT_THREADS) {
     const int r = e / (DK - p.D), c = p.D + e % (DK - p.D);
-    Qs[r * LD + c] = from_f32<ELEM>(0.f);
     VT[r * DK + c] = 0.f;
   }
-  // In-tile scan.
+  // Raw q tile to Qs (rows >= m and columns >= D zero-filled), all loads in flight at once.
+  load_tile_async<ELEM, 64, DK, RAT_THREADS>(
+      Qs, LD, (const T *)p.q + s.b * p.sq[0] + (s.start + t0) * p.sq[1] + h * p.sq[2], p.sq[1], m, p.D,
+      p.vec_q);
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+  // In-tile scan: g, k, v of RAT_U rows are loaded before they are used (memory-level
+  // parallelism); q comes from Qs and is rotated in place (each element by its own thread).
   {
     const int i = tid, ch0 = i, ch1 = i + Dh;
     const bool act = i < Dh, has1 = act && ch1 < p.D;
@@ -249,51 +258,66 @@ template <int ELEM, int DK> __device__ void fwd_impl(const RatParams &p) {
         v1 = p.carry_v[o + ch1];
       }
     }
-    for (int l = 0; l < 64; ++l) {
-      float part = 0.f;
-      if (l < m && act) {
-        const int pos = t0 + l;
-        if (pos % p.L == 0) k0 = k1 = v0 = v1 = 0.f;
-        const i64 tok = s.start + pos;
-        const i64 og = s.b * p.sg[0] + tok * p.sg[1] + h * p.sg[2];
-        const i64 ok = s.b * p.sk[0] + tok * p.sk[1] + h * p.sk[2];
-        const i64 ov = s.b * p.sv[0] + tok * p.sv[1] + h * p.sv[2];
-        const i64 oq = s.b * p.sq[0] + tok * p.sq[1] + h * p.sq[2];
-        const float g0 = ld_g(p, og + ch0);
-        k0 = g0 * k0 + (1.f - g0) * ld<ELEM>(p.k, ok + ch0);
-        v0 = g0 * v0 + (1.f - g0) * ld<ELEM>(p.v, ov + ch0);
-        const float q0 = ld<ELEM>(p.q, oq + ch0);
-        float q1 = 0.f;
-        if (has1) {
-          const float g1 = ld_g(p, og + ch1);
-          k1 = g1 * k1 + (1.f - g1) * ld<ELEM>(p.k, ok + ch1);
-          v1 = g1 * v1 + (1.f - g1) * ld<ELEM>(p.v, ov + ch1);
-          q1 = ld<ELEM>(p.q, oq + ch1);
-        }
-        part = q0 * k0 + (has1 ? q1 * k1 : 0.f);
-        VT[l * DK + ch0] = v0;
-        float r0 = q0, r1 = q1;
-        if (p.rope) {
-          float co, si;
-          cs_of(th, pos / p.L, co, si);
-          r0 = q0 * co - q1 * si;
-          r1 = q1 * co + q0 * si;
-        }
-        Qs[l * LD + ch0] = from_f32<ELEM>(r0);
-        if (has1) {
-          VT[l * DK + ch1] = v1;
-          Qs[l * LD + ch1] = from_f32<ELEM>(r1);
-        }
-      } else if (act) {
-        VT[l * DK + ch0] = 0.f;
-        Qs[l * LD + ch0] = from_f32<ELEM>(0.f);
-        if (has1) {
-          VT[l * DK + ch1] = 0.f;
-          Qs[l * LD + ch1] = from_f32<ELEM>(0.f);
+    for (int lb = 0; lb < 64; lb += RAT_U) {
+      float G0[RAT_U], G1[RAT_U], XK0[RAT_U], XK1[RAT_U], XV0[RAT_U], XV1[RAT_U];
+#pragma unroll
+      for (int u = 0; u < RAT_U; ++u) {
+        G0[u] = G1[u] = XK0[u] = XK1[u] = XV0[u] = XV1[u] = 0.f;
+        const int l = lb + u;
+        if (l < m && act) {
+          const i64 tok = s.start + t0 + l;
+          const i64 og = s.b * p.sg[0] + tok * p.sg[1] + h * p.sg[2];
+          const i64 ok = s.b * p.sk[0] + tok * p.sk[1] + h * p.sk[2];
+          const i64 ov = s.b * p.sv[0] + tok * p.sv[1] + h * p.sv[2];
+          G0[u] = ld_g(p, og + ch0);
+          XK0[u] = ld<ELEM>(p.k, ok + ch0);
+          XV0[u] = ld<ELEM>(p.v, ov + ch0);
+          if (has1) {
+            G1[u] = ld_g(p, og + ch1);
+            XK1[u] = ld<ELEM>(p.k, ok + ch1);
+            XV1[u] = ld<ELEM>(p.v, ov + ch1);
+          }
         }
       }
-      part = warp_sum(part);
-      if (lane == 0) red[l][warp] = part;
+#pragma unroll
+      for (int u = 0; u < RAT_U; ++u) {
+        const int l = lb + u;
+        float part = 0.f;
+        if (l < m && act) {
+          const int pos = t0 + l;
+          if (pos % p.L == 0) k0 = k1 = v0 = v1 = 0.f;
+          const float g0 = G0[u];
+          k0 = g0 * k0 + (1.f - g0) * XK0[u];
+          v0 = g0 * v0 + (1.f - g0) * XV0[u];
+          const float q0 = load_f32<ELEM>(Qs + l * LD + ch0);
+          float q1 = 0.f;
+          if (has1) {
+            const float g1 = G1[u];
+            k1 = g1 * k1 + (1.f - g1) * XK1[u];
+            v1 = g1 * v1 + (1.f - g1) * XV1[u];
+            q1 = load_f32<ELEM>(Qs + l * LD + ch1);
+          }
+          part = q0 * k0 + (has1 ? q1 * k1 : 0.f);
+          VT[l * DK + ch0] = v0;
+          float r0 = q0, r1 = q1;
+          if (p.rope) {
+            float co, si;
+            cs_of(th, pos / p.L, co, si);
+            r0 = q0 * co - q1 * si;
+            r1 = q1 * co + q0 * si;
+          }
+          Qs[l * LD + ch0] = from_f32<ELEM>(r0);
+          if (has1) {
+            VT[l * DK + ch1] = v1;
+            Qs[l * LD + ch1] = from_f32<ELEM>(r1);
+          }
+        } else if (act) {
+          VT[l * DK + ch0] = 0.f;
+          if (has1) VT[l * DK + ch1] = 0.f;
+        }
+        part = warp_sum(part);
+        if (lane == 0) red[l][warp] = part;
+      }
     }
   }
   __syncthreads();
@@ -438,6 +462,7 @@ template <int ELEM, int DK> __device__ void bwd_kv_impl(const RatParams &p) {
   T *Vs = Ks + 64 * LD, *Qs = Vs + 64 * LD, *dYs = Qs + 64 * LD;
   __shared__ float lse2[64], dlt[64];
   __shared__ int crow[64];
+  __shared__ double ths[128]; // θ per RoPE pair
 
   const int x = blockIdx.x, h = blockIdx.y, n = blockIdx.z;
   const Seq s = seq_of(p, n);
@@ -453,10 +478,7 @@ template <int ELEM, int DK> __device__ void bwd_kv_impl(const RatParams &p) {
   load_tile_async<ELEM, 64, DK, RAT_THREADS>(Ks, LD, krb, p.srot[1], nrows, p.D, p.vec_rot);
   load_tile_async<ELEM, 64, DK, RAT_THREADS>(Vs, LD, veb, p.srot[1], nrows, p.D, p.vec_rot);
   cp_async_commit();
-  for (int e = tid; e < 64 * (DK - p.D); e += RAT_THREADS) {
-    const int r = e / (DK - p.D), c = p.D + e % (DK - p.D);
-    Qs[r * LD + c] = from_f32<ELEM>(0.f);
-  }
+  if (tid < Dh) ths[tid] = theta_of(p, tid); // read after the first __syncthreads below
   const int i = tid, ch0 = i, ch1 = i + Dh;
   const bool act = i < Dh, has1 = act && ch1 < p.D;
   const double th = theta_of(p, i);
@@ -467,31 +489,13 @@ template <int ELEM, int DK> __device__ void bwd_kv_impl(const RatParams &p) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) dK[j][e] = dV[j][e] = 0.f;
   const T *dob = (const T *)p.dout + s.b * p.sdo[0] + s.start * p.sdo[1] + h * p.sdo[2];
+  const T *qb = (const T *)p.q + s.b * p.sq[0] + s.start * p.sq[1] + h * p.sq[2];
   for (int tb = (j0 + 1) * p.L; tb < s.len; tb += 64) {
     const int m = min(64, s.len - tb);
+    // Raw q and dy tiles (rows >= m and columns >= D zero-filled), all loads in flight at once.
+    load_tile_async<ELEM, 64, DK, RAT_THREADS>(Qs, LD, qb + (i64)tb * p.sq[1], p.sq[1], m, p.D, p.vec_q);
     load_tile_async<ELEM, 64, DK, RAT_THREADS>(dYs, LD, dob + (i64)tb * p.sdo[1], p.sdo[1], m, p.D, p.vec_do);
     cp_async_commit();
-    if (act) {
-      for (int l = 0; l < 64; ++l) {
-        float r0v = 0.f, r1v = 0.f;
-        if (l < m) {
-          const int pos = tb + l;
-          const i64 oq = s.b * p.sq[0] + (s.start + pos) * p.sq[1] + h * p.sq[2];
-          const float q0 = ld<ELEM>(p.q, oq + ch0);
-          const float q1 = has1 ? ld<ELEM>(p.q, oq + ch1) : 0.f;
-          r0v = q0;
-          r1v = q1;
-          if (p.rope) {
-            float co, si;
-            cs_of(th, pos / p.L, co, si);
-            r0v = q0 * co - q1 * si;
-            r1v = q1 * co + q0 * si;
-          }
-        }
-        Qs[l * LD + ch0] = from_f32<ELEM>(r0v);
-        if (has1) Qs[l * LD + ch1] = from_f32<ELEM>(r1v);
-      }
-    }
     if (tid < 64) {
       const int l = tid;
       if (l < m) {
@@ -507,6 +511,21 @@ template <int ELEM, int DK> __device__ void bwd_kv_impl(const RatParams &p) {
     }
     cp_async_wait<0>();
     __syncthreads();
+    // Rotate q in place: item (row l, pair i) is read and written by one thread only.
+    if (p.rope) {
+      for (int e = tid; e < 64 * Dh; e += RAT_THREADS) {
+        const int l = e / Dh, pi = e % Dh, c1 = pi + Dh;
+        if (l < m) {
+          const float q0 = load_f32<ELEM>(Qs + l * LD + pi);
+          const float q1 = c1 < p.D ? load_f32<ELEM>(Qs + l * LD + c1) : 0.f;
+          float co, si;
+          cs_of(ths[pi], (tb + l) / p.L, co, si);
+          Qs[l * LD + pi] = from_f32<ELEM>(q0 * co - q1 * si);
+          if (c1 < p.D) Qs[l * LD + c1] = from_f32<ELEM>(q1 * co + q0 * si);
+        }
+      }
+      __syncthreads();
+    }
     float P[8][4], dP[8][4];
 #pragma unroll
     for (int j = 0; j < 8; ++j)
@@ -640,65 +659,75 @@ template <int ELEM, int DK> __device__ void bwd_q_impl(const RatParams &p) {
         cv1 = p.carry_v[o + ch1];
       }
     }
-    for (int e = tid; e < 64 * (DK - p.D); e += RAT_THREADS) {
-      const int r = e / (DK - p.D), c = p.D + e % (DK - p.D);
-      Qs[r * LD + c] = from_f32<ELEM>(0.f);
-      dYs[r * LD + c] = from_f32<ELEM>(0.f);
-    }
-    // Phase 1: scan, own-state dot products, rotated q and dy into shared memory.
+    // Phase 1: raw q and dy tiles to Qs and dYs (rows >= m and columns >= D zero-filled, all
+    // loads in flight at once), then the scan (g, k, v of RAT_U rows loaded ahead of use), the
+    // own-state dot products, q rotated in place (each element by its own thread).
     {
+      const i64 trow = s.start + t0;
+      load_tile_async<ELEM, 64, DK, RAT_THREADS>(
+          Qs, LD, (const T *)p.q + s.b * p.sq[0] + trow * p.sq[1] + h * p.sq[2], p.sq[1], m, p.D, p.vec_q);
+      load_tile_async<ELEM, 64, DK, RAT_THREADS>(
+          dYs, LD, (const T *)p.dout + s.b * p.sdo[0] + trow * p.sdo[1] + h * p.sdo[2], p.sdo[1], m, p.D,
+          p.vec_do);
+      cp_async_commit();
+      cp_async_wait<0>();
+      __syncthreads();
       float k0 = ck0, k1 = ck1, v0 = cv0, v1 = cv1;
-      for (int l = 0; l < 64; ++l) {
-        float pq = 0.f, pv = 0.f;
-        if (l < m && act) {
-          const int pos = t0 + l;
-          if (pos % p.L == 0) k0 = k1 = v0 = v1 = 0.f;
-          const i64 tok = s.start + pos;
-          const i64 og = s.b * p.sg[0] + tok * p.sg[1] + h * p.sg[2];
-          const i64 ok = s.b * p.sk[0] + tok * p.sk[1] + h * p.sk[2];
-          const i64 ov = s.b * p.sv[0] + tok * p.sv[1] + h * p.sv[2];
-          const i64 oq = s.b * p.sq[0] + tok * p.sq[1] + h * p.sq[2];
-          const i64 od = s.b * p.sdo[0] + tok * p.sdo[1] + h * p.sdo[2];
-          const float g0 = ld_g(p, og + ch0);
-          k0 = g0 * k0 + (1.f - g0) * ld<ELEM>(p.k, ok + ch0);
-          v0 = g0 * v0 + (1.f - g0) * ld<ELEM>(p.v, ov + ch0);
-          const float q0 = ld<ELEM>(p.q, oq + ch0), y0 = ld<ELEM>(p.dout, od + ch0);
-          float q1 = 0.f, y1 = 0.f;
-          if (has1) {
-            const float g1 = ld_g(p, og + ch1);
-            k1 = g1 * k1 + (1.f - g1) * ld<ELEM>(p.k, ok + ch1);
-            v1 = g1 * v1 + (1.f - g1) * ld<ELEM>(p.v, ov + ch1);
-            q1 = ld<ELEM>(p.q, oq + ch1);
-            y1 = ld<ELEM>(p.dout, od + ch1);
-          }
-          pq = q0 * k0 + (has1 ? q1 * k1 : 0.f);
-          pv = y0 * v0 + (has1 ? y1 * v1 : 0.f);
-          float r0v = q0, r1v = q1;
-          if (p.rope) {
-            float co, si;
-            cs_of(th, pos / p.L, co, si);
-            r0v = q0 * co - q1 * si;
-            r1v = q1 * co + q0 * si;
-          }
-          Qs[l * LD + ch0] = from_f32<ELEM>(r0v);
-          dYs[l * LD + ch0] = from_f32<ELEM>(y0);
-          if (has1) {
-            Qs[l * LD + ch1] = from_f32<ELEM>(r1v);
-            dYs[l * LD + ch1] = from_f32<ELEM>(y1);
-          }
-        } else if (act) {
-          Qs[l * LD + ch0] = from_f32<ELEM>(0.f);
-          dYs[l * LD + ch0] = from_f32<ELEM>(0.f);
-          if (has1) {
-            Qs[l * LD + ch1] = from_f32<ELEM>(0.f);
-            dYs[l * LD + ch1] = from_f32<ELEM>(0.f);
+      for (int lb = 0; lb < 64; lb += RAT_U) {
+        float G0[RAT_U], G1[RAT_U], XK0[RAT_U], XK1[RAT_U], XV0[RAT_U], XV1[RAT_U];
+#pragma unroll
+        for (int u = 0; u < RAT_U; ++u) {
+          G0[u] = G1[u] = XK0[u] = XK1[u] = XV0[u] = XV1[u] = 0.f;
+          const int l = lb + u;
+          if (l < m && act) {
+            const i64 tok = s.start + t0 + l;
+            const i64 og = s.b * p.sg[0] + tok * p.sg[1] + h * p.sg[2];
+            const i64 ok = s.b * p.sk[0] + tok * p.sk[1] + h * p.sk[2];
+            const i64 ov = s.b * p.sv[0] + tok * p.sv[1] + h * p.sv[2];
+            G0[u] = ld_g(p, og + ch0);
+            XK0[u] = ld<ELEM>(p.k, ok + ch0);
+            XV0[u] = ld<ELEM>(p.v, ov + ch0);
+            if (has1) {
+              G1[u] = ld_g(p, og + ch1);
+              XK1[u] = ld<ELEM>(p.k, ok + ch1);
+              XV1[u] = ld<ELEM>(p.v, ov + ch1);
+            }
           }
         }
-        pq = warp_sum(pq);
-        pv = warp_sum(pv);
-        if (lane == 0) {
-          redq[l][warp] = pq;
-          redv[l][warp] = pv;
+#pragma unroll
+        for (int u = 0; u < RAT_U; ++u) {
+          const int l = lb + u;
+          float pq = 0.f, pv = 0.f;
+          if (l < m && act) {
+            const int pos = t0 + l;
+            if (pos % p.L == 0) k0 = k1 = v0 = v1 = 0.f;
+            const float g0 = G0[u];
+            k0 = g0 * k0 + (1.f - g0) * XK0[u];
+            v0 = g0 * v0 + (1.f - g0) * XV0[u];
+            const float q0 = load_f32<ELEM>(Qs + l * LD + ch0), y0 = load_f32<ELEM>(dYs + l * LD + ch0);
+            float q1 = 0.f, y1 = 0.f;
+            if (has1) {
+              const float g1 = G1[u];
+              k1 = g1 * k1 + (1.f - g1) * XK1[u];
+              v1 = g1 * v1 + (1.f - g1) * XV1[u];
+              q1 = load_f32<ELEM>(Qs + l * LD + ch1);
+              y1 = load_f32<ELEM>(dYs + l * LD + ch1);
+            }
+            pq = q0 * k0 + (has1 ? q1 * k1 : 0.f);
+            pv = y0 * v0 + (has1 ? y1 * v1 : 0.f);
+            if (p.rope) {
+              float co, si;
+              cs_of(th, pos / p.L, co, si);
+              Qs[l * LD + ch0] = from_f32<ELEM>(q0 * co - q1 * si);
+              if (has1) Qs[l * LD + ch1] = from_f32<ELEM>(q1 * co + q0 * si);
+            }
+          }
+          pq = warp_sum(pq);
+          pv = warp_sum(pv);
+          if (lane == 0) {
+            redq[l][warp] = pq;
+            redv[l][warp] = pv;
+          }
         }
       }
     }
@@ -711,11 +740,14 @@ template <int ELEM, int DK> __device__ void bwd_q_impl(const RatParams &p) {
         const float dl = p.delta[((i64)s.b * p.T + tok) * p.H + h];
         const float own = (redq[l][0] + redq[l][1] + redq[l][2] + redq[l][3]) * sl2;
         const float dyv = redv[l][0] + redv[l][1] + redv[l][2] + redv[l][3];
-        const float ps = fast_exp2(own - L2);
+        // Chunk 0 (no earlier state): the own state is the only softmax term, so P_own = 1 and
+        // dA_own = 0 exactly (dy·v~ − Δ with Δ from the rounded y is not exactly 0).
+        const bool c0 = (t0 + l) / p.L == 0;
+        const float ps = c0 ? 1.f : fast_exp2(own - L2);
         lse2[l] = L2;
         dlt[l] = dl;
         pst[l] = ps;
-        dast[l] = ps * (dyv - dl);
+        dast[l] = c0 ? 0.f : ps * (dyv - dl);
         crow[l] = (t0 + l) / p.L;
       } else {
         lse2[l] = dlt[l] = pst[l] = dast[l] = 0.f;

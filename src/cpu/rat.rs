@@ -788,8 +788,14 @@ unsafe fn backward_queries_body<A: Acc>(
                     lse[i] = *scalar::<A>(p.lse, s.batch, tok, h);
                 }
                 delta[i] = dot(dy, &y);
-                let p_own = (sc * dot(&q, &hk) - lse[i]).exp();
-                let da_own = p_own * (dot(dy, &hv) - delta[i]);
+                // chunk 0: the own state is the only term, P_own = 1 and dA_own = 0 exactly
+                // (dy·v~ − Δ from a rounded y would leave a spurious dq)
+                let da_own = if c == 0 {
+                    A::ZERO
+                } else {
+                    let p_own = (sc * dot(&q, &hk) - lse[i]).exp();
+                    p_own * (dot(dy, &hv) - delta[i])
+                };
                 dqo[i * d..(i + 1) * d]
                     .iter_mut()
                     .zip(&hk)
@@ -931,9 +937,14 @@ unsafe fn backward_scan<A: Acc>(
             }
             let hk = &hks[i * d..(i + 1) * d];
             let hv = &hvs[i * d..(i + 1) * d];
-            let delta = dot(&dy, &y);
-            let p_own = (sc * dot(&q, hk) - lse).exp();
-            let da_own = p_own * (dot(&dy, hv) - delta);
+            // chunk 0: P_own = 1 and dA_own = 0 exactly (see pass 1)
+            let (p_own, da_own) = if c == 0 {
+                (A::ONE, A::ZERO)
+            } else {
+                let delta = dot(&dy, &y);
+                let p_own = (sc * dot(&q, hk) - lse).exp();
+                (p_own, p_own * (dot(&dy, hv) - delta))
+            };
             // λ ← g_{i+1} λ + own-state gradient (+ final-state gradient at offset L − 1)
             for e in 0..d {
                 lk[e] = gnext[e] * lk[e] + sc * da_own * q[e];

@@ -474,6 +474,7 @@ struct RatParams {
     write_states: i32,
     vec_rot: i32,
     vec_do: i32,
+    vec_q: i32,
     scale: f32,
 }
 
@@ -645,6 +646,7 @@ fn launch(
         write_states: 1,
         vec_rot: vectorizable(sc.kr) as i32,
         vec_do: grads.map(|g| g.dout).is_some_and(vectorizable) as i32,
+        vec_q: vectorizable(a.q) as i32,
         scale: a.scale as f32,
     };
     let (n, h) = (p.n as u32, p.h as u32);
