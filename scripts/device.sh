@@ -19,6 +19,7 @@
 #   PYTEST_ARGS        default "-x -q"
 #   PYTEST_TARGETS     default "tests" (test files or node ids)
 #   PYTEST_K           a pytest -k expression
+#   TESTS_MAX_S        at most this many seconds for the tests stage
 #   SANITIZE_TOOLS     default "memcheck racecheck" (also: initcheck synccheck)
 #   SANITIZE_ARGS      extra compute-sanitizer options, e.g. "--kernel-name kns=la_" (check only
 #                      longattn's kernels, if torch's own make it too slow)
@@ -133,6 +134,7 @@ stage_budget() { # seconds a stage may run: what is left, less a reserve for pac
 run_tests() {
     local b
     b=$(stage_budget)
+    ((b > ${TESTS_MAX_S:-100000})) && b=$TESTS_MAX_S
     ((b >= 20)) || return 124
     # shellcheck disable=SC2086
     timeout -k 10 "$b" python3 -m pytest ${PYTEST_ARGS:--x -q} ${PYTEST_K:+-k "$PYTEST_K"} ${PYTEST_TARGETS:-tests} 2>&1 | tee "$OUT/pytest.log"
