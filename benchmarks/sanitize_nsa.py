@@ -60,7 +60,9 @@ def main():
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             errs = [rel(o, o2)] + [rel(a.grad, b.grad) for a, b in zip(lo, hi, strict=True)]
-            ok = all(e <= tol for e in errs)
+            # float32 gradients sum over G heads on 3xTF32 tensor cores (see tests/test_nsa.py)
+            grad_tol = 5e-5 if dtype == torch.float32 else tol
+            ok = errs[0] <= tol and all(e <= grad_tol for e in errs[1:])
             print(f"{'ok  ' if ok else 'FAIL'} {name} {dtype}: {[f'{e:.1e}' for e in errs]}")
             if not ok:
                 failures.append(name)

@@ -331,6 +331,9 @@ def test_topk_batch_float32_matches_reference_and_feeds_selected():
 # above), every range kind, dtypes f32/bf16/f16, head dims 64/128, block sizes 32/64/128.
 
 CUDA_TOL = {F32: 1e-5, BF16: 2e-2, F16: 2e-2}
+# float32 runs on 3xTF32 tensor cores: outputs keep float32 accuracy; dk/dv sum over the G heads
+# and every token that selected a block, which costs up to a few 1e-5 (measured 1.5e-5 at G=16).
+CUDA_GRAD_TOL_F32 = 5e-5
 
 
 def _sorted_indices(B, T, Hkv, n, bs, device, bad=True):
@@ -363,7 +366,8 @@ def _dense_ref(q, k, v, mask, scale=None):
 def _cuda_check(name, got, ref, dtype):
     assert_finite(got, name)
     err = rel_err(got, ref)
-    assert err <= CUDA_TOL[dtype], f"{name}: rel err {err:.3e} > {CUDA_TOL[dtype]:g} ({dtype})"
+    tol = CUDA_GRAD_TOL_F32 if dtype == F32 and name.startswith("d") else CUDA_TOL[dtype]
+    assert err <= tol, f"{name}: rel err {err:.3e} > {tol:g} ({dtype})"
 
 
 def _run_cuda(fn, ref_fn, shapes, dtype, mag=1.0):

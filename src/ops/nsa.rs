@@ -752,12 +752,14 @@ fn topk_cuda(
             sel.topk
         )));
     };
+    // The module is cached per variant and its shared-memory cap is set once: set it to what
+    // any call may need (G, topk and stages change the size), not to this call's size.
     let kernels = dev
         .kernels(
             "nsa_select.cu",
             SEL_SOURCE,
             &v.defines(),
-            &[("nsa_topk", bytes as u32)],
+            &[("nsa_topk", limit as u32)],
         )
         .map_err(cuda_err)?;
     let params = TopkParams {
