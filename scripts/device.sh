@@ -7,7 +7,7 @@
 # lightning-attn), .peers (Python sources of the official FSA, NSA-reference, RAT and landmark
 # code, for the benches) and, when you have it, .triton-cache (unpacked from a previous
 # triton-cache.tgz).
-# Results land in $OUT: summary.txt, pytest.log, sanitizer.log, bench_<family>.log and .json per
+# Results land in $OUT: summary.txt, pytest-<i>.log, sanitizer.log, bench_<family>.log and .json per
 # family, triton-cache.tgz (Triton's compile and autotune cache, to unpack into .triton-cache/ and
 # carry next time: fla autotunes 35-50 s per head count/head dim otherwise).
 #
@@ -17,7 +17,8 @@
 #   FAMILIES           which families' sanitize_<f>.py / bench_<f>.py run (default
 #                      "lightning rat landmark nsa nsa_selection"; missing scripts are skipped)
 #   PYTEST_ARGS        default "-x -q"
-#   PYTEST_TARGETS     default "tests" (test files or node ids)
+#   PYTEST_TARGETS     default "tests" (test files or node ids); ";" separates shards that run
+#                      at once, each logging to $OUT/pytest-<i>.log
 #   PYTEST_K           a pytest -k expression
 #   TESTS_MAX_S        at most this many seconds for the tests stage
 #   SANITIZE_TOOLS     default "memcheck racecheck" (also: initcheck synccheck)
@@ -131,13 +132,25 @@ stage_budget() { # seconds a stage may run: what is left, less a reserve for pac
     ((b > 0)) && echo "$b" || echo 0
 }
 
-run_tests() {
-    local b
+run_tests() { # PYTEST_TARGETS may hold ';'-separated shards, run at once (one GPU, many CPUs)
+    local b i=0 rc=0 shard
+    local -a pids=()
     b=$(stage_budget)
     ((b > ${TESTS_MAX_S:-100000})) && b=$TESTS_MAX_S
     ((b >= 20)) || return 124
-    # shellcheck disable=SC2086
-    timeout -k 10 "$b" python3 -m pytest ${PYTEST_ARGS:--x -q} ${PYTEST_K:+-k "$PYTEST_K"} ${PYTEST_TARGETS:-tests} 2>&1 | tee "$OUT/pytest.log"
+    IFS=';' read -ra shards <<<"${PYTEST_TARGETS:-tests}"
+    for shard in "${shards[@]}"; do
+        # shellcheck disable=SC2086
+        timeout -k 10 "$b" python3 -m pytest ${PYTEST_ARGS:--x -q} ${PYTEST_K:+-k "$PYTEST_K"} \
+            $shard >"$OUT/pytest-$i.log" 2>&1 &
+        pids+=($!)
+        i=$((i + 1))
+    done
+    for i in "${!pids[@]}"; do
+        wait "${pids[$i]}" || rc=$?
+        tail -n 25 "$OUT/pytest-$i.log" | sed "s/^/[pytest-$i] /"
+    done
+    return "$rc"
 }
 
 find_sanitizer() {
