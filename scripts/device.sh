@@ -16,6 +16,9 @@
 #                      each stage gets what is left, the bench stops starting measurements in time
 #   FAMILIES           which families' sanitize_<f>.py / bench_<f>.py run (default
 #                      "lightning rat landmark nsa nsa_selection"; missing scripts are skipped)
+#   BENCH_FAMILIES     the benches to run, if not those of FAMILIES
+#   DEMO               1: also run `python -m longattn demo` on the GPU (in the background while
+#                      the tests run; demo.log and mqar-<gpu>.png in $OUT)
 #   PYTEST_ARGS        default "-x -q"
 #   PYTEST_TARGETS     default "tests" (test files or node ids); ";" separates shards that run
 #                      at once, each logging to $OUT/pytest-<i>.log
@@ -126,6 +129,12 @@ except Exception as e:
     print("longattn import failed:", type(e).__name__, e)
 EOF
 
+demo_pid=""
+if [[ ${DEMO:-0} == 1 ]]; then
+    python3 -m longattn demo --device cuda --png "$OUT/mqar-h200.png" >"$OUT/demo.log" 2>&1 &
+    demo_pid=$!
+fi
+
 # -- stages ----------------------------------------------------------------------------------------
 stage_budget() { # seconds a stage may run: what is left, less a reserve for packing and summary
     local b=$(($(left) - 30))
@@ -206,8 +215,8 @@ run_sanitize() {
 
 run_bench() { # each family's bench gets an equal share of what is left
     local b f n=0 rc=0 r share resume=()
-    for f in $FAMILIES; do [[ -f benchmarks/bench_$f.py ]] && n=$((n + 1)); done
-    for f in $FAMILIES; do
+    for f in ${BENCH_FAMILIES:-$FAMILIES}; do [[ -f benchmarks/bench_$f.py ]] && n=$((n + 1)); done
+    for f in ${BENCH_FAMILIES:-$FAMILIES}; do
         [[ -f benchmarks/bench_$f.py ]] || continue
         b=$(($(stage_budget) - 20))
         share=$((b / n))
@@ -245,6 +254,12 @@ for s in "${stages[@]}"; do
     ((rc == 124)) && note="out of time (deadline ${DEADLINE}s)"
     record "$s" "$rc" $((SECONDS - t)) "$note"
 done
+
+if [[ -n $demo_pid ]]; then
+    wait "$demo_pid"
+    record demo $? 0 "runs beside the tests: its tokens/s are not clean timings"
+    tail -n 15 "$OUT/demo.log"
+fi
 
 # -- Triton cache back to the caller ---------------------------------------------------------------
 if [[ ${PACK_TRITON_CACHE:-1} != 0 ]] && [[ -n $(find .triton-cache -type f -print -quit) ]]; then
