@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Write docs/benchmarks.md and PNG plots under docs/img/ from bench_lightning.py's JSON results.
+"""Write docs/benchmarks.md and PNG plots under docs/img/ from the JSON results of the benchmarks.
 
 Usage:
     python3 benchmarks/report.py                       # every benchmarks/results/*.json (GPU runs)
@@ -10,6 +10,15 @@ Each results file gets its own section (newest first): correctness, one table pe
 every peer's time and longattn's speedup over it (peer ms / longattn ms: above 1 means longattn
 is faster), the decode table and the time-per-token table.  Failures and skips are shown in the
 cells and listed with their error strings under the section.
+
+Lightning results (``*-lightning.json``, a dict from bench_lightning.py) come first.  Then each
+``*-rat.json``, ``*-landmark.json``, ``*-nsa.json`` and ``*-nsa_selection.json`` (a JSON list of
+records {"op", "impl", shape fields, "dtype", "direction", "ms" or "error", ...} from
+bench_rat.py, bench_landmark.py, bench_nsa.py, bench_nsa_selection.py) gets a section: one table
+per op (rows: shapes; columns: each impl's ms per direction and longattn's speed-up over the
+fastest peer), the spec targets marked MET / MISSED, the failed peers with the first line of
+their error, and a log-log plot of the main op's time against T (``docs/img/<family>-<stem>.png``).
+Records with "device": "cpu" are skipped unless --include-cpu.
 """
 
 from __future__ import annotations
@@ -450,32 +459,564 @@ def plot_shape(key, e, path: Path) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
+# RAT, landmark and NSA: results files holding a JSON list of records, one per (op, impl, shape,
+# direction): {"op", "impl", shape fields, "dtype", "direction", "ms" | "error", ...}.
+
+DIRS = ("fwd", "bwd", "fwd+bwd", "decode")
+NOT_SHAPE = {"op", "impl", "direction", "ms", "tflops", "GB/s", "gbps", "error", "dtype"}
+NOT_SHAPE |= {"device", "rel_diff_vs_longattn", "warning", "skipped"}
+FIELD_ORDER = ("T", "B", "G", "Hq", "Hkv", "H", "D", "L", "C", "block_size", "topk", "mode")
+
+FAMILIES = {
+    "rat": {
+        "title": "RAT attention",
+        "scripts": ("bench_rat.py",),
+        "intro": "`rat_attn`: recurrence inside chunks of L tokens (a gated linear scan), softmax "
+        "attention over the chunk-final states across chunks (the official benchmark's Config2: "
+        "H 16, D 128, L 16, B·T = 64K tokens). Peers: torch SDPA causal on the same q/k/v "
+        "(dense attention, cuDNN; a speed reference, not the same math) and the official RAT "
+        "core (CLAIRE-Labo/RAT: compiled associative scan + FlexAttention + merge). Decode: one "
+        "token of the RATCache step at 4K context, batch 512, against SDPA over a full KV cache.",
+        "labels": {
+            "longattn": "longattn",
+            "sdpa": "SDPA",
+            "official": "official RAT core",
+            "longattn-ratcache": "longattn RATCache step",
+            "sdpa-kvcache": "SDPA over KV cache",
+            "decode": "decode",
+        },
+        "ours": ("longattn", "longattn-ratcache"),
+        "main": "rat_attn",
+    },
+    "landmark": {
+        "title": "Landmark attention",
+        "scripts": ("bench_landmark.py",),
+        "intro": "`landmark_attn`: causal attention with one landmark token per block whose "
+        "softmax gates the block (grouped softmax), B 1, H 32, D 128, block 64 and 51. Peers: "
+        "torch SDPA causal (dense, cuDNN; the reference of the targets) and the official "
+        "Triton kernel (epfml/landmark-attention, block 64 only). Retrieval decode: one token "
+        "over a 32K cache, top-k 8 blocks (`landmark_topk_blocks` then `landmark_attn` on the "
+        "chosen blocks; the two parts also timed alone) against SDPA decode over the full cache.",
+        "labels": {
+            "longattn": "longattn",
+            "sdpa": "SDPA",
+            "official": "official Triton kernel",
+            "retrieval_decode": "longattn retrieval decode",
+            "topk_only": "longattn top-k alone",
+            "attn_only": "longattn attention alone",
+            "sdpa_decode": "SDPA decode (full cache)",
+        },
+        "ours": ("longattn", "retrieval_decode", "topk_only", "attn_only"),
+        "split": "block_size",
+        "main": "landmark_attn",
+    },
+    "nsa": {
+        "title": "NSA attention",
+        "scripts": ("bench_nsa.py",),
+        "intro": "`nsa_selected_attn`: each query group attends to its top-n KV blocks (B_K 64, "
+        "n 16, Hkv 4, D 128, G query heads per KV head, one sequence; the same random valid "
+        "block indices for every implementation); fwd and bwd timed separately (bwd on a "
+        "retained graph). Peers: FSA (Relaxed-System-Lab/Flash-Sparse-Attention, patched to "
+        "compile on Triton 3.6), the NSA reference (XunhaoLai/native-sparse-attention-triton) "
+        "and fla's `parallel_nsa`. Full layer: `nsa_attn` (compressed + selected + sliding "
+        "window 512) fwd+bwd against dense SDPA causal (cuDNN).",
+        "labels": {
+            "longattn": "longattn",
+            "fsa": "FSA",
+            "nsa_ref": "NSA ref",
+            "fla": "fla",
+            "longattn_nsa_attn": "longattn nsa_attn",
+            "sdpa_causal": "SDPA causal",
+        },
+        "ours": ("longattn", "longattn_nsa_attn"),
+        "main": "nsa_selected_attn",
+    },
+    "nsa_selection": {
+        "title": "NSA selection",
+        "scripts": ("bench_nsa_selection.py",),
+        "spec": "nsa",
+        "intro": "The NSA selection stage (one sequence, D 128, Hkv 4, compression l 32 / d 16, "
+        "B_K 64, top-16): `nsa_topk_blocks` alone (lse given), `selection` = compressed "
+        "attention + block scores + top-k (longattn's `nsa_compressed_attn` then "
+        "`nsa_topk_blocks`, against the NSA reference's `compressed_attention(..., topk=16)`), "
+        "and `nsa_compress` (mean / linear with positional encoding) forward and backward.",
+        "labels": {"longattn": "longattn", "nsa_ref": "NSA ref"},
+        "ours": ("longattn",),
+        "main": "selection",
+    },
+}
+FAMILY_ORDER = ("lightning", *FAMILIES)
 
 
-def render(files, img_dir: Path, img_rel: str | None) -> str:
-    runs = []
-    for f in files:
-        try:
-            d = json.loads(Path(f).read_text())
-        except Exception as e:  # noqa: BLE001
-            print(f"skipping {f}: {e}", file=sys.stderr)
+def family_of(path: Path, data) -> str:
+    stem = path.stem
+    for fam in sorted(FAMILY_ORDER, key=len, reverse=True):
+        if stem == fam or stem.endswith("-" + fam):
+            return fam
+    return "lightning" if isinstance(data, dict) else "other"
+
+
+def norm_dirs(r) -> list[str]:
+    d = r.get("direction")
+    if d is None:
+        return []  # every direction of its op
+    d = str(d).replace("fwdbwd", "fwd+bwd")
+    return [d] if d in DIRS or "/" not in d else [x.strip() for x in d.split("/")]
+
+
+def short_err(e) -> str:
+    line = next((x.strip() for x in str(e).splitlines() if x.strip()), "?")
+    return line if len(line) <= 200 else line[:200] + " …"
+
+
+def fmt_field(k, v):
+    if k == "T" and isinstance(v, int) and v >= 1024 and v % 1024 == 0:
+        return f"{v // 1024}K"
+    return "–" if v is None else str(v)
+
+
+class Fam:
+    """One list-of-records results file of a family."""
+
+    def __init__(self, fam: str, recs: list[dict]):
+        self.fam = fam
+        self.cfg = FAMILIES.get(fam, {"title": fam, "labels": {}, "ours": ("longattn",)})
+        self.split = self.cfg.get("split")
+        self.recs = [r for r in recs if isinstance(r, dict) and r.get("impl") and r.get("op")]
+        self.recs = [r for r in self.recs if r["op"] != "summary"]
+        self.ops = list(dict.fromkeys(r["op"] for r in self.recs))
+        self.split_ops = {
+            op
+            for op in self.ops
+            if self.split and len({repr(r.get(self.split)) for r in self.recs if r["op"] == op}) > 1
+        }
+        main = self.cfg.get("main")
+        if main in self.ops:
+            self.ops.remove(main)
+            self.ops.insert(0, main)
+
+    def is_ours(self, impl: str) -> bool:
+        return impl in self.cfg["ours"] or impl.startswith("longattn")
+
+    def impl_key(self, r) -> str:
+        v = r.get(self.split) if r["op"] in self.split_ops else None
+        return r["impl"] if v is None else f"{r['impl']}@{v}"
+
+    def label(self, key: str) -> str:
+        impl, _, v = key.partition("@")
+        lab = self.cfg["labels"].get(impl, impl)
+        return f"{lab} (block {v})" if v else lab
+
+    def impl_order(self, keys):
+        known = list(self.cfg["labels"])
+
+        def k(key):
+            impl, _, v = key.partition("@")
+            rank = known.index(impl) if impl in known else len(known)
+            return (not self.is_ours(impl), rank, impl, -int(v) if v.isdigit() else 0, v)
+
+        return sorted(keys, key=k)
+
+    def shape_fields(self, recs):
+        split = {self.split} if recs and recs[0]["op"] in self.split_ops else set()
+        fields = {k for r in recs for k in r if k not in NOT_SHAPE and k not in split}
+        rank = {f: i for i, f in enumerate(FIELD_ORDER)}
+        return sorted(fields, key=lambda f: (rank.get(f, len(rank)), f))
+
+    def cells(self, op):
+        """{(shape tuple, impl key, direction): record}, the row fields and the directions."""
+        recs = [r for r in self.recs if r["op"] == op]
+        fields = self.shape_fields(recs)
+        vary = [f for f in fields if len({repr(r.get(f)) for r in recs}) > 1]
+        const = [f for f in fields if f not in vary]
+        dirs = [d for d in DIRS if any(d in norm_dirs(r) for r in recs)]
+        extra = sorted({d for r in recs for d in norm_dirs(r)} - set(DIRS))
+        dirs += extra
+        out = {}
+        for r in recs:
+            shape = tuple(r.get(f) for f in vary)
+            for d in norm_dirs(r) or dirs or ["fwd"]:
+                key = (shape, self.impl_key(r), d)
+                if key not in out or out[key].get("ms") is None:
+                    out[key] = r
+        if not dirs:
+            dirs = ["fwd"]
+        return out, vary, const, dirs, recs
+
+
+def row_sort_key(shape):
+    return tuple((0, v, "") if isinstance(v, int | float) else (1, 0, str(v)) for v in shape)
+
+
+def ms_of(cells, shape, impl, d):
+    r = cells.get((shape, impl, d))
+    return r.get("ms") if r else None
+
+
+def op_table(F: Fam, op, failures: dict):
+    cells, vary, const, dirs, recs = F.cells(op)
+    impls = F.impl_order({k[1] for k in cells})
+    ours = [i for i in impls if F.is_ours(i.partition("@")[0])]
+    peers = [i for i in impls if i not in ours]
+    primary = ours[0] if ours else None
+    shapes = sorted({k[0] for k in cells}, key=row_sort_key)
+    cols = [(i, d) for i in impls for d in dirs if any((s, i, d) in cells for s in shapes)]
+    thr = []
+    for d in dirs:
+        for key, name in (("tflops", "TFLOP/s"), ("GB/s", "GB/s"), ("gbps", "GB/s")):
+            if any(ms_of(cells, s, primary, d) and cells[(s, primary, d)].get(key) for s in shapes):
+                thr.append((d, key, name))
+                break
+    header = list(vary) + [f"{F.label(i)} {d}" for i, d in cols]
+    header += [f"{F.label(primary)} {d} {name}" for d, _, name in thr]
+    sp_dirs = [
+        d for d in dirs if peers and primary and any((s, primary, d) in cells for s in shapes)
+    ]
+    header += [f"speed-up {d}" for d in sp_dirs]
+    rows = []
+    for s in shapes:
+        where = " ".join(f"{f}={fmt_field(f, v)}" for f, v in zip(vary, s, strict=True))
+        row = [fmt_field(f, v) for f, v in zip(vary, s, strict=True)]
+        for i, d in cols:
+            r = cells.get((s, i, d))
+            if r is None:
+                row.append("–")
+            elif r.get("ms") is not None:
+                row.append(fnum(r["ms"]))
+            elif r.get("error"):
+                k = (F.label(i), short_err(r["error"]))
+                failures.setdefault(k, ({}, {}))[0][d] = None
+                failures[k][1][where or op] = None
+                row.append(f"failed [{list(failures).index(k) + 1}]")
+            else:
+                row.append("–")
+        for d, key, _ in thr:
+            r = cells.get((s, primary, d))
+            row.append(fnum(r.get(key)) if r and r.get("ms") is not None else "–")
+        for d in sp_dirs:
+            la = ms_of(cells, s, primary, d)
+            best = [(ms_of(cells, s, p, d), F.label(p)) for p in peers]
+            best = sorted(b for b in best if b[0])
+            if la and best:
+                row.append(f"{best[0][0] / la:.2f}× vs {best[0][1]}")
+            else:
+                row.append("–")
+        rows.append(row)
+    consts = [f"{f} = {fmt_field(f, recs[0].get(f))}" for f in const if recs[0].get(f) is not None]
+    dtypes = sorted({str(r.get("dtype")) for r in recs if r.get("dtype")})
+    cap = f"### `{op}` (ms; {', '.join(consts + dtypes)})"
+    lines = [cap, "", table(header, rows), ""]
+    if sp_dirs:
+        lines += [
+            f"speed-up = fastest peer's time / {F.label(primary)}'s time, per direction: above "
+            "1× longattn is faster, below 1× it is slower by the inverse factor.",
+            "",
+        ]
+    return lines
+
+
+# Targets (specs/<family>.md, "Performance"): each a list of (text, status) per op.
+
+
+def _status(ok):
+    return "no data" if ok is None else ("**MET**" if ok else "**MISSED**")
+
+
+def _find(recs, op, impl, d, **shape):
+    for r in recs:
+        if r.get("op") != op or r.get("impl") != impl or r.get("ms") is None:
             continue
-        runs.append((d.get("started") or d.get("date") or "", Path(f), d))
+        if d not in (norm_dirs(r) or [d]):
+            continue
+        if all(r.get(k) == v for k, v in shape.items()):
+            return r["ms"]
+    return None
+
+
+def targets_rat(recs, _other):
+    out = {"rat_attn": [], "rat_decode": []}
+    for B, T, lim in ((16, 4096, 3.0), (4, 16384, 3.5), (1, 65536, 3.5)):
+        ms = _find(recs, "rat_attn", "longattn", "fwd+bwd", B=B, T=T)
+        got = f"{fnum(ms)} ms" if ms else "not measured"
+        out["rat_attn"].append(
+            (f"fwd+bwd ≤ {lim} ms at B{B}×T{T // 1024}K: {got}", None if ms is None else ms <= lim)
+        )
+    la = _find(recs, "rat_decode", "longattn-ratcache", "decode")
+    sd = _find(recs, "rat_decode", "sdpa-kvcache", "decode")
+    ok = None if not (la and sd) else sd / la >= 9
+    got = f"{sd / la:.2f}× ({fnum(la)} vs {fnum(sd)} ms)" if la and sd else "not measured"
+    out["rat_decode"].append((f"decode ≥ 9× faster than SDPA decode: {got}", ok))
+    return out
+
+
+def targets_landmark(recs, _other):
+    out = {"landmark_attn": [], "landmark_decode": []}
+    Ts = sorted({r["T"] for r in recs if r.get("op") == "landmark_attn" and r.get("T")})
+    for d in ("fwd", "fwd+bwd"):
+        for T in Ts:
+            la = _find(recs, "landmark_attn", "longattn", d, T=T, block_size=64)
+            sd = _find(recs, "landmark_attn", "sdpa", d, T=T)
+            ok = None if not (la and sd) else la / sd <= 1.3
+            got = f"{la / sd:.2f}× SDPA's time" if la and sd else "not measured"
+            out["landmark_attn"].append((f"{d} ≤ 1.3× SDPA at T={fmt_field('T', T)}: {got}", ok))
+    for d in ("fwd", "fwd+bwd"):
+        for T in Ts:
+            a = _find(recs, "landmark_attn", "longattn", d, T=T, block_size=64)
+            b = _find(recs, "landmark_attn", "longattn", d, T=T, block_size=51)
+            ok = None if not (a and b) else b / a <= 1.15
+            got = f"{b / a:.2f}× block 64's time" if a and b else "not measured"
+            out["landmark_attn"].append(
+                (f"block 51 ≤ 1.15× block 64, {d} at T={fmt_field('T', T)}: {got}", ok)
+            )
+    la = _find(recs, "landmark_decode", "retrieval_decode", "fwd")
+    sd = _find(recs, "landmark_decode", "sdpa_decode", "fwd")
+    ok = None if not (la and sd) else sd / la >= 5
+    got = f"{sd / la:.2f}× ({fnum(la)} vs {fnum(sd)} ms)" if la and sd else "not measured"
+    out["landmark_decode"].append((f"retrieval decode ≥ 5× faster than SDPA decode: {got}", ok))
+    return out
+
+
+def targets_nsa(recs, _other):
+    op = "nsa_selected_attn"
+    out = {op: [], "nsa_layer": []}
+    for G, lf, lb in ((1, 2, 3), (4, 3, 6), (16, 7, 17)):
+        for d, lim in (("fwd", lf), ("bwd", lb)):
+            ms = _find(recs, op, "longattn", d, T=65536, G=G)
+            got = f"{fnum(ms)} ms" if ms else "not measured"
+            out[op].append(
+                (f"{d} ≤ {lim} ms at T=64K, G={G}: {got}", None if ms is None else ms <= lim)
+            )
+    keys = sorted({(r["T"], r["G"]) for r in recs if r.get("op") == op and "T" in r and "G" in r})
+    lost, n = [], 0
+    for T, G in keys:
+        for d in ("fwd", "bwd"):
+            la = _find(recs, op, "longattn", d, T=T, G=G)
+            peers = {r["impl"] for r in recs if r.get("op") == op and r.get("impl") != "longattn"}
+            best = [m for p in sorted(peers) if (m := _find(recs, op, p, d, T=T, G=G))]
+            if la and best:
+                n += 1
+                if la > min(best):
+                    lost.append(f"{d} T={fmt_field('T', T)} G={G}")
+    txt = f"never slower than the fastest peer: slower in {len(lost)} of {n} (T, G, direction)"
+    txt += " cells" + (f" ({', '.join(lost)})" if lost else "")
+    out[op].append((txt, None if not n else not lost))
+    la = _find(recs, "nsa_layer", "longattn_nsa_attn", "fwd+bwd", T=65536)
+    sd = _find(recs, "nsa_layer", "sdpa_causal", "fwd+bwd", T=65536)
+    got = f"{sd / la:.2f}×" if la and sd else "not measured at 64K"
+    if not (la and sd):
+        seen = [
+            f"{sd2 / la2:.2f}× at T={fmt_field('T', T)}"
+            for T in sorted({r["T"] for r in recs if r.get("op") == "nsa_layer" and "T" in r})
+            if (la2 := _find(recs, "nsa_layer", "longattn_nsa_attn", "fwd+bwd", T=T))
+            and (sd2 := _find(recs, "nsa_layer", "sdpa_causal", "fwd+bwd", T=T))
+        ]
+        got += f" (measured: {', '.join(seen)})" if seen else ""
+    ok = None if not (la and sd) else sd / la >= 8
+    out["nsa_layer"].append((f"full layer fwd+bwd at 64K ≥ 8× faster than SDPA: {got}", ok))
+    return out
+
+
+def targets_nsa_selection(recs, other):
+    """other: the records of the NSA results file of the same run (selected forward times)."""
+    res = []
+    keys = sorted({(r["T"], r["G"]) for r in recs if r.get("op") == "selection" and "G" in r})
+    for T, G in keys:
+        sel = _find(recs, "selection", "longattn", "fwd", T=T, G=G)
+        fwd = _find(other, "nsa_selected_attn", "longattn", "fwd", T=T, G=G)
+        ok = None if not (sel and fwd) else sel <= fwd
+        got = f"{fnum(sel)} vs {fnum(fwd)} ms" if sel and fwd else "no selected-forward time"
+        res.append((f"  - T={fmt_field('T', T)} G={G}: {got}", ok))
+    if not res:
+        return {}
+    met = sum(1 for _, ok in res if ok)
+    known = sum(1 for _, ok in res if ok is not None)
+    head = (
+        f"selection (compressed attention + scores + top-k) no slower than the selected "
+        f"forward (`nsa_selected_attn` fwd from the NSA results of the same run): met in {met} "
+        f"of {known}",
+        None if not known else met == known,
+    )
+    return {"selection": [head] + res}
+
+
+TARGETS = {
+    "rat": targets_rat,
+    "landmark": targets_landmark,
+    "nsa": targets_nsa,
+    "nsa_selection": targets_nsa_selection,
+}
+
+
+def plot_family(F: Fam, path: Path) -> bool:
+    """Time against T (log-log) for the family's main op: one line per impl and direction."""
+    op = F.cfg.get("main") or (F.ops[0] if F.ops else None)
+    recs = [r for r in F.recs if r["op"] == op and r.get("ms") and r.get("T")]
+    if not recs:
+        return False
+    # fix every field that does not follow T to its most common value (ties: smallest)
+    fields = [f for f in F.shape_fields(recs) if f != "T"]
+    by_t = {}
+    for r in recs:
+        for f in fields:
+            by_t.setdefault((f, r["T"]), set()).add(repr(r.get(f)))
+    free = [f for f in fields if any(len(by_t[(f, r["T"])]) > 1 for r in recs)]
+    counts = {}
+    for r in recs:
+        k = tuple((f, r.get(f)) for f in free)
+        counts[k] = counts.get(k, 0) + 1
+    pick = min(counts, key=lambda k: (-counts[k], repr(k)))
+    recs = [r for r in recs if tuple((f, r.get(f)) for f in free) == pick]
+    lines = {}
+    for r in recs:
+        for d in norm_dirs(r) or ["fwd"]:
+            lines.setdefault((F.impl_key(r), d), []).append((r["T"], r["ms"]))
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i in F.impl_order({k[0] for k in lines}):
+        for d in DIRS + tuple(sorted({k[1] for k in lines} - set(DIRS))):
+            if (i, d) in lines:
+                ts, ms = zip(*sorted(lines[(i, d)]), strict=True)
+                style = "-" if F.is_ours(i.partition("@")[0]) else "--"
+                ax.plot(ts, ms, style, marker="o", label=f"{F.label(i)} {d}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length T")
+    ax.set_ylabel("ms (median)")
+    sub = ", ".join(f"{f}={v}" for f, v in pick)
+    ax.set_title(f"{F.cfg['title']}: {op}" + (f" ({sub})" if sub else ""), fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def run_title(path: Path, fam: str) -> str:
+    stem = path.stem.removesuffix("-" + fam)
+    m = re.match(r"(\d{4}-\d\d-\d\d)-?(.*)", stem)
+    date, gpu = (m.group(1), m.group(2)) if m else ("?", stem)
+    gpu = gpu.replace("-", " ").upper().replace("NVIDIA ", "NVIDIA ") if gpu else "?"
+    return f"{gpu}, {date}"
+
+
+def family_section(fam, path: Path, recs, other, img_dir: Path, img_rel: str | None):
+    F = Fam(fam, recs)
+    cfg = F.cfg
+    lines = [f"## {cfg['title']}: {run_title(path, fam)}", ""]
+    if cfg.get("intro"):
+        lines += [cfg["intro"], ""]
+    scripts = ", ".join(f"`benchmarks/{s}`" for s in cfg.get("scripts", ()))
+    dts = sorted({str(r.get("dtype")) for r in F.recs if r.get("dtype")})
+    alldirs = {d for r in F.recs for d in norm_dirs(r)}
+    timer = "`triton.testing.do_bench` on the GPU"
+    if any(r.get("device") == "cpu" for r in F.recs):
+        timer = "`triton.testing.do_bench` on the GPU (a perf_counter loop for CPU records)"
+    how = []
+    if "fwd+bwd" in alldirs:
+        how.append("fwd+bwd: the forward plus `torch.autograd.grad` of `(o * do).sum()`")
+    if "bwd" in alldirs:
+        how.append("bwd: `torch.autograd.grad(o, inputs, do)` on a retained forward graph")
+    lines += [
+        f"Source: `{path_rel(path)}` ({scripts or 'unknown script'}). Each time is the median "
+        f"of {timer}, {'/'.join(dts) or '?'}, every implementation "
+        "in one process on the same inputs"
+        + "".join(f"; {h}" for h in how)
+        + ". `failed [n]`: the numbered failures under the section.",
+        "",
+    ]
+    if not F.recs:
+        return lines + ["No records.", ""]
+    failures: dict = {}
+    tg = TARGETS[fam](F.recs, other) if fam in TARGETS else {}
+    for op in F.ops:
+        lines += op_table(F, op, failures)
+        if tg.get(op):
+            spec = cfg.get("spec", fam)
+            lines.append(f"Targets (specs/{spec}.md):" if fam in FAMILIES else "Targets:")
+            lines.append("")
+            for t, ok in tg[op]:
+                if ok is None:
+                    t = t.removesuffix(": not measured").removesuffix(": no selected-forward time")
+                lines.append(f"{'' if t.startswith('  - ') else '- '}{t}: {_status(ok)}")
+            lines.append("")
+    if img_rel is not None:
+        stem = path.stem if re.fullmatch(r"[A-Za-z0-9._-]+", path.stem) else slug(path.stem)
+        name = f"{fam}-{stem}.png"
+        try:
+            ok = plot_family(F, img_dir / name)
+        except ImportError:
+            ok = False
+        if ok:
+            lines += [f"![{cfg['title']}: time against T]({img_rel}/{name})", ""]
+    if failures:
+        lines += ["Failures (peers that failed, with the first line of their error):", ""]
+        for n, ((impl, err), (dirs, where)) in enumerate(failures.items(), 1):
+            lines.append(f"{n}. {impl} ({', '.join(dirs)}) at {'; '.join(where)}: `{err}`")
+        lines.append("")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def load(f):
+    try:
+        return json.loads(Path(f).read_text())
+    except Exception as e:  # noqa: BLE001
+        print(f"skipping {f}: {e}", file=sys.stderr)
+        return None
+
+
+def have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def render(files, img_dir: Path, img_rel: str | None, include_cpu: bool = False) -> str:
+    if img_rel is not None and not have_matplotlib():
+        print("matplotlib is not importable: no plots", file=sys.stderr)
+        img_rel = None
+    runs, lists = [], []
+    for f in files:
+        d = load(f)
+        if isinstance(d, dict):
+            runs.append((d.get("started") or d.get("date") or "", Path(f), d))
+        elif isinstance(d, list):
+            recs = [r for r in d if isinstance(r, dict)]
+            if not include_cpu:
+                recs = [r for r in recs if r.get("device") != "cpu"]
+            lists.append((family_of(Path(f), d), Path(f), recs))
+        elif d is not None:
+            print(f"skipping {f}: neither a dict nor a list", file=sys.stderr)
     runs.sort(key=lambda x: x[0], reverse=True)
+    rank = {f: i for i, f in enumerate(FAMILY_ORDER)}
+    lists.sort(key=lambda x: (rank.get(x[0], len(rank)), x[0], tuple(-ord(c) for c in x[1].stem)))
     out = [
         "# Benchmarks",
         "",
-        "Generated by `benchmarks/report.py` from the JSON results of "
-        "`benchmarks/bench_lightning.py` (do not edit by hand). Peers run in the same process "
-        "on the same inputs: fla's `chunk_simple_gla` (`g_gamma = -slopes`, scale 1), the "
-        "official lightning-attention Triton kernel (`lightning_attn_func`, [B, H, T, D], "
-        "transposed outside the timed region) and torch SDPA causal (dense softmax attention: a "
-        "speed reference, not the same math).",
+        "Generated by `benchmarks/report.py` from the JSON results in `benchmarks/results/` (do "
+        "not edit by hand): lightning attention first, then RAT, landmark and NSA. Every speed-up "
+        "is a peer's time divided by longattn's time: above 1× longattn is faster, below 1× it is "
+        "slower. Targets are those of the Performance sections of the specs.",
         "",
     ]
+    if runs:
+        out += [
+            "**Lightning attention** (`benchmarks/bench_lightning.py`). Peers run in the same "
+            "process on the same inputs: fla's `chunk_simple_gla` (`g_gamma = -slopes`, scale 1), "
+            "the official lightning-attention Triton kernel (`lightning_attn_func`, [B, H, T, D], "
+            "transposed outside the timed region) and torch SDPA causal (dense softmax attention: "
+            "a speed reference, not the same math).",
+            "",
+        ]
     for _, path, d in runs:
         notes = Notes()
-        prefix = f"lightning-{slug(path.stem)}"
+        prefix = f"lightning-{slug(path.stem.removesuffix('-lightning'))}"
         body = (
             check_section(d, notes)
             + train_sections(d, notes, prefix, img_dir, img_rel)
@@ -493,7 +1034,15 @@ def render(files, img_dir: Path, img_rel: str | None) -> str:
             out += ["Failures and skips:", ""]
             out += [f"{i}. {t}" for i, t in enumerate(notes.items, 1)]
             out.append("")
-    if not runs:
+    for fam, path, recs in lists:
+        other = []
+        if fam == "nsa_selection":
+            sib = path.with_name(path.name.removesuffix("nsa_selection.json") + "nsa.json")
+            loaded = [r for f2, p2, r in lists if f2 == "nsa" and p2.resolve() == sib.resolve()]
+            other = loaded[0] if loaded else (load(sib) if sib.exists() else None) or []
+            other = [r for r in other if isinstance(r, dict)] if isinstance(other, list) else []
+        out += family_section(fam, path, recs, other, img_dir, img_rel)
+    if not runs and not lists:
         out += ["No results yet.", ""]
     return "\n".join(out)
 
@@ -508,11 +1057,13 @@ def main(argv=None):
     args = ap.parse_args(argv)
     files = args.files or sorted(str(p) for p in (REPO / "benchmarks" / "results").glob("*.json"))
     if not args.include_cpu and not args.files:
-        files = [f for f in files if json.loads(Path(f).read_text()).get("device") != "cpu"]
+        files = [
+            f for f in files if not (isinstance(d := load(f), dict) and d.get("device") == "cpu")
+        ]
     md = Path(args.md)
     img_dir = Path(args.img_dir) if args.img_dir else md.parent / "img"
     img_rel = None if args.no_plots else os.path.relpath(img_dir, md.parent)
-    text = render(files, img_dir, img_rel)
+    text = render(files, img_dir, img_rel, include_cpu=args.include_cpu)
     md.parent.mkdir(parents=True, exist_ok=True)
     md.write_text(text)
     print(f"wrote {md} from {len(files)} file(s); images in {img_dir}")
