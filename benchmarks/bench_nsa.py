@@ -4,7 +4,7 @@
 Selected attention (bf16, D = 128, B_K = 64, n = 16, Hkv = 4, G in {1, 2, 4, 8, 16}, one
 sequence of T in {8K, 32K, 64K}), forward and backward separately:
 
-* ``longattn``: ``longattn.ops.nsa.nsa_selected_attn`` (KV-outer for G <= 7, query-outer above).
+* ``longattn``: ``longattn.ops.nsa.nsa_selected_attn`` (KV-outer for G <= 8, query-outer above).
 * ``fsa``: Relaxed-System-Lab/Flash-Sparse-Attention ``FSA_topk_sparse_attention`` (sources in
   ``<repo>/.peers/fsa``; its reduce kernel's one-element tuple pointer ``(ptr + off,)`` does not
   compile on Triton 3.6: the bench copies the sources to a temporary folder and patches it).
