@@ -101,6 +101,8 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=240.0)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--ts", help="comma list of sequence lengths (overrides the defaults)")
+    ap.add_argument("--gs", help="comma list of GQA group sizes (overrides the defaults)")
     args = ap.parse_args()
     t_start = time.time()
     records: list[dict] = []
@@ -140,6 +142,10 @@ def main() -> int:
         Ts, Gs = [8192, 65536], [1, 16]
     else:
         Ts, Gs = [8192, 32768, 65536], [1, 2, 4, 8, 16]
+    if args.ts:
+        Ts = [int(x) for x in args.ts.split(",")]
+    if args.gs:
+        Gs = [int(x) for x in args.gs.split(",")]
 
     def over():
         return time.time() - t_start > args.budget_s
