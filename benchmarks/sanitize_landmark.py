@@ -125,6 +125,7 @@ def main() -> int:
         attn_case(f"{tag} tiny blocks D40", 1, 45, 45, 2, 2, 40, 3, dt)
         attn_case(f"{tag} varlen", 1, 140, 140, 2, 1, 32, 8, dt, cu=[0, 9, 9, 100, 140])
         attn_case(f"{tag} retrieval", 2, 90, 90, 2, 1, 64, 8, dt, idx=True)
+        attn_case(f"{tag} retrieval bs40", 1, 170, 170, 2, 1, 64, 40, dt, idx=True)
         topk_case(f"{tag} topk", dt)
         decode_case(f"{tag} retrieval decode", dt)
     attn_case("f16 bs5", 1, 60, 60, 2, 1, 64, 5, f16)

@@ -29,8 +29,15 @@
 // and rows mask the blocks they did not list.
 //
 // Compile-time specialisation (-D): LM_ELEM (0 f32/3xTF32, 1 f16, 2 bf16), LM_DP (padded head
-// dim of q/k and v: 32, 64 or 128), LM_KT (keys per tile: 64).
+// dim of q/k and v: 32, 64 or 128), LM_KT (keys per tile: 64), LM_ONE (1: the launcher
+// guarantees KT/2 < block_size ≤ KT, so a key tile is one landmark block and the fast row
+// phases fwd_probs1/bwd_probs1 run; 0: the general segmented row phases, several blocks per
+// tile). Separate modules keep the register allocation of each path tight.
 #include "common.cuh"
+
+#ifndef LM_ONE
+#define LM_ONE 0
+#endif
 
 #define LM_NW 4
 #define LM_THREADS 128
@@ -305,6 +312,85 @@ __device__ __forceinline__ void fwd_probs(float (*S)[4], const Rows &R, const u3
   }
 }
 
+// Forward fast path for tiles of one landmark block (nbt == 1, 33 ≤ block_size ≤ 64): a row's
+// whole tile is of one kind, so each score needs one masked max, one exp2 and one multiply.
+// S holds raw scores (scaled here). Columns: ordinary keys col < lim (lim = bs − 1 for an
+// earlier block, clipped by the causal bound and nk for the current one), landmark col == lm.
+// Earlier block: π = exp2(s − mx) / Σ, P = π · exp2(s_ℓ − M); current: P = exp2(s − M).
+// Returns alpha (rescale of l and O) and ps (this thread's partial row sum of P).
+template <int NF>
+__device__ __forceinline__ void fwd_probs1(float (*S)[4], const Rows &R, const u32 *em, int j0,
+                                           int k0, int nk, int bs, float scale_log2, float *m,
+                                           float *alpha, float *ps) {
+  const int t4 = threadIdx.x & 3;
+  const int lm = bs - 1;
+  int kd[2], lim[2];
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    kd[rr] = kind_of(R, rr, em[rr], j0, 0);
+    const int ord = min(lm, nk);
+    lim[rr] = kd[rr] == K_EARLY ? ord
+              : kd[rr] == K_CUR ? min(ord, R.pos[rr] - k0 + 1)
+                                : 0;
+    lim[rr] -= 2 * t4; // compared with the compile-time part 8f + e of the column
+  }
+  const int lmr = lm < nk ? lm - 2 * t4 : -1; // the landmark column, relative likewise
+  float mx[2] = {LM_NINF, LM_NINF}, gl[2] = {LM_NINF, LM_NINF};
+#pragma unroll
+  for (int f = 0; f < NF; ++f)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int cc = 8 * f + e; // column 8f + 2·t4 + e
+      const bool is_lm = cc == lmr;
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        float x = S[f][2 * rr + e] * scale_log2;
+        if (is_lm) gl[rr] = x;
+        x = cc < lim[rr] ? x : LM_NINF;
+        mx[rr] = fmaxf(mx[rr], x);
+        S[f][2 * rr + e] = x;
+      }
+    }
+  float ref[2];
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    mx[rr] = qmax(mx[rr]);
+    gl[rr] = qmax(gl[rr]);
+    const bool early = kd[rr] == K_EARLY;
+    const float bound = early ? gl[rr] : mx[rr];
+    const float m_new = fmaxf(m[rr], bound);
+    const float mu = m_new == LM_NINF ? 0.f : m_new;
+    alpha[rr] = fast_exp2(m[rr] - mu); // 0 when m was −∞
+    m[rr] = m_new;
+    // earlier block: exponents relative to the block's ordinary maximum (finite: bs − 1 ≥ 1
+    // ordinary keys); otherwise relative to the running maximum
+    ref[rr] = early ? (mx[rr] == LM_NINF ? 0.f : mx[rr]) : mu;
+    gl[rr] = early ? fast_exp2(gl[rr] - mu) : 1.f; // exp2(s_ℓ − M): the block's total weight
+  }
+  float sm[2] = {0.f, 0.f};
+#pragma unroll
+  for (int f = 0; f < NF; ++f)
+#pragma unroll
+    for (int e = 0; e < 2; ++e)
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        const float t = fast_exp2(S[f][2 * rr + e] - ref[rr]); // masked: exp2(−∞) = 0
+        S[f][2 * rr + e] = t;
+        sm[rr] += t;
+      }
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const float tot = qsum(sm[rr]);
+    const float fac = kd[rr] == K_EARLY ? gl[rr] / tot : 1.f;
+    ps[rr] = sm[rr] * fac;
+#pragma unroll
+    for (int f = 0; f < NF; ++f) {
+      S[f][2 * rr] *= fac;
+      S[f][2 * rr + 1] *= fac;
+    }
+  }
+}
+
 // Backward: S (log2-scaled scores) -> P, dP (= dO·vᵀ) -> dS (natural units), given lse2 (log2
 // units) and delta per row.
 template <int NF>
@@ -400,20 +486,141 @@ __device__ __forceinline__ void bwd_probs(float (*S)[4], float (*dP)[4], const R
   }
 }
 
-// C[16 x 8·NF] += A(rows m0.., smem row-major, ld) · B(smem [n][k] row-major, ld), k over KD,
-// skipping column tiles at or past `ncols`.
+// Backward fast path for tiles of one landmark block (nbt == 1, 33 ≤ block_size ≤ 64), same
+// column classes as fwd_probs1. S: raw scores (scaled here) -> P; dP -> dS (natural units).
+// Earlier block: t = exp2(s − mx), Σt, c = Σ t·dP / Σt, G = exp2(s_ℓ − lse), P = t·G/Σt,
+// dS = P (dP − c), landmark dS = G (c − Δ); current: P = exp2(s − lse), dS = P (dP − Δ).
+// Masked columns get t = 0, hence P = 0 and dS = 0 (dP is finite there: zero-filled V rows).
+template <int NF>
+__device__ __forceinline__ void bwd_probs1(float (*S)[4], float (*dP)[4], const Rows &R,
+                                           const u32 *em, int j0, int k0, int nk, int bs,
+                                           float scale_log2, const float *lse2, const float *dl) {
+  const int t4 = threadIdx.x & 3;
+  const int lm = bs - 1;
+  int kd[2], lim[2];
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    kd[rr] = kind_of(R, rr, em[rr], j0, 0);
+    const int ord = min(lm, nk);
+    lim[rr] = kd[rr] == K_EARLY ? ord
+              : kd[rr] == K_CUR ? min(ord, R.pos[rr] - k0 + 1)
+                                : 0;
+    lim[rr] -= 2 * t4; // compared with the compile-time part 8f + e of the column
+  }
+  const int lmr = lm < nk ? lm - 2 * t4 : -1; // the landmark column, relative likewise
+  float mx[2] = {LM_NINF, LM_NINF}, gl[2] = {LM_NINF, LM_NINF};
+#pragma unroll
+  for (int f = 0; f < NF; ++f)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int cc = 8 * f + e; // column 8f + 2·t4 + e
+      const bool is_lm = cc == lmr;
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        float x = S[f][2 * rr + e] * scale_log2;
+        if (is_lm) gl[rr] = x;
+        x = cc < lim[rr] ? x : LM_NINF;
+        mx[rr] = fmaxf(mx[rr], x);
+        S[f][2 * rr + e] = x;
+      }
+    }
+  float ref[2];
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    mx[rr] = qmax(mx[rr]);
+    gl[rr] = qmax(gl[rr]);
+    ref[rr] = kd[rr] == K_EARLY ? (mx[rr] == LM_NINF ? 0.f : mx[rr]) : lse2[rr];
+  }
+  float sm[2] = {0.f, 0.f}, cs[2] = {0.f, 0.f};
+#pragma unroll
+  for (int f = 0; f < NF; ++f)
+#pragma unroll
+    for (int e = 0; e < 2; ++e)
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        const float t = fast_exp2(S[f][2 * rr + e] - ref[rr]); // masked: exp2(−∞) = 0
+        S[f][2 * rr + e] = t;
+        sm[rr] += t;
+        cs[rr] += t * dP[f][2 * rr + e];
+      }
+  float G[2], gs[2], cc[2];
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const bool early = kd[rr] == K_EARLY;
+    const float smt = qsum(sm[rr]), cst = qsum(cs[rr]);
+    G[rr] = early ? fast_exp2(gl[rr] - lse2[rr]) : 0.f;
+    gs[rr] = early ? G[rr] / smt : 1.f;
+    cc[rr] = early ? cst / smt : dl[rr];
+  }
+#pragma unroll
+  for (int f = 0; f < NF; ++f)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const bool is_lm = 8 * f + e == lmr;
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        const float pr = S[f][2 * rr + e] * gs[rr];
+        S[f][2 * rr + e] = pr;
+        float d = pr * (dP[f][2 * rr + e] - cc[rr]);
+        if (is_lm && kd[rr] == K_EARLY) d = G[rr] * (cc[rr] - dl[rr]);
+        dP[f][2 * rr + e] = d;
+      }
+    }
+}
+
+// 16-bit fragment loads from 32-bit shared addresses: the per-lane part of the address is
+// computed once per GEMM and every fragment adds a compile-time offset (no 64-bit generic
+// pointer per fragment, which the compiler would otherwise hoist out of the key loop and keep,
+// or spill, as 64 live address registers). x4 loads fetch the B fragments of two n-tiles.
+__device__ __forceinline__ void ldsm_x4(u32 *r, u32 addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_t(u32 *r, u32 addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// C[16 x 8·NF] += A(rows m0.., smem row-major, ld) · B(smem [n][k] row-major, ld), k over KD.
+// Every column tile is computed (no data-dependent branch between the fragment loads and the
+// MMAs, so the loads can be scheduled ahead): B rows past the valid keys are zero-filled in
+// shared memory, and the callers mask those columns anyway. `ncols` is kept for the interface.
 template <int ELEM, int NF, int KD>
 __device__ __forceinline__ void gemm_nk(float (*C)[4], const typename Elem<ELEM>::T *As, int lda,
                                         int m0, const typename Elem<ELEM>::T *Bs, int ldb,
                                         int ncols) {
   constexpr int KS = Elem<ELEM>::KS;
+  if constexpr (ELEM != ELEM_F32) {
+    static_assert(NF % 2 == 0, "B fragments are loaded in pairs of n-tiles");
+    const int lane = threadIdx.x & 31;
+    // A (16 x 16 at rows m0.., k0..): lanes 0-7 rows 0-7 / k 0-7, 8-15 rows 8-15 / k 0-7,
+    // 16-23 rows 0-7 / k 8-15, 24-31 rows 8-15 / k 8-15 (the order of a0..a3).
+    const u32 abase =
+        smem_addr(As) + 2u * ((m0 + (lane & 7) + ((lane >> 3) & 1) * 8) * lda + (lane >> 4) * 8);
+    // B[k][n] = Bs[n][k] for n-tiles f, f + 1: lanes 0-7 n 0-7 / k 0-7, 8-15 n 0-7 / k 8-15,
+    // 16-23 n 8-15 / k 0-7, 24-31 n 8-15 / k 8-15 (b of tile f, then b of tile f + 1).
+    const u32 bbase = smem_addr(Bs) + 2u * (((lane & 7) + (lane >> 4) * 8) * ldb + ((lane >> 3) & 1) * 8);
 #pragma unroll
-  for (int k0 = 0; k0 < KD; k0 += KS) {
-    u32 a[4], b[2];
-    Frag<ELEM>::A_mk(a, As, lda, m0, k0);
+    for (int k0 = 0; k0 < KD; k0 += KS) {
+      u32 a[4];
+      ldsm_x4(a, abase + 2u * k0);
 #pragma unroll
-    for (int f = 0; f < NF; ++f) {
-      if (8 * f < ncols) {
+      for (int f = 0; f < NF; f += 2) {
+        u32 b[4];
+        ldsm_x4(b, bbase + 2u * (8 * f * ldb + k0));
+        mma<ELEM>(C[f], a, b);
+        mma<ELEM>(C[f + 1], a, b + 2);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int k0 = 0; k0 < KD; k0 += KS) {
+      u32 a[4], b[2];
+      Frag<ELEM>::A_mk(a, As, lda, m0, k0);
+#pragma unroll
+      for (int f = 0; f < NF; ++f) {
         Frag<ELEM>::B_nk(b, Bs, ldb, k0, 8 * f);
         mma<ELEM>(C[f], a, b);
       }
@@ -421,14 +628,33 @@ __device__ __forceinline__ void gemm_nk(float (*C)[4], const typename Elem<ELEM>
   }
 }
 
-// C[16 x 8·NO] += P(accumulator tiles, 16 x KT) · B(smem [k][n] row-major), k steps below nk.
+// C[16 x 8·NO] += P(accumulator tiles, 16 x KT) · B(smem [k][n] row-major), every k step (P is
+// 0 and the zero-filled B rows are 0 past the valid keys; `nk` is kept for the interface).
 template <int ELEM, int NF, int NO>
 __device__ __forceinline__ void gemm_acc_kn(float (*C)[4], float (*P)[4],
                                             const typename Elem<ELEM>::T *Bs, int ldb, int nk) {
   constexpr int KS = Elem<ELEM>::KS;
+  if constexpr (ELEM != ELEM_F32) {
+    static_assert(NO % 2 == 0, "B fragments are loaded in pairs of n-tiles");
+    const int lane = threadIdx.x & 31;
+    // B[k][n] = Bs[k][n] (transposed loads) for n-tiles f, f + 1: lanes 0-7 k 0-7 / n 0-7,
+    // 8-15 k 8-15 / n 0-7, 16-23 k 0-7 / n 8-15, 24-31 k 8-15 / n 8-15.
+    const u32 bbase = smem_addr(Bs) + 2u * (((lane & 7) + ((lane >> 3) & 1) * 8) * ldb + (lane >> 4) * 8);
 #pragma unroll
-  for (int kk = 0; kk < (8 * NF) / KS; ++kk) {
-    if (kk * KS < nk) {
+    for (int kk = 0; kk < (8 * NF) / KS; ++kk) {
+      u32 a[4];
+      Frag<ELEM>::A_from_acc(a, P, kk);
+#pragma unroll
+      for (int f = 0; f < NO; f += 2) {
+        u32 b[4];
+        ldsm_x4_t(b, bbase + 2u * (kk * KS * ldb + 8 * f));
+        mma<ELEM>(C[f], a, b);
+        mma<ELEM>(C[f + 1], a, b + 2);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int kk = 0; kk < (8 * NF) / KS; ++kk) {
       u32 a[4], b[2];
       Frag<ELEM>::A_from_acc(a, P, kk);
 #pragma unroll
@@ -476,41 +702,56 @@ template <int ELEM, int DP, int KT> __device__ __forceinline__ void lm_fwd_impl(
   for (int f = 0; f < NO; ++f) O[f][0] = O[f][1] = O[f][2] = O[f][3] = 0.f;
   float m[2] = {LM_NINF, LM_NINF}, l[2] = {0.f, 0.f};
 
-  int jlo = 0;
-  while (true) {
-    const int jn = cta_min(next_block(p, R, jlo, t4), red);
-    if (jn == LM_BIG) break;
+  // Key tiles: without block_indices every tile from 0 to the one holding the current block
+  // of the CTA's last row (the largest position); with them, the next tile one of the rows
+  // needs (a CTA-wide minimum). K of the next tile is loaded while the current tile's P·V runs,
+  // V of the current tile while its scores are computed.
+  const bool dense = p.bidx == nullptr;
+  const int cmax = (i0 + rows - 1 + (s.kl - s.ql)) / bs; // block of the last row
+  int jn = dense ? (cmax >= 0 ? 0 : LM_BIG) : cta_min(next_block(p, R, 0, t4), red);
+  if (jn != LM_BIG) {
+    const int k0 = (jn / nbt) * nbt * bs;
+    load_tile_async<ELEM, KT, DP, LM_THREADS>(Ks, LD, kb + (i64)k0 * p.sk[1], p.sk[1],
+                                              min(TW, s.kl - k0), p.D, p.vec_k);
+    cp_async_commit();
+  }
+  while (jn != LM_BIG) {
     const int j0 = (jn / nbt) * nbt, k0 = j0 * bs;
     const int nk = min(TW, s.kl - k0);
-    jlo = j0 + nbt;
-    load_tile_async<ELEM, KT, DP, LM_THREADS>(Ks, LD, kb + (i64)k0 * p.sk[1], p.sk[1], nk, p.D,
-                                              p.vec_k);
-    cp_async_commit();
-    load_tile_async<ELEM, KT, DP, LM_THREADS>(Vs, LD, vb + (i64)k0 * p.sv[1], p.sv[1], nk, p.E,
-                                              p.vec_v);
-    cp_async_commit();
+    const int jlo = j0 + nbt;
     u32 em[2];
     em[0] = early_mask(p, R, 0, j0, nbt, t4);
     em[1] = early_mask(p, R, 1, j0, nbt, t4);
-    cp_async_wait<1>();
-    __syncthreads();
+    cp_async_wait<0>(); // K of this tile
+    __syncthreads();    // ... visible to all; every warp is done with Vs of the previous tile
+    load_tile_async<ELEM, KT, DP, LM_THREADS>(Vs, LD, vb + (i64)k0 * p.sv[1], p.sv[1], nk, p.E,
+                                              p.vec_v);
+    cp_async_commit();
     float S[NF][4];
 #pragma unroll
     for (int f = 0; f < NF; ++f) S[f][0] = S[f][1] = S[f][2] = S[f][3] = 0.f;
     if (active) {
       gemm_nk<ELEM, NF, DP>(S, Qs, LD, 16 * warp, Ks, LD, nk);
+      float alpha[2], ps[2];
+      if constexpr (LM_ONE) {
+        fwd_probs1<NF>(S, R, em, j0, k0, nk, bs, p.scale_log2, m, alpha, ps);
+      } else {
 #pragma unroll
-      for (int f = 0; f < NF; ++f)
+        for (int f = 0; f < NF; ++f)
 #pragma unroll
-        for (int r = 0; r < 4; ++r) S[f][r] *= p.scale_log2;
-      float mu[2], alpha[2];
-      fwd_probs<NF>(S, R, em, j0, nbt, k0, nk, bs, m, mu, alpha);
+          for (int r = 0; r < 4; ++r) S[f][r] *= p.scale_log2;
+        float mu[2];
+        fwd_probs<NF>(S, R, em, j0, nbt, k0, nk, bs, m, mu, alpha);
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+          ps[rr] = 0.f;
+#pragma unroll
+          for (int f = 0; f < NF; ++f) ps[rr] += S[f][2 * rr] + S[f][2 * rr + 1];
+        }
+      }
 #pragma unroll
       for (int rr = 0; rr < 2; ++rr) {
-        float ps = 0.f;
-#pragma unroll
-        for (int f = 0; f < NF; ++f) ps += S[f][2 * rr] + S[f][2 * rr + 1];
-        l[rr] = l[rr] * alpha[rr] + ps;
+        l[rr] = l[rr] * alpha[rr] + ps[rr];
 #pragma unroll
         for (int f = 0; f < NO; ++f) {
           O[f][2 * rr] *= alpha[rr];
@@ -518,11 +759,19 @@ template <int ELEM, int DP, int KT> __device__ __forceinline__ void lm_fwd_impl(
         }
       }
     }
-    cp_async_wait<0>();
-    __syncthreads();
+    const int jnext = dense ? (jlo <= cmax ? jlo : LM_BIG) : cta_min(next_block(p, R, jlo, t4), red);
+    cp_async_wait<0>(); // V of this tile
+    __syncthreads();    // ... visible to all; every warp is done with Ks
+    if (jnext != LM_BIG) {
+      const int k1 = (jnext / nbt) * nbt * bs;
+      load_tile_async<ELEM, KT, DP, LM_THREADS>(Ks, LD, kb + (i64)k1 * p.sk[1], p.sk[1],
+                                                min(TW, s.kl - k1), p.D, p.vec_k);
+      cp_async_commit();
+    }
     if (active) gemm_acc_kn<ELEM, NF, NO>(O, S, Vs, LD, nk);
-    __syncthreads(); // Ks, Vs free for the next tile
+    jn = jnext;
   }
+  cp_async_wait<0>(); // nothing in flight at exit (e.g. no key tile at all)
 
   T *ob = (T *)p.out + s.b * p.so[0] + (s.qs + i0) * p.so[1] + h * p.so[2];
 #pragma unroll
@@ -606,9 +855,12 @@ __device__ __forceinline__ void lm_bwd_dq_impl(const LmParams &p) {
 #pragma unroll
   for (int f = 0; f < NO; ++f) dQ[f][0] = dQ[f][1] = dQ[f][2] = dQ[f][3] = 0.f;
 
+  // key tiles as in the forward (dense: 0 .. the tile of the last row's block, no CTA reduction)
+  const bool dense = p.bidx == nullptr;
+  const int cmax = (i0 + rows - 1 + (s.kl - s.ql)) / bs; // block of the last row
   int jlo = 0;
   while (true) {
-    const int jn = cta_min(next_block(p, R, jlo, t4), red);
+    const int jn = dense ? (jlo <= cmax ? jlo : LM_BIG) : cta_min(next_block(p, R, jlo, t4), red);
     if (jn == LM_BIG) break;
     const int j0 = (jn / nbt) * nbt, k0 = j0 * bs;
     const int nk = min(TW, s.kl - k0);
@@ -631,11 +883,15 @@ __device__ __forceinline__ void lm_bwd_dq_impl(const LmParams &p) {
         for (int r = 0; r < 4; ++r) S[f][r] = dP[f][r] = 0.f;
       gemm_nk<ELEM, NF, DP>(S, Qs, LD, 16 * warp, Ks, LD, nk);
       gemm_nk<ELEM, NF, DP>(dP, dOs, LD, 16 * warp, Vs, LD, nk);
+      if constexpr (LM_ONE) {
+        bwd_probs1<NF>(S, dP, R, em, j0, k0, nk, bs, p.scale_log2, lse2, dl);
+      } else {
 #pragma unroll
-      for (int f = 0; f < NF; ++f)
+        for (int f = 0; f < NF; ++f)
 #pragma unroll
-        for (int r = 0; r < 4; ++r) S[f][r] *= p.scale_log2;
-      bwd_probs<NF>(S, dP, R, em, j0, nbt, k0, nk, bs, lse2, dl);
+          for (int r = 0; r < 4; ++r) S[f][r] *= p.scale_log2;
+        bwd_probs<NF>(S, dP, R, em, j0, nbt, k0, nk, bs, lse2, dl);
+      }
       gemm_acc_kn<ELEM, NF, NO>(dQ, dP, Ks, LD, nk);
     }
     __syncthreads(); // Ks, Vs free for the next tile
@@ -727,11 +983,15 @@ __device__ __forceinline__ void lm_bwd_dkdv_impl(const LmParams &p) {
       if (16 * warp < rows) {
         gemm_nk<ELEM, NF, DP>(S, Qs, LD, 16 * warp, Ks, LD, nk);
         gemm_nk<ELEM, NF, DP>(dP, dOs, LD, 16 * warp, Vs, LD, nk);
+        if constexpr (LM_ONE) {
+          bwd_probs1<NF>(S, dP, R, em, j0, k0, nk, bs, p.scale_log2, lse2, dl);
+        } else {
 #pragma unroll
-        for (int f = 0; f < NF; ++f)
+          for (int f = 0; f < NF; ++f)
 #pragma unroll
-          for (int r = 0; r < 4; ++r) S[f][r] *= p.scale_log2;
-        bwd_probs<NF>(S, dP, R, em, j0, nbt, k0, nk, bs, lse2, dl);
+            for (int r = 0; r < 4; ++r) S[f][r] *= p.scale_log2;
+          bwd_probs<NF>(S, dP, R, em, j0, nbt, k0, nk, bs, lse2, dl);
+        }
       }
       // P -> shared memory (rows of warps without queries are zeros)
 #pragma unroll

@@ -451,10 +451,12 @@ pub struct Variant {
     pub elem: u32,
     /// padded head dim of q/k and v (32, 64, 128)
     pub dp: usize,
+    /// KT/2 < block_size <= KT: a key tile is exactly one landmark block (LM_ONE fast path)
+    pub one: bool,
 }
 
 impl Variant {
-    fn new(dtype: DType, d: usize, e: usize) -> Variant {
+    fn new(dtype: DType, d: usize, e: usize, bs: usize) -> Variant {
         let elem = match dtype {
             DType::F32 => 0,
             DType::F16 => 1,
@@ -465,7 +467,11 @@ impl Variant {
             33..=64 => 64,
             _ => 128,
         };
-        Variant { elem, dp }
+        Variant {
+            elem,
+            dp,
+            one: 2 * bs > KT && bs <= KT,
+        }
     }
 
     pub fn defines(&self) -> Vec<(String, String)> {
@@ -473,6 +479,7 @@ impl Variant {
             ("LM_ELEM".into(), self.elem.to_string()),
             ("LM_DP".into(), self.dp.to_string()),
             ("LM_KT".into(), KT.to_string()),
+            ("LM_ONE".into(), (self.one as u32).to_string()),
         ]
     }
 
@@ -513,7 +520,9 @@ impl Variant {
         let mut out = Vec::new();
         for elem in 0..3 {
             for dp in [32, 64, 128] {
-                out.push(Variant { elem, dp });
+                for one in [false, true] {
+                    out.push(Variant { elem, dp, one });
+                }
             }
         }
         out
@@ -621,7 +630,7 @@ fn launch(
         return Err("landmark_attn: sequences longer than 2^31 - 1 tokens".into());
     }
     let dev = cuda::device(ordinal)?;
-    let variant = Variant::new(p.dtype, p.d, p.e);
+    let variant = Variant::new(p.dtype, p.d, p.e, prm.bs as usize);
     let kernels = dev.kernels(
         "landmark.cu",
         SOURCE,
