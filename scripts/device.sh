@@ -19,6 +19,7 @@
 #   BENCH_FAMILIES     the benches to run, if not those of FAMILIES
 #   DEMO               1: also run `python -m longattn demo` on the GPU (in the background while
 #                      the tests run; demo.log and mqar-<gpu>.png in $OUT)
+#   SITE               where the wheels are installed (default /tmp/site)
 #   PYTEST_ARGS        default "-x -q"
 #   PYTEST_TARGETS     default "tests" (test files or node ids); ";" separates shards that run
 #                      at once, each logging to $OUT/pytest-<i>.log
@@ -78,7 +79,7 @@ nvidia-smi -L || echo "nvidia-smi failed"
 
 # -- install: the longattn wheel and the peer wheels, into one target ---------------------------
 t=$SECONDS
-SITE=/tmp/site
+SITE=${SITE:-/tmp/site}
 rm -rf "$SITE"
 mkdir -p "$SITE"
 shopt -s nullglob
