@@ -234,9 +234,14 @@ impl Device {
         defines: &[(String, String)],
         functions: &[(&str, u32)],
     ) -> CudaResult<Arc<Kernels>> {
+        // Callers may load different kernels of one module (and different shared-memory caps):
+        // each list gets its own loaded module.
         let mut key = name.to_string();
         for (k, v) in defines {
             key.push_str(&format!(" {k}={v}"));
+        }
+        for (f, smem) in functions {
+            key.push_str(&format!(" {f}:{smem}"));
         }
         let mut modules = self.modules.lock().map_err(|e| e.to_string())?;
         if let Some(k) = modules.get(&key) {
