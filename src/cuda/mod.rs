@@ -10,6 +10,8 @@ use std::ffi::{c_void, CStr, CString};
 use std::path::PathBuf;
 use std::sync::{Arc, LazyLock, Mutex};
 
+use crate::tensor::{DType, View};
+
 pub type CudaResult<T> = Result<T, String>;
 
 /// Kernel sources, embedded at build time. `#include "common.cuh"` is resolved by `source`.
@@ -18,6 +20,31 @@ const COMMON: &str = include_str!("../../cuda/common.cuh");
 /// Full translation unit for a kernel source file (headers inlined: NVRTC gets no include path).
 pub fn source(body: &str) -> String {
     body.replace("#include \"common.cuh\"", COMMON)
+}
+
+/// A tensor's first N strides (in elements) as kernel parameters.
+pub fn strides<const N: usize>(t: &View) -> [i64; N] {
+    let mut out = [0i64; N];
+    for (o, s) in out.iter_mut().zip(&t.strides) {
+        *o = *s as i64;
+    }
+    out
+}
+
+/// Strides of an optional tensor (zeros when absent: the kernel does not read it).
+pub fn opt_strides<const N: usize>(t: Option<&View>) -> [i64; N] {
+    t.map_or([0; N], strides)
+}
+
+/// Whether every row start of a [B, T, H, D] tensor is 16-byte aligned (vector loads).
+pub fn rows_aligned(t: &View) -> bool {
+    let elems = 16 / if t.dtype == DType::F32 { 4 } else { 2 };
+    t.addr() % 16 == 0 && t.strides[..3].iter().all(|&s| s % elems == 0)
+}
+
+/// The dtype flag of an optional integer tensor (cu_seqlens, counts): −1 absent, 0 int32, 1 int64.
+pub fn int_kind(t: Option<&View>) -> i32 {
+    t.map_or(-1, |t| if t.dtype == DType::I64 { 1 } else { 0 })
 }
 
 /// Checks that NVRTC can be opened (cudarc panics otherwise).

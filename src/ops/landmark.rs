@@ -262,9 +262,9 @@ pub fn forward(
     if let Device::Cuda(ordinal) = p.device {
         let mut prm = p.params(q, k, Some(v), block_size, scale, cu);
         prm.out = out.addr();
-        prm.so = strides3(out);
+        prm.so = cuda::strides(out);
         prm.lse = lse.addr();
-        prm.slse = strides3(lse);
+        prm.slse = cuda::strides(lse);
         set_indices(&mut prm, block_indices);
         return launch(&p, ordinal, Dir::Fwd, &prm, stream).map_err(value_error);
     }
@@ -314,18 +314,18 @@ pub fn backward(
     if let Device::Cuda(ordinal) = p.device {
         let mut prm = p.params(q, k, Some(v), block_size, scale, cu);
         prm.dout = dout.addr();
-        prm.sdo = strides3(dout);
-        prm.vec_do = vectorizable(dout) as i32;
+        prm.sdo = cuda::strides(dout);
+        prm.vec_do = cuda::rows_aligned(dout) as i32;
         prm.lse = lse.addr();
-        prm.slse = strides3(lse);
+        prm.slse = cuda::strides(lse);
         prm.delta = delta.addr();
-        prm.sdl = strides3(delta);
+        prm.sdl = cuda::strides(delta);
         prm.dq = dq.addr();
-        prm.sdq = strides3(dq);
+        prm.sdq = cuda::strides(dq);
         prm.dk = dk.addr();
-        prm.sdk = strides3(dk);
+        prm.sdk = cuda::strides(dk);
         prm.dv = dv.addr();
-        prm.sdv = strides3(dv);
+        prm.sdv = cuda::strides(dv);
         set_indices(&mut prm, block_indices);
         launch(&p, ordinal, Dir::BwdDq, &prm, stream).map_err(value_error)?;
         return launch(&p, ordinal, Dir::BwdDkdv, &prm, stream).map_err(value_error);
@@ -365,7 +365,7 @@ pub fn topk_blocks(
     if let Device::Cuda(ordinal) = p.device {
         let mut prm = p.params(q, k, None, block_size, scale, cu);
         prm.topk_out = out.addr();
-        prm.stk = strides4(out);
+        prm.stk = cuda::strides(out);
         prm.topk = out.shape[3] as i32;
         return launch(&p, ordinal, Dir::Topk, &prm, stream).map_err(value_error);
     }
@@ -533,34 +533,11 @@ pub fn compile_variant(v: &Variant, arch: &str) -> Result<usize, String> {
     cuda::compile_cubin("landmark.cu", &cuda::source(SOURCE), &v.defines(), arch).map(|c| c.len())
 }
 
-fn strides3(t: &View) -> [i64; 3] {
-    [
-        t.strides[0] as i64,
-        t.strides[1] as i64,
-        t.strides[2] as i64,
-    ]
-}
-
-fn strides4(t: &View) -> [i64; 4] {
-    [
-        t.strides[0] as i64,
-        t.strides[1] as i64,
-        t.strides[2] as i64,
-        t.strides[3] as i64,
-    ]
-}
-
-/// Whether every row start of a [B, T, H, D] tensor is 16-byte aligned.
-fn vectorizable(t: &View) -> bool {
-    let elems = 16 / if t.dtype == DType::F32 { 4 } else { 2 };
-    t.addr() % 16 == 0 && t.strides[..3].iter().all(|&s| s % elems == 0)
-}
-
 fn set_indices(prm: &mut LmParams, bi: Option<&View>) {
     if let Some(bi) = bi {
         if bi.shape[3] > 0 {
             prm.bidx = bi.addr();
-            prm.sbi = strides4(bi);
+            prm.sbi = cuda::strides(bi);
             prm.nidx = bi.shape[3] as i32;
         } else {
             // an empty list: only the current block takes part; a non-null pointer with no
@@ -594,9 +571,9 @@ impl Problem {
             k: k.addr(),
             v: v.map_or(0, |v| v.addr()),
             cu_seqlens: cu.map_or(0, |c| c.addr()),
-            sq: strides3(q),
-            sk: strides3(k),
-            sv: v.map_or([0; 3], strides3),
+            sq: cuda::strides(q),
+            sk: cuda::strides(k),
+            sv: cuda::opt_strides(v),
             tq: self.tq as i32,
             tk: self.tk as i32,
             hq: self.hq as i32,
@@ -606,9 +583,9 @@ impl Problem {
             bs: block_size as i32,
             nseq: self.n as i32,
             cu_kind: cu.map_or(-1, |c| if c.dtype == DType::I64 { 1 } else { 0 }),
-            vec_q: vectorizable(q) as i32,
-            vec_k: vectorizable(k) as i32,
-            vec_v: v.is_some_and(vectorizable) as i32,
+            vec_q: cuda::rows_aligned(q) as i32,
+            vec_k: cuda::rows_aligned(k) as i32,
+            vec_v: v.is_some_and(cuda::rows_aligned) as i32,
             scale: scale as f32,
             scale_log2: (scale * std::f64::consts::LOG2_E) as f32,
             ..Default::default()

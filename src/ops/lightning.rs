@@ -482,32 +482,6 @@ pub fn compile_variant(v: &Variant, arch: &str) -> Result<usize, String> {
     cuda::compile_cubin("lightning.cu", &cuda::source(SOURCE), &v.defines(), arch).map(|c| c.len())
 }
 
-fn strides3(t: &View) -> [i64; 3] {
-    [
-        t.strides[0] as i64,
-        t.strides[1] as i64,
-        t.strides[2] as i64,
-    ]
-}
-
-fn strides4(t: Option<&View>) -> [i64; 4] {
-    t.map(|t| {
-        [
-            t.strides[0] as i64,
-            t.strides[1] as i64,
-            t.strides[2] as i64,
-            t.strides[3] as i64,
-        ]
-    })
-    .unwrap_or([0; 4])
-}
-
-/// Whether every row start of a [B, T, H, D] tensor is 16-byte aligned.
-fn vectorizable(t: &View) -> bool {
-    let elems = 16 / if t.dtype == DType::F32 { 4 } else { 2 };
-    t.addr() % 16 == 0 && t.strides[..3].iter().all(|&s| s % elems == 0)
-}
-
 fn launch(
     p: &LaPass,
     ordinal: i32,
@@ -537,13 +511,13 @@ fn launch(
         state_out: p.state_out.map_or(0, |s| s.addr()),
         partial: p.dot.map_or(0, |(_, part)| part.addr()),
         cu_seqlens: cu.map_or(0, |c| c.addr()),
-        sq: strides3(p.q),
-        sk: strides3(p.k),
-        sv: strides3(p.v),
-        so: strides3(p.out),
-        sx: p.dot.map_or([0; 3], |(x, _)| strides3(x)),
-        ssi: strides4(p.state_in),
-        sso: strides4(p.state_out),
+        sq: cuda::strides(p.q),
+        sk: cuda::strides(p.k),
+        sv: cuda::strides(p.v),
+        so: cuda::strides(p.out),
+        sx: p.dot.map_or([0; 3], |(x, _)| cuda::strides(x)),
+        ssi: cuda::opt_strides(p.state_in),
+        sso: cuda::opt_strides(p.state_out),
         sp: p.dot.map_or([0; 3], |(_, part)| {
             [
                 part.strides[0] as i64,
@@ -559,10 +533,10 @@ fn launch(
         has_state_in: p.state_in.is_some() as i32,
         has_state_out: p.state_out.is_some() as i32,
         has_dot: p.dot.is_some() as i32,
-        vec_q: vectorizable(p.q) as i32,
-        vec_k: vectorizable(p.k) as i32,
-        vec_v: vectorizable(p.v) as i32,
-        vec_x: p.dot.is_some_and(|(x, _)| vectorizable(x)) as i32,
+        vec_q: cuda::rows_aligned(p.q) as i32,
+        vec_k: cuda::rows_aligned(p.k) as i32,
+        vec_v: cuda::rows_aligned(p.v) as i32,
+        vec_x: p.dot.is_some_and(|(x, _)| cuda::rows_aligned(x)) as i32,
         scale_out: p.scale_out as f32,
         scale_kv: p.scale_kv as f32,
     };

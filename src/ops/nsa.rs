@@ -620,24 +620,6 @@ fn smem_limit(arch: &str) -> usize {
     }
 }
 
-fn strides_i64<const N: usize>(t: &View) -> [i64; N] {
-    let mut out = [0i64; N];
-    for (o, s) in out.iter_mut().zip(&t.strides) {
-        *o = *s as i64;
-    }
-    out
-}
-
-/// Whether every row start of a [B, T, H, D] tensor is 16-byte aligned.
-fn rows_aligned(t: &View) -> bool {
-    let elems = 16 / if t.dtype == DType::F32 { 4 } else { 2 };
-    t.addr() % 16 == 0 && t.strides[..3].iter().all(|&s| s % elems == 0)
-}
-
-fn cu_kind(cu: Option<&View>) -> i32 {
-    cu.map_or(-1, |c| if c.dtype == DType::I64 { 1 } else { 0 })
-}
-
 /// Parameters of nsa_topk, laid out exactly like `TopkParams` in cuda/nsa_select.cu.
 #[repr(C)]
 struct TopkParams {
@@ -768,10 +750,10 @@ fn topk_cuda(
         cu: cu.map_or(0, |x| x.addr()),
         lse: lse.addr(),
         out: out.addr(),
-        sq: strides_i64(q),
-        sk: strides_i64(k_cmp),
-        sl: strides_i64(lse),
-        so: strides_i64(out),
+        sq: cuda::strides(q),
+        sk: cuda::strides(k_cmp),
+        sl: cuda::strides(lse),
+        so: cuda::strides(out),
         t: t as i32,
         c: c as i32,
         hq: hq as i32,
@@ -787,13 +769,13 @@ fn topk_cuda(
         init_blocks: sel.init_blocks.min(i32::MAX as usize) as i32,
         local_blocks: sel.local_blocks.min(i32::MAX as usize / 2) as i32,
         n_seq: cu.map_or(b, |x| x.shape[0] - 1) as i32,
-        cu_kind: cu_kind(cu),
+        cu_kind: cuda::int_kind(cu),
         bt: bt as i32,
         nb: nb as i32,
         gmode: gmode as i32,
         stages: stages as i32,
-        vec_q: rows_aligned(q) as i32,
-        vec_k: rows_aligned(k_cmp) as i32,
+        vec_q: cuda::rows_aligned(q) as i32,
+        vec_k: cuda::rows_aligned(k_cmp) as i32,
         scale_log2: (scale * std::f64::consts::LOG2_E) as f32,
     };
     let grid = (t.div_ceil(bt) as u32, hkv as u32, b as u32);
@@ -898,12 +880,12 @@ fn cmp_params(a: &CmpArgs) -> Result<CmpParams, PyErr> {
         gbuf: 0,
         cu: a.cu.map_or(0, |c| c.addr()),
         cu_cmp: a.cu_cmp.map_or(0, |c| c.addr()),
-        sx: strides_i64(x),
-        so: strides_i64(a.out_or_dout),
+        sx: cuda::strides(x),
+        so: cuda::strides(a.out_or_dout),
         sdx: [0; 3],
-        sw: a.weight.map_or([0; 2], strides_i64),
+        sw: cuda::opt_strides(a.weight),
         sdw: [0; 2],
-        sp: a.pe.map_or([0; 2], strides_i64),
+        sp: cuda::opt_strides(a.pe),
         sdp: [0; 2],
         b: b as i32,
         t: t as i32,
@@ -914,7 +896,7 @@ fn cmp_params(a: &CmpArgs) -> Result<CmpParams, PyErr> {
         s: a.stride as i32,
         r: r as i32,
         n_seq: a.cu.map_or(b, |c| c.shape[0] - 1) as i32,
-        cu_kind: cu_kind(a.cu),
+        cu_kind: cuda::int_kind(a.cu),
         has_pe: a.pe.is_some() as i32,
     })
 }
@@ -966,11 +948,11 @@ fn compress_backward_cuda(
 ) -> Result<(), PyErr> {
     let mut p = cmp_params(a)?;
     p.dx = dx.addr();
-    p.sdx = strides_i64(dx);
+    p.sdx = cuda::strides(dx);
     p.dw = dweight.map_or(0, |w| w.addr());
-    p.sdw = dweight.map_or([0; 2], strides_i64);
+    p.sdw = cuda::opt_strides(dweight);
     p.dpe = dpe.map_or(0, |w| w.addr());
-    p.sdp = dpe.map_or([0; 2], strides_i64);
+    p.sdp = cuda::opt_strides(dpe);
     let (b, t, h, r) = (p.b as u32, p.t as u32, p.h as u32, p.r as u32);
     let kdim = (p.l * p.d) as u32;
     if h == 0 {
@@ -1367,26 +1349,6 @@ pub fn compile_variant(v: &Variant, arch: &str) -> Result<usize, String> {
     cuda::compile_cubin("nsa.cu", &cuda::source(SOURCE), &v.defines(), arch).map(|c| c.len())
 }
 
-fn strides3(t: Option<&View>) -> [i64; 3] {
-    t.map_or([0; 3], |t| {
-        [
-            t.strides[0] as i64,
-            t.strides[1] as i64,
-            t.strides[2] as i64,
-        ]
-    })
-}
-
-/// Whether every row start of a [B, T, H, D] tensor is 16-byte aligned.
-fn vectorizable(t: &View) -> bool {
-    let elems = 16 / if t.dtype == DType::F32 { 4 } else { 2 };
-    t.addr() % 16 == 0 && t.strides[..3].iter().all(|&s| s % elems as isize == 0)
-}
-
-fn int_kind(t: Option<&View>) -> i32 {
-    t.map_or(-1, |t| if t.dtype == DType::I64 { 1 } else { 0 })
-}
-
 fn addr(t: Option<&View>) -> u64 {
     t.map_or(0, |t| t.addr())
 }
@@ -1507,17 +1469,17 @@ fn base_params(
         part_o: addr(aux.part_o),
         part_lse: addr(aux.part_lse),
         scratch: addr(aux.scratch),
-        sq: strides3(Some(q)),
-        sk: strides3(Some(k)),
-        sv: strides3(Some(v)),
+        sq: cuda::opt_strides(Some(q)),
+        sk: cuda::opt_strides(Some(k)),
+        sv: cuda::opt_strides(Some(v)),
         so: [0; 3],
         sdo: [0; 3],
         sdq: [0; 3],
         sdk: [0; 3],
         sdv: [0; 3],
-        slse: strides3(Some(lse)),
+        slse: cuda::opt_strides(Some(lse)),
         sidx,
-        scnt: strides3(counts),
+        scnt: cuda::opt_strides(counts),
         b: p.b as i32,
         t: p.t as i32,
         s: s as i32,
@@ -1528,18 +1490,18 @@ fn base_params(
         dvh: p.dv as i32,
         n: n as i32,
         nseq: nseq as i32,
-        cu_kind: int_kind(cu),
-        idx_kind: int_kind(idx),
-        cnt_kind: int_kind(counts),
+        cu_kind: cuda::int_kind(cu),
+        idx_kind: cuda::int_kind(idx),
+        cnt_kind: cuda::int_kind(counts),
         count_const: count_const.min(i32::MAX as i64) as i32,
         a: br.a as i32,
         bb: br.b as i32,
         nl: 0,
         chunk_tokens: aux.chunk_tokens.max(1) as i32,
         key_tiles: br.a.div_ceil(KEY_TILE) as i32,
-        vec_q: vectorizable(q) as i32,
-        vec_k: vectorizable(k) as i32,
-        vec_v: vectorizable(v) as i32,
+        vec_q: cuda::rows_aligned(q) as i32,
+        vec_k: cuda::rows_aligned(k) as i32,
+        vec_v: cuda::rows_aligned(v) as i32,
         vec_o: 0,
         vec_do: 0,
         scale: scale as f32,
@@ -1591,8 +1553,8 @@ fn cuda_attn_forward(
 ) -> Result<(), String> {
     let mut prm = base_params(br, p, q, k, v, lse, scale, cu, aux)?;
     prm.out = o.addr();
-    prm.so = strides3(Some(o));
-    prm.vec_o = vectorizable(o) as i32;
+    prm.so = cuda::opt_strides(Some(o));
+    prm.vec_o = cuda::rows_aligned(o) as i32;
     if p.b == 0 || p.t == 0 || p.hq == 0 {
         return Ok(());
     }
@@ -1698,13 +1660,13 @@ fn cuda_attn_backward(
     prm.dq = x.dq.addr();
     prm.dk = x.dk.addr();
     prm.dv = x.dv.addr();
-    prm.so = strides3(Some(x.o));
-    prm.sdo = strides3(Some(x.dout));
-    prm.sdq = strides3(Some(x.dq));
-    prm.sdk = strides3(Some(x.dk));
-    prm.sdv = strides3(Some(x.dv));
-    prm.vec_o = vectorizable(x.o) as i32;
-    prm.vec_do = vectorizable(x.dout) as i32;
+    prm.so = cuda::opt_strides(Some(x.o));
+    prm.sdo = cuda::opt_strides(Some(x.dout));
+    prm.sdq = cuda::opt_strides(Some(x.dq));
+    prm.sdk = cuda::opt_strides(Some(x.dk));
+    prm.sdv = cuda::opt_strides(Some(x.dv));
+    prm.vec_o = cuda::rows_aligned(x.o) as i32;
+    prm.vec_do = cuda::rows_aligned(x.dout) as i32;
     let dev_kind = p.device;
     expect_aux(aux.delta, "delta", DType::F32, p.b * p.t * p.hq, dev_kind)?;
     if p.b == 0 || p.hq == 0 || (p.t == 0 && x.k.shape[1] == 0) {

@@ -545,20 +545,6 @@ pub fn compile_variant(v: &Variant, arch: &str) -> Result<usize, String> {
     cuda::compile_cubin("rat.cu", &cuda::source(SOURCE), &v.defines(), arch).map(|c| c.len())
 }
 
-fn strides3(t: &View) -> [i64; 3] {
-    [
-        t.strides[0] as i64,
-        t.strides[1] as i64,
-        t.strides[2] as i64,
-    ]
-}
-
-/// Whether every row start of a [B, *, H, D] tensor is 16-byte aligned.
-fn vectorizable(t: &View) -> bool {
-    let elems = 16 / if t.dtype == DType::F32 { 4 } else { 2 };
-    t.addr() % 16 == 0 && t.strides[..3].iter().all(|&s| s % elems == 0)
-}
-
 fn launch(
     p: &Problem,
     a: &RatArgs,
@@ -595,9 +581,7 @@ fn launch(
     let l = a.chunk;
     let tq = if l <= 64 { (64 / l) * l } else { 64 };
     let tpc = tiles_per_chunk(l);
-    let zero3 = [0i64; 3];
     let addr = |t: Option<&View>| t.map_or(0, |t| t.addr());
-    let str3 = |t: Option<&View>| t.map_or(zero3, strides3);
     let mut params = RatParams {
         q: a.q.addr(),
         k: a.k.addr(),
@@ -620,21 +604,21 @@ fn launch(
         dv: addr(grads.map(|g| g.dv)),
         dg: addr(grads.map(|g| g.dg)),
         cu_seqlens: cu.map_or(0, |c| c.addr()),
-        sq: strides3(a.q),
-        sk: strides3(a.k),
-        sv: strides3(a.v),
-        sg: strides3(a.g),
-        so: strides3(a.out),
-        sdo: str3(grads.map(|g| g.dout)),
-        slse: strides3(a.lse),
-        sks: strides3(a.ks),
-        svs: strides3(a.vs),
-        sdq: str3(grads.map(|g| g.dq)),
-        sdk: str3(grads.map(|g| g.dk)),
-        sdv: str3(grads.map(|g| g.dv)),
-        sdg: str3(grads.map(|g| g.dg)),
-        srot: strides3(sc.kr),
-        scar: strides3(sc.carry_k),
+        sq: cuda::strides(a.q),
+        sk: cuda::strides(a.k),
+        sv: cuda::strides(a.v),
+        sg: cuda::strides(a.g),
+        so: cuda::strides(a.out),
+        sdo: cuda::opt_strides(grads.map(|g| g.dout)),
+        slse: cuda::strides(a.lse),
+        sks: cuda::strides(a.ks),
+        svs: cuda::strides(a.vs),
+        sdq: cuda::opt_strides(grads.map(|g| g.dq)),
+        sdk: cuda::opt_strides(grads.map(|g| g.dk)),
+        sdv: cuda::opt_strides(grads.map(|g| g.dv)),
+        sdg: cuda::opt_strides(grads.map(|g| g.dg)),
+        srot: cuda::strides(sc.kr),
+        scar: cuda::strides(sc.carry_k),
         log2_base: a.rope_base.map_or(0.0, f64::log2),
         rope: a.rope_base.is_some() as i32,
         t: p.t as i32,
@@ -647,9 +631,9 @@ fn launch(
         g_f32: (a.g.dtype == DType::F32) as i32,
         mode: 0,
         write_states: 1,
-        vec_rot: vectorizable(sc.kr) as i32,
-        vec_do: grads.map(|g| g.dout).is_some_and(vectorizable) as i32,
-        vec_q: vectorizable(a.q) as i32,
+        vec_rot: cuda::rows_aligned(sc.kr) as i32,
+        vec_do: grads.map(|g| g.dout).is_some_and(cuda::rows_aligned) as i32,
+        vec_q: cuda::rows_aligned(a.q) as i32,
         scale: a.scale as f32,
     };
     let (n, h) = (p.n as u32, p.h as u32);
