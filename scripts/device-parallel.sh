@@ -1,25 +1,46 @@
 #!/usr/bin/env bash
-# One device call that runs everything at once on the GPU machine: the CUDA tests (three shards)
-# beside the sanitizer and the demo, then the benchmarks (timed alone). Results under $OUT/{tests,
-# sanitize,bench-*}. Environment: SANITIZE_FAMILIES, BENCH_PLAN ("family:args;family:args").
+# One device call that runs everything at once on the GPU machine: the CUDA tests (pytest-xdist
+# workers on the first GPU; test_reliability.py alone on the second, whose 2^31-element cases need
+# most of a GPU and whose non-current-device case needs two) beside the sanitizer (one process per
+# family and tool), then the benchmarks (timed alone). The device tool returns at most 8 files, so
+# everything comes back as $OUT/logs.tgz; failures and summaries are printed.
+# Environment: TESTS (0: none), PYTEST_K, TEST_WORKERS, SANITIZE_FAMILIES, SANITIZE_TOOLS,
+# BENCH_PLAN ("family:args;family:args"; empty: no benchmarks), *_DEADLINE_S.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 OUT=${OUT:-/tmp/device-out}
-export PYTEST_ARGS="-v --tb=short -p no:cacheprovider" PYTEST_K=cuda PACK_TRITON_CACHE=0
-SITE=/tmp/site-t OUT=$OUT/tests DEVICE_DEADLINE_S=${TESTS_DEADLINE_S:-280} DEMO=1 \
-    PYTEST_TARGETS="tests/test_rat.py tests/test_rat_module.py tests/test_landmark.py tests/test_landmark_module.py;tests/test_nsa.py tests/test_nsa_module.py;tests/test_nsa_selection.py tests/test_reliability.py" \
-    bash scripts/device.sh tests >"$OUT/tests.log" 2>&1 &
-tests_pid=$!
-SITE=/tmp/site-s OUT=$OUT/sanitize DEVICE_DEADLINE_S=${TESTS_DEADLINE_S:-280} \
-    FAMILIES="${SANITIZE_FAMILIES:-landmark nsa_selection}" \
-    bash scripts/device.sh sanitize >"$OUT/sanitize.log" 2>&1 &
-san_pid=$!
-wait "$tests_pid"; wait "$san_pid"
-tail -n 30 "$OUT/tests.log" "$OUT/sanitize.log"
-IFS=';' read -ra plan <<<"${BENCH_PLAN:-landmark:}"
+mkdir -p "$OUT"
+gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
+second=$( ((gpus > 1)) && echo 1 || echo 0)
+export PYTEST_ARGS="-q -rfE --tb=short -p no:cacheprovider --durations=15" PYTEST_K=${PYTEST_K-cuda}
+export PACK_TRITON_CACHE=0 DEVICE_DEADLINE_S=${TESTS_DEADLINE_S:-300}
+pids=()
+if [[ ${TESTS:-1} == 1 ]]; then
+    SITE=/tmp/site-t OUT=$OUT/tests DEMO=${DEMO:-0} PYTEST_TARGETS="${PYTEST_TARGETS:-tests \
+        --ignore=tests/test_reliability.py -n ${TEST_WORKERS:-12}}" CUDA_VISIBLE_DEVICES=0 \
+        bash scripts/device.sh tests >"$OUT/tests.log" 2>&1 &
+    pids+=($!)
+    SITE=/tmp/site-r OUT=$OUT/reliability PYTEST_TARGETS=tests/test_reliability.py \
+        CUDA_VISIBLE_DEVICES=$second,0 bash scripts/device.sh tests >"$OUT/reliability.log" 2>&1 &
+    pids+=($!)
+fi
+for fam in ${SANITIZE_FAMILIES-landmark}; do
+    for tool in ${SANITIZE_TOOLS-memcheck racecheck}; do
+        SITE=/tmp/site-s-$fam-$tool OUT=$OUT/sanitize-$fam-$tool SANITIZE_TOOLS=$tool FAMILIES=$fam \
+            CUDA_VISIBLE_DEVICES=$second bash scripts/device.sh sanitize \
+            >"$OUT/sanitize-$fam-$tool.log" 2>&1 &
+        pids+=($!)
+    done
+done
+for p in "${pids[@]}"; do wait "$p"; done
+grep -h -E "^\[pytest.*((FAILED|ERROR) |E  +[A-Za-z]| passed| failed|[0-9.]+s (call|setup))" \
+    "$OUT"/tests.log "$OUT"/reliability.log 2>/dev/null | cut -c1-260 | head -n 90
+grep -h -E "^\[.*(SUMMARY|exit|ERROR|FAILED)" "$OUT"/sanitize-*.log 2>/dev/null | cut -c1-200 | head -n 60
+IFS=';' read -ra plan <<<"${BENCH_PLAN-}"
 for item in "${plan[@]}"; do
     fam=${item%%:*}
     # shellcheck disable=SC2086
     SITE=/tmp/site-b OUT=$OUT/bench-$fam DEVICE_DEADLINE_S=${BENCH_DEADLINE_S:-150} \
         FAMILIES=$fam bash scripts/device.sh bench -- ${item#*:} 2>&1 | tail -n 12
 done
+tar -czf /tmp/logs.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/logs.tgz "$OUT/logs.tgz"

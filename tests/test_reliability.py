@@ -74,11 +74,9 @@ def _landmark(device, dtype, B, T):
 def _landmark_retrieval(device, dtype, B, T):
     q, k, v = _gqa(device, dtype, B, T)
     idx = la.landmark_topk_blocks(q, k, block_size=32, topk=3)
-    return (lambda q, k, v: (la.landmark_attn(q, k, v, block_size=32, block_indices=idx),)), [
-        q,
-        k,
-        v,
-    ]
+    return (
+        lambda q, k, v, idx: (la.landmark_attn(q, k, v, block_size=32, block_indices=idx),)
+    ), [q, k, v, idx]
 
 
 def _compress(device, dtype, B, T, Hkv=2, D=32, ks=32, kd=16):
@@ -102,7 +100,12 @@ def _compressed_attn(device, dtype, B, T, ks=32, kd=16):
 def _selected(device, dtype, B, T, block=64, n=4):
     q, k, v = _gqa(device, dtype, B, T)
     idx = _selection(B, T, k.shape[2], n, block, device)
-    return (lambda q, k, v: (la.nsa_selected_attn(q, k, v, idx, block_size=block),)), [q, k, v]
+    return (lambda q, k, v, idx: (la.nsa_selected_attn(q, k, v, idx, block_size=block),)), [
+        q,
+        k,
+        v,
+        idx,
+    ]
 
 
 def _sliding(device, dtype, B, T):
