@@ -12,8 +12,10 @@ OUT=${OUT:-/tmp/device-out}
 mkdir -p "$OUT"
 gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
 second=$( ((gpus > 1)) && echo 1 || echo 0)
-export PYTEST_ARGS="-q -rfE --tb=short -p no:cacheprovider --durations=15" PYTEST_K=${PYTEST_K-cuda}
+export PYTEST_ARGS="-v -rfE --tb=short -p no:cacheprovider --durations=15" PYTEST_K=${PYTEST_K-cuda}
 export PACK_TRITON_CACHE=0 DEVICE_DEADLINE_S=${TESTS_DEADLINE_S:-300}
+# Compile every kernel once, on all cores, before dozens of processes would each compile them.
+SITE=/tmp/site-w OUT=$OUT/warm bash scripts/device.sh warm 2>&1 | grep -E "^warm|rror"
 pids=()
 if [[ ${TESTS:-1} == 1 ]]; then
     SITE=/tmp/site-t OUT=$OUT/tests DEMO=${DEMO:-0} PYTEST_TARGETS="${PYTEST_TARGETS:-tests \

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one project script for the GPU machine (the device tool), run from the repo root:
 #
-#   bash scripts/device.sh [tests] [sanitize] [bench] [-- BENCH_ARGS...]     (default: all three)
+#   bash scripts/device.sh [warm] [tests] [sanitize] [bench] [-- BENCH_ARGS...]  (default: the last three)
 #
 # carry: dist (the longattn wheel, built here with maturin), .whl (peer wheels: fla-core,
 # lightning-attn), .peers (Python sources of the official FSA, NSA-reference, RAT and landmark
@@ -48,7 +48,7 @@ stages=()
 bench_args=()
 while (($#)); do
     case $1 in
-        tests | sanitize | bench) stages+=("$1") ;;
+        warm | tests | sanitize | bench) stages+=("$1") ;;
         all) stages+=(tests sanitize bench) ;;
         --)
             shift
@@ -56,7 +56,7 @@ while (($#)); do
             break
             ;;
         *)
-            echo "usage: bash scripts/device.sh [tests] [sanitize] [bench] [-- BENCH_ARGS...]" >&2
+            echo "usage: bash scripts/device.sh [warm] [tests] [sanitize] [bench] [-- BENCH_ARGS...]" >&2
             exit 2
             ;;
     esac
@@ -140,6 +140,22 @@ fi
 stage_budget() { # seconds a stage may run: what is left, less a reserve for packing and summary
     local b=$(($(left) - 30))
     ((b > 0)) && echo "$b" || echo 0
+}
+
+run_warm() { # every kernel variant compiled for this GPU into the disk cache, on all cores at once
+    python3 - <<'PY'
+import time
+
+import torch
+from longattn import _native, _runtime
+
+_runtime._preload_nvrtc()
+major, minor = torch.cuda.get_device_capability()
+arch = f"sm_{major}{minor}" + ("a" if major == 9 else "")
+t = time.time()
+built = _native.compile_all_kernels(arch)
+print(f"warm: {len(built)} variants for {arch} in {time.time() - t:.1f}s")
+PY
 }
 
 run_tests() { # PYTEST_TARGETS may hold ';'-separated shards, run at once (one GPU, many CPUs)
@@ -251,6 +267,7 @@ for s in "${stages[@]}"; do
     echo "======== stage $s ($(left)s left) ========"
     t=$SECONDS
     case $s in
+        warm) run_warm ;;
         tests) run_tests ;;
         sanitize) run_sanitize ;;
         bench) run_bench ;;

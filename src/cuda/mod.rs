@@ -81,7 +81,7 @@ pub fn nvrtc_version() -> CudaResult<(i32, i32)> {
 }
 
 /// Compiles one translation unit to a CUBIN for `arch` (e.g. "sm_90a").
-pub fn compile_cubin(
+fn compile_cubin(
     name: &str,
     src: &str,
     defines: &[(String, String)],
@@ -165,7 +165,7 @@ fn cache_key(
 }
 
 /// CUBIN from the disk cache, or compiled and stored there (atomically: temp file + rename).
-fn cached_cubin(
+pub fn cached_cubin(
     name: &str,
     src: &str,
     defines: &[(String, String)],

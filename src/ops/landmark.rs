@@ -530,7 +530,7 @@ impl Variant {
 }
 
 pub fn compile_variant(v: &Variant, arch: &str) -> Result<usize, String> {
-    cuda::compile_cubin("landmark.cu", &cuda::source(SOURCE), &v.defines(), arch).map(|c| c.len())
+    cuda::cached_cubin("landmark.cu", &cuda::source(SOURCE), &v.defines(), arch).map(|c| c.len())
 }
 
 fn set_indices(prm: &mut LmParams, bi: Option<&View>) {

@@ -479,7 +479,7 @@ impl Variant {
 }
 
 pub fn compile_variant(v: &Variant, arch: &str) -> Result<usize, String> {
-    cuda::compile_cubin("lightning.cu", &cuda::source(SOURCE), &v.defines(), arch).map(|c| c.len())
+    cuda::cached_cubin("lightning.cu", &cuda::source(SOURCE), &v.defines(), arch).map(|c| c.len())
 }
 
 fn launch(

@@ -582,7 +582,7 @@ impl SelVariant {
 }
 
 pub fn compile_sel_variant(v: &SelVariant, arch: &str) -> Result<usize, String> {
-    cuda::compile_cubin(
+    cuda::cached_cubin(
         "nsa_select.cu",
         &cuda::source(SEL_SOURCE),
         &v.defines(),
@@ -1346,7 +1346,7 @@ impl Variant {
 }
 
 pub fn compile_variant(v: &Variant, arch: &str) -> Result<usize, String> {
-    cuda::compile_cubin("nsa.cu", &cuda::source(SOURCE), &v.defines(), arch).map(|c| c.len())
+    cuda::cached_cubin("nsa.cu", &cuda::source(SOURCE), &v.defines(), arch).map(|c| c.len())
 }
 
 fn addr(t: Option<&View>) -> u64 {

@@ -542,7 +542,7 @@ impl Variant {
 }
 
 pub fn compile_variant(v: &Variant, arch: &str) -> Result<usize, String> {
-    cuda::compile_cubin("rat.cu", &cuda::source(SOURCE), &v.defines(), arch).map(|c| c.len())
+    cuda::cached_cubin("rat.cu", &cuda::source(SOURCE), &v.defines(), arch).map(|c| c.len())
 }
 
 fn launch(
