@@ -343,6 +343,68 @@ def compressed_kv(gen, B, T, cu, ks, stride, Hkv, D, E, dtype, lk, lv):
     return gen.bhtd(B, C, Hkv, D, dtype, lk), gen.bhtd(B, C, Hkv, E, dtype, lv)
 
 
+# float64 NSA branch references: the dense masked formulation per sequence (vectorised, fast at
+# T = 300; the per-token references loop over tokens in Python).
+
+
+def _branch_ref(q, k, v, cu, keys_of, mask_of, no_keys=None):
+    """(o, lse) per packed sequence (or the whole batch): dense softmax over mask_of(start, n,
+    m) for a sequence of n queries and its m = keys_of(n) keys (taken in order from k, v);
+    ``no_keys(q, k, v)`` for sequences without keys."""
+    B, T, Hq = q.shape[:3]
+    if B * T == 0:
+        return q.new_zeros(B, T, Hq, v.shape[3]), q.new_zeros(B, T, Hq)
+    lengths = [T] if cu is None else (cu[1:] - cu[:-1]).tolist()
+    parts, s, c = [], 0, 0
+    for n in lengths:
+        m = keys_of(n)
+        qs, ks, vs = q[:, s : s + n], k[:, c : c + m], v[:, c : c + m]
+        if n > 0 and m == 0:
+            parts.append(no_keys(qs, ks, vs))
+        elif n > 0:
+            mask = mask_of(s, n, m).expand(B, k.shape[2], n, m)
+            parts.append(RN.nsa_dense_masked_attn(qs, ks, vs, mask))
+        s, c = s + n, c + m
+    return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
+
+
+def compressed_ref(q, kc, vc, ks, stride, cu):
+    return _branch_ref(
+        q, kc, vc, cu,
+        lambda n: kc.shape[1] if cu is None else RN.nsa_num_windows(n, ks, stride),
+        lambda s, n, m: RN.compressed_visibility_mask(n, m, ks, stride),
+        lambda q, k, v: RN.nsa_compressed_attn_reference(
+            q, k, v, kernel_size=ks, kernel_stride=stride
+        ),
+    )  # fmt: skip
+
+
+def selected_ref(q, k, v, idx, bs, counts, cu):
+    def mask(s, n, m):
+        cnt = counts[:, s : s + n] if isinstance(counts, torch.Tensor) else counts
+        return RN.nsa_selection_mask(idx[:, s : s + n], bs, n, cnt)
+
+    return _branch_ref(q, k, v, cu, lambda n: n, mask)
+
+
+def window_ref(q, k, v, W, cu):
+    return _branch_ref(q, k, v, cu, lambda n: n, lambda s, n, m: RN.sliding_window_mask(n, W))[0]
+
+
+def nsa_attn_ref(q, k, v, gates, kc, vc, ks, stride, bs, topk, W, cu, idx):
+    """nsa_attn_reference's combination over the branch references above."""
+    o_cmp, lse = compressed_ref(q, kc, vc, ks, stride, cu)
+    if idx is None:
+        idx = RN.nsa_topk_blocks_reference(
+            q, kc, lse, kernel_size=ks, kernel_stride=stride, block_size=bs, topk=topk,
+            cu_seqlens=cu,
+        )  # fmt: skip
+    o_slc = selected_ref(q, k, v, idx, bs, None, cu)[0]
+    o_swa = window_ref(q, k, v, W, cu)
+    g_cmp, g_slc, g_swa = (g[..., None] for g in gates)
+    return g_cmp * o_cmp + g_slc * o_slc + g_swa * o_swa
+
+
 def nsa_compressed_attn(data, tgt: Target):
     B, T, cu = data.draw(seq_setup(tgt))
     dtype = data.draw(st.sampled_from(tgt.dtypes))
@@ -357,9 +419,7 @@ def nsa_compressed_attn(data, tgt: Target):
     out, lse = la.nsa_compressed_attn(
         q.x, kc.x, vc.x, kernel_size=ks, kernel_stride=stride, cu_seqlens=tgt.put(cu)
     )
-    ref, rlse = RN.nsa_compressed_attn_reference(
-        *refs(q, kc, vc), kernel_size=ks, kernel_stride=stride, cu_seqlens=cu
-    )
+    ref, rlse = compressed_ref(*refs(q, kc, vc), ks, stride, cu)
     assert_close(out, ref, dtype)
     assert_close(lse, rlse, dtype, "lse")
     check_grads([(out, ref)], [q, kc, vc], gen, dtype, tgt)
@@ -439,9 +499,7 @@ def nsa_selected_attn(data, tgt: Target):
         block_counts=tgt.put(counts) if counts_kind == "tensor" else counts,
         cu_seqlens=tgt.put(cu), return_lse=True,
     )  # fmt: skip
-    ref, rlse = RN.nsa_selected_attn_reference(
-        *refs(q, k, v), idx, block_size=bs, block_counts=counts, cu_seqlens=cu, return_lse=True
-    )
+    ref, rlse = selected_ref(*refs(q, k, v), idx, bs, counts, cu)
     assert_close(out, ref, dtype)
     assert_close(lse, rlse, dtype, "lse")
     check_grads([(out, ref)], [q, k, v], gen, dtype, tgt)
@@ -458,7 +516,7 @@ def sliding_window_attn(data, tgt: Target):
     k = gen.bhtd(B, T, Hkv, D, dtype, data.draw(layouts))
     v = gen.bhtd(B, T, Hkv, E, dtype, data.draw(layouts))
     out = la.sliding_window_attn(q.x, k.x, v.x, window_size=W, cu_seqlens=tgt.put(cu))
-    ref = RN.sliding_window_attn_reference(*refs(q, k, v), window_size=W, cu_seqlens=cu)
+    ref = window_ref(*refs(q, k, v), W, cu)
     assert_close(out, ref, dtype)
     check_grads([(out, ref)], [q, k, v], gen, dtype, tgt)
 
@@ -498,10 +556,9 @@ def nsa_attn(data, tgt: Target):
         q.x, k.x, v.x, *(g.x for g in gates), k_cmp=kc.x, v_cmp=vc.x, cu_seqlens=tgt.put(cu),
         block_indices=tgt.put(idx), **kw,
     )  # fmt: skip
-    ref = RN.nsa_attn_reference(
-        *refs(q, k, v, *gates), k_cmp=kc.ref, v_cmp=vc.ref, cu_seqlens=cu, block_indices=ref_idx,
-        **kw,
-    )  # fmt: skip
+    ref = nsa_attn_ref(
+        *refs(q, k, v), refs(*gates), kc.ref, vc.ref, ks, stride, bs, topk, W, cu, ref_idx
+    )
     assert_close(out, ref, dtype)
     check_grads([(out, ref)], [q, k, v, kc, vc, *gates], gen, dtype, tgt)
 

@@ -28,7 +28,6 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from longattn.reference import landmark as RL
 from longattn.reference import lightning as RLi
-from longattn.reference import nsa as RN
 from longattn.reference import rat as RR
 from property_cases import BF16, F16, F32
 
@@ -124,7 +123,8 @@ def nan_nsa(gen, dtype, tgt):
     gates = [gen.arg(torch.sigmoid(gen.randn(B, T, H)), dtype) for _ in range(3)]
     kw = dict(kernel_size=ks, kernel_stride=stride, block_size=bs, topk=3, window_size=40)
     out = la.nsa_attn(q.x, k.x, v.x, *(g.x for g in gates), k_cmp=kc.x, v_cmp=vc.x, **kw)
-    ref = RN.nsa_attn_reference(*C.refs(q, k, v, *gates), k_cmp=kc.ref, v_cmp=vc.ref, **kw)
+    ref = C.nsa_attn_ref(*C.refs(q, k, v), C.refs(*gates), kc.ref, vc.ref, ks, stride, bs, 3, 40,
+                         None, None)  # fmt: skip
     return out, ref
 
 
