@@ -12,7 +12,7 @@ Budget: ``LONGATTN_CUDA_HYPOTHESIS_EXAMPLES`` examples per op (default 40), dera
 shrinking (a failure reports the drawn example as generated; a GPU run has no time to shrink).
 Every test runs twice: ``[cuda-…]`` on the GPU (marked cuda, skipped without one) and
 ``[cpu-…]``, the same harness with the CPU kernels, T ≤ 80 and ``LONGATTN_CPU_HARNESS_EXAMPLES``
-examples (default 2), so that CI checks the harness itself. The device run selects ``-k cuda``.
+examples (default 3), so that CI checks the harness itself. The device run selects ``-k cuda``.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ TARGETS = [
 ]
 EXAMPLES = {
     "cuda": int(os.environ.get("LONGATTN_CUDA_HYPOTHESIS_EXAMPLES", "40")),
-    "cpu": int(os.environ.get("LONGATTN_CPU_HARNESS_EXAMPLES", "2")),
+    "cpu": int(os.environ.get("LONGATTN_CPU_HARNESS_EXAMPLES", "3")),
 }
 
 
