@@ -103,6 +103,11 @@ def main() -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--ts", help="comma list of sequence lengths (overrides the defaults)")
     ap.add_argument("--gs", help="comma list of GQA group sizes (overrides the defaults)")
+    ap.add_argument(
+        "--impls",
+        help="comma list of implementations to run (longattn, fsa, nsa_ref, fla, "
+        "longattn_nsa_attn, sdpa_causal; default: all)",
+    )
     args = ap.parse_args()
     t_start = time.time()
     records: list[dict] = []
@@ -146,6 +151,7 @@ def main() -> int:
         Ts = [int(x) for x in args.ts.split(",")]
     if args.gs:
         Gs = [int(x) for x in args.gs.split(",")]
+    wanted = set(args.impls.split(",")) if args.impls else set()
 
     def over():
         return time.time() - t_start > args.budget_s
@@ -185,6 +191,8 @@ def main() -> int:
                     q, k, v, block_indices=i, block_counts=n, block_size=bs
                 )
             for impl, fn in impls.items():
+                if wanted and impl not in wanted:
+                    continue
                 base = {"op": "nsa_selected_attn", "impl": impl, "T": T, "G": G, "Hkv": Hkv,
                         "D": D, "block_size": bs, "topk": n, "dtype": "bfloat16"}  # fmt: skip
                 if isinstance(fn, Exception):
@@ -210,6 +218,8 @@ def main() -> int:
         # full layer: nsa_attn (three branches, given indices) vs dense causal sdpa
         if over():
             break
+        if wanted and not wanted & {"longattn_nsa_attn", "sdpa_causal"}:
+            continue
         G = 16
         Hq = G * Hkv
         q = torch.randn(1, T, Hq, D, device=dev, dtype=dtype, requires_grad=True)
@@ -234,6 +244,8 @@ def main() -> int:
             return torch.autograd.grad(o, (q, k, v), do.transpose(1, 2))  # noqa: B023
 
         for impl, fn in (("longattn_nsa_attn", layer), ("sdpa_causal", dense)):
+            if wanted and impl not in wanted:
+                continue
             base = {"op": "nsa_layer", "impl": impl, "T": T, "G": G, "Hkv": Hkv, "D": D,
                     "dtype": "bfloat16", "direction": "fwd+bwd"}  # fmt: skip
             try:

@@ -21,10 +21,14 @@
 //   nsa_dkdv_{win,cmp}     dK/dV per key tile over the query rows that can see it
 //   nsa_dkdv_sel           dK/dV per (block, key tile, chunk of its query list); lists longer
 //                          than one chunk write float32 partials reduced in order by
-//   nsa_dkdv_reduce        (deterministic, no atomics anywhere)
+//   nsa_dkdv_reduce        (deterministic, no atomics anywhere). For small groups it also
+//                          writes the float32 dQ partial of every (row, slot, key tile) from
+//                          the dS it already holds (FSA's KV-outer dQ), summed in slot order by
+//   nsa_dq_reduce          (replacing the query-outer dQ, which runs one token per CTA)
 #include "common.cuh"
 
 #define NSA_BN 64
+#define NSA_LDS (NSA_BN + 8) // row stride of the dSᵀ tile in shared memory (keys x queries)
 #define NSA_LOG2E 1.4426950408889634f
 #define NSA_LN2 0.6931471805599453f
 #define NSA_NEG_INF (-__int_as_float(0x7f800000))
@@ -45,6 +49,7 @@ struct NsaParams {
   float *part_o;           // [B, T, Hq, n, DV]
   float *part_lse;         // [B, T, Hq, n]
   float *scratch;          // [slots, key tiles, 64, D + DV]
+  float *part_dq;          // [B, T, Hq, n, key tiles, D] or null (selected backward, KV-outer dQ)
   i64 sq[3], sk[3], sv[3], so[3], sdo[3], sdq[3], sdk[3], sdv[3], slse[3], sidx[4], scnt[3];
   int B, T, S, Hq, Hkv, G, D, DV, n;
   int N, cu_kind, idx_kind, cnt_kind, count_const;
@@ -312,7 +317,7 @@ __device__ __forceinline__ void nsa_dkdv_tile(const typename Elem<ELEM>::T *Qs,
                                               int nk, const int *rt, const int *rlo,
                                               const int *rhi, const float *rlse2,
                                               const float *rdl, float sl2, float (*dK)[4],
-                                              float (*dV)[4]) {
+                                              float (*dV)[4], typename Elem<ELEM>::T *dSs) {
   typedef Frag<ELEM> F;
   constexpr int KS = Elem<ELEM>::KS, PAD = Elem<ELEM>::PAD;
   constexpr int LDK = DK + PAD, LDV = DV + PAD, NT = 64 / 8; // 64 query columns
@@ -355,6 +360,7 @@ __device__ __forceinline__ void nsa_dkdv_tile(const typename Elem<ELEM>::T *Qs,
         const float pv = ok ? fast_exp2(S[j][2 * rr + cc] * sl2 - rlse2[qc]) : 0.f;
         S[j][2 * rr + cc] = pv;
         P[j][2 * rr + cc] = ok ? pv * (P[j][2 * rr + cc] - rdl[qc]) : 0.f;
+        if (dSs) dSs[kr * NSA_LDS + qc] = from_f32<ELEM>(P[j][2 * rr + cc]);
       }
   }
   // dV += Pᵀ dO, dK += dSᵀ Q
@@ -372,6 +378,52 @@ __device__ __forceinline__ void nsa_dkdv_tile(const typename Elem<ELEM>::T *Qs,
     for (int j = 0; j < DK / 8; ++j) {
       F::B_kn(bf, Qs, LDK, kk * KS, 8 * j);
       mma<ELEM>(dK[j], a, bf);
+    }
+  }
+}
+
+// dQ partial of one warp's 16 query rows from one key tile: dS (read back from its transpose
+// dSᵀ in shared memory, written by every warp of the tile) times the tile's keys, scaled, stored
+// float32 per (row, slot, key tile) for nsa_dq_reduce. Columns in passes of at most 64 keep the
+// accumulators small beside the live dK/dV.
+template <int ELEM, int DK, int M>
+__device__ __forceinline__ void nsa_dq_partial(const NsaParams &p, const Rows<M> &R,
+                                               const typename Elem<ELEM>::T *dSs,
+                                               const typename Elem<ELEM>::T *Ks, int row0,
+                                               int key_tile) {
+  typedef Frag<ELEM> F;
+  constexpr int KS = Elem<ELEM>::KS, LDK = DK + Elem<ELEM>::PAD;
+  constexpr int NJ = DK / 8 < 8 ? DK / 8 : 8;
+  const int lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+  if (R.t[row0] < 0) return; // valid rows form a prefix of the tile
+#pragma unroll
+  for (int c0 = 0; c0 < DK / 8; c0 += NJ) {
+    float acc[NJ][4];
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < NSA_BN / KS; ++kk) {
+      u32 a[4], bf[2];
+      F::A_km(a, dSs, NSA_LDS, row0, kk * KS);
+#pragma unroll
+      for (int j = 0; j < NJ; ++j) {
+        F::B_kn(bf, Ks, LDK, kk * KS, 8 * (c0 + j));
+        mma<ELEM>(acc[j], a, bf);
+      }
+    }
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      const int r = row0 + g + 8 * rr, t = R.t[r];
+      if (t < 0) continue;
+      const i64 pi = ((((i64)R.b[r] * p.T + t) * p.Hq + R.h[r]) * p.n + R.slot[r]) * p.key_tiles;
+      float *dst = p.part_dq + (pi + key_tile) * p.D;
+#pragma unroll
+      for (int j = 0; j < NJ; ++j)
+#pragma unroll
+        for (int cc = 0; cc < 2; ++cc) {
+          const int col = 8 * (c0 + j) + 2 * tq + cc;
+          if (col < p.D) dst[col] = acc[j][2 * rr + cc] * p.scale;
+        }
     }
   }
 }
@@ -642,18 +694,34 @@ __device__ __forceinline__ void nsa_fwd_kv_impl(const NsaParams &p) {
   }
 }
 
+// The (token, head) row of one warp in the one-warp-per-row kernels (4 warps a CTA), with its
+// sequence, last visible block and selected-slot count. False past the last row.
+struct NsaWarpRow {
+  i64 row;
+  int b, t, h, g, start, end, last, cnt;
+};
+__device__ __forceinline__ bool nsa_warp_row(const NsaParams &p, NsaWarpRow &w) {
+  w.row = (i64)blockIdx.x * 4 + (threadIdx.x >> 5);
+  if (w.row >= (i64)p.B * p.T * p.Hq) return false;
+  w.h = (int)(w.row % p.Hq);
+  w.t = (int)((w.row / p.Hq) % p.T);
+  w.b = (int)(w.row / ((i64)p.Hq * p.T));
+  w.g = w.h / p.G;
+  int s;
+  nsa_seq_of(p, w.t, s, w.start, w.end);
+  w.last = (w.t - w.start) / p.a;
+  w.cnt = nsa_count(p, w.b, w.t, w.g);
+  return true;
+}
+
 // Combines the partials of every (token, head): one warp per row.
 template <int ELEM> __device__ __forceinline__ void nsa_combine_impl(const NsaParams &p) {
   typedef typename Elem<ELEM>::T T;
   const int lane = threadIdx.x & 31;
-  const i64 row = (i64)blockIdx.x * 4 + (threadIdx.x >> 5);
-  if (row >= (i64)p.B * p.T * p.Hq) return;
-  const int h = (int)(row % p.Hq), t = (int)((row / p.Hq) % p.T), b = (int)(row / ((i64)p.Hq * p.T));
-  const int g = h / p.G;
-  int s, start, end;
-  nsa_seq_of(p, t, s, start, end);
-  const int last = (t - start) / p.a;
-  const int cnt = nsa_count(p, b, t, g);
+  NsaWarpRow w;
+  if (!nsa_warp_row(p, w)) return;
+  const i64 row = w.row;
+  const int b = w.b, t = w.t, h = w.h, g = w.g, last = w.last, cnt = w.cnt;
   const float *pl = p.part_lse + row * p.n;
   float mx = NSA_NEG_INF;
   for (int slot = 0; slot < cnt; ++slot) {
@@ -879,6 +947,7 @@ __device__ __forceinline__ void nsa_dkdv_impl(const NsaParams &p) {
   }
   nsa_load_kv<ELEM, DK, DV, THREADS>(p, Ks, Vs, b, g, k0, nk);
   cp_async_commit();
+  T *dSs = KIND == 3 && p.part_dq ? Vs + NSA_BN * LDV : nullptr;
   float dK[DK / 8][4], dV[DV / 8][4];
 #pragma unroll
   for (int j = 0; j < DK / 8; ++j) dK[j][0] = dK[j][1] = dK[j][2] = dK[j][3] = 0.f;
@@ -900,9 +969,17 @@ __device__ __forceinline__ void nsa_dkdv_impl(const NsaParams &p) {
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
-    if (key0 < nk)
+    if (key0 < nk) {
       nsa_dkdv_tile<ELEM, DK, DV>(Qs, dOs, Ks, Vs, key0, k0, nk, R.t, R.lo, R.hi, R.lse2, R.dl, sl2,
-                                  dK, dV);
+                                  dK, dV, dSs);
+    } else if (dSs) {
+      for (int i = lane; i < 16 * NSA_BN; i += 32)
+        dSs[(key0 + i / NSA_BN) * NSA_LDS + i % NSA_BN] = from_f32<ELEM>(0.f);
+    }
+    if (dSs) { // uniform over the CTA
+      __syncthreads();
+      nsa_dq_partial<ELEM, DK, M>(p, R, dSs, Ks, 16 * warp, blockIdx.y);
+    }
   }
   cp_async_wait<0>();
   const int gq = lane >> 2, tq = lane & 3;
@@ -984,6 +1061,30 @@ template <int ELEM> __device__ __forceinline__ void nsa_dkdv_reduce_impl(const N
   }
 }
 
+// dQ of every (token, head) from the KV-outer partials, in slot and key-tile order (the same
+// valid slots as nsa_combine; key tiles that nsa_dkdv_sel launched). One warp per row.
+template <int ELEM> __device__ __forceinline__ void nsa_dq_reduce_impl(const NsaParams &p) {
+  typedef typename Elem<ELEM>::T T;
+  const int lane = threadIdx.x & 31;
+  NsaWarpRow w;
+  if (!nsa_warp_row(p, w)) return;
+  const i64 row = w.row;
+  const int b = w.b, t = w.t, h = w.h, g = w.g, start = w.start, end = w.end;
+  const int last = w.last, cnt = w.cnt;
+  T *qb = (T *)p.dq + b * p.sdq[0] + (i64)t * p.sdq[1] + h * p.sdq[2];
+  for (int col = lane; col < p.D; col += 32) {
+    float acc = 0.f;
+    for (int slot = 0; slot < cnt; ++slot) {
+      const i64 j = nsa_idx(p, b, t, g, slot);
+      if (j < 0 || j > last) continue;
+      const int blo = start + (int)j * p.a, bhi = min(blo + p.a, end);
+      const float *src = p.part_dq + (row * p.n + slot) * p.key_tiles * (i64)p.D + col;
+      for (int kt = 0; kt < p.key_tiles && blo + kt * NSA_BN < bhi; ++kt) acc += src[(i64)kt * p.D];
+    }
+    qb[col] = from_f32<ELEM>(acc);
+  }
+}
+
 // ----------------------------------------------------------------------------- entry points
 
 #define NSA_E NSA_ELEM, NSA_DK, NSA_DV
@@ -1005,3 +1106,4 @@ extern "C" __global__ void __launch_bounds__(128) nsa_dkdv_win(const NsaParams p
 extern "C" __global__ void __launch_bounds__(128) nsa_dkdv_cmp(const NsaParams p) { nsa_dkdv_impl<NSA_E, 1>(p); }
 extern "C" __global__ void __launch_bounds__(128) nsa_dkdv_sel(const NsaParams p) { nsa_dkdv_impl<NSA_E, 3>(p); }
 extern "C" __global__ void __launch_bounds__(128) nsa_dkdv_reduce(const NsaParams p) { nsa_dkdv_reduce_impl<NSA_ELEM>(p); }
+extern "C" __global__ void __launch_bounds__(128) nsa_dq_reduce(const NsaParams p) { nsa_dq_reduce_impl<NSA_ELEM>(p); }

@@ -4,7 +4,7 @@
 # most of a GPU and whose non-current-device case needs two) beside the sanitizer (one process per
 # family and tool), then the benchmarks (timed alone). The device tool returns at most 8 files, so
 # everything comes back as $OUT/logs.tgz; failures and summaries are printed.
-# Environment: TESTS (0: none), PYTEST_K, TEST_WORKERS, SANITIZE_FAMILIES, SANITIZE_TOOLS,
+# Environment: TESTS (0: none), PYTEST_K, TEST_WORKERS, SANITIZE_FAMILIES, SANITIZE_TOOLS, SANITIZE_ONLY,
 # BENCH_PLAN ("family:args;family:args"; empty: no benchmarks), *_DEADLINE_S.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
@@ -13,7 +13,7 @@ mkdir -p "$OUT"
 gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
 second=$( ((gpus > 1)) && echo 1 || echo 0)
 export PYTEST_ARGS="-v -rfE --tb=short -p no:cacheprovider --durations=15" PYTEST_K=${PYTEST_K-cuda}
-export PACK_TRITON_CACHE=0 DEVICE_DEADLINE_S=${TESTS_DEADLINE_S:-300}
+export OMP_NUM_THREADS=2 PACK_TRITON_CACHE=0 DEVICE_DEADLINE_S=${TESTS_DEADLINE_S:-300}
 # Compile every kernel once, on all cores, before dozens of processes would each compile them.
 SITE=/tmp/site-w OUT=$OUT/warm bash scripts/device.sh warm 2>&1 | grep -E "^warm|rror"
 pids=()
@@ -28,7 +28,10 @@ if [[ ${TESTS:-1} == 1 ]]; then
 fi
 for fam in ${SANITIZE_FAMILIES-landmark}; do
     for tool in ${SANITIZE_TOOLS-memcheck racecheck}; do
-        SITE=/tmp/site-s-$fam-$tool OUT=$OUT/sanitize-$fam-$tool SANITIZE_TOOLS=$tool FAMILIES=$fam \
+        # SANITIZE_ONLY (a case-name substring) narrows the slow memcheck/racecheck runs only
+        only=$([[ $tool == memcheck || $tool == racecheck ]] && echo "${SANITIZE_ONLY-}")
+        SANITIZE_ONLY=$only SITE=/tmp/site-s-$fam-$tool OUT=$OUT/sanitize-$fam-$tool \
+            SANITIZE_TOOLS=$tool FAMILIES=$fam \
             CUDA_VISIBLE_DEVICES=$second bash scripts/device.sh sanitize \
             >"$OUT/sanitize-$fam-$tool.log" 2>&1 &
         pids+=($!)

@@ -74,9 +74,12 @@ def _landmark(device, dtype, B, T):
 def _landmark_retrieval(device, dtype, B, T):
     q, k, v = _gqa(device, dtype, B, T)
     idx = la.landmark_topk_blocks(q, k, block_size=32, topk=3)
-    return (
-        lambda q, k, v, idx: (la.landmark_attn(q, k, v, block_size=32, block_indices=idx),)
-    ), [q, k, v, idx]
+    return (lambda q, k, v, idx: (la.landmark_attn(q, k, v, block_size=32, block_indices=idx),)), [
+        q,
+        k,
+        v,
+        idx,
+    ]
 
 
 def _compress(device, dtype, B, T, Hkv=2, D=32, ks=32, kd=16):

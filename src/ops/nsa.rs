@@ -279,6 +279,8 @@ pub struct CudaAux<'a> {
     /// backward: Δ [B, T, Hq] float32 and the split-list dk/dv partials
     pub delta: Option<&'a View>,
     pub scratch: Option<&'a View>,
+    /// backward KV-outer dQ partials [B, T, Hq, n, key tiles, D] float32 (small groups)
+    pub part_dq: Option<&'a View>,
     /// tokens per chunk of a query list
     pub chunk_tokens: usize,
     pub stream: usize,
@@ -1231,6 +1233,7 @@ struct NsaParams {
     part_o: u64,
     part_lse: u64,
     scratch: u64,
+    part_dq: u64,
     sq: [i64; 3],
     sk: [i64; 3],
     sv: [i64; 3],
@@ -1286,6 +1289,8 @@ fn kernel_table(v: &Variant) -> Vec<(&'static str, u32)> {
     let kv = |kt: usize| ((64 * ldk + kt * bn * (ldk + ldv)) * es) as u32;
     let dq = |m: usize| ((m * ldk + m * ldv + bn * ldk + bn * ldv) * es) as u32;
     let dkdv = ((64 * ldk + 64 * ldv + bn * ldk + bn * ldv) * es) as u32;
+    // plus the dSᵀ tile (64 keys x 72) that the KV-outer dQ reads back
+    let dkdv_sel = dkdv + (64 * (bn + 8) * es) as u32;
     vec![
         ("nsa_fwd_win", fwd(64)),
         ("nsa_fwd_cmp", fwd(64)),
@@ -1303,8 +1308,9 @@ fn kernel_table(v: &Variant) -> Vec<(&'static str, u32)> {
         ("nsa_dq_selq4", dq(64)),
         ("nsa_dkdv_win", dkdv),
         ("nsa_dkdv_cmp", dkdv),
-        ("nsa_dkdv_sel", dkdv),
+        ("nsa_dkdv_sel", dkdv_sel),
         ("nsa_dkdv_reduce", 0),
+        ("nsa_dq_reduce", 0),
     ]
 }
 
@@ -1469,6 +1475,7 @@ fn base_params(
         part_o: addr(aux.part_o),
         part_lse: addr(aux.part_lse),
         scratch: addr(aux.scratch),
+        part_dq: addr(aux.part_dq),
         sq: cuda::opt_strides(Some(q)),
         sk: cuda::opt_strides(Some(k)),
         sv: cuda::opt_strides(Some(v)),
@@ -1682,18 +1689,16 @@ fn cuda_attn_backward(
     let hkv = p.hkv as u32;
     let b = p.b as u32;
     let s = x.k.shape[1];
+    // Δ and the dQ reduce: one warp per (token, head) row.
+    let nrows = (p.b * p.t * p.hq).div_ceil(4) as u32;
+    let per_row = |name: &str, prm: &NsaParams| {
+        // SAFETY: as in cuda_attn_forward.
+        unsafe { dev.launch(kernels.get(name)?, (nrows, 1, 1), 128, 0, stream, prm) }
+    };
     // SAFETY: as in cuda_attn_forward.
     unsafe {
         if p.t > 0 {
-            let nrows = (p.b * p.t * p.hq).div_ceil(4) as u32;
-            dev.launch(
-                kernels.get("nsa_delta")?,
-                (nrows, 1, 1),
-                128,
-                0,
-                stream,
-                &prm,
-            )?;
+            per_row("nsa_delta", &prm)?;
         }
         match br.kind {
             "window" | "compressed" => {
@@ -1716,18 +1721,25 @@ fn cuda_attn_backward(
                 if p.t == 0 {
                     return Ok(());
                 }
-                let nw = sel_warps(g);
-                let dqn = ["nsa_dq_selq1", "nsa_dq_selq2", "", "nsa_dq_selq4"][nw - 1];
-                let hc = g.div_ceil(16 * nw);
-                let grid = ((p.t * hc) as u32, hkv, b);
-                dev.launch(
-                    kernels.get(dqn)?,
-                    grid,
-                    32 * nw as u32,
-                    smem(dqn),
-                    stream,
-                    &prm,
-                )?;
+                // dQ: KV-outer partials (written by nsa_dkdv_sel, reduced below) or query-outer
+                let kv_outer_dq = aux.part_dq.is_some();
+                if kv_outer_dq {
+                    let parts = p.b * p.t * p.hq * prm.n as usize * prm.key_tiles as usize * p.d;
+                    expect_aux(aux.part_dq, "part_dq", DType::F32, parts, dev_kind)?;
+                } else {
+                    let nw = sel_warps(g);
+                    let dqn = ["nsa_dq_selq1", "nsa_dq_selq2", "", "nsa_dq_selq4"][nw - 1];
+                    let hc = g.div_ceil(16 * nw);
+                    let grid = ((p.t * hc) as u32, hkv, b);
+                    dev.launch(
+                        kernels.get(dqn)?,
+                        grid,
+                        32 * nw as u32,
+                        smem(dqn),
+                        stream,
+                        &prm,
+                    )?;
+                }
                 // dk/dv: KV-outer over the query lists (dk, dv zeroed by the caller)
                 let n = prm.n as usize;
                 let (nl, chunks) = list_plan(p, aux, n, dev_kind)?;
@@ -1757,7 +1769,11 @@ fn cuda_attn_backward(
                     0,
                     stream,
                     &prm,
-                )
+                )?;
+                if kv_outer_dq {
+                    per_row("nsa_dq_reduce", &prm)?;
+                }
+                Ok(())
             }
         }
     }

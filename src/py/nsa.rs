@@ -64,11 +64,12 @@ fn nsa_branch_fwd(
 /// Backward of one attention branch: writes dq, dk, dv.
 #[pyfunction]
 /// CUDA only: `delta` ([B, T, Hq] float32 scratch), `cmp_off`, and for selected attention the
-/// list plan (`entries`, `list_off`, `chunk_off`, `split_off`, `scratch`, `chunk_tokens`).
+/// list plan (`entries`, `list_off`, `chunk_off`, `split_off`, `scratch`, `chunk_tokens`) and,
+/// for small groups, the KV-outer dQ partials (`part_dq`).
 #[pyo3(signature = (kind, q, k, v, out, lse, grad_out, dq, dk, dv, block_indices, block_counts,
                     count, a, b, scale, cu_seqlens, stream, delta=None, cmp_off=None,
                     entries=None, list_off=None, chunk_off=None, split_off=None, scratch=None,
-                    chunk_tokens=0))]
+                    part_dq=None, chunk_tokens=0))]
 #[allow(clippy::too_many_arguments)]
 fn nsa_branch_bwd(
     py: Python<'_>,
@@ -97,11 +98,12 @@ fn nsa_branch_bwd(
     chunk_off: Option<&Bound<'_, PyAny>>,
     split_off: Option<&Bound<'_, PyAny>>,
     scratch: Option<&Bound<'_, PyAny>>,
+    part_dq: Option<&Bound<'_, PyAny>>,
     chunk_tokens: usize,
 ) -> PyResult<()> {
     tensors!(stream; q, k, v, out, lse, grad_out, dq, dk, dv, block_indices?, block_counts?,
              cu_seqlens?, delta?, cmp_off?, entries?, list_off?, chunk_off?, split_off?,
-             scratch?);
+             scratch?, part_dq?);
     let br = Branch {
         kind,
         block_indices,
@@ -118,6 +120,7 @@ fn nsa_branch_bwd(
         split_off,
         delta,
         scratch,
+        part_dq,
         chunk_tokens,
         stream,
         ..Default::default()

@@ -235,6 +235,12 @@ def _cuda_bwd_aux(q, k, v, block_indices, block_counts, kind, count, a, b, cu_se
             scratch=scratch,
             chunk_tokens=ct,
         )
+        if _kv_outer(q, k, a) and q.numel() > 0:
+            # dQ from the KV-outer dK/dV kernel: float32 partials per (row, slot, key tile), the
+            # same order of memory as the forward's part_o
+            aux["part_dq"] = torch.empty(
+                (B, T, q.shape[2], n, tiles, q.shape[3]), dtype=torch.float32, device=q.device
+            )
     return aux
 
 

@@ -378,7 +378,8 @@ def nsa_dense_masked_attn(
     s = torch.einsum("bthd,bshd->bhts", q, kk) * scale
     s = s.masked_fill(~m, -math.inf)
     any_ = m.any(-1, keepdim=True)
-    mx = torch.where(any_, s.amax(-1, keepdim=True), torch.zeros_like(s[..., :1])).detach()
+    zero = s.new_zeros((*s.shape[:-1], 1))
+    mx = torch.where(any_, s.amax(-1, keepdim=True) if s.shape[-1] else zero, zero).detach()
     e = torch.exp(s - mx)
     den = e.sum(-1, keepdim=True)
     den_safe = torch.where(any_, den, torch.ones_like(den))
