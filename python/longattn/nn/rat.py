@@ -11,8 +11,8 @@ Generation keeps a :class:`RATCache`: the chunk-final states (T/L per layer, sto
 the module dtype, with geometrically growing capacity) plus the float32 running state of the
 current chunk. A call without a cache runs the fused op (CPU or CUDA); a call with a cache
 continues from it and equals the full forward: one token on CUDA runs the fused ``rat_decode``
-kernel (O(T/L) per token, no allocation per step, no host synchronisation); a prefill chunk, or
-any call on the CPU, runs in PyTorch over the cached states.
+kernel (O(T/L) per token, states appended in place, no host synchronisation); a prefill chunk,
+or any call on the CPU, runs in PyTorch over the cached states.
 """
 
 from __future__ import annotations
