@@ -22,14 +22,18 @@ Implementations (each one that fails is recorded with its error string, never dr
 Directions: ``fwd`` (a training forward, inputs require grad) and ``fwdbwd`` (forward plus
 ``torch.autograd.grad((o * do).sum(), inputs)``).
 
-Decode (``--no-decode`` to skip): batch 512, 4K context, H 16, D 128, L 16, bf16: one token of
-``longattn.nn.rat_continue`` (the RATCache path: a PyTorch step over the 256 cached chunk states,
-float32) against SDPA over a full 4K bf16 KV cache (q_len 1, no mask).
+Decode (``--only decode`` runs just this part, ``--no-decode`` skips it): batch 512, 4K
+context, H 16, D 128, L 16, bf16: one token of ``longattn.nn.rat.rat_continue`` on a RATCache of
+256 rotated bf16 chunk states (the fused ``rat_decode`` kernel on CUDA), mid-chunk
+(``longattn-ratcache``) and on a chunk-completing step that appends its state
+(``longattn-ratcache-chunk-end``), against SDPA over a full 4K bf16 KV cache (q_len 1, no mask).
+Each timed call resets ``seen`` so that it repeats the same step.
 
 Results go to ``--out`` as JSON (a list of records), written after every measurement.
 
 Usage:
     python3 benchmarks/bench_rat.py --out results.json --budget-s 240 [--quick]
+    python3 benchmarks/bench_rat.py --only decode --out decode.json
     python3 benchmarks/bench_rat.py --device cpu --quick --out /tmp/rat-cpu.json   # smoke test
 """
 
@@ -200,63 +204,70 @@ def run_shape(bench, rat_attn, B, T, dev, dt):
         bench.measure({**base, "impl": name, "direction": "fwd+bwd"}, fwdbwd, 3.5 * flops)
 
 
+def run_decode(bench, dev, dt):
+    from longattn.nn.rat import RATCache, rat_continue
+
+    Bd, Tc = (512, 4096) if bench.cuda else (4, 256)
+    base = {"op": "rat_decode", "B": Bd, "T": Tc, "H": H, "D": D, "L": L, "dtype": str(dt)[6:]}
+    try:
+        torch.manual_seed(0)
+        C = Tc // L
+        cache = RATCache.empty(Bd, H, D, dtype=dt, device=dev, capacity=2 * C)
+        cache.k_store[:, :, :C].normal_()
+        cache.v_store[:, :, :C].normal_()
+        cache.k_run.normal_()
+        cache.v_run.normal_()
+        q1, k1, v1 = (torch.randn(Bd, 1, H, D, device=dev, dtype=dt) for _ in range(3))
+        g1 = torch.sigmoid(torch.randn(Bd, 1, H, D, device=dev))
+        for impl, offset in (("longattn-ratcache", 1), ("longattn-ratcache-chunk-end", L - 1)):
+
+            def step(offset=offset):
+                cache.seen, cache.num_chunks = C * L + offset, C
+                with torch.no_grad():
+                    rat_continue(q1, k1, v1, g1, cache, chunk_size=L)
+
+            bench.measure({**base, "impl": impl, "direction": "decode"}, step)
+        cache = None  # free the states before the KV cache is allocated
+        kc, vc = (torch.randn(Bd, H, Tc, D, device=dev, dtype=dt) for _ in range(2))
+        qd = torch.randn(Bd, H, 1, D, device=dev, dtype=dt)
+
+        def sdpa_step():
+            with torch.no_grad():
+                F.scaled_dot_product_attention(qd, kc, vc)
+
+        bench.measure({**base, "impl": "sdpa-kvcache", "direction": "decode"}, sdpa_step)
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        bench.save({**base, "impl": "decode", "error": f"{type(e).__name__}: {e}"})
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", default=None)
     ap.add_argument("--budget-s", type=float, default=240.0)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--no-decode", action="store_true")
+    ap.add_argument("--no-decode", action="store_true", help="same as --only train")
+    ap.add_argument("--only", choices=("all", "train", "decode"), default="all")
     args = ap.parse_args()
+    if args.no_decode:
+        args.only = "train"
 
     from longattn import rat_attn
-    from longattn.nn.rat import RATCache, rat_continue
 
     bench = Bench(args)
     dev = torch.device(args.device)
     dt = torch.bfloat16 if bench.cuda else torch.float32
-    shapes = SHAPES if bench.cuda else CPU_SHAPES
-    if args.quick:
-        shapes = shapes[:1] if bench.cuda else shapes[:1]
-    for B, T in shapes:
-        run_shape(bench, rat_attn, B, T, dev, dt)
-        if bench.cuda:
-            torch.cuda.empty_cache()
-
-    if not args.no_decode and bench.left() > 0:
-        Bd, Tc = (512, 4096) if bench.cuda else (4, 256)
-        base = {"op": "rat_decode", "B": Bd, "T": Tc, "H": H, "D": D, "L": L, "dtype": str(dt)[6:]}
-        try:
-            torch.manual_seed(0)
-            C = Tc // L
-            sdt = torch.float32
-            cache = RATCache(
-                torch.randn(Bd, C, H, D, device=dev, dtype=sdt),
-                torch.randn(Bd, C, H, D, device=dev, dtype=sdt),
-                torch.randn(Bd, H, D, device=dev, dtype=sdt),
-                torch.randn(Bd, H, D, device=dev, dtype=sdt),
-                Tc + 1,  # mid-chunk: no chunk completes on this step
-            )
-            q1, k1, v1 = (torch.randn(Bd, 1, H, D, device=dev, dtype=dt) for _ in range(3))
-            g1 = torch.sigmoid(torch.randn(Bd, 1, H, D, device=dev))
-
-            def step():
-                with torch.no_grad():
-                    rat_continue(q1, k1, v1, g1, cache, chunk_size=L)
-
-            bench.measure({**base, "impl": "longattn-ratcache", "direction": "decode"}, step)
-            del cache
-            kc, vc = (torch.randn(Bd, H, Tc, D, device=dev, dtype=dt) for _ in range(2))
-            qd = torch.randn(Bd, H, 1, D, device=dev, dtype=dt)
-
-            def sdpa_step():
-                with torch.no_grad():
-                    F.scaled_dot_product_attention(qd, kc, vc)
-
-            bench.measure({**base, "impl": "sdpa-kvcache", "direction": "decode"}, sdpa_step)
-        except Exception as e:  # noqa: BLE001
-            traceback.print_exc()
-            bench.save({**base, "impl": "decode", "error": f"{type(e).__name__}: {e}"})
+    if args.only != "decode":
+        shapes = SHAPES if bench.cuda else CPU_SHAPES
+        if args.quick:
+            shapes = shapes[:1]
+        for B, T in shapes:
+            run_shape(bench, rat_attn, B, T, dev, dt)
+            if bench.cuda:
+                torch.cuda.empty_cache()
+    if args.only != "train" and bench.left() > 0:
+        run_decode(bench, dev, dt)
 
 
 if __name__ == "__main__":

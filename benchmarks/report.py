@@ -482,10 +482,11 @@ FAMILIES = {
             "sdpa": "SDPA",
             "official": "official RAT core",
             "longattn-ratcache": "longattn RATCache step",
+            "longattn-ratcache-chunk-end": "longattn RATCache chunk-completing step",
             "sdpa-kvcache": "SDPA over KV cache",
             "decode": "decode",
         },
-        "ours": ("longattn", "longattn-ratcache"),
+        "ours": ("longattn", "longattn-ratcache", "longattn-ratcache-chunk-end"),
         "main": "rat_attn",
     },
     "landmark": {

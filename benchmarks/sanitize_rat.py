@@ -8,7 +8,11 @@ Cases (forward + backward, each checked against the float64 per-token reference,
 or wrong element shows up too): bf16 and float32 at L = 16 (tiles of whole chunks), L = 3 (tiles
 that do not start at a multiple of 64), L = 100 (sub-tiles inside a chunk: the carries and the
 reverse scan across sub-tiles), D = 40 (padded head dim), NoPE, g in bf16, varlen with an empty
-and a one-token sequence, stride-0 grouped keys.  Exit status 1 when a case raised or missed its
+and a one-token sequence, stride-0 grouped keys.  Decode cases (one ``rat_continue`` step, the
+fused ``rat_decode`` kernel on CUDA, against the float64 PyTorch path on the same cache): bf16
+and float32, C = 0 and C > 0, a fresh chunk, mid-chunk and chunk-completing steps, few rows with
+C = 300 (split over CTAs and combined), D = 36 (scalar loads); the state capacity is exactly what
+the step needs, so a read past C is out of bounds.  Exit status 1 when a case raised or missed its
 tolerance; the sanitizer's own verdict is its 'ERROR SUMMARY' line.  `--cpu` runs the same cases
 on the CPU (a check of this script, no sanitizer).
 """
@@ -71,6 +75,40 @@ def main() -> int:
             traceback.print_exc()
             failures.append(name)
 
+    def run_decode(name, B, H, D, L, C, offset, dtype):
+        from longattn.nn.rat import RATCache, rat_continue
+
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        try:
+            cap = max(C + (offset == L - 1), 1)
+            cache = RATCache.empty(B, H, D, dtype=dtype, device=dev, capacity=cap)
+            cache.k_store.copy_(torch.randn(B, H, cap, D, device=dev))
+            cache.v_store.copy_(torch.randn(B, H, cap, D, device=dev))
+            cache.k_run.copy_(torch.randn(B, H, D, device=dev))
+            cache.v_run.copy_(torch.randn(B, H, D, device=dev))
+            cache.seen, cache.num_chunks = C * L + offset, C
+            tensors = (cache.k_store, cache.v_store, cache.k_run, cache.v_run)
+            ref = RATCache(
+                *(t.double().cpu() for t in tensors),
+                cache.seen,
+                cache.num_chunks,
+            )
+            q, k, v = (torch.randn(B, 1, H, D, device=dev).to(dtype) for _ in range(3))
+            g = torch.sigmoid(torch.randn(B, 1, H, D, device=dev) + 1)
+            y, cache = rat_continue(q, k, v, g, cache, chunk_size=L)
+            yr, ref = rat_continue(*(t.double().cpu() for t in (q, k, v, g)), ref, chunk_size=L)
+            errs = {"y": rel(y, yr), "k_run": rel(cache.k_run, ref.k_run)}
+            if offset == L - 1:
+                errs["appended"] = rel(cache.k_store[:, :, C], ref.k_store[:, :, C])
+            bad = {k: e for k, e in errs.items() if not e <= tol}
+            status = "FAIL" if bad else "ok"
+            print(f"{status:4s} {name}: " + ", ".join(f"{k} {e:.2e}" for k, e in errs.items()))
+            if bad:
+                failures.append(name)
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+            failures.append(name)
+
     bf16, f32 = torch.bfloat16, torch.float32
     run("bf16 L16 D64", 2, 150, 2, 64, 16, bf16)
     run("f32 L16 D64", 1, 150, 2, 64, 16, f32)
@@ -81,6 +119,12 @@ def main() -> int:
     run("bf16 L16 varlen", 1, 120, 2, 64, 16, bf16, cu=[0, 5, 5, 101, 102, 120])
     run("f32 L100 varlen", 1, 260, 2, 32, 100, f32, cu=[0, 70, 259, 260])
     run("bf16 L16 grouped", 2, 90, 4, 64, 16, bf16, group=1)
+    run_decode("decode bf16 C0 fresh", 3, 4, 128, 16, 0, 0, bf16)
+    run_decode("decode f32 C0 completing", 3, 4, 64, 16, 0, 15, f32)
+    run_decode("decode bf16 C5 mid-chunk", 3, 4, 128, 16, 5, 7, bf16)
+    run_decode("decode f32 C300 split completing", 1, 2, 128, 16, 300, 15, f32)
+    run_decode("decode bf16 C300 split mid-chunk", 1, 2, 128, 16, 300, 3, bf16)
+    run_decode("decode bf16 L1 C40 D36", 2, 2, 36, 1, 40, 0, bf16)
     if dev.type == "cuda":
         torch.cuda.synchronize()
     print("FAILED: " + ", ".join(failures) if failures else "all cases passed")

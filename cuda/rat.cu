@@ -20,6 +20,7 @@
 //               every later query tile (no atomics).
 //   rat_bwd_q   per tile (L <= 64) or per chunk (L > 64, its sub-tiles in reverse): dq, then the
 //               reverse scan (own-state gradients + dK~/dV~ at offset L − 1) to dk, dv, dg.
+//   rat_decode, rat_decode_combine  one token per sequence from a RATCache (see "decode").
 //
 // Defines: RAT_ELEM (0 f32, 1 f16, 2 bf16), RAT_DK (padded head dim, multiple of 16, <= 256).
 #include "common.cuh"
@@ -107,7 +108,8 @@ __device__ __forceinline__ void tile_of(const RatParams &p, const Seq &s, int x,
 template <int ELEM> __device__ __forceinline__ float ld(const void *base, i64 off) {
   return load_f32<ELEM>((const typename Elem<ELEM>::T *)base + off);
 }
-__device__ __forceinline__ float ld_g(const RatParams &p, i64 off) {
+// ld_g and theta_of serve RatParams and RatDecodeParams (same field names).
+template <class P> __device__ __forceinline__ float ld_g(const P &p, i64 off) {
   return p.g_f32 ? ((const float *)p.g)[off] : ld<RAT_ELEM>(p.g, off);
 }
 template <int ELEM> __device__ __forceinline__ void st(void *base, i64 off, float x) {
@@ -115,7 +117,7 @@ template <int ELEM> __device__ __forceinline__ void st(void *base, i64 off, floa
 }
 
 // θ_i = base^(−2i/D) (float64), 0 without RoPE.
-__device__ __forceinline__ double theta_of(const RatParams &p, int i) {
+template <class P> __device__ __forceinline__ double theta_of(const P &p, int i) {
   return p.rope ? exp2(-2.0 * (double)i / (double)p.D * p.log2_base) : 0.0;
 }
 // cos/sin of c·θ (angle reduced in float64).
@@ -915,6 +917,258 @@ template <int ELEM, int DK> __device__ void bwd_q_impl(const RatParams &p) {
   }
 }
 
+// ------------------------------------------------------------------------------- decode
+// One new token per sequence continuing from a RATCache (python/longattn/nn/rat.py). The cached
+// chunk-final states are stored already rotated by their chunk index, in the input dtype; the
+// running state of the current chunk is float32 and is updated in place.
+//   rat_decode          per (split, head, sequence): split s takes the states
+//                       [s·split_len, min(C, (s + 1)·split_len)); split 0 also owns the running
+//                       state: the gated update, the own softmax term and, when the token ends
+//                       its chunk, the rotated final state appended at slot C (never read here).
+//                       With one split it writes y, otherwise its partial (O, m, l).
+//   rat_decode_combine  per (head, sequence): merges the partials by log-sum-exp into y.
+// States are read as 16-byte vectors: a row group of LPR = DK / V lanes holds one state row
+// (V elements per lane), so a warp reads 32 / LPR rows at once.
+struct RatDecodeParams {
+  const void *q, *k, *v, *g; // [B, 1, H, D]
+  void *out;                 // [B, 1, H, D]
+  float *k_run, *v_run;      // [B, H, D] float32
+  void *ks, *vs;             // [B, H, capacity, D] rotated chunk-final states, input dtype
+  float *partial;            // [B, H, S, D + 2] contiguous (O, m, l) when S > 1
+  i64 sq[2], sk[2], sv[2], sg[2], so[2]; // (batch, head) strides
+  i64 skr[2], svr[2];                    // (batch, head) strides of k_run, v_run
+  i64 sks[3], svs[3];                    // (batch, head, chunk) strides of ks, vs
+  double log2_base;
+  int rope, H, D;
+  int chunks;    // C: completed chunks, the chunk index of the new token
+  int fresh;     // the token starts its chunk (the running state is taken as 0)
+  int completes; // the token ends its chunk (its state goes to slot C)
+  int g_f32;
+  int vec;       // every ks, vs row starts 16-byte aligned
+  int splits;    // S
+  int split_len; // states per split
+  float scale;
+};
+
+// V = 16 / sizeof(T) elements of 16 bytes as floats (element 0 at the lowest address).
+template <int ELEM> struct Vec16 {
+  static constexpr int V = 8;
+  static __device__ __forceinline__ void unpack(const uint4 &u, float *x) {
+    const u32 w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      x[2 * i] = lo_f32<ELEM>(w[i]);
+      x[2 * i + 1] = hi_f32<ELEM>(w[i]);
+    }
+  }
+};
+template <> struct Vec16<ELEM_F32> {
+  static constexpr int V = 4;
+  static __device__ __forceinline__ void unpack(const uint4 &u, float *x) {
+    x[0] = __uint_as_float(u.x);
+    x[1] = __uint_as_float(u.y);
+    x[2] = __uint_as_float(u.z);
+    x[3] = __uint_as_float(u.w);
+  }
+};
+
+// Columns [col, col + V) of a row, zero past D; one 16-byte load when `vec` and the group is whole.
+template <int ELEM>
+__device__ __forceinline__ uint4 load_row16(const typename Elem<ELEM>::T *row, int col, int D, bool vec) {
+  typedef typename Elem<ELEM>::T T;
+  constexpr int V = Vec16<ELEM>::V;
+  if (vec && col + V <= D) return __ldg(reinterpret_cast<const uint4 *>(row + col));
+  union {
+    uint4 u;
+    T e[V];
+  } r;
+#pragma unroll
+  for (int j = 0; j < V; ++j) r.e[j] = col + j < D ? row[col + j] : T(0);
+  return r.u;
+}
+
+template <int ELEM, int DK> __device__ void decode_impl(const RatDecodeParams &p) {
+  typedef typename Elem<ELEM>::T T;
+  constexpr int V = Vec16<ELEM>::V, LPR = DK / V, RPW = 32 / LPR, NW = RAT_THREADS / 32;
+  constexpr int NG = NW * RPW; // row groups of the CTA
+  constexpr int U = 4;         // rows per group whose loads are in flight together
+  static_assert(LPR >= 2 && LPR <= 32 && 32 % LPR == 0, "a state row must tile part of a warp");
+  __shared__ float qs[DK], vown[DK], red[NW];
+  __shared__ float gm[NG], gl[NG], gO[NG * DK];
+  const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const bool own = split == 0;
+  const float sl2 = p.scale * LOG2E;
+
+  // Thread i takes the channel pair (i, i + Dh): q rotated by the token's chunk C; on split 0
+  // the running-state update, the own logit (un-rotated q·k~: both would turn by the same
+  // angle) and the appended state.
+  {
+    const int Dh = (p.D + 1) / 2, ch0 = tid, ch1 = tid + Dh;
+    const bool act = tid < Dh, has1 = act && ch1 < p.D;
+    float q[2] = {0.f, 0.f}, co = 1.f, si = 0.f;
+    if (act) {
+      const i64 oq = b * p.sq[0] + h * p.sq[1];
+      q[0] = ld<ELEM>(p.q, oq + ch0);
+      if (has1) q[1] = ld<ELEM>(p.q, oq + ch1);
+      if (p.rope) {
+        cs_of(theta_of(p, tid), p.chunks, co, si);
+        qs[ch0] = q[0] * co - q[1] * si;
+        qs[ch1] = q[1] * co + q[0] * si; // RoPE needs an even D: has1
+      } else {
+        qs[ch0] = q[0];
+        if (has1) qs[ch1] = q[1];
+      }
+    }
+    for (int d = p.D + tid; d < DK; d += RAT_THREADS) qs[d] = vown[d] = 0.f;
+    float part = 0.f;
+    if (own && act) {
+      const i64 og = b * p.sg[0] + h * p.sg[1], ok = b * p.sk[0] + h * p.sk[1];
+      const i64 ov = b * p.sv[0] + h * p.sv[1];
+      const i64 okr = b * p.skr[0] + h * p.skr[1], ovr = b * p.svr[0] + h * p.svr[1];
+      float kn[2] = {0.f, 0.f}, vn[2] = {0.f, 0.f};
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int ch = e ? ch1 : ch0;
+        if (e == 1 && !has1) continue;
+        const float gg = ld_g(p, og + ch);
+        const float kp = p.fresh ? 0.f : p.k_run[okr + ch];
+        const float vp = p.fresh ? 0.f : p.v_run[ovr + ch];
+        kn[e] = gg * kp + (1.f - gg) * ld<ELEM>(p.k, ok + ch);
+        vn[e] = gg * vp + (1.f - gg) * ld<ELEM>(p.v, ov + ch);
+        p.k_run[okr + ch] = kn[e];
+        p.v_run[ovr + ch] = vn[e];
+        vown[ch] = vn[e];
+        part += q[e] * kn[e];
+      }
+      if (p.completes) {
+        const i64 oks = b * p.sks[0] + h * p.sks[1] + (i64)p.chunks * p.sks[2];
+        const i64 ovs = b * p.svs[0] + h * p.svs[1] + (i64)p.chunks * p.svs[2];
+        if (p.rope) {
+          st<ELEM>(p.ks, oks + ch0, kn[0] * co - kn[1] * si);
+          st<ELEM>(p.ks, oks + ch1, kn[1] * co + kn[0] * si);
+        } else {
+          st<ELEM>(p.ks, oks + ch0, kn[0]);
+          if (has1) st<ELEM>(p.ks, oks + ch1, kn[1]);
+        }
+        st<ELEM>(p.vs, ovs + ch0, vn[0]);
+        if (has1) st<ELEM>(p.vs, ovs + ch1, vn[1]);
+      }
+    }
+    part = warp_sum(part);
+    if (lane == 0) red[warp] = part;
+  }
+  __syncthreads();
+
+  // Online softmax of this split's states, per row group (all its lanes hold the same m, l).
+  const int lo = split * p.split_len, hi = min(p.chunks, lo + p.split_len);
+  const int col = (lane % LPR) * V, gid = warp * RPW + lane / LPR;
+  float qv[V], O[V];
+#pragma unroll
+  for (int e = 0; e < V; ++e) {
+    qv[e] = qs[col + e];
+    O[e] = 0.f;
+  }
+  float m = -RAT_INF, l = 0.f;
+  const T *kb = (const T *)p.ks + b * p.sks[0] + h * p.sks[1];
+  const T *vb = (const T *)p.vs + b * p.svs[0] + h * p.svs[1];
+  for (int j0 = lo; j0 < hi; j0 += NG * U) { // uniform over the CTA: the shuffles see every lane
+    uint4 kr[U], vr[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int j = j0 + u * NG + gid;
+      if (j < hi) {
+        kr[u] = load_row16<ELEM>(kb + (i64)j * p.sks[2], col, p.D, p.vec);
+        vr[u] = load_row16<ELEM>(vb + (i64)j * p.svs[2], col, p.D, p.vec);
+      } else {
+        kr[u] = vr[u] = make_uint4(0u, 0u, 0u, 0u);
+      }
+    }
+    float sc[U], mx = m;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float x[V];
+      Vec16<ELEM>::unpack(kr[u], x);
+      float dot = 0.f;
+#pragma unroll
+      for (int e = 0; e < V; ++e) dot += qv[e] * x[e];
+#pragma unroll
+      for (int o = LPR / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+      sc[u] = j0 + u * NG + gid < hi ? dot * sl2 : -RAT_INF;
+      mx = fmaxf(mx, sc[u]);
+    }
+    const float alpha = mx == m ? 1.f : fast_exp2(m - mx);
+    m = mx;
+    l *= alpha;
+#pragma unroll
+    for (int e = 0; e < V; ++e) O[e] *= alpha;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const float pr = sc[u] == -RAT_INF ? 0.f : fast_exp2(sc[u] - m);
+      float x[V];
+      Vec16<ELEM>::unpack(vr[u], x);
+      l += pr;
+#pragma unroll
+      for (int e = 0; e < V; ++e) O[e] += pr * x[e];
+    }
+  }
+
+  // Merge the row groups (and the own term on split 0) through shared memory.
+  if (lane % LPR == 0) {
+    gm[gid] = m;
+    gl[gid] = l;
+  }
+#pragma unroll
+  for (int e = 0; e < V; ++e) gO[gid * DK + col + e] = O[e];
+  __syncthreads();
+  float own_logit = 0.f;
+#pragma unroll
+  for (int w = 0; w < NW; ++w) own_logit += red[w];
+  own_logit *= sl2;
+  float mt = own ? own_logit : -RAT_INF;
+  for (int gi = 0; gi < NG; ++gi) mt = fmaxf(mt, gm[gi]);
+  __syncthreads(); // every thread has read gm: it now becomes the group weight
+  if (tid < NG) gm[tid] = gm[tid] == -RAT_INF ? 0.f : fast_exp2(gm[tid] - mt);
+  __syncthreads();
+  const float w_own = own ? fast_exp2(own_logit - mt) : 0.f;
+  float lt = w_own;
+  for (int gi = 0; gi < NG; ++gi) lt += gm[gi] * gl[gi];
+  float *part = p.splits > 1 ? p.partial + (((i64)b * p.H + h) * p.splits + split) * (p.D + 2) : nullptr;
+  for (int d = tid; d < p.D; d += RAT_THREADS) {
+    float o = own ? w_own * vown[d] : 0.f;
+    for (int gi = 0; gi < NG; ++gi) o += gm[gi] * gO[gi * DK + d];
+    if (p.splits == 1) {
+      st<ELEM>(p.out, b * p.so[0] + h * p.so[1] + d, o / lt);
+    } else {
+      part[d] = o;
+    }
+  }
+  if (p.splits > 1 && tid == 0) {
+    part[p.D] = mt;
+    part[p.D + 1] = lt;
+  }
+}
+
+template <int ELEM> __device__ void decode_combine_impl(const RatDecodeParams &p) {
+  const int h = blockIdx.x, b = blockIdx.y, W = p.D + 2;
+  const float *part = p.partial + ((i64)b * p.H + h) * p.splits * W;
+  float mt = -RAT_INF;
+  for (int s = 0; s < p.splits; ++s) mt = fmaxf(mt, part[s * W + p.D]);
+  float lt = 0.f;
+  for (int s = 0; s < p.splits; ++s) {
+    const float ms = part[s * W + p.D];
+    if (ms != -RAT_INF) lt += fast_exp2(ms - mt) * part[s * W + p.D + 1];
+  }
+  for (int d = threadIdx.x; d < p.D; d += RAT_THREADS) {
+    float o = 0.f;
+    for (int s = 0; s < p.splits; ++s) {
+      const float ms = part[s * W + p.D];
+      if (ms != -RAT_INF) o += fast_exp2(ms - mt) * part[s * W + d];
+    }
+    st<ELEM>(p.out, b * p.so[0] + h * p.so[1] + d, o / lt);
+  }
+}
+
 extern "C" __global__ void __launch_bounds__(RAT_THREADS) rat_states(const RatParams p) {
   states_impl<RAT_ELEM>(p);
 }
@@ -929,4 +1183,10 @@ extern "C" __global__ void __launch_bounds__(RAT_THREADS) rat_bwd_kv(const RatPa
 }
 extern "C" __global__ void __launch_bounds__(RAT_THREADS) rat_bwd_q(const RatParams p) {
   bwd_q_impl<RAT_ELEM, RAT_DK>(p);
+}
+extern "C" __global__ void __launch_bounds__(RAT_THREADS) rat_decode(const RatDecodeParams p) {
+  decode_impl<RAT_ELEM, RAT_DK>(p);
+}
+extern "C" __global__ void __launch_bounds__(RAT_THREADS) rat_decode_combine(const RatDecodeParams p) {
+  decode_combine_impl<RAT_ELEM>(p);
 }

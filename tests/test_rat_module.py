@@ -71,7 +71,8 @@ def test_decode_from_empty_cache_equals_full_forward(L):
         y, cache = m(x[:, t : t + 1], cache=cache, use_cache=True)
         outs.append(y)
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-10, atol=1e-10)
-    assert cache.seen == 13 and cache.k_states.shape[1] == 13 // L
+    assert cache.seen == 13 and cache.num_chunks == 13 // L
+    assert cache.k_states.shape == (2, 4, 13 // L, 16)
 
 
 @pytest.mark.parametrize("T0", [4, 6, 9])
@@ -126,8 +127,8 @@ def test_bad_module_arguments():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_module_forward_backward_and_decode(dtype):
-    """On CUDA: the fused op forward/backward, prefill + one-token decode + chunked prefill
-    equal the full forward (decode runs in PyTorch over the cached states)."""
+    """On CUDA: the fused op forward/backward, prefill + one-token decode (the fused rat_decode
+    kernel) + chunked prefill (PyTorch over the cached states) equal the full forward."""
     m = RATAttention(256, 2, chunk_size=16, ngroups=2, norm_and_residual=True, device="cuda")
     m = m.to(dtype)
     x = torch.randn(2, 90, 256, device="cuda", dtype=dtype)

@@ -56,6 +56,23 @@ def rat_fwd(
     stream: int,
     scratch: tuple[Any, ...] | None = None,
 ) -> None: ...
+def rat_decode(
+    q: Any,
+    k: Any,
+    v: Any,
+    g: Any,
+    out: Any,
+    k_run: Any,
+    v_run: Any,
+    k_states: Any,
+    v_states: Any,
+    partial: Any | None,
+    seen: int,
+    chunk_size: int,
+    scale: float,
+    rope_base: float | None,
+    stream: int,
+) -> None: ...
 def rat_bwd(
     q: Any,
     k: Any,

@@ -374,19 +374,6 @@ impl Problem {
         let sc =
             scratch.ok_or_else(|| value_error("rat: CUDA tensors need the scratch buffers"))?;
         let st = [self.b, self.chunks, self.h, self.d];
-        let contiguous = |t: &View| {
-            if t.shape.contains(&0) {
-                return true; // an empty tensor's strides are arbitrary
-            }
-            let mut s = 1isize;
-            for i in (0..t.shape.len()).rev() {
-                if t.shape[i] > 1 && t.strides[i] != s {
-                    return false;
-                }
-                s *= t.shape[i] as isize;
-            }
-            true
-        };
         for (t, name) in [(sc.kr, "kr"), (sc.ve, "ve")] {
             expect_tensor(t, name, &st, "[B, C, H, D]", self.dtype, self.device)?;
         }
@@ -422,6 +409,21 @@ impl Problem {
         }
         Ok(sc)
     }
+}
+
+/// Whether `t` is dense in row-major order (size-1 dimensions may have any stride).
+fn contiguous(t: &View) -> bool {
+    if t.shape.contains(&0) {
+        return true; // an empty tensor's strides are arbitrary
+    }
+    let mut s = 1isize;
+    for i in (0..t.shape.len()).rev() {
+        if t.shape[i] > 1 && t.strides[i] != s {
+            return false;
+        }
+        s *= t.shape[i] as isize;
+    }
+    true
 }
 
 /// Kernel parameters, laid out exactly like `RatParams` in cuda/rat.cu.
@@ -702,6 +704,222 @@ fn launch(
                 let qgrid = if l <= 64 { max_tiles } else { max_chunks };
                 dev.launch(f("rat_bwd_q")?, (qgrid, h, n), THREADS, s4, stream, &params)?;
             }
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode
+
+/// Kernel parameters of `rat_decode`/`rat_decode_combine`, laid out exactly like
+/// `RatDecodeParams` in cuda/rat.cu.
+#[repr(C)]
+struct RatDecodeParams {
+    q: u64,
+    k: u64,
+    v: u64,
+    g: u64,
+    out: u64,
+    k_run: u64,
+    v_run: u64,
+    ks: u64,
+    vs: u64,
+    partial: u64,
+    sq: [i64; 2],
+    sk: [i64; 2],
+    sv: [i64; 2],
+    sg: [i64; 2],
+    so: [i64; 2],
+    skr: [i64; 2],
+    svr: [i64; 2],
+    sks: [i64; 3],
+    svs: [i64; 3],
+    log2_base: f64,
+    rope: i32,
+    h: i32,
+    d: i32,
+    chunks: i32,
+    fresh: i32,
+    completes: i32,
+    g_f32: i32,
+    vec: i32,
+    splits: i32,
+    split_len: i32,
+    scale: f32,
+}
+
+/// One-token decode step from a RAT cache (CUDA only; the CPU decodes in PyTorch).
+///
+/// q, k, v, g, out: `[B, 1, H, D]`; k_run, v_run: `[B, H, D]` float32 running state of the
+/// current chunk, updated in place; k_states, v_states: `[B, H, capacity, D]` in q's dtype, the
+/// chunk-final states rotated by their chunk index, of which the first C = seen / L are read and,
+/// when the token ends its chunk, slot C is written. `partial`: `[B, H, S, D + 2]` float32
+/// contiguous scratch when the states are split over S > 1 CTAs per row (None: S = 1).
+#[allow(clippy::too_many_arguments)]
+pub fn decode(
+    q: &View,
+    k: &View,
+    v: &View,
+    g: &View,
+    out: &View,
+    k_run: &View,
+    v_run: &View,
+    ks: &View,
+    vs: &View,
+    partial: Option<&View>,
+    seen: i64,
+    chunk: i64,
+    scale: f64,
+    rope_base: Option<f64>,
+    stream: usize,
+) -> Result<(), PyErr> {
+    let p = check(q, k, v, g, chunk, scale, rope_base, None)?;
+    let Device::Cuda(ordinal) = p.device else {
+        return Err(value_error(
+            "rat_decode: CUDA tensors only (the CPU decodes in PyTorch: longattn.nn.rat.rat_continue)",
+        ));
+    };
+    if p.t != 1 {
+        return Err(value_error(format!(
+            "q: rat_decode takes one token per sequence ([B, 1, H, D]), got T = {}",
+            p.t
+        )));
+    }
+    if seen < 0 {
+        return Err(value_error(format!(
+            "seen: must be non-negative, got {seen}"
+        )));
+    }
+    p.expect(out, "out", &p.tokens(), "[B, 1, H, D] like q", p.dtype)?;
+    let run = [p.b, p.h, p.d];
+    p.expect(k_run, "k_run", &run, "[B, H, D]", p.state_dtype)?;
+    p.expect(v_run, "v_run", &run, "[B, H, D]", p.state_dtype)?;
+    if ks.ndim() != 4 {
+        return Err(value_error(format!(
+            "k_states: expected rank 4 [B, H, capacity, D], got shape {:?}",
+            ks.shape
+        )));
+    }
+    let capacity = ks.shape[2];
+    let st = [p.b, p.h, capacity, p.d];
+    p.expect(ks, "k_states", &st, "[B, H, capacity, D]", p.dtype)?;
+    p.expect(
+        vs,
+        "v_states",
+        &st,
+        "[B, H, capacity, D] like k_states",
+        p.dtype,
+    )?;
+    let (seen, l) = (seen as usize, chunk as usize);
+    let chunks = seen / l;
+    let completes = seen % l == l - 1;
+    let needed = chunks + completes as usize;
+    if needed > capacity || chunks > i32::MAX as usize {
+        return Err(value_error(format!(
+            "k_states: capacity {capacity} cannot hold the {needed} chunk states of this step"
+        )));
+    }
+    let splits = match partial {
+        None => 1,
+        Some(part) => {
+            if part.ndim() != 4 || part.shape[2] < 2 {
+                return Err(value_error(format!(
+                    "partial: expected [B, H, S, D + 2] with S >= 2, got shape {:?}",
+                    part.shape
+                )));
+            }
+            let s = part.shape[2];
+            let ps = [p.b, p.h, s, p.d + 2];
+            expect_tensor(
+                part,
+                "partial",
+                &ps,
+                "[B, H, S, D + 2]",
+                DType::F32,
+                p.device,
+            )?;
+            if !contiguous(part) {
+                return Err(value_error("partial: must be contiguous"));
+            }
+            s
+        }
+    };
+    if p.b == 0 || p.h == 0 {
+        return Ok(());
+    }
+    let bh = |t: &View, head: usize| [t.strides[0] as i64, t.strides[head] as i64];
+    let params = RatDecodeParams {
+        q: q.addr(),
+        k: k.addr(),
+        v: v.addr(),
+        g: g.addr(),
+        out: out.addr(),
+        k_run: k_run.addr(),
+        v_run: v_run.addr(),
+        ks: ks.addr(),
+        vs: vs.addr(),
+        partial: partial.map_or(0, |t| t.addr()),
+        sq: bh(q, 2),
+        sk: bh(k, 2),
+        sv: bh(v, 2),
+        sg: bh(g, 2),
+        so: bh(out, 2),
+        skr: bh(k_run, 1),
+        svr: bh(v_run, 1),
+        sks: cuda::strides(ks),
+        svs: cuda::strides(vs),
+        log2_base: rope_base.map_or(0.0, f64::log2),
+        rope: rope_base.is_some() as i32,
+        h: p.h as i32,
+        d: p.d as i32,
+        chunks: chunks as i32,
+        fresh: (seen % l == 0) as i32,
+        completes: completes as i32,
+        g_f32: (g.dtype == DType::F32) as i32,
+        vec: (cuda::rows_aligned(ks) && cuda::rows_aligned(vs)) as i32,
+        splits: splits as i32,
+        split_len: chunks.div_ceil(splits) as i32,
+        scale: scale as f32,
+    };
+    decode_launch(&p, &params, ordinal, stream).map_err(value_error)
+}
+
+fn decode_launch(
+    p: &Problem,
+    params: &RatDecodeParams,
+    ordinal: i32,
+    stream: usize,
+) -> Result<(), String> {
+    let dev = cuda::device(ordinal)?;
+    let variant = Variant::new(p.dtype, p.d);
+    let kernels = dev.kernels(
+        "rat.cu",
+        SOURCE,
+        &variant.defines(),
+        &[("rat_decode", 0), ("rat_decode_combine", 0)],
+    )?;
+    let (b, h, splits) = (p.b as u32, p.h as u32, params.splits as u32);
+    // SAFETY: params mirrors RatDecodeParams; every pointer comes from a validated tensor of
+    // this device whose shape bounds the kernels' accesses (slot C < capacity when written).
+    unsafe {
+        dev.launch(
+            kernels.get("rat_decode")?,
+            (splits, h, b),
+            THREADS,
+            0,
+            stream,
+            params,
+        )?;
+        if splits > 1 {
+            dev.launch(
+                kernels.get("rat_decode_combine")?,
+                (h, b, 1),
+                THREADS,
+                0,
+                stream,
+                params,
+            )?;
         }
     }
     Ok(())

@@ -104,6 +104,40 @@ fn rat_bwd(
     })
 }
 
+/// One-token decode step from a RAT cache (CUDA): writes `out`, updates the running state
+/// `k_run`/`v_run` in place and, when the token ends its chunk, appends its rotated state to
+/// `k_states`/`v_states` at slot `seen // chunk_size`.
+#[pyfunction]
+#[pyo3(signature = (q, k, v, g, out, k_run, v_run, k_states, v_states, partial, seen,
+                    chunk_size, scale, rope_base, stream))]
+#[allow(clippy::too_many_arguments)]
+fn rat_decode(
+    py: Python<'_>,
+    q: &Bound<'_, PyAny>,
+    k: &Bound<'_, PyAny>,
+    v: &Bound<'_, PyAny>,
+    g: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    k_run: &Bound<'_, PyAny>,
+    v_run: &Bound<'_, PyAny>,
+    k_states: &Bound<'_, PyAny>,
+    v_states: &Bound<'_, PyAny>,
+    partial: Option<&Bound<'_, PyAny>>,
+    seen: i64,
+    chunk_size: i64,
+    scale: f64,
+    rope_base: Option<f64>,
+    stream: usize,
+) -> PyResult<()> {
+    tensors!(stream; q, k, v, g, out, k_run, v_run, k_states, v_states, partial?);
+    py.detach(|| {
+        ops::rat::decode(
+            q, k, v, g, out, k_run, v_run, k_states, v_states, partial, seen, chunk_size, scale,
+            rope_base, stream,
+        )
+    })
+}
+
 /// The CUDA scratch buffers, passed from Python as a tuple
 /// `(kr, ve, carry_k, carry_v[, delta, dks, dvs])`.
 struct Scratch {
@@ -149,6 +183,7 @@ impl Scratch {
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(rat_fwd, m)?)?;
     m.add_function(wrap_pyfunction!(rat_bwd, m)?)?;
+    m.add_function(wrap_pyfunction!(rat_decode, m)?)?;
     m.add("RAT_MAX_HEAD_DIM", ops::rat::MAX_HEAD_DIM)?;
     Ok(())
 }

@@ -7,10 +7,12 @@
     y       = rat_attn(q, k, v, g) * sigmoid(z)
     out     = out_proj(y)                    (+ x with ``norm_and_residual=True``)
 
-Generation keeps a :class:`RATCache`: the chunk-final states (T/L per layer) plus the running
-state of the current chunk. A call without a cache runs the fused op (CPU or CUDA); a call with
-a cache (one token, or a chunk of a prefill) continues from it in PyTorch over the cached states
-(O(T/L) per token, on any device, without host synchronisation) and equals the full forward.
+Generation keeps a :class:`RATCache`: the chunk-final states (T/L per layer, stored rotated, in
+the module dtype, with geometrically growing capacity) plus the float32 running state of the
+current chunk. A call without a cache runs the fused op (CPU or CUDA); a call with a cache
+continues from it and equals the full forward: one token on CUDA runs the fused ``rat_decode``
+kernel (O(T/L) per token, states appended in place, no host synchronisation); a prefill chunk,
+or any call on the CPU, runs in PyTorch over the cached states.
 """
 
 from __future__ import annotations
@@ -20,47 +22,168 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..ops.rat import rat_attn, rat_attn_with_states
+from .._runtime import state_dtype, unit_last_stride
+from ..ops.rat import rat_attn, rat_attn_with_states, rat_decode
 from ..reference.rat import _scan_chunks, rat_rope
 from .lightning import _RMSNorm
 
 __all__ = ["RATAttention", "RATCache", "rat_continue"]
+
+_MIN_CAPACITY = 16
+
+
+def _capacity_for(n: int) -> int:
+    """State slots allocated for n states: the next power of two, at least 16 (amortised O(1)
+    growth per appended state)."""
+    return max(_MIN_CAPACITY, 1 << max(n - 1, 0).bit_length())
 
 
 @dataclass
 class RATCache:
     """Decode state of one :class:`RATAttention` layer (B sequences that advance together).
 
-    ``k_states``/``v_states``: ``[B, C, H, D]`` final states of the C completed chunks
-    (un-rotated); ``k_run``/``v_run``: ``[B, H, D]`` running state of the current chunk;
-    ``seen``: tokens consumed. float32 (float64 for float64 modules).
+    ``k_store``/``v_store``: ``[B, H, capacity, D]`` in the module dtype; slot j < ``num_chunks``
+    holds the final state of completed chunk j, the key already rotated by the chunk RoPE of
+    chunk j (the rotation depends only on j, so it is applied once, when the state is appended).
+    Slots past ``num_chunks`` are free; the capacity grows to the next power of two when full.
+    ``k_run``/``v_run``: ``[B, H, D]`` state of the current chunk at the last token seen (the
+    chunk's final state when that token ended it), float32 (float64 for float64 modules).
+    ``seen``: tokens consumed; ``num_chunks``: completed chunks (``seen // chunk_size``).
+
+    :func:`rat_continue` (and ``RATAttention.forward(..., cache=...)``) update the cache IN PLACE
+    and return it: :meth:`clone` it first to continue one prefix twice (beam search reorders it
+    through ``index_select`` on every tensor field, which copies).
     """
 
-    k_states: torch.Tensor
-    v_states: torch.Tensor
+    k_store: torch.Tensor
+    v_store: torch.Tensor
     k_run: torch.Tensor
     v_run: torch.Tensor
     seen: int
+    num_chunks: int
 
     @classmethod
-    def empty(cls, B, H, D, dtype=torch.float32, device=None) -> RATCache:
-        z = torch.zeros(B, 0, H, D, dtype=dtype, device=device)
-        r = torch.zeros(B, H, D, dtype=dtype, device=device)
-        return cls(z, z.clone(), r, r.clone(), 0)
+    def empty(cls, B, H, D, dtype=torch.float32, device=None, capacity=_MIN_CAPACITY) -> RATCache:
+        """A cache before the first token; ``dtype`` is the module (q) dtype."""
+        store = torch.zeros(B, H, capacity, D, dtype=dtype, device=device)
+        run = torch.zeros(B, H, D, dtype=state_dtype(dtype), device=device)
+        return cls(store, store.clone(), run, run.clone(), 0, 0)
+
+    @classmethod
+    def from_states(cls, k_states, v_states, k_run, v_run, seen, *, dtype, rope_base) -> RATCache:
+        """A cache from un-rotated chunk-final states ``[B, C, H, D]`` (as returned by
+        :func:`~longattn.ops.rat.rat_attn_with_states`) and the running state ``[B, H, D]``."""
+        B, C, H, D = k_states.shape
+        cap = _capacity_for(C + 1)
+        cache = cls.empty(B, H, D, dtype=dtype, device=k_states.device, capacity=cap)
+        j = torch.arange(C, device=k_states.device)
+        cache.k_store[:, :, :C] = rat_rope(k_states, j, rope_base).transpose(1, 2)
+        cache.v_store[:, :, :C] = v_states.transpose(1, 2)
+        cache.k_run.copy_(k_run)
+        cache.v_run.copy_(v_run)
+        cache.seen, cache.num_chunks = seen, C
+        return cache
 
     @property
     def batch_size(self) -> int:
         return self.k_run.shape[0]
 
+    @property
+    def capacity(self) -> int:
+        return self.k_store.shape[2]
+
+    @property
+    def k_states(self) -> torch.Tensor:
+        """``[B, H, C, D]`` view of the completed chunks' keys (rotated)."""
+        return self.k_store[:, :, : self.num_chunks]
+
+    @property
+    def v_states(self) -> torch.Tensor:
+        """``[B, H, C, D]`` view of the completed chunks' values."""
+        return self.v_store[:, :, : self.num_chunks]
+
+    def clone(self) -> RATCache:
+        return RATCache(
+            self.k_store.clone(),
+            self.v_store.clone(),
+            self.k_run.clone(),
+            self.v_run.clone(),
+            self.seen,
+            self.num_chunks,
+        )
+
+    def reserve(self, n: int) -> None:
+        """Makes room for n states (one copy of the used slots when the capacity grows)."""
+        if n <= self.capacity:
+            return
+        B, H, _, D = self.k_store.shape
+        C = self.num_chunks
+        for name in ("k_store", "v_store"):
+            old = getattr(self, name)
+            new = torch.zeros(B, H, _capacity_for(n), D, dtype=old.dtype, device=old.device)
+            new[:, :, :C] = old[:, :, :C]
+            setattr(self, name, new)
+
+    def _conform(self, dtype: torch.dtype) -> None:
+        """Casts the states to the module dtype (a cache made with another dtype, once)."""
+        if self.k_store.dtype != dtype:
+            self.k_store, self.v_store = self.k_store.to(dtype), self.v_store.to(dtype)
+        sdt = state_dtype(dtype)
+        if self.k_run.dtype != sdt:
+            self.k_run, self.v_run = self.k_run.to(sdt), self.v_run.to(sdt)
+
+
+_FUSED_DECODE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _fused_decode(q: torch.Tensor) -> bool:
+    """Whether one step runs the CUDA ``rat_decode`` kernel (its dtypes and head dims)."""
+    B, M, H, D = q.shape
+    max_d = 128 if q.dtype == torch.float32 else 256
+    return (
+        q.is_cuda
+        and M == 1
+        and q.dtype in _FUSED_DECODE_DTYPES
+        and D <= max_d
+        and B <= 65535
+        and H <= 65535
+    )
+
 
 def rat_continue(q, k, v, g, cache: RATCache, *, chunk_size, scale=None, rope_base=10000.0):
     """RAT attention of M new tokens ``[B, M, H, D]`` continuing from ``cache``; returns
-    ``(y, new_cache)``. Plain PyTorch: O(M·(C + M/L)) scores."""
+    ``(y, cache)`` with the cache updated in place. One token on CUDA: the fused ``rat_decode``
+    kernel (no gradient); otherwise plain PyTorch, O(M·(C + M/L)) scores."""
     B, M, H, D = q.shape
     L = chunk_size
-    s = D**-0.5 if scale is None else scale
-    cd = cache.k_run.dtype
+    s = D**-0.5 if scale is None else float(scale)
     P = cache.seen
+    if cache.num_chunks != P // L:
+        raise ValueError(
+            f"cache: {cache.num_chunks} chunk states after {P} tokens do not match chunk_size={L}"
+        )
+    cache._conform(q.dtype)
+    if M == 0:
+        return q.new_empty(q.shape), cache
+    if _fused_decode(q):
+        if P % L == L - 1:
+            cache.reserve(P // L + 1)
+        if g.dtype not in (torch.float32, q.dtype):
+            g = g.float()
+        y = rat_decode(
+            *(unit_last_stride(t.detach()) for t in (q, k, v, g)),
+            cache.k_run,
+            cache.v_run,
+            cache.k_store,
+            cache.v_store,
+            P,
+            L,
+            s,
+            None if rope_base is None else float(rope_base),
+        )
+        cache.seen, cache.num_chunks = P + 1, (P + 1) // L
+        return y, cache
+    cd = cache.k_run.dtype
     o = P % L
     qc, kc, vc, gc = (t.to(cd) for t in (q, k, v, g))
     if o:
@@ -74,25 +197,30 @@ def rat_continue(q, k, v, g, cache: RATCache, *, chunk_size, scale=None, rope_ba
         kx, vx, gx = kc, vc, gc
     kt = _scan_chunks(kx, gx, L)[:, o:]
     vt = _scan_chunks(vx, gx, L)[:, o:]
-    pos = P + torch.arange(M, device=q.device)
-    c = pos // L
-    # new tokens that complete a chunk: offsets first, first + L, ... (a slice, no host sync)
+    c = (P + torch.arange(M, device=q.device)) // L
+    # new tokens that complete a chunk: offsets first, first + L, ... (appended rotated)
     first = (L - 1 - P) % L
+    C = cache.num_chunks
     if first < M:
-        all_k = torch.cat([cache.k_states, kt[:, first::L]], dim=1)
-        all_v = torch.cat([cache.v_states, vt[:, first::L]], dim=1)
-    else:  # no chunk completes: the cached states are reused as they are (no copy)
-        all_k, all_v = cache.k_states, cache.v_states
-    j = torch.arange(all_k.shape[1], device=q.device)
+        new_k, new_v = kt[:, first::L].detach(), vt[:, first::L].detach()
+        n = new_k.shape[1]
+        cache.reserve(C + n)
+        j_new = torch.arange(C, C + n, device=q.device)
+        cache.k_store[:, :, C : C + n] = rat_rope(new_k, j_new, rope_base).transpose(1, 2)
+        cache.v_store[:, :, C : C + n] = new_v.transpose(1, 2)
+        C += n
+    ks, vs = cache.k_store[:, :, :C].to(cd), cache.v_store[:, :, :C].to(cd)
+    j = torch.arange(C, device=q.device)
     qr = rat_rope(qc, c, rope_base)
-    kr = rat_rope(all_k, j, rope_base)  # state j rotated by its chunk index
-    prev = torch.einsum("bthd,bjhd->bthj", qr, kr) * s
+    prev = torch.einsum("bthd,bhjd->bthj", qr, ks) * s
     prev = prev.masked_fill(~(j[None, :] < c[:, None])[None, :, None, :], float("-inf"))
     own = (qc * kt).sum(-1, keepdim=True) * s
     p = torch.softmax(torch.cat([prev, own], dim=-1), dim=-1)
-    y = torch.einsum("bthj,bjhd->bthd", p[..., :-1], all_v) + p[..., -1:] * vt
-    new = RATCache(all_k.detach(), all_v.detach(), kt[:, -1].detach(), vt[:, -1].detach(), P + M)
-    return y.to(q.dtype), new
+    y = torch.einsum("bthj,bhjd->bthd", p[..., :-1], vs) + p[..., -1:] * vt
+    cache.k_run.copy_(kt[:, -1].detach())
+    cache.v_run.copy_(vt[:, -1].detach())
+    cache.seen, cache.num_chunks = P + M, C
+    return y.to(q.dtype), cache
 
 
 class RATAttention(nn.Module):
@@ -197,7 +325,9 @@ class RATAttention(nn.Module):
             else:
                 k_run = torch.zeros(B, H, D, dtype=ks.dtype, device=x.device)
                 v_run = torch.zeros_like(k_run)
-            new_cache = RATCache(ks[:, :full], vs[:, :full], k_run, v_run, T)
+            new_cache = RATCache.from_states(
+                ks[:, :full], vs[:, :full], k_run, v_run, T, dtype=q.dtype, rope_base=self.rope_base
+            )
         else:
             y = rat_attn(q, k, v, g, chunk_size=L, rope_base=self.rope_base, cu_seqlens=cu_seqlens)
         y = y.reshape(B, T, self.hidden_size) * torch.sigmoid(z)

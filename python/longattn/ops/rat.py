@@ -15,7 +15,15 @@ from torch import Tensor
 from .. import _native
 from .._runtime import check_rank, native_call, state_dtype, unit_last_stride
 
-__all__ = ["rat_attn", "rat_attn_with_states", "rat_fwd", "rat_bwd", "rat_state_chunks"]
+__all__ = [
+    "rat_attn",
+    "rat_attn_with_states",
+    "rat_fwd",
+    "rat_bwd",
+    "rat_decode",
+    "rat_decode_splits",
+    "rat_state_chunks",
+]
 
 
 def rat_state_chunks(T: int, chunk_size: int, num_seqs: int | None) -> int:
@@ -275,3 +283,86 @@ def rat_attn_with_states(
         q, k, v, g, chunk_size, scale, rope_base, cu_seqlens
     )
     return rat_fwd(q, k, v, g, chunk_size, scale, rope_base, cu_seqlens)
+
+
+# ----------------------------------------------------------------------------- decode
+
+_MIN_SPLIT_STATES = 64  # fewer states per CTA would not pay for the combine pass
+
+
+def rat_decode_splits(rows: int, chunks: int, sm_count: int) -> int:
+    """CTAs per (sequence, head) row of :func:`rat_decode` over its C cached states: 1 when the
+    B·H rows already fill the GPU (about 4 CTAs per SM), else enough splits of at least 64
+    states to do so (flash-decoding), never an empty split."""
+    want = -(-4 * sm_count // max(rows, 1))
+    splits = min(want, chunks // _MIN_SPLIT_STATES)
+    if splits <= 1:
+        return 1
+    per = -(-chunks // splits)
+    return -(-chunks // per)
+
+
+@torch.library.custom_op(
+    "longattn::rat_decode",
+    mutates_args=("k_run", "v_run", "k_states", "v_states"),
+    device_types=("cpu", "cuda"),
+)
+def rat_decode(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    k_run: Tensor,
+    v_run: Tensor,
+    k_states: Tensor,
+    v_states: Tensor,
+    seen: int,
+    chunk_size: int,
+    scale: float,
+    rope_base: float | None,
+) -> Tensor:
+    """One-token RAT decode step on CUDA (the fused ``rat_decode`` kernel); returns y
+    ``[B, 1, H, D]`` in q's dtype. The CPU decodes in PyTorch (:func:`longattn.nn.rat.rat_continue`)
+    and this op raises ``ValueError`` there.
+
+    q, k, v, g: ``[B, 1, H, D]`` (unit last stride) for the token at position ``seen`` of every
+    sequence; ``k_run``/``v_run``: ``[B, H, D]`` float32 running state of its chunk (ignored when
+    the token starts a chunk), updated in place; ``k_states``/``v_states``: ``[B, H, capacity, D]``
+    in q's dtype, the chunk-final states already rotated by their chunk index: the first
+    ``seen // chunk_size`` are attended to and, when the token ends its chunk, its rotated state
+    is written to slot ``seen // chunk_size`` (which must be below the capacity).
+
+    No autograd: decode runs under ``torch.no_grad()`` (the training path is :func:`rat_attn`).
+    """
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    partial = None
+    if q.device.type == "cuda":
+        B, _, H, D = q.shape
+        sm_count = torch.cuda.get_device_properties(q.device).multi_processor_count
+        splits = rat_decode_splits(B * H, seen // chunk_size, sm_count)
+        if splits > 1:
+            partial = torch.empty(B, H, splits, D + 2, dtype=torch.float32, device=q.device)
+    with native_call(q) as stream:
+        _native.rat_decode(
+            q.detach(),
+            k.detach(),
+            v.detach(),
+            g.detach(),
+            out,
+            k_run,
+            v_run,
+            k_states,
+            v_states,
+            partial,
+            seen,
+            chunk_size,
+            scale,
+            rope_base,
+            stream,
+        )
+    return out
+
+
+@rat_decode.register_fake
+def _(q, k, v, g, k_run, v_run, k_states, v_states, seen, chunk_size, scale, rope_base):
+    return q.new_empty(q.shape)
