@@ -726,8 +726,7 @@ __device__ __forceinline__ void dq_store(const LmParams &p, const LmSeq &s, int 
   }
 }
 
-// dK/dV epilogue: dk = scale · dK and dv = dV of the key tile's rows [k0, k0 + nk) (one loop:
-// two separate ones cost the tuned one-block kernel registers and spills).
+// dK/dV epilogue: dk = scale · dK and dv = dV of the key tile's rows [k0, k0 + nk).
 template <int ELEM, int NO>
 __device__ __forceinline__ void dkdv_store(const LmParams &p, const LmSeq &s, int hk, int k0, int nk,
                                            float (*dK)[4], float (*dV)[4]) {
@@ -855,7 +854,27 @@ template <int ELEM, int DP, int KT> __device__ __forceinline__ void lm_fwd_impl(
   }
   cp_async_wait<0>(); // nothing in flight at exit (e.g. no key tile at all)
 
-  fwd_store<ELEM, NO>(p, s, h, i0, rows, O, m, l);
+  T *ob = (T *)p.out + s.b * p.so[0] + (s.qs + i0) * p.so[1] + h * p.so[2];
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const float lt = qsum(l[rr]);
+    const int r = 16 * warp + g + 8 * rr;
+    if (r < rows) {
+      const float inv = 1.f / lt;
+#pragma unroll
+      for (int f = 0; f < NO; ++f)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = 8 * f + 2 * t4 + e;
+          if (col < p.E) ob[(i64)r * p.so[1] + col] = from_f32<ELEM>(O[f][2 * rr + e] * inv);
+        }
+      if (t4 == 0) {
+        const float mm = m[rr] == LM_NINF ? 0.f : m[rr];
+        p.lse[s.b * p.slse[0] + (s.qs + i0 + r) * p.slse[1] + h * p.slse[2]] =
+            (mm + __log2f(lt)) * 0.6931471805599453f;
+      }
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -959,7 +978,20 @@ __device__ __forceinline__ void lm_bwd_dq_impl(const LmParams &p) {
     __syncthreads(); // Ks, Vs free for the next tile
   }
 
-  dq_store<ELEM, NO>(p, s, h, i0, rows, dQ);
+  T *dqb = (T *)p.dq + s.b * p.sdq[0] + (s.qs + i0) * p.sdq[1] + h * p.sdq[2];
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int r = 16 * warp + g + 8 * rr;
+    if (r < rows) {
+#pragma unroll
+      for (int f = 0; f < NO; ++f)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = 8 * f + 2 * t4 + e;
+          if (col < p.D) dqb[(i64)r * p.sdq[1] + col] = from_f32<ELEM>(dQ[f][2 * rr + e] * p.scale);
+        }
+    }
+  }
 }
 
 // acc += Xᵀ B for one (query tile, key tile): X (the warp's 16 query rows of accumulator tiles,
@@ -1005,29 +1037,18 @@ __device__ __forceinline__ void dkdv_accumulate(float (*S)[4], float (*dP)[4],
   tile_gemm_t<ELEM, NF, NO, LD, LDP>(dP, PSs, Qs, dK, kactive);
 }
 
-// Shared memory of the dK/dV kernels: K, V tiles (KT rows), Q, dO tiles (BQ rows), then the
-// P/dS tile [query][key].
-template <int ELEM, int KT, int LD> struct DkdvSmem {
-  typedef typename Elem<ELEM>::T T;
-  T *Ks, *Vs, *Qs, *dOs, *PSs;
-  __device__ __forceinline__ explicit DkdvSmem(unsigned char *raw) {
-    Ks = reinterpret_cast<T *>(raw);
-    Vs = Ks + KT * LD;
-    Qs = Vs + KT * LD;
-    dOs = Qs + LM_BQ * LD;
-    PSs = dOs + LM_BQ * LD;
-  }
-};
-
 template <int ELEM, int DP, int KT>
 __device__ __forceinline__ void lm_bwd_dkdv_impl(const LmParams &p) {
   typedef typename Elem<ELEM>::T T;
   constexpr int BQ = LM_BQ, PAD = Elem<ELEM>::PAD, LD = DP + PAD, LDP = KT + PAD;
-  constexpr int NF = KT / 8, NO = DP / 8;
+  constexpr int NF = KT / 8, NO = DP / 8, KS = Elem<ELEM>::KS;
   static_assert(KT == 16 * LM_NW, "one warp per 16 keys of the tile");
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const DkdvSmem<ELEM, KT, LD> sm(smem_raw);
-  T *const Ks = sm.Ks, *const Vs = sm.Vs, *const Qs = sm.Qs, *const dOs = sm.dOs, *const PSs = sm.PSs;
+  T *Ks = reinterpret_cast<T *>(smem_raw);
+  T *Vs = Ks + KT * LD;
+  T *Qs = Vs + KT * LD;
+  T *dOs = Qs + BQ * LD;
+  T *PSs = dOs + BQ * LD; // P, then dS: [query][key]
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
   const int tt = blockIdx.x, hk = blockIdx.y, n = blockIdx.z;
@@ -1096,13 +1117,68 @@ __device__ __forceinline__ void lm_bwd_dkdv_impl(const LmParams &p) {
           bwd_probs<NF>(S, dP, R, em, j0, nbt, k0, nk, bs, lse2, dl);
         }
       }
-      dkdv_accumulate<ELEM, NF, NO, LD, LDP>(S, dP, PSs, Qs, dOs, dK, dV, kactive);
+      // P -> shared memory (rows of warps without queries are zeros)
+#pragma unroll
+      for (int f = 0; f < NF; ++f)
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+          PSs[(16 * warp + g + 8 * (r >> 1)) * LDP + 8 * f + 2 * t4 + (r & 1)] =
+              from_f32<ELEM>(S[f][r]);
+      __syncthreads();
+      if (kactive) {
+#pragma unroll
+        for (int kq = 0; kq < BQ; kq += KS) {
+          u32 a[4], b[2];
+          Frag<ELEM>::A_km(a, PSs, LDP, 16 * warp, kq);
+#pragma unroll
+          for (int f = 0; f < NO; ++f) {
+            Frag<ELEM>::B_kn(b, dOs, LD, kq, 8 * f);
+            mma<ELEM>(dV[f], a, b);
+          }
+        }
+      }
+      __syncthreads();
+#pragma unroll
+      for (int f = 0; f < NF; ++f)
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+          PSs[(16 * warp + g + 8 * (r >> 1)) * LDP + 8 * f + 2 * t4 + (r & 1)] =
+              from_f32<ELEM>(dP[f][r]);
+      __syncthreads();
+      if (kactive) {
+#pragma unroll
+        for (int kq = 0; kq < BQ; kq += KS) {
+          u32 a[4], b[2];
+          Frag<ELEM>::A_km(a, PSs, LDP, 16 * warp, kq);
+#pragma unroll
+          for (int f = 0; f < NO; ++f) {
+            Frag<ELEM>::B_kn(b, Qs, LD, kq, 8 * f);
+            mma<ELEM>(dK[f], a, b);
+          }
+        }
+      }
+      __syncthreads(); // Qs, dOs, PSs free for the next query tile
     }
   }
 
   cp_async_wait<0>(); // K, V copies complete even when no query tile needed them
 
-  dkdv_store<ELEM, NO>(p, s, hk, k0, nk, dK, dV);
+  T *dkb = (T *)p.dk + s.b * p.sdk[0] + (s.ks + k0) * p.sdk[1] + hk * p.sdk[2];
+  T *dvb = (T *)p.dv + s.b * p.sdv[0] + (s.ks + k0) * p.sdv[1] + hk * p.sdv[2];
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int r = 16 * warp + g + 8 * rr;
+    if (r < nk) {
+#pragma unroll
+      for (int f = 0; f < NO; ++f)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = 8 * f + 2 * t4 + e;
+          if (col < p.D) dkb[(i64)r * p.sdk[1] + col] = from_f32<ELEM>(dK[f][2 * rr + e] * p.scale);
+          if (col < p.E) dvb[(i64)r * p.sdv[1] + col] = from_f32<ELEM>(dV[f][2 * rr + e]);
+        }
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1454,8 +1530,11 @@ template <int ELEM, int DP> __device__ __forceinline__ void lm_bwd_dkdv_multi(co
   constexpr int NF = KT / 8, NO = DP / 8;
   static_assert(KT == 16 * LM_NW, "one warp per 16 keys of the tile");
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const DkdvSmem<ELEM, KT, LD> sm(smem_raw);
-  T *const Ks = sm.Ks, *const Vs = sm.Vs, *const Qs = sm.Qs, *const dOs = sm.dOs, *const PSs = sm.PSs;
+  T *Ks = reinterpret_cast<T *>(smem_raw);
+  T *Vs = Ks + KT * LD;
+  T *Qs = Vs + KT * LD;
+  T *dOs = Qs + BQ * LD;
+  T *PSs = dOs + BQ * LD; // P, then dS: [query][key]
 
   const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t4 = threadIdx.x & 3;
   const int hk = blockIdx.y, n = blockIdx.z;
