@@ -3,7 +3,8 @@
 
 Implementations, on the same inputs (bf16, B = 1, H = 32, D = 128, T in {2K, 8K, 32K}):
 
-* ``longattn``: ``landmark_attn(q, k, v, block_size=bs)``, layout [B, T, H, D], bs in {64, 51}.
+* ``longattn``: ``landmark_attn(q, k, v, block_size=bs)``, layout [B, T, H, D], bs in
+  ``--blocks`` (default 64,51; e.g. ``--blocks 64,51,128`` adds a block longer than a key tile).
 * ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)``,
   layout [B, H, T, D] (transposed copies made outside the timed region), default backend
   (cuDNN on the H200): dense causal attention, the speed reference of the targets.
@@ -80,7 +81,9 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=240.0)
     ap.add_argument("--quick", action="store_true", help="a one-minute subset")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--blocks", default="64,51", help="block sizes of longattn, comma-separated")
     args = ap.parse_args()
+    blocks = [int(b) for b in args.blocks.split(",")]
 
     from longattn import landmark_attn, landmark_topk_blocks
 
@@ -146,7 +149,7 @@ def main() -> int:
 
             return run
 
-        for bs in (64, 51):
+        for bs in blocks:
 
             def ours(bs=bs, q=q, k=k, v=v):
                 return landmark_attn(q, k, v, block_size=bs)

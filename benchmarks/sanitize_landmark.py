@@ -5,7 +5,8 @@
     compute-sanitizer --tool racecheck python3 benchmarks/sanitize_landmark.py
 
 Runs every kernel (forward, dQ, dK/dV, top-k) in bf16 and float32 (f16 once): a ragged tail
-(T not a multiple of the block), tiny blocks (many blocks per key tile), block 51 and 64, Tk > Tq,
+(T not a multiple of the block), tiny blocks (many blocks per key tile), block 51 and 64, blocks
+of several key tiles (100, 128: a statistics pass per block; also varlen and retrieval), Tk > Tq,
 GQA, a padded head dim, varlen (cu_seqlens with an empty sequence), retrieval (block_indices
 with -1 entries) and a one-token retrieval decode. Each case is checked against the float64
 reference, so an unwritten or wrong element shows up too. Exit status 1 when a case raised or
@@ -126,9 +127,13 @@ def main() -> int:
         attn_case(f"{tag} varlen", 1, 140, 140, 2, 1, 32, 8, dt, cu=[0, 9, 9, 100, 140])
         attn_case(f"{tag} retrieval", 2, 90, 90, 2, 1, 64, 8, dt, idx=True)
         attn_case(f"{tag} retrieval bs40", 1, 170, 170, 2, 1, 64, 40, dt, idx=True)
+        attn_case(f"{tag} bs100 gqa Tk>Tq", 1, 230, 310, 4, 2, 64, 100, dt)
+        attn_case(f"{tag} bs128 D128", 1, 300, 300, 2, 1, 128, 128, dt)
+        attn_case(f"{tag} bs100 retrieval", 1, 330, 330, 2, 1, 64, 100, dt, idx=True)
         topk_case(f"{tag} topk", dt)
         decode_case(f"{tag} retrieval decode", dt)
     attn_case("f16 bs5", 1, 60, 60, 2, 1, 64, 5, f16)
+    attn_case("bf16 bs128 varlen", 1, 420, 420, 2, 1, 32, 128, bf16, cu=[0, 50, 50, 320, 420])
     print(f"{len(failures)} failure(s)" + (f": {failures}" if failures else ""))
     return 1 if failures else 0
 

@@ -8,9 +8,9 @@
 //   landmarks, future keys, skipped:    E = −∞
 // Σ_{p∈j} exp(E_ip) = exp(s_iℓj), so exp(E − lse_i) are the spec's weights and lse_i = log Z_i.
 //
-// Key tiles hold whole landmark blocks: nbt = KT / block_size blocks of one (sequence, kv head),
-// starting at a block boundary (block_size ≤ KT), so every inner softmax is a segmented row
-// reduction inside the tile (quad shuffles). A CTA has NW = 4 warps; warp w owns query rows
+// Key tiles hold whole landmark blocks (block_size ≤ KT; larger blocks: LM_MULTI below): nbt =
+// KT / block_size blocks of one (sequence, kv head), starting at a block boundary, so every inner
+// softmax is a segmented row reduction inside the tile (quad shuffles). A CTA has NW = 4 warps; warp w owns query rows
 // 16w .. 16w + 15 of a BQ = 64 query tile (mma.sync m16n8k16 for f16/bf16, 3xTF32 for f32).
 //
 // Forward, per key tile: S = Q Kᵀ; a row bound M_i = max(landmark logits of earlier blocks,
@@ -32,11 +32,16 @@
 // dim of q/k and v: 32, 64 or 128), LM_KT (keys per tile: 64), LM_ONE (1: the launcher
 // guarantees KT/2 < block_size ≤ KT, so a key tile is one landmark block and the fast row
 // phases fwd_probs1/bwd_probs1 run; 0: the general segmented row phases, several blocks per
-// tile). Separate modules keep the register allocation of each path tight.
+// tile), LM_MULTI (1: block_size > KT, a block spans several key tiles; kernels of the section
+// "Blocks longer than a key tile" below). Separate modules keep the register allocation of each
+// path tight.
 #include "common.cuh"
 
 #ifndef LM_ONE
 #define LM_ONE 0
+#endif
+#ifndef LM_MULTI
+#define LM_MULTI 0
 #endif
 
 #define LM_NW 4
@@ -669,6 +674,82 @@ __device__ __forceinline__ void gemm_acc_kn(float (*C)[4], float (*P)[4],
 // ---------------------------------------------------------------------------------------------
 // forward
 
+// Forward epilogue: o = O / l and lse = ln 2 · (m + log2 l) of the thread's rows (l is the
+// thread's partial row sum, summed over the quad here).
+template <int ELEM, int NO>
+__device__ __forceinline__ void fwd_store(const LmParams &p, const LmSeq &s, int h, int i0, int rows,
+                                          float (*O)[4], const float *m, const float *l) {
+  typedef typename Elem<ELEM>::T T;
+  const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t4 = threadIdx.x & 3;
+  T *ob = (T *)p.out + s.b * p.so[0] + (s.qs + i0) * p.so[1] + h * p.so[2];
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const float lt = qsum(l[rr]);
+    const int r = 16 * warp + g + 8 * rr;
+    if (r < rows) {
+      const float inv = 1.f / lt;
+#pragma unroll
+      for (int f = 0; f < NO; ++f)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = 8 * f + 2 * t4 + e;
+          if (col < p.E) ob[(i64)r * p.so[1] + col] = from_f32<ELEM>(O[f][2 * rr + e] * inv);
+        }
+      if (t4 == 0) {
+        const float mm = m[rr] == LM_NINF ? 0.f : m[rr];
+        p.lse[s.b * p.slse[0] + (s.qs + i0 + r) * p.slse[1] + h * p.slse[2]] =
+            (mm + __log2f(lt)) * 0.6931471805599453f;
+      }
+    }
+  }
+}
+
+// dQ epilogue: dq = scale · dQ of the thread's rows.
+template <int ELEM, int NO>
+__device__ __forceinline__ void dq_store(const LmParams &p, const LmSeq &s, int h, int i0, int rows,
+                                         float (*dQ)[4]) {
+  typedef typename Elem<ELEM>::T T;
+  const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t4 = threadIdx.x & 3;
+  T *dqb = (T *)p.dq + s.b * p.sdq[0] + (s.qs + i0) * p.sdq[1] + h * p.sdq[2];
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int r = 16 * warp + g + 8 * rr;
+    if (r < rows) {
+#pragma unroll
+      for (int f = 0; f < NO; ++f)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = 8 * f + 2 * t4 + e;
+          if (col < p.D) dqb[(i64)r * p.sdq[1] + col] = from_f32<ELEM>(dQ[f][2 * rr + e] * p.scale);
+        }
+    }
+  }
+}
+
+// dK/dV epilogue: dk = scale · dK and dv = dV of the key tile's rows [k0, k0 + nk).
+template <int ELEM, int NO>
+__device__ __forceinline__ void dkdv_store(const LmParams &p, const LmSeq &s, int hk, int k0, int nk,
+                                           float (*dK)[4], float (*dV)[4]) {
+  typedef typename Elem<ELEM>::T T;
+  const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t4 = threadIdx.x & 3;
+  T *dkb = (T *)p.dk + s.b * p.sdk[0] + (s.ks + k0) * p.sdk[1] + hk * p.sdk[2];
+  T *dvb = (T *)p.dv + s.b * p.sdv[0] + (s.ks + k0) * p.sdv[1] + hk * p.sdv[2];
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int r = 16 * warp + g + 8 * rr;
+    if (r < nk) {
+#pragma unroll
+      for (int f = 0; f < NO; ++f)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = 8 * f + 2 * t4 + e;
+          if (col < p.D) dkb[(i64)r * p.sdk[1] + col] = from_f32<ELEM>(dK[f][2 * rr + e] * p.scale);
+          if (col < p.E) dvb[(i64)r * p.sdv[1] + col] = from_f32<ELEM>(dV[f][2 * rr + e]);
+        }
+    }
+  }
+}
+
 template <int ELEM, int DP, int KT> __device__ __forceinline__ void lm_fwd_impl(const LmParams &p) {
   typedef typename Elem<ELEM>::T T;
   constexpr int BQ = LM_BQ, PAD = Elem<ELEM>::PAD, LD = DP + PAD;
@@ -913,6 +994,49 @@ __device__ __forceinline__ void lm_bwd_dq_impl(const LmParams &p) {
   }
 }
 
+// acc += Xᵀ B for one (query tile, key tile): X (the warp's 16 query rows of accumulator tiles,
+// [query][key]) goes through shared memory (PSs); warp w then owns keys 16w .. 16w + 15 and
+// contracts over the tile's queries with B ([query][dim], Q or dO). Ends with a barrier.
+template <int ELEM, int NF, int NO, int LD, int LDP>
+__device__ __forceinline__ void tile_gemm_t(float (*X)[4], typename Elem<ELEM>::T *PSs,
+                                            const typename Elem<ELEM>::T *Bs, float (*acc)[4],
+                                            bool kactive) {
+  constexpr int BQ = LM_BQ, KS = Elem<ELEM>::KS;
+  const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t4 = threadIdx.x & 3;
+#pragma unroll
+  for (int f = 0; f < NF; ++f)
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+      PSs[(16 * warp + g + 8 * (r >> 1)) * LDP + 8 * f + 2 * t4 + (r & 1)] =
+          from_f32<ELEM>(X[f][r]);
+  __syncthreads();
+  if (kactive) {
+#pragma unroll
+    for (int kq = 0; kq < BQ; kq += KS) {
+      u32 a[4], b[2];
+      Frag<ELEM>::A_km(a, PSs, LDP, 16 * warp, kq);
+#pragma unroll
+      for (int f = 0; f < NO; ++f) {
+        Frag<ELEM>::B_kn(b, Bs, LD, kq, 8 * f);
+        mma<ELEM>(acc[f], a, b);
+      }
+    }
+  }
+  __syncthreads();
+}
+
+// dK/dV of one (query tile, key tile): dV += Pᵀ dO, dK += dSᵀ Q (P in S, dS in dP; rows of
+// warps without queries are zeros). Ends with a barrier (Qs, dOs, PSs free afterwards).
+template <int ELEM, int NF, int NO, int LD, int LDP>
+__device__ __forceinline__ void dkdv_accumulate(float (*S)[4], float (*dP)[4],
+                                                typename Elem<ELEM>::T *PSs,
+                                                const typename Elem<ELEM>::T *Qs,
+                                                const typename Elem<ELEM>::T *dOs, float (*dK)[4],
+                                                float (*dV)[4], bool kactive) {
+  tile_gemm_t<ELEM, NF, NO, LD, LDP>(S, PSs, dOs, dV, kactive);
+  tile_gemm_t<ELEM, NF, NO, LD, LDP>(dP, PSs, Qs, dK, kactive);
+}
+
 template <int ELEM, int DP, int KT>
 __device__ __forceinline__ void lm_bwd_dkdv_impl(const LmParams &p) {
   typedef typename Elem<ELEM>::T T;
@@ -1058,6 +1182,420 @@ __device__ __forceinline__ void lm_bwd_dkdv_impl(const LmParams &p) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Blocks longer than a key tile (LM_MULTI: KT < block_size, any size).
+//
+// A block of bs keys spans NT = ⌈bs / KT⌉ key tiles aligned to the block's start: tile t of block
+// j holds keys j·bs + KT·t .. min(j·bs + KT·(t + 1), (j + 1)·bs) − 1, so no tile crosses a block
+// boundary (the block's last tile may be short; it holds the landmark). The inner normaliser of
+// an earlier block depends on all of its tiles, so it is computed first. Per (row i, earlier
+// block j), log2 units (s = log2(e)·scale·q·k, dP_iu = do_i·v_u), over the ordinary keys u of j:
+//   mx_ij = max_u s_iu,   Y_ij = Σ_u exp2(s_iu − mx_ij),   C_ij = Σ_u exp2(s_iu − mx_ij)·dP_iu,
+//   gl_ij = s_{i,ℓj}  (the landmark logit),
+// so π_iu = exp2(s_iu − mx_ij) / Y_ij and c_ij = Σ_u π_iu dP_iu = C_ij / Y_ij (a statistics pass
+// over the block's tiles, online in mx like a softmax: stats_tile). The main pass over the same
+// tiles then does what the single-tile kernels do, with the bias known:
+//   forward, earlier block: P = exp2(s − mx)·exp2(gl − M)/Y (every weight of the block is below
+//            its gate, so the row bound is M = max(M, gl)); current block (p ∈ S_i, no inner
+//            normaliser): P = exp2(s − M); FlashAttention's online rescaling over M and
+//            lse = ln 2·(M + log2 l), as in the other paths;
+//   backward, earlier block: G = exp2(gl − lse2), P = exp2(s − mx)·G/Y, dS = P (dP − c),
+//            landmark dS = G (c − Δ); current block: P = exp2(s − lse2), dS = P (dP − Δ).
+// The statistics pass is skipped for blocks that no row of the query tile sees as an earlier
+// block (e.g. the diagonal block).
+// Cost in MMAs against the single-pass kernels: forward (S twice, P·V once) about 1.5×; dQ (S and
+// dP twice, dS·K once) about 5/3×; dK/dV (key-tile outer, grid over the tiles of every block):
+// for each query tile the CTA recomputes its rows' statistics of its block with a pass over the
+// block's NT tiles (K and V reloaded from L2), visiting its own tile last so that its S and dP are
+// still in registers for dS: 2·NT + 2 MMAs per (query tile, key tile) instead of 4, i.e. about
+// (NT + 1)/2 × (1.5× at block 128, 2× at 200 to 256, 8.5× at 1000). No [T, T / block] buffer.
+
+// Tile t of block j: first key k0, keys nk, ordinary columns col < nord (the landmark is the
+// block's last key, so it is excluded), landmark column lmc (−1 when not in the tile).
+struct LmTile {
+  int k0, nk, nord, lmc;
+};
+
+__device__ __forceinline__ LmTile block_tile(int j, int t, int bs, int kl) {
+  LmTile x;
+  const int lo = LM_KT * t; // first key of the tile inside the block
+  x.k0 = j * bs + lo;
+  x.nk = min(min(LM_KT, bs - lo), kl - x.k0); // ≤ 0 when the tile lies past the keys
+  x.nord = min(x.nk, bs - 1 - lo);
+  x.lmc = bs - 1 - lo < x.nk ? bs - 1 - lo : -1;
+  return x;
+}
+
+// Per-row statistics of one earlier block (see above), for the thread's two rows.
+struct LmStats {
+  float mx[2], y[2], cs[2], gl[2];
+};
+
+__device__ __forceinline__ void stats_init(LmStats &st) {
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    st.mx[rr] = st.gl[rr] = LM_NINF;
+    st.y[rr] = st.cs[rr] = 0.f;
+  }
+}
+
+// Sets the columns row rr does not use in tile x to −∞ (it uses every ordinary key of an earlier
+// block, the visible ordinary keys of its current block, nothing else) and returns the thread's
+// maximum per row in tm (not quad-reduced).
+template <int NF>
+__device__ __forceinline__ void mask_cols(float (*S)[4], const Rows &R, const int *kd,
+                                          const LmTile &x, float *tm) {
+  const int t4 = threadIdx.x & 3;
+  int lim[2];
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    lim[rr] = kd[rr] == K_EARLY ? x.nord
+              : kd[rr] == K_CUR ? min(x.nord, R.pos[rr] - x.k0 + 1)
+                                : 0;
+    lim[rr] -= 2 * t4; // compared with the compile-time part 8f + e of the column
+    tm[rr] = LM_NINF;
+  }
+#pragma unroll
+  for (int f = 0; f < NF; ++f)
+#pragma unroll
+    for (int e = 0; e < 2; ++e)
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        const float v = 8 * f + e < lim[rr] ? S[f][2 * rr + e] : LM_NINF;
+        S[f][2 * rr + e] = v;
+        tm[rr] = fmaxf(tm[rr], v);
+      }
+}
+
+// Adds tile x (S: log2-scaled scores; dP: do·vᵀ when WITH_DP) to the block statistics. Only the
+// statistics of rows for which the block is earlier are used later.
+template <int NF, bool WITH_DP>
+__device__ __forceinline__ void stats_tile(const float (*S)[4], const float (*dP)[4],
+                                           const LmTile &x, LmStats &st) {
+  const int t4 = threadIdx.x & 3;
+  const int lim = x.nord - 2 * t4, lmr = x.lmc - 2 * t4; // lmc = −1: lmr < 0, never a column
+  float tm[2] = {LM_NINF, LM_NINF}, gl[2] = {LM_NINF, LM_NINF};
+#pragma unroll
+  for (int f = 0; f < NF; ++f)
+#pragma unroll
+    for (int e = 0; e < 2; ++e)
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        const float v = S[f][2 * rr + e];
+        if (8 * f + e == lmr) gl[rr] = v;
+        if (8 * f + e < lim) tm[rr] = fmaxf(tm[rr], v);
+      }
+  float ref[2], resc[2];
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const float mnew = fmaxf(st.mx[rr], qmax(tm[rr]));
+    ref[rr] = mnew == LM_NINF ? 0.f : mnew;
+    resc[rr] = fast_exp2(st.mx[rr] - ref[rr]); // 0 while mx was −∞
+    st.mx[rr] = mnew;
+    st.gl[rr] = fmaxf(st.gl[rr], qmax(gl[rr]));
+  }
+  float sy[2] = {0.f, 0.f}, sc[2] = {0.f, 0.f};
+#pragma unroll
+  for (int f = 0; f < NF; ++f)
+#pragma unroll
+    for (int e = 0; e < 2; ++e)
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        const float t = 8 * f + e < lim ? fast_exp2(S[f][2 * rr + e] - ref[rr]) : 0.f;
+        sy[rr] += t;
+        if constexpr (WITH_DP) sc[rr] += t * dP[f][2 * rr + e];
+      }
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    st.y[rr] = st.y[rr] * resc[rr] + qsum(sy[rr]);
+    if constexpr (WITH_DP) st.cs[rr] = st.cs[rr] * resc[rr] + qsum(sc[rr]);
+  }
+}
+
+// Forward main pass on tile x: S (log2-scaled) -> P relative to the new running maxima m; returns
+// alpha (rescale of l and O) and ps (the thread's partial row sum of P).
+template <int NF>
+__device__ __forceinline__ void fwd_probs_multi(float (*S)[4], const Rows &R, const int *kd,
+                                                const LmTile &x, const LmStats &st, float *m,
+                                                float *alpha, float *ps) {
+  float tm[2];
+  mask_cols<NF>(S, R, kd, x, tm);
+  float ref[2], fac[2];
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const bool early = kd[rr] == K_EARLY;
+    const float tmax = qmax(tm[rr]); // all lanes shuffle, whatever the row's kind
+    const float bound = early ? st.gl[rr] : tmax;
+    const float m_new = fmaxf(m[rr], bound);
+    const float mu = m_new == LM_NINF ? 0.f : m_new;
+    alpha[rr] = fast_exp2(m[rr] - mu); // 0 when m was −∞
+    m[rr] = m_new;
+    // earlier block: mx is finite (bs − 1 ≥ KT ordinary keys) and Y ≥ 1
+    ref[rr] = early ? st.mx[rr] : mu;
+    fac[rr] = early ? fast_exp2(st.gl[rr] - mu) / st.y[rr] : 1.f;
+    ps[rr] = 0.f;
+  }
+#pragma unroll
+  for (int f = 0; f < NF; ++f)
+#pragma unroll
+    for (int e = 0; e < 2; ++e)
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        const float t = fast_exp2(S[f][2 * rr + e] - ref[rr]) * fac[rr]; // masked: exp2(−∞) = 0
+        S[f][2 * rr + e] = t;
+        ps[rr] += t;
+      }
+}
+
+// Backward main pass on tile x: S (log2-scaled) -> P, dP -> dS (natural units).
+template <int NF>
+__device__ __forceinline__ void bwd_probs_multi(float (*S)[4], float (*dP)[4], const Rows &R,
+                                                const int *kd, const LmTile &x, const LmStats &st,
+                                                const float *lse2, const float *dl) {
+  const int lmr = x.lmc - 2 * (threadIdx.x & 3);
+  float tm[2];
+  mask_cols<NF>(S, R, kd, x, tm);
+  float ref[2], gs[2], cc[2], G[2];
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const bool early = kd[rr] == K_EARLY;
+    G[rr] = early ? fast_exp2(st.gl[rr] - lse2[rr]) : 0.f;
+    gs[rr] = early ? G[rr] / st.y[rr] : 1.f;
+    cc[rr] = early ? st.cs[rr] / st.y[rr] : dl[rr];
+    ref[rr] = early ? st.mx[rr] : lse2[rr];
+  }
+#pragma unroll
+  for (int f = 0; f < NF; ++f)
+#pragma unroll
+    for (int e = 0; e < 2; ++e)
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        const float pr = fast_exp2(S[f][2 * rr + e] - ref[rr]) * gs[rr]; // masked: 0 (dP is finite)
+        S[f][2 * rr + e] = pr;
+        float d = pr * (dP[f][2 * rr + e] - cc[rr]);
+        if (8 * f + e == lmr && kd[rr] == K_EARLY) d = G[rr] * (cc[rr] - dl[rr]);
+        dP[f][2 * rr + e] = d;
+      }
+}
+
+// Row kinds for block j (K_EARLY, K_CUR or K_SKIP); called by all lanes.
+__device__ __forceinline__ void block_kinds(const LmParams &p, const Rows &R, int j, int t4,
+                                            int *kd) {
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) kd[rr] = kind_of(R, rr, early_mask(p, R, rr, j, 1, t4), j, 0);
+}
+
+// The next block a query tile needs after block j (LM_BIG when none): dense, every block up to
+// the last row's; retrieval, the CTA-wide minimum over the rows' listed and current blocks.
+__device__ __forceinline__ int next_needed(const LmParams &p, const Rows &R, int j, int cmax,
+                                           int t4, int *red) {
+  if (p.bidx == nullptr) return j + 1 <= cmax ? j + 1 : LM_BIG;
+  return cta_min(next_block(p, R, j + 1, t4), red);
+}
+
+// S = Q Kᵀ (log2-scaled) and, with DO, dP = dO Vᵀ, for the warp's 16 rows of tile x; rows of
+// warps without queries stay zero.
+template <int ELEM, int NF, int DP, int LD, bool DO>
+__device__ __forceinline__ void tile_scores(float (*S)[4], float (*dP)[4],
+                                            const typename Elem<ELEM>::T *Qs,
+                                            const typename Elem<ELEM>::T *dOs,
+                                            const typename Elem<ELEM>::T *Ks,
+                                            const typename Elem<ELEM>::T *Vs, int rows, int nk,
+                                            float scale_log2) {
+  const int warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int f = 0; f < NF; ++f)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) S[f][r] = dP[f][r] = 0.f;
+  if (16 * warp >= rows) return;
+  gemm_nk<ELEM, NF, DP>(S, Qs, LD, 16 * warp, Ks, LD, nk);
+  if constexpr (DO) gemm_nk<ELEM, NF, DP>(dP, dOs, LD, 16 * warp, Vs, LD, nk);
+#pragma unroll
+  for (int f = 0; f < NF; ++f)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) S[f][r] *= scale_log2;
+}
+
+// Loads K (and V with WITH_V) of tile x into shared memory and waits for it (and for every copy
+// committed before). Starts with a barrier: every warp is done with the previous tile.
+template <int ELEM, int DP, int LD, bool WITH_V>
+__device__ __forceinline__ void load_kv(const LmParams &p, typename Elem<ELEM>::T *Ks,
+                                        typename Elem<ELEM>::T *Vs,
+                                        const typename Elem<ELEM>::T *kb,
+                                        const typename Elem<ELEM>::T *vb, const LmTile &x) {
+  __syncthreads();
+  load_tile_async<ELEM, LM_KT, DP, LM_THREADS>(Ks, LD, kb + (i64)x.k0 * p.sk[1], p.sk[1], x.nk,
+                                               p.D, p.vec_k);
+  if constexpr (WITH_V)
+    load_tile_async<ELEM, LM_KT, DP, LM_THREADS>(Vs, LD, vb + (i64)x.k0 * p.sv[1], p.sv[1], x.nk,
+                                                 p.E, p.vec_v);
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+}
+
+// Forward (BWD = false: o, lse) or dQ (BWD = true) of one query tile over the blocks it needs.
+template <int ELEM, int DP, bool BWD>
+__device__ __forceinline__ void lm_qtile_multi(const LmParams &p) {
+  typedef typename Elem<ELEM>::T T;
+  constexpr int BQ = LM_BQ, KT = LM_KT, PAD = Elem<ELEM>::PAD, LD = DP + PAD;
+  constexpr int NF = KT / 8, NO = DP / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T *Qs = reinterpret_cast<T *>(smem_raw);
+  T *dOs = Qs + BQ * LD; // backward only
+  T *Ks = dOs + (BWD ? BQ * LD : 0);
+  T *Vs = Ks + KT * LD;
+  __shared__ int red[LM_NW];
+
+  const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t4 = threadIdx.x & 3;
+  const int qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, n = blockIdx.z;
+  const LmSeq s = seq_of(p, n);
+  const int i0 = qt * BQ;
+  if (i0 >= s.ql) return;
+  const int rows = min(BQ, s.ql - i0);
+  const int hk = h / (p.Hq / p.Hkv);
+  const int bs = p.bs, NT = (bs + KT - 1) / KT;
+
+  const T *qb = (const T *)p.q + s.b * p.sq[0] + (s.qs + i0) * p.sq[1] + h * p.sq[2];
+  const T *kb = (const T *)p.k + s.b * p.sk[0] + s.ks * p.sk[1] + hk * p.sk[2];
+  const T *vb = (const T *)p.v + s.b * p.sv[0] + s.ks * p.sv[1] + hk * p.sv[2];
+  load_tile_async<ELEM, BQ, DP, LM_THREADS>(Qs, LD, qb, p.sq[1], rows, p.D, p.vec_q);
+  if constexpr (BWD) {
+    const T *dob = (const T *)p.dout + s.b * p.sdo[0] + (s.qs + i0) * p.sdo[1] + h * p.sdo[2];
+    load_tile_async<ELEM, BQ, DP, LM_THREADS>(dOs, LD, dob, p.sdo[1], rows, p.E, p.vec_do);
+  }
+  cp_async_commit(); // completed by the first load_kv
+
+  Rows R;
+  make_rows(p, s, hk, i0, rows, warp, g, R);
+  float lse2[2], dl[2];
+  if constexpr (BWD) load_row_stats(p, s, h, i0, R, warp, g, lse2, dl);
+  float acc[NO][4]; // O (forward) or dQ
+#pragma unroll
+  for (int f = 0; f < NO; ++f) acc[f][0] = acc[f][1] = acc[f][2] = acc[f][3] = 0.f;
+  float m[2] = {LM_NINF, LM_NINF}, l[2] = {0.f, 0.f}; // forward: running max, partial row sum
+
+  const int pmax = i0 + rows - 1 + (s.kl - s.ql); // position of the last row
+  const int cmax = pmax / bs;
+  int j = p.bidx == nullptr ? 0 : cta_min(next_block(p, R, 0, t4), red);
+  while (j != LM_BIG) {
+    int kd[2];
+    block_kinds(p, R, j, t4, kd);
+    LmStats st;
+    stats_init(st);
+    if (__syncthreads_or(kd[0] == K_EARLY || kd[1] == K_EARLY)) {
+      for (int t = 0; t < NT; ++t) {
+        const LmTile x = block_tile(j, t, bs, s.kl);
+        if (x.nk <= 0) break;
+        load_kv<ELEM, DP, LD, BWD>(p, Ks, Vs, kb, vb, x);
+        float S[NF][4], dP[NF][4];
+        tile_scores<ELEM, NF, DP, LD, BWD>(S, dP, Qs, dOs, Ks, Vs, rows, x.nk, p.scale_log2);
+        stats_tile<NF, BWD>(S, dP, x, st);
+      }
+    }
+    for (int t = 0; t < NT; ++t) {
+      const LmTile x = block_tile(j, t, bs, s.kl);
+      if (x.nk <= 0 || x.k0 > pmax) break; // past the keys, or no row reaches the tile
+      load_kv<ELEM, DP, LD, true>(p, Ks, Vs, kb, vb, x);
+      float S[NF][4], dP[NF][4];
+      tile_scores<ELEM, NF, DP, LD, BWD>(S, dP, Qs, dOs, Ks, Vs, rows, x.nk, p.scale_log2);
+      if constexpr (BWD) {
+        bwd_probs_multi<NF>(S, dP, R, kd, x, st, lse2, dl);
+        gemm_acc_kn<ELEM, NF, NO>(acc, dP, Ks, LD, x.nk); // dQ += dS K
+      } else {
+        float alpha[2], ps[2];
+        fwd_probs_multi<NF>(S, R, kd, x, st, m, alpha, ps);
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+          l[rr] = l[rr] * alpha[rr] + ps[rr];
+#pragma unroll
+          for (int f = 0; f < NO; ++f) {
+            acc[f][2 * rr] *= alpha[rr];
+            acc[f][2 * rr + 1] *= alpha[rr];
+          }
+        }
+        gemm_acc_kn<ELEM, NF, NO>(acc, S, Vs, LD, x.nk); // O += P V
+      }
+    }
+    j = next_needed(p, R, j, cmax, t4, red);
+  }
+  cp_async_wait<0>(); // nothing in flight at exit
+
+  if constexpr (BWD) dq_store<ELEM, NO>(p, s, h, i0, rows, acc);
+  else fwd_store<ELEM, NO>(p, s, h, i0, rows, acc, m, l);
+}
+
+template <int ELEM, int DP> __device__ __forceinline__ void lm_bwd_dkdv_multi(const LmParams &p) {
+  typedef typename Elem<ELEM>::T T;
+  constexpr int BQ = LM_BQ, KT = LM_KT, PAD = Elem<ELEM>::PAD, LD = DP + PAD, LDP = KT + PAD;
+  constexpr int NF = KT / 8, NO = DP / 8;
+  static_assert(KT == 16 * LM_NW, "one warp per 16 keys of the tile");
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T *Ks = reinterpret_cast<T *>(smem_raw);
+  T *Vs = Ks + KT * LD;
+  T *Qs = Vs + KT * LD;
+  T *dOs = Qs + BQ * LD;
+  T *PSs = dOs + BQ * LD; // P, then dS: [query][key]
+
+  const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t4 = threadIdx.x & 3;
+  const int hk = blockIdx.y, n = blockIdx.z;
+  const LmSeq s = seq_of(p, n);
+  const int bs = p.bs, NT = (bs + KT - 1) / KT;
+  const int j = blockIdx.x / NT, own = blockIdx.x % NT; // this CTA's tile: tile `own` of block j
+  const LmTile xo = block_tile(j, own, bs, s.kl);
+  if (xo.nk <= 0) return;
+  const int G = p.Hq / p.Hkv;
+  const T *kb = (const T *)p.k + s.b * p.sk[0] + s.ks * p.sk[1] + hk * p.sk[2];
+  const T *vb = (const T *)p.v + s.b * p.sv[0] + s.ks * p.sv[1] + hk * p.sv[2];
+
+  float dK[NO][4], dV[NO][4];
+#pragma unroll
+  for (int f = 0; f < NO; ++f)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) dK[f][r] = dV[f][r] = 0.f;
+  const bool kactive = 16 * warp < xo.nk;
+
+  const int first = max(0, j * bs - (s.kl - s.ql)); // first query row whose block is ≥ j
+  for (int hh = 0; hh < G; ++hh) {
+    const int h = hk * G + hh;
+    for (int i0 = (first / BQ) * BQ; i0 < s.ql; i0 += BQ) {
+      const int rows = min(BQ, s.ql - i0);
+      Rows R;
+      make_rows(p, s, hk, i0, rows, warp, g, R);
+      int kd[2];
+      block_kinds(p, R, j, t4, kd);
+      if (!__syncthreads_or(kd[0] != K_SKIP || kd[1] != K_SKIP)) continue;
+      const bool any_early = __syncthreads_or(kd[0] == K_EARLY || kd[1] == K_EARLY);
+
+      const T *qb = (const T *)p.q + s.b * p.sq[0] + (s.qs + i0) * p.sq[1] + h * p.sq[2];
+      const T *dob = (const T *)p.dout + s.b * p.sdo[0] + (s.qs + i0) * p.sdo[1] + h * p.sdo[2];
+      load_tile_async<ELEM, BQ, DP, LM_THREADS>(Qs, LD, qb, p.sq[1], rows, p.D, p.vec_q);
+      load_tile_async<ELEM, BQ, DP, LM_THREADS>(dOs, LD, dob, p.sdo[1], rows, p.E, p.vec_do);
+      cp_async_commit(); // completed by the first load_kv below
+      float lse2[2], dl[2];
+      load_row_stats(p, s, h, i0, R, warp, g, lse2, dl);
+
+      // The block's tiles, this CTA's own tile last (only that one without earlier rows): S and
+      // dP of the own tile are left in registers. Earlier blocks are full, so every tile of the
+      // statistics pass holds keys.
+      LmStats st;
+      stats_init(st);
+      float S[NF][4], dP[NF][4];
+      for (int step = any_early ? 1 : NT; step <= NT; ++step) {
+        const LmTile x = block_tile(j, (own + step) % NT, bs, s.kl);
+        if (x.nk <= 0) continue; // CTA-uniform (defensive: only a partial block has such tiles)
+        load_kv<ELEM, DP, LD, true>(p, Ks, Vs, kb, vb, x);
+        tile_scores<ELEM, NF, DP, LD, true>(S, dP, Qs, dOs, Ks, Vs, rows, x.nk, p.scale_log2);
+        if (any_early) stats_tile<NF, true>(S, dP, x, st);
+      }
+      if (16 * warp < rows) bwd_probs_multi<NF>(S, dP, R, kd, xo, st, lse2, dl);
+      dkdv_accumulate<ELEM, NF, NO, LD, LDP>(S, dP, PSs, Qs, dOs, dK, dV, kactive);
+    }
+  }
+
+  dkdv_store<ELEM, NO>(p, s, hk, xo.k0, xo.nk, dK, dV);
+}
+
+// ---------------------------------------------------------------------------------------------
 // top-k blocks: one CTA per (token, kv head). Landmark scores max_g scale·q_g·k_ℓj in float64
 // (as the CPU path), kept as order-preserving 64-bit keys in shared memory; k rounds of a
 // CTA-wide argmax (ties to the lower block) mark the winners, which are then written in
@@ -1194,6 +1732,17 @@ template <int ELEM> __device__ __forceinline__ void lm_topk_impl(const LmParams 
   }
 }
 
+#if LM_MULTI
+extern "C" __global__ void __launch_bounds__(LM_THREADS) lm_fwd(const LmParams p) {
+  lm_qtile_multi<LM_ELEM, LM_DP, false>(p);
+}
+extern "C" __global__ void __launch_bounds__(LM_THREADS) lm_bwd_dq(const LmParams p) {
+  lm_qtile_multi<LM_ELEM, LM_DP, true>(p);
+}
+extern "C" __global__ void __launch_bounds__(LM_THREADS) lm_bwd_dkdv(const LmParams p) {
+  lm_bwd_dkdv_multi<LM_ELEM, LM_DP>(p);
+}
+#else
 extern "C" __global__ void __launch_bounds__(LM_THREADS) lm_fwd(const LmParams p) {
   lm_fwd_impl<LM_ELEM, LM_DP, LM_KT>(p);
 }
@@ -1203,6 +1752,7 @@ extern "C" __global__ void __launch_bounds__(LM_THREADS) lm_bwd_dq(const LmParam
 extern "C" __global__ void __launch_bounds__(LM_THREADS) lm_bwd_dkdv(const LmParams p) {
   lm_bwd_dkdv_impl<LM_ELEM, LM_DP, LM_KT>(p);
 }
+#endif
 extern "C" __global__ void __launch_bounds__(TOPK_THREADS) lm_topk(const LmParams p) {
   lm_topk_impl<LM_ELEM>(p);
 }

@@ -13,8 +13,6 @@ use pyo3::PyErr;
 pub const MAX_HEAD_DIM: usize = 256;
 /// Largest head dim (of q/k and of v) of the CUDA kernels.
 pub const CUDA_MAX_HEAD_DIM: usize = 128;
-/// Largest block size of the CUDA kernels (a key tile holds whole blocks).
-pub const CUDA_MAX_BLOCK: usize = KT;
 const ANY: usize = usize::MAX;
 
 /// Validated problem sizes shared by every direction.
@@ -118,11 +116,6 @@ fn check(
                     "{name}: the CUDA kernels support head dims up to {CUDA_MAX_HEAD_DIM}, got {size}"
                 )));
             }
-        }
-        if block_size as usize > CUDA_MAX_BLOCK {
-            return Err(value_error(format!(
-                "block_size: the CUDA kernels support block sizes up to {CUDA_MAX_BLOCK}, got {block_size}"
-            )));
         }
     }
     let mut n = b;
@@ -387,7 +380,8 @@ pub fn topk_blocks(
 // CUDA
 
 const SOURCE: &str = include_str!("../../cuda/landmark.cu");
-/// Keys per key tile (LM_KT); a tile holds KT / block_size whole blocks.
+/// Keys per key tile (LM_KT); a tile holds KT / block_size whole blocks, or (block_size > KT)
+/// part of one block.
 const KT: usize = 64;
 /// Query rows per CTA (LM_BQ) and threads per CTA (LM_THREADS, TOPK_THREADS).
 const BQ: usize = 64;
@@ -453,6 +447,8 @@ pub struct Variant {
     pub dp: usize,
     /// KT/2 < block_size <= KT: a key tile is exactly one landmark block (LM_ONE fast path)
     pub one: bool,
+    /// block_size > KT: a block spans several key tiles (LM_MULTI: a statistics pass per block)
+    pub multi: bool,
 }
 
 impl Variant {
@@ -471,6 +467,7 @@ impl Variant {
             elem,
             dp,
             one: 2 * bs > KT && bs <= KT,
+            multi: bs > KT,
         }
     }
 
@@ -480,6 +477,7 @@ impl Variant {
             ("LM_DP".into(), self.dp.to_string()),
             ("LM_KT".into(), KT.to_string()),
             ("LM_ONE".into(), (self.one as u32).to_string()),
+            ("LM_MULTI".into(), (self.multi as u32).to_string()),
         ]
     }
 
@@ -520,8 +518,13 @@ impl Variant {
         let mut out = Vec::new();
         for elem in 0..3 {
             for dp in [32, 64, 128] {
-                for one in [false, true] {
-                    out.push(Variant { elem, dp, one });
+                for (one, multi) in [(false, false), (true, false), (false, true)] {
+                    out.push(Variant {
+                        elem,
+                        dp,
+                        one,
+                        multi,
+                    });
                 }
             }
         }
@@ -580,7 +583,9 @@ impl Problem {
             hkv: self.hkv as i32,
             d: self.d as i32,
             e: self.e as i32,
-            bs: block_size as i32,
+            // a block longer than the keys behaves like one of Tk + 1 (no landmark in reach):
+            // keeps the CUDA grid and the kernels' int arithmetic small for huge block sizes
+            bs: block_size.min(self.tk as i64 + 1).max(2) as i32,
             nseq: self.n as i32,
             cu_kind: cu.map_or(-1, |c| if c.dtype == DType::I64 { 1 } else { 0 }),
             vec_q: cuda::rows_aligned(q) as i32,
@@ -620,7 +625,6 @@ fn launch(
         ],
     )?;
     let bs = prm.bs as usize;
-    let tile = (KT / bs) * bs;
     let (name, grid, smem) = match dir {
         Dir::Fwd | Dir::BwdDq => {
             let grid = (p.tq.div_ceil(BQ) as u32, p.hq as u32, p.n as u32);
@@ -634,7 +638,13 @@ fn launch(
             if p.tk == 0 {
                 return Ok(());
             }
-            let grid = (p.tk.div_ceil(tile) as u32, p.hkv as u32, p.n as u32);
+            // one CTA per key tile: tiles of whole blocks, or every tile of every block
+            let tiles = if variant.multi {
+                p.tk.div_ceil(bs) * bs.div_ceil(KT)
+            } else {
+                p.tk.div_ceil((KT / bs) * bs)
+            };
+            let grid = (tiles as u32, p.hkv as u32, p.n as u32);
             ("lm_bwd_dkdv", grid, variant.smem_dkdv())
         }
         Dir::Topk => {

@@ -4,7 +4,8 @@ Math and conventions: ``docs/api/landmark.md`` (spec: specs/landmark.md). The fo
 FlashAttention-style pass of the native kernel over "effective logits" (landmark gate + inner
 block log-softmax); it saves the log-sum-exp per (token, head). The backward recomputes the
 scores tile by tile (dq over query tiles, dk/dv over key tiles). CPU (float64/32/16, bf16) and
-CUDA (float32 via 3xTF32, float16, bfloat16; head dims up to 128, block sizes up to 64) kernels.
+CUDA (float32 via 3xTF32, float16, bfloat16; head dims up to 128, any block size ≥ 2; blocks
+longer than a 64-key tile take a statistics pass per block) kernels.
 """
 
 from __future__ import annotations
