@@ -243,7 +243,7 @@ run_bench() { # each family's bench gets an equal share of what is left
         b=$(($(stage_budget) - 20))
         share=$((b / n))
         n=$((n - 1))
-        if ((share < 60)); then
+        if ((share < 30)); then
             echo "bench_$f: no time left"
             rc=124
             continue
