@@ -509,6 +509,7 @@ FAMILIES = {
         },
         "ours": ("longattn", "retrieval_decode", "topk_only", "attn_only"),
         "split": "block_size",
+        "primary_split": "64",
         "main": "landmark_attn",
     },
     "nsa": {
@@ -520,7 +521,10 @@ FAMILIES = {
         "retained graph). Peers: FSA (Relaxed-System-Lab/Flash-Sparse-Attention, patched to "
         "compile on Triton 3.6), the NSA reference (XunhaoLai/native-sparse-attention-triton) "
         "and fla's `parallel_nsa`. Full layer: `nsa_attn` (compressed + selected + sliding "
-        "window 512) fwd+bwd against dense SDPA causal (cuDNN).",
+        "window 512) fwd+bwd against dense SDPA causal (cuDNN). Runs: T = 64K comes from a "
+        "second run (KV-outer forward up to G = 8); longattn's 64K numbers for G = 1, 4, 8 from "
+        "a third (dQ from the KV-outer dK/dV kernel); longattn's bwd at T ≤ 32K and at G = 2 "
+        "predates that change (query-outer dQ, 5–8× slower at G = 1).",
         "labels": {
             "longattn": "longattn",
             "fsa": "FSA",
@@ -614,7 +618,8 @@ class Fam:
         def k(key):
             impl, _, v = key.partition("@")
             rank = known.index(impl) if impl in known else len(known)
-            return (not self.is_ours(impl), rank, impl, -int(v) if v.isdigit() else 0, v)
+            primary = v != self.cfg.get("primary_split", v)  # the headline block size first
+            return (not self.is_ours(impl), rank, impl, primary, -int(v) if v.isdigit() else 0, v)
 
         return sorted(keys, key=k)
 
