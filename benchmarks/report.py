@@ -550,6 +550,20 @@ FAMILIES = {
         "main": "selection",
     },
 }
+FAMILIES["cpu"] = {
+    "title": "CPU kernels",
+    "scripts": ("bench_cpu.py",),
+    "intro": "Every family's CPU kernel, forward + backward in float32 on the machine's threads, "
+    "against the same math in torch eager on the same threads: `lightning_attn_chunked` and "
+    "`rat_attn_chunked` (the references' chunked forms), SDPA causal for landmark (the spec's "
+    "yardstick), and for the NSA branches the dense masked softmax with the branch's mask "
+    "(`nsa_dense_masked_attn`: what the math costs without a sparse kernel).",
+    "labels": {"longattn": "longattn", "eager": "torch eager", "sdpa": "SDPA causal"},
+    "ours": ("longattn",),
+    "targets_heading": "Targets (Performance sections of specs/lightning.md, rat.md, "
+    "landmark.md, nsa.md):",
+    "plot": False,
+}
 FAMILY_ORDER = ("lightning", *FAMILIES)
 
 
@@ -845,7 +859,31 @@ def targets_nsa_selection(recs, other):
     return {"selection": [head] + res}
 
 
+def targets_cpu(recs, _other):
+    """Eager time / longattn time ≥ 3 (landmark: longattn ≤ 1.5× SDPA), per op and shape."""
+    out: dict = {}
+    for r in recs:
+        if r.get("impl") != "longattn" or r.get("ms") is None:
+            continue
+        op = r["op"]
+        shape = {k: v for k, v in r.items() if k not in NOT_SHAPE and k != "threads"}
+        where = ", ".join(f"{k} {fmt_field(k, v)}" for k, v in shape.items())
+        if op == "landmark_attn":
+            base = _find(recs, op, "sdpa", "fwd+bwd", **shape)
+            ok = None if base is None else r["ms"] <= 1.5 * base
+            got = f"{r['ms'] / base:.2f}× SDPA's time" if base else "not measured"
+            text = f"fwd+bwd ≤ 1.5× SDPA causal ({where}): {got}"
+        else:
+            base = _find(recs, op, "eager", "fwd+bwd", **shape)
+            ok = None if base is None else base / r["ms"] >= 3
+            got = f"{base / r['ms']:.2f}×" if base else "not measured"
+            text = f"fwd+bwd ≥ 3× faster than torch eager ({where}): {got}"
+        out.setdefault(op, []).append((text, ok))
+    return out
+
+
 TARGETS = {
+    "cpu": targets_cpu,
     "rat": targets_rat,
     "landmark": targets_landmark,
     "nsa": targets_nsa,
@@ -903,6 +941,8 @@ def run_title(path: Path, fam: str) -> str:
     stem = path.stem.removesuffix("-" + fam)
     m = re.match(r"(\d{4}-\d\d-\d\d)-?(.*)", stem)
     date, gpu = (m.group(1), m.group(2)) if m else ("?", stem)
+    if fam == "cpu":
+        return f"{date}"
     gpu = gpu.replace("-", " ").upper().replace("NVIDIA ", "NVIDIA ") if gpu else "?"
     return f"{gpu}, {date}"
 
@@ -917,7 +957,10 @@ def family_section(fam, path: Path, recs, other, img_dir: Path, img_rel: str | N
     dts = sorted({str(r.get("dtype")) for r in F.recs if r.get("dtype")})
     alldirs = {d for r in F.recs for d in norm_dirs(r)}
     timer = "`triton.testing.do_bench` on the GPU"
-    if any(r.get("device") == "cpu" for r in F.recs):
+    if all(r.get("device") == "cpu" for r in F.recs):
+        threads = sorted({r.get("threads") for r in F.recs if r.get("threads")})
+        timer = f"a perf_counter loop after one warm-up on {'/'.join(map(str, threads))} threads"
+    elif any(r.get("device") == "cpu" for r in F.recs):
         timer = "`triton.testing.do_bench` on the GPU (a perf_counter loop for CPU records)"
     how = []
     if "fwd+bwd" in alldirs:
@@ -940,14 +983,15 @@ def family_section(fam, path: Path, recs, other, img_dir: Path, img_rel: str | N
         lines += op_table(F, op, failures)
         if tg.get(op):
             spec = cfg.get("spec", fam)
-            lines.append(f"Targets (specs/{spec}.md):" if fam in FAMILIES else "Targets:")
+            default = f"Targets (specs/{spec}.md):" if fam in FAMILIES else "Targets:"
+            lines.append(cfg.get("targets_heading", default))
             lines.append("")
             for t, ok in tg[op]:
                 if ok is None:
                     t = t.removesuffix(": not measured").removesuffix(": no selected-forward time")
                 lines.append(f"{'' if t.startswith('  - ') else '- '}{t}: {_status(ok)}")
             lines.append("")
-    if img_rel is not None:
+    if img_rel is not None and cfg.get("plot", True):
         stem = path.stem if re.fullmatch(r"[A-Za-z0-9._-]+", path.stem) else slug(path.stem)
         name = f"{fam}-{stem}.png"
         try:
@@ -994,9 +1038,10 @@ def render(files, img_dir: Path, img_rel: str | None, include_cpu: bool = False)
             runs.append((d.get("started") or d.get("date") or "", Path(f), d))
         elif isinstance(d, list):
             recs = [r for r in d if isinstance(r, dict)]
-            if not include_cpu:
+            fam = family_of(Path(f), d)
+            if not include_cpu and fam != "cpu":  # the CPU family's file is all CPU records
                 recs = [r for r in recs if r.get("device") != "cpu"]
-            lists.append((family_of(Path(f), d), Path(f), recs))
+            lists.append((fam, Path(f), recs))
         elif d is not None:
             print(f"skipping {f}: neither a dict nor a list", file=sys.stderr)
     runs.sort(key=lambda x: x[0], reverse=True)
