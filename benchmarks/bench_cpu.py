@@ -6,7 +6,8 @@ float32 torch-eager formulation on the same threads, landmark at most 1.5× the 
 references' chunked forms), SDPA causal for landmark, and for the NSA attention branches the dense
 masked softmax (``nsa_dense_masked_attn`` with the branch's mask: what the math costs without a
 sparse kernel). Every timing is forward + backward (``torch.autograd.grad`` of ``(o·do).sum()``),
-the median of ``--reps`` runs after one warm-up, float32, on ``torch.get_num_threads()`` threads.
+the median of ``--reps`` runs after one warm-up, and of ``--runs`` whole passes over the cases,
+float32, on ``torch.get_num_threads()`` threads.
 
     python benchmarks/bench_cpu.py --out cpu.json [--quick] [--budget-s 300]
 """
@@ -160,26 +161,33 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="bench_cpu.json")
     ap.add_argument("--budget-s", type=float, default=600.0)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument(
+        "--runs", type=int, default=3, help="whole passes over the cases (recorded: their median)"
+    )
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     t_start = time.time()
     threads = torch.get_num_threads()
-    records = []
-    for op, shape, impls in cases(args.quick):
-        for impl, (fn, inputs) in impls.items():
-            if time.time() - t_start > args.budget_s:
-                break
-            rec = {"op": op, "impl": impl, **shape, "dtype": "float32", "direction": "fwd+bwd",
-                   "device": "cpu", "threads": threads}  # fmt: skip
-            try:
-                rec["ms"] = timeit(fn, inputs, args.reps)
-            except Exception as e:  # recorded, never fatal
-                rec["error"] = f"{type(e).__name__}: {e}"
-            records.append(rec)
-            print(rec, flush=True)
-            with open(args.out, "w") as f:
-                json.dump(records, f, indent=1)
+    records: dict = {}
+    # Whole passes, not more reps in a row: this machine's speed drifts over tens of seconds.
+    for _ in range(args.runs):
+        for op, shape, impls in cases(args.quick):
+            for impl, (fn, inputs) in impls.items():
+                if time.time() - t_start > args.budget_s:
+                    break
+                rec = records.setdefault((op, impl), {
+                    "op": op, "impl": impl, **shape, "dtype": "float32", "direction": "fwd+bwd",
+                    "device": "cpu", "threads": threads, "runs_ms": [],
+                })  # fmt: skip
+                try:
+                    rec["runs_ms"].append(round(timeit(fn, inputs, args.reps), 3))
+                    rec["ms"] = statistics.median(rec["runs_ms"])
+                except Exception as e:  # recorded, never fatal
+                    rec["error"] = f"{type(e).__name__}: {e}"
+                print(rec, flush=True)
+                with open(args.out, "w") as f:
+                    json.dump(list(records.values()), f, indent=1)
     return 0
 
 

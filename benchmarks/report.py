@@ -464,7 +464,7 @@ def plot_shape(key, e, path: Path) -> bool:
 
 DIRS = ("fwd", "bwd", "fwd+bwd", "decode")
 NOT_SHAPE = {"op", "impl", "direction", "ms", "tflops", "GB/s", "gbps", "error", "dtype"}
-NOT_SHAPE |= {"device", "rel_diff_vs_longattn", "warning", "skipped"}
+NOT_SHAPE |= {"device", "rel_diff_vs_longattn", "warning", "skipped", "runs_ms"}
 FIELD_ORDER = ("T", "B", "G", "Hq", "Hkv", "H", "D", "L", "C", "block_size", "topk", "mode")
 
 FAMILIES = {
