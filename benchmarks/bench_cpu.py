@@ -21,6 +21,7 @@ import sys
 import time
 
 import torch
+from bench_nsa import block_indices
 
 
 def fwd_bwd(fn, inputs):
@@ -107,13 +108,7 @@ def cases(quick: bool):
     q = randn(1, T, Hkv * G, D)
     k, v = randn(1, T, Hkv, D), randn(1, T, Hkv, D)
     n, bsel = 8, 64
-    t = torch.arange(T)
-    own = (t // bsel)[None, :, None, None].expand(1, T, Hkv, 1)
-    rnd = (torch.rand(1, T, Hkv, n - 1) * (own.float() + 1)).long()
-    idx = torch.cat([own, rnd], -1).sort(-1).values
-    first = torch.zeros_like(idx[..., :1], dtype=torch.bool)
-    dup = torch.cat([first, idx[..., 1:] == idx[..., :-1]], -1)
-    idx = idx.masked_fill(dup, -1).to(torch.int32)
+    idx = block_indices(T, Hkv, n, bsel, "cpu")  # the GPU benchmark's selection
     sel_mask = RN.nsa_selection_mask(idx, bsel, T)
     yield (
         "nsa_selected_attn",
