@@ -61,6 +61,15 @@ template <> __device__ __forceinline__ float load_f32<ELEM_BF16>(const u16 *p) {
   return to_f32<ELEM_BF16>(*p);
 }
 
+// x rounded to the element type (hi) and its rounding residual rounded again (lo): hi + lo
+// carries x to about twice the element's precision. Softmax forwards store the output's lo
+// part for the backward's Δ = rowsum(dO ∘ O), which cancels where attention is nearly one-hot.
+template <int ELEM>
+__device__ __forceinline__ void split_f32(float x, typename Elem<ELEM>::T &hi, typename Elem<ELEM>::T &lo) {
+  hi = from_f32<ELEM>(x);
+  lo = ELEM == ELEM_F32 ? from_f32<ELEM>(0.f) : from_f32<ELEM>(x - load_f32<ELEM>(&hi));
+}
+
 // Two floats into one 32-bit register of 16-bit values (lo in the low half).
 template <int ELEM> __device__ __forceinline__ u32 pack2(float lo, float hi);
 template <> __device__ __forceinline__ u32 pack2<ELEM_BF16>(float lo, float hi) {

@@ -15,6 +15,14 @@ pub trait Input: Copy + Send + Sync + 'static {
     fn load<A: Acc>(self) -> A;
     /// Round to this dtype (through f32 unless `Self` is f64).
     fn store<A: Acc>(a: A) -> Self;
+    /// `a` rounded (hi) and its rounding residual rounded again (lo): hi + lo carries `a` to about
+    /// twice this dtype's precision. Softmax forwards store the output's lo part for the
+    /// backward's Δ = rowsum(dO ∘ O), which cancels where attention is nearly one-hot.
+    #[inline(always)]
+    fn store_split<A: Acc>(a: A) -> (Self, Self) {
+        let hi = Self::store(a);
+        (hi, Self::store(a - hi.load::<A>()))
+    }
 }
 
 impl Input for f64 {
