@@ -143,18 +143,24 @@ def _backward(ctx, grad_out, grad_final_state):
     q, k, v, slopes, initial_state, final_state, cu_seqlens = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros(v.shape, dtype=q.dtype, device=q.device)
+    # The slope gradient is a cancelling sum (Σ (t+1)(q·dq − k·dk), terms ~T times the result):
+    # 16-bit tensor-core products leave it tens of percent wrong, so a backward that needs it
+    # runs in float32 on the same (exactly representable) values.
+    wide = ctx.needs_input_grad[3] and q.dtype in (torch.float16, torch.bfloat16)
+    cast = Tensor.float if wide else lambda x: x
     dq, dk, dv, d_slopes, d_state = lightning_bwd(
-        q,
-        k,
-        v,
+        cast(q),
+        cast(k),
+        cast(v),
         slopes,
-        grad_out,
+        cast(grad_out),
         initial_state,
         final_state,
         grad_final_state,
         ctx.scale,
         cu_seqlens,
     )
+    dq, dk, dv = dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)  # float32 only when wide
     return dq, dk, dv, d_slopes, (d_state if ctx.has_initial_state else None), None, None
 
 
