@@ -5,7 +5,7 @@
 # on the first GPU; the benchmarks on the second GPU at the same time (after the rest on a one-GPU
 # machine), so that nothing else runs on the GPU they time. The device tool returns at most 8
 # files, so everything comes back as $OUT/logs.tgz; failures and summaries are printed.
-# Environment: TESTS (0: none), PYTEST_K, TEST_WORKERS, SANITIZE_FAMILIES, SANITIZE_TOOLS,
+# Environment: TESTS (0: none), RELIABILITY (0: not test_reliability.py), PYTEST_K, TEST_WORKERS, SANITIZE_FAMILIES, SANITIZE_TOOLS,
 # SANITIZE_ONLY, BENCH_PLAN ("family:args;family:args"; empty: no benchmarks), *_DEADLINE_S.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
@@ -34,6 +34,8 @@ if [[ ${TESTS:-1} == 1 ]]; then
         --ignore=tests/test_reliability.py -n ${TEST_WORKERS:-12}}" CUDA_VISIBLE_DEVICES=0 \
         bash scripts/device.sh tests >"$OUT/tests.log" 2>&1 &
     pids+=($!)
+fi
+if [[ ${TESTS:-1} == 1 && ${RELIABILITY:-1} == 1 ]]; then
     SITE=/tmp/site-r OUT=$OUT/reliability PYTEST_TARGETS=tests/test_reliability.py \
         CUDA_VISIBLE_DEVICES=0,$second bash scripts/device.sh tests >"$OUT/reliability.log" 2>&1 &
     pids+=($!)

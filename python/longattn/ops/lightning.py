@@ -143,11 +143,16 @@ def _backward(ctx, grad_out, grad_final_state):
     q, k, v, slopes, initial_state, final_state, cu_seqlens = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros(v.shape, dtype=q.dtype, device=q.device)
-    # The slope gradient is a cancelling sum (Σ (t+1)(q·dq − k·dk), terms ~T times the result):
-    # 16-bit tensor-core products leave it tens of percent wrong, so a backward that needs it
-    # runs in float32 on the same (exactly representable) values.
+    # The slope gradient is a cancelling sum (Σ (t+1)(q·dq − k·dk) + L·⟨dS_T, S_T⟩, terms ~T
+    # times the result): 16-bit tensor-core products leave it tens of percent wrong, so a
+    # backward that needs it runs in float32 on the same (exactly representable) values, with
+    # S_T recomputed in float32 too (the 16-bit forward rounds its state updates).
     wide = ctx.needs_input_grad[3] and q.dtype in (torch.float16, torch.bfloat16)
     cast = Tensor.float if wide else lambda x: x
+    if wide and grad_final_state is not None:
+        _, final_state = lightning_fwd(
+            cast(q), cast(k), cast(v), slopes, initial_state, ctx.scale, cu_seqlens
+        )
     dq, dk, dv, d_slopes, d_state = lightning_bwd(
         cast(q),
         cast(k),
