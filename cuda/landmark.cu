@@ -59,6 +59,7 @@
 struct LmParams {
   const void *q, *k, *v;
   void *out;
+  void *out_lo; // out's rounding residual (strides so), or null: not stored
   float *lse;
   const void *dout;
   const float *delta;
@@ -674,14 +675,17 @@ __device__ __forceinline__ void gemm_acc_kn(float (*C)[4], float (*P)[4],
 // ---------------------------------------------------------------------------------------------
 // forward
 
-// Forward epilogue: o = O / l and lse = ln 2 · (m + log2 l) of the thread's rows (l is the
-// thread's partial row sum, summed over the quad here).
+// Forward epilogue: o = O / l (and its rounding residual when p.out_lo is set) and
+// lse = ln 2 · (m + log2 l) of the thread's rows (l is the thread's partial row sum, summed over
+// the quad here).
 template <int ELEM, int NO>
 __device__ __forceinline__ void fwd_store(const LmParams &p, const LmSeq &s, int h, int i0, int rows,
                                           float (*O)[4], const float *m, const float *l) {
   typedef typename Elem<ELEM>::T T;
   const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t4 = threadIdx.x & 3;
-  T *ob = (T *)p.out + s.b * p.so[0] + (s.qs + i0) * p.so[1] + h * p.so[2];
+  const i64 off = s.b * p.so[0] + (s.qs + i0) * p.so[1] + h * p.so[2];
+  T *ob = (T *)p.out + off;
+  T *olb = p.out_lo ? (T *)p.out_lo + off : nullptr;
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
     const float lt = qsum(l[rr]);
@@ -693,7 +697,12 @@ __device__ __forceinline__ void fwd_store(const LmParams &p, const LmSeq &s, int
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int col = 8 * f + 2 * t4 + e;
-          if (col < p.E) ob[(i64)r * p.so[1] + col] = from_f32<ELEM>(O[f][2 * rr + e] * inv);
+          if (col < p.E) {
+            T hi, lo;
+            split_f32<ELEM>(O[f][2 * rr + e] * inv, hi, lo);
+            ob[(i64)r * p.so[1] + col] = hi;
+            if (olb) olb[(i64)r * p.so[1] + col] = lo;
+          }
         }
       if (t4 == 0) {
         const float mm = m[rr] == LM_NINF ? 0.f : m[rr];
@@ -854,27 +863,7 @@ template <int ELEM, int DP, int KT> __device__ __forceinline__ void lm_fwd_impl(
   }
   cp_async_wait<0>(); // nothing in flight at exit (e.g. no key tile at all)
 
-  T *ob = (T *)p.out + s.b * p.so[0] + (s.qs + i0) * p.so[1] + h * p.so[2];
-#pragma unroll
-  for (int rr = 0; rr < 2; ++rr) {
-    const float lt = qsum(l[rr]);
-    const int r = 16 * warp + g + 8 * rr;
-    if (r < rows) {
-      const float inv = 1.f / lt;
-#pragma unroll
-      for (int f = 0; f < NO; ++f)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int col = 8 * f + 2 * t4 + e;
-          if (col < p.E) ob[(i64)r * p.so[1] + col] = from_f32<ELEM>(O[f][2 * rr + e] * inv);
-        }
-      if (t4 == 0) {
-        const float mm = m[rr] == LM_NINF ? 0.f : m[rr];
-        p.lse[s.b * p.slse[0] + (s.qs + i0 + r) * p.slse[1] + h * p.slse[2]] =
-            (mm + __log2f(lt)) * 0.6931471805599453f;
-      }
-    }
-  }
+  fwd_store<ELEM, NO>(p, s, h, i0, rows, O, m, l);
 }
 
 // ---------------------------------------------------------------------------------------------

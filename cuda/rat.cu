@@ -15,7 +15,7 @@
 //               the carries (L > 64).
 //   rat_fwd     per (tile, head, sequence): rescans the tile, own logit as the first softmax
 //               term (m = own, l = 1, O = v~), then blocks of 64 chunk states with mma.
-//   rat_delta   Δ_t = dy_t·y_t per row.
+//   rat_delta   Δ_t = dy_t·(y_t + y_lo_t) per row (y_lo: y's rounding residual, when stored).
 //   rat_bwd_kv  per (block of 64 chunk states, head, sequence): dK~_j (un-rotated) and dV~_j over
 //               every later query tile (no atomics).
 //   rat_bwd_q   per tile (L <= 64) or per chunk (L > 64, its sub-tiles in reverse): dq, then the
@@ -33,6 +33,7 @@
 struct RatParams {
   const void *q, *k, *v, *g;
   void *out;
+  void *out_lo;        // out's rounding residual (strides so), or null: not stored
   const void *dout;
   float *lse;
   float *ks, *vs;      // saved chunk-final states [B, C, H, D] f32
@@ -114,6 +115,13 @@ template <class P> __device__ __forceinline__ float ld_g(const P &p, i64 off) {
 }
 template <int ELEM> __device__ __forceinline__ void st(void *base, i64 off, float x) {
   ((typename Elem<ELEM>::T *)base)[off] = from_f32<ELEM>(x);
+}
+// x rounded into hi[off] and, when lo is set, its rounding residual into lo[off].
+template <int ELEM> __device__ __forceinline__ void st_split(void *hi, void *lo, i64 off, float x) {
+  typename Elem<ELEM>::T h, l;
+  split_f32<ELEM>(x, h, l);
+  ((typename Elem<ELEM>::T *)hi)[off] = h;
+  if (lo) ((typename Elem<ELEM>::T *)lo)[off] = l;
 }
 
 // θ_i = base^(−2i/D) (float64), 0 without RoPE.
@@ -430,7 +438,7 @@ template <int ELEM, int DK> __device__ void fwd_impl(const RatParams &p) {
 #pragma unroll
         for (int cc = 0; cc < 2; ++cc) {
           const int col = 8 * j + 2 * tq + cc;
-          if (col < p.D) st<ELEM>(p.out, oo + col, O[j][2 * r + cc] * inv);
+          if (col < p.D) st_split<ELEM>(p.out, p.out_lo, oo + col, O[j][2 * r + cc] * inv);
         }
       if (tq == 0) p.lse[s.b * p.slse[0] + tok * p.slse[1] + h * p.slse[2]] = (mrow[r] + __log2f(l)) * 0.6931471805599453f;
     }
@@ -448,8 +456,13 @@ template <int ELEM> __device__ void delta_impl(const RatParams &p) {
   const i64 t = rowid / p.H, h = rowid % p.H;
   const i64 oy = b * p.so[0] + t * p.so[1] + h * p.so[2];
   const i64 od = b * p.sdo[0] + t * p.sdo[1] + h * p.sdo[2];
+  // y + y_lo when the forward kept y's rounding residual: Δ then carries the unrounded output
+  const bool has_lo = p.out_lo != nullptr;
   float acc = 0.f;
-  for (int d = lane; d < p.D; d += 32) acc += ld<ELEM>(p.out, oy + d) * ld<ELEM>(p.dout, od + d);
+  for (int d = lane; d < p.D; d += 32) {
+    const float y = ld<ELEM>(p.out, oy + d) + (has_lo ? ld<ELEM>(p.out_lo, oy + d) : 0.f);
+    acc += y * ld<ELEM>(p.dout, od + d);
+  }
   acc = warp_sum(acc);
   if (lane == 0) p.delta[((i64)b * p.T + t) * p.H + h] = acc;
 }

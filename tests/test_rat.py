@@ -7,11 +7,13 @@ precision (CUDA tests at the end).
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import DEVICES, HAS_CUDA, assert_finite, rel_err
 from longattn.ops.rat import rat_attn, rat_attn_with_states, rat_fwd
-from longattn.reference.rat import rat_attn_chunked, rat_attn_reference
+from longattn.reference.rat import rat_attn_chunked, rat_attn_reference, rat_rope
 
 F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
 
@@ -92,6 +94,52 @@ def test_forward_backward_vs_reference(device, dtype, D, L):
     grads_r = torch.autograd.grad(yr, (q, k, v, g), dy)
     for name, a, b in zip("qkvg", grads, grads_r, strict=True):
         check(f"d{name}", a, b, dtype, grad=True)
+
+
+def peaked_queries(k, g, L, gap=8.0, base=10000.0):
+    """q of magnitude 8 (logits ~8σ) plus, from chunk 1 on, a multiple of the previous chunk's
+    final state (in the rotated frame) that puts its logit `gap` above every other logit of the
+    row (earlier chunk states and the own state): nearly one-hot attention on a chunk state."""
+    B, T, H, D = k.shape
+    c = torch.arange(T) // L
+    kr = rat_rope(scan(k, g, L), c, base)  # own states, rotated by their chunk
+    qr = 8 * torch.randn(B, T, H, D, dtype=F64)  # rotated queries
+    s = D**-0.5
+    finals = kr[:, L - 1 :: L]  # [B, C, H, D] full chunks' final states
+    prev = s * torch.einsum("bthd,bjhd->bthj", qr, finals)
+    j = torch.arange(finals.shape[1])
+    target = (c - 1).clamp(min=0)
+    others = (j[None, :] < c[:, None]) & (j[None, :] != target[:, None])  # [T, C]
+    top_prev = prev.masked_fill(~others[None, :, None, :], -math.inf).amax(-1)
+    top_other = torch.maximum(top_prev, s * (qr * kr).sum(-1))
+    kt = finals[:, target]
+    beta = (top_other + gap - s * (qr * kt).sum(-1)) / (s * (kt * kt).sum(-1))
+    qr = qr + torch.where(c[None, :, None] > 0, beta, 0.0)[..., None] * kt
+    return rat_rope(qr, -c, base)  # un-rotated
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=str)
+@pytest.mark.parametrize("T,L", [(2, 1), (150, 4), (150, 16), (150, 100)], ids=str)
+def test_peaked_attention_grads(T, L, dtype, device):
+    """Nearly one-hot attention on a chunk state: dA = P (dy·V~ − Δ) is tiny, so Δ from the
+    16-bit y alone is off by its rounding (dq, dk ~1.5 eps off); Δ from y + y_lo is accurate.
+    k and v are one head expanded over four (stride 0)."""
+    k1, v1 = (torch.randn(1, T, 1, 32, dtype=F64).to(dtype) for _ in range(2))
+    g = torch.sigmoid(torch.randn(1, T, 4, 32) + 1.0)
+    q = peaked_queries(k1.double().expand(1, T, 4, 32), g, L).to(dtype)
+    leaves = [x.to(device).requires_grad_() for x in (q, k1, v1, g)]
+    q, k1, v1, g = leaves
+    y = rat_attn(q, k1.expand(1, T, 4, 32), v1.expand(1, T, 4, 32), g, chunk_size=L)
+    dy = torch.randn(y.shape, dtype=F64).to(dtype)
+    grads = torch.autograd.grad(y, leaves, dy.to(device))
+    ref_leaves = [x.detach().cpu().double().requires_grad_() for x in leaves]
+    q64, k64, v64, g64 = ref_leaves
+    yr = rat_attn_reference(q64, k64.expand(1, T, 4, 32), v64.expand(1, T, 4, 32), g64,
+                            chunk_size=L)  # fmt: skip
+    ref_grads = torch.autograd.grad(yr, ref_leaves, dy.double())
+    for name, a, b in zip("qkvg", grads, ref_grads, strict=True):
+        assert rel_err(a, b) < torch.finfo(dtype).eps, name
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -201,6 +249,9 @@ def test_large_scores_do_not_overflow():
 def test_opcheck():
     q, k, v, g = make(1, 12, 2, 8, F32, requires_grad=True)
     torch.library.opcheck(rat_fwd, (q, k, v, g, 4, 0.5, 10000.0, None))
+    q, k, v = (x.detach().to(BF16).requires_grad_() for x in (q, k, v))
+    # with y's rounding residual
+    torch.library.opcheck(rat_fwd, (q, k, v, g, 4, 0.5, 10000.0, None, True))
 
 
 # ----------------------------------------------------------------------------- errors
@@ -402,3 +453,5 @@ def test_cuda_empty_and_errors():
 def test_cuda_opcheck():
     q, k, v, g = make(1, 40, 2, 16, F32, "cuda", requires_grad=True)
     torch.library.opcheck(rat_fwd, (q, k, v, g, 8, 0.5, 10000.0, None))
+    q, k, v = (x.detach().to(BF16).requires_grad_() for x in (q, k, v))
+    torch.library.opcheck(rat_fwd, (q, k, v, g, 8, 0.5, 10000.0, None, True))  # with y_lo

@@ -68,3 +68,15 @@ def check_rank(t: torch.Tensor | None, name: str, rank: int, layout: str) -> Non
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if t.dim() != rank:
         raise ValueError(f"{name}: expected rank {rank} {layout}, got shape {tuple(t.shape)}")
+
+
+def wants_out_lo(*inputs: torch.Tensor | None) -> bool:
+    """Whether a softmax forward should also store its output's rounding residual ``out_lo``: a
+    16-bit output whose backward will run (grad mode on, some input requires grad). The
+    backward's Δ = rowsum(dO ∘ (out + out_lo)) then carries the float32 output, where the 16-bit
+    rounding of out alone cancels badly for nearly one-hot attention."""
+    return (
+        inputs[0].dtype in (torch.float16, torch.bfloat16)
+        and torch.is_grad_enabled()
+        and any(t is not None and t.requires_grad for t in inputs)
+    )

@@ -58,9 +58,11 @@ pub struct LmArgs<'a> {
     pub hkv: usize,
 }
 
-/// Forward outputs: out [B, Tq, Hq, E] (input dtype), lse [B, Tq, Hq] (f32, f64 for f64).
+/// Forward outputs: out [B, Tq, Hq, E] (input dtype), when given out_lo (out's rounding residual,
+/// like out), lse [B, Tq, Hq] (f32, f64 for f64).
 pub struct LmFwd<'a> {
     pub out: &'a View,
+    pub out_lo: Option<&'a View>,
     pub lse: &'a View,
 }
 
@@ -117,6 +119,26 @@ unsafe fn load_row<I: Input>(v: &View, b: usize, t: usize, h: usize, dst: &mut [
 unsafe fn store_row<I: Input>(v: &View, b: usize, t: usize, h: usize, src: &[I::A]) {
     let dst = unsafe { row::<I>(v, b, t, h) };
     dst.iter_mut().zip(src).for_each(|(d, &s)| *d = I::store(s));
+}
+
+/// `src` rounded into row (b, t, h) of `hi` and, when given, its rounding residual into `lo`.
+#[inline(always)]
+unsafe fn store_row_split<I: Input>(
+    hi: &View,
+    lo: Option<&View>,
+    b: usize,
+    t: usize,
+    h: usize,
+    src: &[I::A],
+) {
+    let Some(lo) = lo else {
+        return unsafe { store_row::<I>(hi, b, t, h, src) };
+    };
+    let dst_hi = unsafe { row::<I>(hi, b, t, h) };
+    let dst_lo = unsafe { row::<I>(lo, b, t, h) };
+    for ((dh, dl), &s) in dst_hi.iter_mut().zip(dst_lo.iter_mut()).zip(src) {
+        (*dh, *dl) = I::store_split(s);
+    }
 }
 
 /// Element [b, t, h] of a rank-3 view.
@@ -645,7 +667,7 @@ fn fwd_item<I: Input, const F: bool>(a: &LmArgs, f: &LmFwd, si: usize, h: usize,
         let ar = &mut acc[r * ev..(r + 1) * ev];
         ar.iter_mut().for_each(|x| *x = *x * inv);
         unsafe {
-            store_row::<I>(f.out, qt.b, qt.t0 + r, h, ar);
+            store_row_split::<I>(f.out, f.out_lo, qt.b, qt.t0 + r, h, ar);
             *at3::<I::A>(f.lse, qt.b, qt.t0 + r, h) = m[r] + z[r].ln();
         }
     }

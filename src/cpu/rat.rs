@@ -47,6 +47,8 @@ pub struct RatArgs<'a> {
     pub g: &'a View,
     /// [B, T, H, D] input dtype (written by the forward, read by the backward).
     pub out: &'a View,
+    /// out's rounding residual, like out (16-bit outputs a backward will need), or None.
+    pub out_lo: Option<&'a View>,
     /// [B, T, H], state dtype.
     pub lse: &'a View,
     /// Chunk-final states [B, C, H, D], state dtype.
@@ -70,6 +72,17 @@ pub struct RatGrads<'a> {
 /// Queries per forward tile (rounded to whole chunks).
 const TILE_QUERIES: usize = 64;
 
+/// First element of row `idx` (all but the last index) of `v`.
+///
+/// # Safety
+/// `idx` inside the view; `I` its dtype.
+#[inline(always)]
+unsafe fn row_start<I>(v: &View, idx: &[usize]) -> *mut I {
+    let mut full = [0usize; 4];
+    full[..idx.len()].copy_from_slice(idx);
+    unsafe { v.at::<I>(&full[..idx.len() + 1]) }
+}
+
 /// dst = v[idx, 0..dst.len()] upcast, whatever v's dtype.
 ///
 /// # Safety
@@ -78,11 +91,8 @@ const TILE_QUERIES: usize = 64;
 #[inline]
 unsafe fn load<A: Acc>(v: &View, idx: &[usize], dst: &mut [A]) {
     let n = dst.len();
-    let mut full = [0usize; 4];
-    full[..idx.len()].copy_from_slice(idx);
-    let full = &full[..idx.len() + 1];
     by_dtype!(v.dtype, "rat", I => {
-        let s = unsafe { std::slice::from_raw_parts(v.at::<I>(full), n) };
+        let s = unsafe { std::slice::from_raw_parts(row_start::<I>(v, idx), n) };
         dst.iter_mut().zip(s).for_each(|(d, &x)| *d = x.load());
     })
 }
@@ -94,12 +104,47 @@ unsafe fn load<A: Acc>(v: &View, idx: &[usize], dst: &mut [A]) {
 #[inline]
 unsafe fn store<A: Acc>(v: &View, idx: &[usize], src: &[A]) {
     let n = src.len();
-    let mut full = [0usize; 4];
-    full[..idx.len()].copy_from_slice(idx);
-    let full = &full[..idx.len() + 1];
     by_dtype!(v.dtype, "rat", I => {
-        let d = unsafe { std::slice::from_raw_parts_mut(v.at::<I>(full), n) };
+        let d = unsafe { std::slice::from_raw_parts_mut(row_start::<I>(v, idx), n) };
         d.iter_mut().zip(src).for_each(|(d, &x)| *d = I::store(x));
+    })
+}
+
+/// Output row `idx` = src rounded, and its rounding residual into out_lo when the forward keeps
+/// one.
+///
+/// # Safety
+/// As for `store`.
+#[inline]
+unsafe fn store_output<A: Acc>(p: &RatArgs, idx: &[usize], src: &[A]) {
+    let Some(out_lo) = p.out_lo else {
+        return unsafe { store(p.out, idx, src) };
+    };
+    let n = src.len();
+    by_dtype!(p.out.dtype, "rat", I => {
+        let hi = unsafe { std::slice::from_raw_parts_mut(row_start::<I>(p.out, idx), n) };
+        let lo = unsafe { std::slice::from_raw_parts_mut(row_start::<I>(out_lo, idx), n) };
+        for ((h, l), &x) in hi.iter_mut().zip(lo.iter_mut()).zip(src) {
+            (*h, *l) = I::store_split(x);
+        }
+    })
+}
+
+/// y = output row `idx`: out plus out_lo when the forward kept it, so that Δ = dy·y carries the
+/// output before its 16-bit rounding (which cancels badly for nearly one-hot rows).
+///
+/// # Safety
+/// As for `load`.
+#[inline]
+unsafe fn load_output<A: Acc>(p: &RatArgs, idx: &[usize], y: &mut [A]) {
+    unsafe { load(p.out, idx, y) };
+    let Some(out_lo) = p.out_lo else {
+        return;
+    };
+    let n = y.len();
+    by_dtype!(out_lo.dtype, "rat", I => {
+        let lo = unsafe { std::slice::from_raw_parts(row_start::<I>(out_lo, idx), n) };
+        y.iter_mut().zip(lo).for_each(|(d, &x)| *d += x.load());
     })
 }
 
@@ -623,7 +668,7 @@ unsafe fn forward_tile_body<A: Acc>(
             let out = &mut acc[i * d..(i + 1) * d];
             out.iter_mut().for_each(|a| *a = *a * inv[i]);
             unsafe {
-                store(p.out, &row, out);
+                store_output(p, &row, out);
                 *scalar::<A>(p.lse, s.batch, tok, h) = own[i];
             }
         }
@@ -784,7 +829,7 @@ unsafe fn backward_queries_body<A: Acc>(
                     step(&mut hv, &g, &x);
                     load(p.q, &row, &mut q);
                     load(gr.dout, &row, dy);
-                    load(p.out, &row, &mut y);
+                    load_output(p, &row, &mut y);
                     lse[i] = *scalar::<A>(p.lse, s.batch, tok, h);
                 }
                 delta[i] = dot(dy, &y);
@@ -932,7 +977,7 @@ unsafe fn backward_scan<A: Acc>(
             unsafe {
                 load(p.q, &row, &mut q);
                 load(gr.dout, &row, &mut dy);
-                load(p.out, &row, &mut y);
+                load_output(p, &row, &mut y);
                 lse = *scalar::<A>(p.lse, s.batch, tok, h);
             }
             let hk = &hks[i * d..(i + 1) * d];
@@ -1109,6 +1154,7 @@ mod tests {
             v: &vv,
             g: &gv,
             out: &ov,
+            out_lo: None,
             lse: &lv,
             ks: &ksv,
             vs: &vsv,
@@ -1191,6 +1237,7 @@ mod tests {
                 v: &vv,
                 g: &gv,
                 out: &ov,
+                out_lo: None,
                 lse: &lv,
                 ks: &ksv,
                 vs: &vsv,

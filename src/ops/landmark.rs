@@ -2,8 +2,8 @@
 //! (src/cpu/landmark.rs) or the CUDA kernels (cuda/landmark.cu).
 
 use super::{
-    accumulator_dtype, check_cu_seqlens, expect_device, expect_dtype, expect_shape, expect_tensor,
-    expect_unit_last_stride, read_cu_seqlens, value_error,
+    accumulator_dtype, check_cu_seqlens, expect_device, expect_dtype, expect_out_lo, expect_shape,
+    expect_tensor, expect_unit_last_stride, read_cu_seqlens, value_error,
 };
 use crate::cpu::landmark::{self as kernels, LmArgs, LmBwd, LmFwd, LmSeq, LmTopk};
 use crate::cuda;
@@ -228,13 +228,15 @@ impl Problem {
     }
 }
 
-/// Forward: writes out [B, Tq, Hq, E] and lse [B, Tq, Hq].
+/// Forward: writes out [B, Tq, Hq, E], lse [B, Tq, Hq] and, when given, out_lo (out's rounding
+/// residual, laid out like out).
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
     q: &View,
     k: &View,
     v: &View,
     out: &View,
+    out_lo: Option<&View>,
     lse: &View,
     block_indices: Option<&View>,
     block_size: i64,
@@ -251,10 +253,12 @@ pub fn forward(
         "[B, Tq, Hq, E]",
         p.dtype,
     )?;
+    expect_out_lo(out_lo, out)?;
     p.expect(lse, "lse", &[p.b, p.tq, p.hq], "[B, Tq, Hq]", p.state_dtype)?;
     if let Device::Cuda(ordinal) = p.device {
         let mut prm = p.params(q, k, Some(v), block_size, scale, cu);
         prm.out = out.addr();
+        prm.out_lo = out_lo.map_or(0, |t| t.addr());
         prm.so = cuda::strides(out);
         prm.lse = lse.addr();
         prm.slse = cuda::strides(lse);
@@ -262,7 +266,7 @@ pub fn forward(
         return launch(&p, ordinal, Dir::Fwd, &prm, stream).map_err(value_error);
     }
     let a = p.args(q, k, v, block_indices, block_size, scale);
-    kernels::forward(&a, &LmFwd { out, lse });
+    kernels::forward(&a, &LmFwd { out, out_lo, lse });
     Ok(())
 }
 
@@ -398,6 +402,7 @@ struct LmParams {
     k: u64,
     v: u64,
     out: u64,
+    out_lo: u64,
     lse: u64,
     dout: u64,
     delta: u64,

@@ -44,6 +44,27 @@ pub fn expect_shape(t: &View, name: &str, expected: &[usize], what: &str) -> Res
     )))
 }
 
+/// `out_lo` (when given: an output's rounding residual) is laid out exactly like `out`; the
+/// kernels address both with out's strides.
+pub fn expect_out_lo(out_lo: Option<&View>, out: &View) -> Result<(), PyErr> {
+    let Some(lo) = out_lo else {
+        return Ok(());
+    };
+    expect_tensor(lo, "out_lo", &out.shape, "like out", out.dtype, out.device)?;
+    let same_layout = lo
+        .shape
+        .iter()
+        .zip(lo.strides.iter().zip(&out.strides))
+        .all(|(&n, (a, b))| n <= 1 || a == b);
+    if same_layout {
+        return Ok(());
+    }
+    Err(value_error(format!(
+        "out_lo: expected out's strides {:?}, got {:?}",
+        out.strides, lo.strides
+    )))
+}
+
 /// `name` has exactly this shape and dtype and lives on `device`.
 pub fn expect_tensor(
     t: &View,

@@ -2,8 +2,8 @@
 //! the CUDA kernels of cuda/rat.cu (scratch buffers allocated by python/longattn/ops/rat.py).
 
 use super::{
-    accumulator_dtype, check_cu_seqlens, expect_device, expect_dtype, expect_shape, expect_tensor,
-    expect_unit_last_stride, read_cu_seqlens, value_error,
+    accumulator_dtype, check_cu_seqlens, expect_device, expect_dtype, expect_out_lo, expect_shape,
+    expect_tensor, expect_unit_last_stride, read_cu_seqlens, value_error,
 };
 use crate::cpu::rat::{RatArgs, RatGrads, Seq};
 use crate::cuda;
@@ -226,7 +226,8 @@ pub struct Scratch<'a> {
     pub dvs: Option<&'a View>,
 }
 
-/// Forward: writes out, lse and the chunk-final states.
+/// Forward: writes out, lse, the chunk-final states and, when given, out_lo (out's rounding
+/// residual, laid out like out).
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
     q: &View,
@@ -234,6 +235,7 @@ pub fn forward(
     v: &View,
     g: &View,
     out: &View,
+    out_lo: Option<&View>,
     lse: &View,
     ks: &View,
     vs: &View,
@@ -246,12 +248,14 @@ pub fn forward(
 ) -> Result<(), PyErr> {
     let p = check(q, k, v, g, chunk, scale, rope_base, cu)?;
     p.expect_saved(out, lse, ks, vs)?;
+    expect_out_lo(out_lo, out)?;
     let args = RatArgs {
         q,
         k,
         v,
         g,
         out,
+        out_lo,
         lse,
         ks,
         vs,
@@ -272,8 +276,8 @@ pub fn forward(
     }
 }
 
-/// Backward: writes dq, dk, dv (input dtype) and dg (g's dtype) from the forward's saved out,
-/// lse and chunk-final states.
+/// Backward: writes dq, dk, dv (input dtype) and dg (g's dtype) from the forward's saved out
+/// (plus out_lo when given: Δ = dy·(out + out_lo)), lse and chunk-final states.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     q: &View,
@@ -281,6 +285,7 @@ pub fn backward(
     v: &View,
     g: &View,
     out: &View,
+    out_lo: Option<&View>,
     lse: &View,
     ks: &View,
     vs: &View,
@@ -298,6 +303,7 @@ pub fn backward(
 ) -> Result<(), PyErr> {
     let p = check(q, k, v, g, chunk, scale, rope_base, cu)?;
     p.expect_saved(out, lse, ks, vs)?;
+    expect_out_lo(out_lo, out)?;
     let tok = p.tokens();
     p.expect(dout, "grad_out", &tok, "[B, T, H, D] like q", p.dtype)?;
     p.expect(dq, "dq", &tok, "like q", p.dtype)?;
@@ -310,6 +316,7 @@ pub fn backward(
         v,
         g,
         out,
+        out_lo,
         lse,
         ks,
         vs,
@@ -434,6 +441,7 @@ struct RatParams {
     v: u64,
     g: u64,
     out: u64,
+    out_lo: u64,
     dout: u64,
     lse: u64,
     ks: u64,
@@ -590,6 +598,7 @@ fn launch(
         v: a.v.addr(),
         g: a.g.addr(),
         out: a.out.addr(),
+        out_lo: addr(a.out_lo),
         dout: addr(grads.map(|g| g.dout)),
         lse: a.lse.addr(),
         ks: a.ks.addr(),

@@ -3,9 +3,11 @@
 use crate::ops;
 use pyo3::prelude::*;
 
-/// Forward of landmark attention: writes `out` and `lse`.
+/// Forward of landmark attention: writes `out`, `out_lo` (when given: out's rounding residual)
+/// and `lse`.
 #[pyfunction]
-#[pyo3(signature = (q, k, v, out, lse, block_indices, block_size, scale, cu_seqlens, stream))]
+#[pyo3(signature = (q, k, v, out, out_lo, lse, block_indices, block_size, scale, cu_seqlens,
+                    stream))]
 #[allow(clippy::too_many_arguments)]
 fn landmark_fwd(
     py: Python<'_>,
@@ -13,6 +15,7 @@ fn landmark_fwd(
     k: &Bound<'_, PyAny>,
     v: &Bound<'_, PyAny>,
     out: &Bound<'_, PyAny>,
+    out_lo: Option<&Bound<'_, PyAny>>,
     lse: &Bound<'_, PyAny>,
     block_indices: Option<&Bound<'_, PyAny>>,
     block_size: i64,
@@ -20,13 +23,14 @@ fn landmark_fwd(
     cu_seqlens: Option<&Bound<'_, PyAny>>,
     stream: usize,
 ) -> PyResult<()> {
-    tensors!(stream; q, k, v, out, lse, block_indices?, cu_seqlens?);
+    tensors!(stream; q, k, v, out, out_lo?, lse, block_indices?, cu_seqlens?);
     py.detach(|| {
         ops::landmark::forward(
             q,
             k,
             v,
             out,
+            out_lo,
             lse,
             block_indices,
             block_size,

@@ -3,10 +3,11 @@
 use crate::ops;
 use pyo3::prelude::*;
 
-/// Forward of RAT attention: writes `out`, `lse` and the chunk-final `k_states`/`v_states`.
+/// Forward of RAT attention: writes `out`, `out_lo` (when given: out's rounding residual), `lse`
+/// and the chunk-final `k_states`/`v_states`.
 #[pyfunction]
-#[pyo3(signature = (q, k, v, g, out, lse, k_states, v_states, chunk_size, scale, rope_base,
-                    cu_seqlens, stream, scratch=None))]
+#[pyo3(signature = (q, k, v, g, out, out_lo, lse, k_states, v_states, chunk_size, scale,
+                    rope_base, cu_seqlens, stream, scratch=None))]
 #[allow(clippy::too_many_arguments)]
 fn rat_fwd(
     py: Python<'_>,
@@ -15,6 +16,7 @@ fn rat_fwd(
     v: &Bound<'_, PyAny>,
     g: &Bound<'_, PyAny>,
     out: &Bound<'_, PyAny>,
+    out_lo: Option<&Bound<'_, PyAny>>,
     lse: &Bound<'_, PyAny>,
     k_states: &Bound<'_, PyAny>,
     v_states: &Bound<'_, PyAny>,
@@ -25,7 +27,7 @@ fn rat_fwd(
     stream: usize,
     scratch: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<()> {
-    tensors!(stream; q, k, v, g, out, lse, k_states, v_states, cu_seqlens?);
+    tensors!(stream; q, k, v, g, out, out_lo?, lse, k_states, v_states, cu_seqlens?);
     let scratch = Scratch::import(scratch, stream)?;
     let sc = scratch.as_ref().map(|s| s.views());
     py.detach(|| {
@@ -35,6 +37,7 @@ fn rat_fwd(
             v,
             g,
             out,
+            out_lo,
             lse,
             k_states,
             v_states,
@@ -48,9 +51,9 @@ fn rat_fwd(
     })
 }
 
-/// Backward of RAT attention: writes dq, dk, dv, dg.
+/// Backward of RAT attention: writes dq, dk, dv, dg (Δ from out + out_lo when out_lo is given).
 #[pyfunction]
-#[pyo3(signature = (q, k, v, g, out, lse, k_states, v_states, grad_out, dq, dk, dv, dg,
+#[pyo3(signature = (q, k, v, g, out, out_lo, lse, k_states, v_states, grad_out, dq, dk, dv, dg,
                     chunk_size, scale, rope_base, cu_seqlens, stream, scratch=None))]
 #[allow(clippy::too_many_arguments)]
 fn rat_bwd(
@@ -60,6 +63,7 @@ fn rat_bwd(
     v: &Bound<'_, PyAny>,
     g: &Bound<'_, PyAny>,
     out: &Bound<'_, PyAny>,
+    out_lo: Option<&Bound<'_, PyAny>>,
     lse: &Bound<'_, PyAny>,
     k_states: &Bound<'_, PyAny>,
     v_states: &Bound<'_, PyAny>,
@@ -75,7 +79,7 @@ fn rat_bwd(
     stream: usize,
     scratch: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<()> {
-    tensors!(stream; q, k, v, g, out, lse, k_states, v_states, grad_out, dq, dk, dv, dg,
+    tensors!(stream; q, k, v, g, out, out_lo?, lse, k_states, v_states, grad_out, dq, dk, dv, dg,
              cu_seqlens?);
     let scratch = Scratch::import(scratch, stream)?;
     let sc = scratch.as_ref().map(|s| s.views());
@@ -86,6 +90,7 @@ fn rat_bwd(
             v,
             g,
             out,
+            out_lo,
             lse,
             k_states,
             v_states,

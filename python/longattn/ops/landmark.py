@@ -2,7 +2,9 @@
 
 Math and conventions: ``docs/api/landmark.md`` (spec: specs/landmark.md). The forward is one
 FlashAttention-style pass of the native kernel over "effective logits" (landmark gate + inner
-block log-softmax); it saves the log-sum-exp per (token, head). The backward recomputes the
+block log-softmax); it saves the log-sum-exp per (token, head) and, for 16-bit outputs a backward
+will need, the output's rounding residual out_lo (one more output-sized tensor): the backward's
+Δ = rowsum(dO ∘ (out + out_lo)) stays accurate for nearly one-hot rows. The backward recomputes the
 scores tile by tile (dq over query tiles, dk/dv over key tiles). CPU (float64/32/16, bf16) and
 CUDA (float32 via 3xTF32, float16, bfloat16; head dims up to 128, any block size ≥ 2; blocks
 longer than a 64-key tile take a statistics pass per block) kernels.
@@ -14,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import _native
-from .._runtime import check_rank, native_call, state_dtype, unit_last_stride
+from .._runtime import check_rank, native_call, state_dtype, unit_last_stride, wants_out_lo
 
 __all__ = ["insert_landmarks", "landmark_attn", "landmark_topk_blocks", "remove_landmarks"]
 
@@ -36,16 +38,19 @@ def landmark_fwd(
     block_size: int,
     scale: float,
     cu_seqlens: Tensor | None,
-) -> tuple[Tensor, Tensor]:
+    with_out_lo: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
     packed = cu_seqlens is not None
     out = _empty(q.shape[:3] + v.shape[3:], q, q.dtype, packed)
     lse = _empty(q.shape[:3], q, state_dtype(q.dtype), packed)
+    out_lo = _empty(_out_lo_shape(out, with_out_lo), q, q.dtype, packed)
     with native_call(q) as stream:
         _native.landmark_fwd(
             q.detach(),
             k.detach(),
             v.detach(),
             out,
+            out_lo if with_out_lo else None,
             lse,
             block_indices,
             block_size,
@@ -53,14 +58,20 @@ def landmark_fwd(
             cu_seqlens,
             stream,
         )
-    return out, lse
+    return out, lse, out_lo
 
 
 @landmark_fwd.register_fake
-def _(q, k, v, block_indices, block_size, scale, cu_seqlens):
+def _(q, k, v, block_indices, block_size, scale, cu_seqlens, with_out_lo=False):
     out = q.new_empty(q.shape[:3] + v.shape[3:])
     lse = q.new_empty(q.shape[:3], dtype=state_dtype(q.dtype))
-    return out, lse
+    return out, lse, q.new_empty(_out_lo_shape(out, with_out_lo))
+
+
+def _out_lo_shape(out: Tensor, with_out_lo: bool) -> tuple[int, ...]:
+    """out's rounding residual (16-bit outputs that a backward will need), else 0 elements
+    (a custom op cannot return None)."""
+    return tuple(out.shape) if with_out_lo else (0,)
 
 
 @torch.library.custom_op("longattn::landmark_bwd", mutates_args=(), device_types=("cpu", "cuda"))
@@ -69,6 +80,7 @@ def landmark_bwd(
     k: Tensor,
     v: Tensor,
     out: Tensor,
+    out_lo: Tensor,
     lse: Tensor,
     grad_out: Tensor,
     block_indices: Tensor | None,
@@ -78,7 +90,9 @@ def landmark_bwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     sdt = state_dtype(q.dtype)
     grad_out = unit_last_stride(grad_out)
-    delta = (grad_out.to(sdt) * out.to(sdt)).sum(dim=-1)
+    # Δ from the output before its 16-bit rounding (out + out_lo) when the forward kept out_lo
+    o = out.to(sdt) + out_lo.to(sdt) if out_lo.numel() else out.to(sdt)
+    delta = (grad_out.to(sdt) * o).sum(dim=-1)
     packed = cu_seqlens is not None
     dq = _empty(q.shape, q, q.dtype, packed)
     dk = _empty(k.shape, q, q.dtype, packed)
@@ -104,24 +118,24 @@ def landmark_bwd(
 
 
 @landmark_bwd.register_fake
-def _(q, k, v, out, lse, grad_out, block_indices, block_size, scale, cu_seqlens):
+def _(q, k, v, out, out_lo, lse, grad_out, block_indices, block_size, scale, cu_seqlens):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, block_indices, block_size, scale, cu_seqlens = inputs
-    out, lse = output
+    q, k, v, block_indices, block_size, scale, cu_seqlens, *_ = inputs
+    out, lse, out_lo = output
     ctx.block_size = block_size
     ctx.scale = scale
-    ctx.save_for_backward(q, k, v, out, lse, block_indices, cu_seqlens)
+    ctx.save_for_backward(q, k, v, out, out_lo, lse, block_indices, cu_seqlens)
 
 
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, block_indices, cu_seqlens = ctx.saved_tensors
+def _backward(ctx, grad_out, grad_lse, grad_out_lo):
+    q, k, v, out, out_lo, lse, block_indices, cu_seqlens = ctx.saved_tensors
     dq, dk, dv = landmark_bwd(
-        q, k, v, out, lse, grad_out, block_indices, ctx.block_size, ctx.scale, cu_seqlens
+        q, k, v, out, out_lo, lse, grad_out, block_indices, ctx.block_size, ctx.scale, cu_seqlens
     )
-    return dq, dk, dv, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None
 
 
 landmark_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -202,7 +216,10 @@ def landmark_attn(
     if scale is None:
         scale = q.shape[-1] ** -0.5
     q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
-    out, _ = landmark_fwd(q, k, v, block_indices, int(block_size), float(scale), cu_seqlens)
+    with_out_lo = wants_out_lo(q, k, v)
+    out, _, _ = landmark_fwd(
+        q, k, v, block_indices, int(block_size), float(scale), cu_seqlens, with_out_lo
+    )
     return out
 
 

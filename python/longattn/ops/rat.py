@@ -2,9 +2,11 @@
 
 Math and conventions: ``docs/api/rat.md``. The forward writes y, the lse and every chunk's final
 state; the backward recomputes the partial states from those (nothing O(T^2), nothing O(T·D)
-saved beyond the output). CPU tensors run the Rust CPU kernels, CUDA tensors the fused kernels of
-``cuda/rat.cu`` (float32/float16/bfloat16; head dim <= 256, <= 128 for float32); the CUDA path
-allocates its scratch buffers here with torch (O(B·T/L·H·D), plus Δ [B, T, H] in the backward).
+saved beyond the output and, for 16-bit outputs a backward will need, its rounding residual y_lo,
+one more output-sized tensor: the backward's Δ = dy·(y + y_lo) stays accurate for nearly one-hot
+rows). CPU tensors run the Rust CPU kernels, CUDA tensors the fused kernels of ``cuda/rat.cu``
+(float32/float16/bfloat16; head dim <= 256, <= 128 for float32); the CUDA path allocates its
+scratch buffers here with torch (O(B·T/L·H·D), plus Δ [B, T, H] in the backward).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import _native
-from .._runtime import check_rank, native_call, state_dtype, unit_last_stride
+from .._runtime import check_rank, native_call, state_dtype, unit_last_stride, wants_out_lo
 
 __all__ = [
     "rat_attn",
@@ -72,11 +74,14 @@ def rat_fwd(
     scale: float,
     rope_base: float | None,
     cu_seqlens: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns ``(y, lse, k_states, v_states)``: lse ``[B, T, H]`` and the un-rotated
-    chunk-final states ``[B, C, H, D]`` (:func:`rat_state_chunks`) in float32 (float64)."""
+    with_out_lo: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(y, lse, k_states, v_states, y_lo)``: lse ``[B, T, H]``, the un-rotated
+    chunk-final states ``[B, C, H, D]`` (:func:`rat_state_chunks`) in float32 (float64), and with
+    ``with_out_lo`` y's rounding residual (like y; else 0 elements) for the backward's Δ."""
     sdt = state_dtype(q.dtype)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out_lo = torch.empty(_out_lo_shape(q, with_out_lo), dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:3], dtype=sdt, device=q.device)
     shape = _state_shape(q, chunk_size, cu_seqlens)
     k_states = torch.zeros(shape, dtype=sdt, device=q.device)
@@ -89,6 +94,7 @@ def rat_fwd(
             v.detach(),
             g.detach(),
             out,
+            out_lo if with_out_lo else None,
             lse,
             k_states,
             v_states,
@@ -99,11 +105,11 @@ def rat_fwd(
             stream,
             scratch,
         )
-    return out, lse, k_states, v_states
+    return out, lse, k_states, v_states, out_lo
 
 
 @rat_fwd.register_fake
-def _(q, k, v, g, chunk_size, scale, rope_base, cu_seqlens):
+def _(q, k, v, g, chunk_size, scale, rope_base, cu_seqlens, with_out_lo=False):
     sdt = state_dtype(q.dtype)
     shape = _state_shape(q, chunk_size, cu_seqlens)
     return (
@@ -111,7 +117,14 @@ def _(q, k, v, g, chunk_size, scale, rope_base, cu_seqlens):
         q.new_empty(q.shape[:3], dtype=sdt),
         q.new_empty(shape, dtype=sdt),
         q.new_empty(shape, dtype=sdt),
+        q.new_empty(_out_lo_shape(q, with_out_lo)),
     )
+
+
+def _out_lo_shape(q: Tensor, with_out_lo: bool) -> tuple[int, ...]:
+    """y's rounding residual (16-bit outputs that a backward will need), else 0 elements (a
+    custom op cannot return None)."""
+    return tuple(q.shape) if with_out_lo else (0,)
 
 
 @torch.library.custom_op("longattn::rat_bwd", mutates_args=(), device_types=("cpu", "cuda"))
@@ -121,6 +134,7 @@ def rat_bwd(
     v: Tensor,
     g: Tensor,
     out: Tensor,
+    out_lo: Tensor,
     lse: Tensor,
     k_states: Tensor,
     v_states: Tensor,
@@ -143,6 +157,7 @@ def rat_bwd(
             v.detach(),
             g.detach(),
             out.detach(),
+            out_lo.detach() if out_lo.numel() else None,
             lse.detach(),
             k_states.detach(),
             v_states.detach(),
@@ -162,7 +177,7 @@ def rat_bwd(
 
 
 @rat_bwd.register_fake
-def _(q, k, v, g, out, lse, k_states, v_states, grad_out, chunk_size, scale, rope_base, cu):
+def _(q, k, v, g, out, out_lo, lse, k_states, v_states, grad_out, chunk_size, scale, rope_base, cu):
     return (
         torch.empty_like(q),
         q.new_empty(k.shape),
@@ -172,24 +187,25 @@ def _(q, k, v, g, out, lse, k_states, v_states, grad_out, chunk_size, scale, rop
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, g, chunk_size, scale, rope_base, cu_seqlens = inputs
-    out, lse, k_states, v_states = output
+    q, k, v, g, chunk_size, scale, rope_base, cu_seqlens, *_ = inputs
+    out, lse, k_states, v_states, out_lo = output
     ctx.set_materialize_grads(False)
-    ctx.mark_non_differentiable(lse, k_states, v_states)
+    ctx.mark_non_differentiable(lse, k_states, v_states, out_lo)
     ctx.chunk_size, ctx.scale, ctx.rope_base = chunk_size, scale, rope_base
-    ctx.save_for_backward(q, k, v, g, out, lse, k_states, v_states, cu_seqlens)
+    ctx.save_for_backward(q, k, v, g, out, out_lo, lse, k_states, v_states, cu_seqlens)
 
 
-def _backward(ctx, grad_out, _grad_lse, _grad_ks, _grad_vs):
-    q, k, v, g, out, lse, k_states, v_states, cu_seqlens = ctx.saved_tensors
+def _backward(ctx, grad_out, _grad_lse, _grad_ks, _grad_vs, _grad_out_lo):
+    q, k, v, g, out, out_lo, lse, k_states, v_states, cu_seqlens = ctx.saved_tensors
     if grad_out is None:
-        return None, None, None, None, None, None, None, None
+        return None, None, None, None, None, None, None, None, None
     dq, dk, dv, dg = rat_bwd(
         q,
         k,
         v,
         g,
         out,
+        out_lo,
         lse,
         k_states,
         v_states,
@@ -199,7 +215,7 @@ def _backward(ctx, grad_out, _grad_lse, _grad_ks, _grad_vs):
         ctx.rope_base,
         cu_seqlens,
     )
-    return dq, dk, dv, dg, None, None, None, None
+    return dq, dk, dv, dg, None, None, None, None, None
 
 
 rat_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -261,8 +277,8 @@ def rat_attn(
     q, k, v, g, chunk_size, scale, rope_base = _prepare(
         q, k, v, g, chunk_size, scale, rope_base, cu_seqlens
     )
-    out, _, _, _ = rat_fwd(q, k, v, g, chunk_size, scale, rope_base, cu_seqlens)
-    return out
+    with_out_lo = wants_out_lo(q, k, v, g)
+    return rat_fwd(q, k, v, g, chunk_size, scale, rope_base, cu_seqlens, with_out_lo)[0]
 
 
 def rat_attn_with_states(
@@ -282,7 +298,8 @@ def rat_attn_with_states(
     q, k, v, g, chunk_size, scale, rope_base = _prepare(
         q, k, v, g, chunk_size, scale, rope_base, cu_seqlens
     )
-    return rat_fwd(q, k, v, g, chunk_size, scale, rope_base, cu_seqlens)
+    with_out_lo = wants_out_lo(q, k, v, g)
+    return rat_fwd(q, k, v, g, chunk_size, scale, rope_base, cu_seqlens, with_out_lo)[:4]
 
 
 # ----------------------------------------------------------------------------- decode
