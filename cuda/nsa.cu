@@ -16,7 +16,7 @@
 //                          that selected a block (block K/V stay in shared memory), writes
 //                          float32 partials (o, lse) per (token, head, slot)
 //   nsa_combine            exact log-sum-exp combination of the partials
-//   nsa_delta              Δ = rowsum(dO ∘ O)
+//   nsa_delta              Δ = rowsum(dO ∘ (O + O_lo)), O_lo the output's rounding residual
 //   nsa_dq_{win,cmp}, nsa_dq_selq{1,2,4}    dQ, query-outer (deterministic)
 //   nsa_dkdv_{win,cmp}     dK/dV per key tile over the query rows that can see it
 //   nsa_dkdv_sel           dK/dV per (block, key tile, chunk of its query list); lists longer
@@ -50,7 +50,9 @@ struct NsaParams {
   float *part_lse;         // [B, T, Hq, n]
   float *scratch;          // [slots, key tiles, 64, D + DV]
   float *part_dq;          // [B, T, Hq, n, key tiles, D] or null (selected backward, KV-outer dQ)
-  i64 sq[3], sk[3], sv[3], so[3], sdo[3], sdq[3], sdk[3], sdv[3], slse[3], sidx[4], scnt[3];
+  void *out_lo;            // [B, T, Hq, DV] (strides slo) or null: the output's rounding
+                           // residual, written by the forward (16-bit) and added to O in Δ
+  i64 sq[3], sk[3], sv[3], so[3], sdo[3], sdq[3], sdk[3], sdv[3], slo[3], slse[3], sidx[4], scnt[3];
   int B, T, S, Hq, Hkv, G, D, DV, n;
   int N, cu_kind, idx_kind, cnt_kind, count_const;
   int a, b;        // window: a = W; compressed: a = l, b = d; selected: a = block size
@@ -494,6 +496,24 @@ __device__ __forceinline__ void nsa_load_kv(const NsaParams &p, typename Elem<EL
   load_tile_async<ELEM, NSA_BN, DV, THREADS>(Vs, DV + PAD, vb, p.sv[1], nk, p.DV, p.vec_v);
 }
 
+// Row (b, t, h) of the output's rounding residual, or null when the caller did not ask for it.
+template <int ELEM>
+__device__ __forceinline__ typename Elem<ELEM>::T *nsa_out_lo(const NsaParams &p, int b, int t, int h) {
+  typedef typename Elem<ELEM>::T T;
+  if (p.out_lo == nullptr) return nullptr;
+  return (T *)p.out_lo + b * p.slo[0] + (i64)t * p.slo[1] + h * p.slo[2];
+}
+
+// One final output element: rounded into ob, its rounding residual into olo when not null.
+template <int ELEM>
+__device__ __forceinline__ void nsa_store_out(typename Elem<ELEM>::T *ob, typename Elem<ELEM>::T *olo,
+                                              int col, float x) {
+  typename Elem<ELEM>::T hi, lo;
+  split_f32<ELEM>(x, hi, lo);
+  ob[col] = hi;
+  if (olo != nullptr) olo[col] = lo;
+}
+
 // Final output of a forward row tile (o normalised, natural-log lse), or partials.
 template <int ELEM, int DV, int M>
 __device__ __forceinline__ void nsa_fwd_store(const NsaParams &p, const Rows<M> &R, int row0,
@@ -525,12 +545,13 @@ __device__ __forceinline__ void nsa_fwd_store(const NsaParams &p, const Rows<M> 
       if (tq == 0) p.part_lse[pi] = lse;
     } else {
       T *ob = (T *)p.out + b * p.so[0] + (i64)t * p.so[1] + h * p.so[2];
+      T *olo = nsa_out_lo<ELEM>(p, b, t, h);
 #pragma unroll
       for (int j = 0; j < DV / 8; ++j)
 #pragma unroll
         for (int cc = 0; cc < 2; ++cc) {
           const int col = 8 * j + 2 * tq + cc;
-          if (col < p.DV) ob[col] = from_f32<ELEM>(O[j][2 * rr + cc] * inv);
+          if (col < p.DV) nsa_store_out<ELEM>(ob, olo, col, O[j][2 * rr + cc] * inv);
         }
       if (tq == 0) p.lse[b * p.slse[0] + t * p.slse[1] + h * p.slse[2]] = lse;
     }
@@ -736,20 +757,22 @@ template <int ELEM> __device__ __forceinline__ void nsa_combine_impl(const NsaPa
   }
   const float lse = sum > 0.f ? muse + logf(sum) : NSA_NEG_INF;
   T *ob = (T *)p.out + b * p.so[0] + (i64)t * p.so[1] + h * p.so[2];
+  T *olo = nsa_out_lo<ELEM>(p, b, t, h);
   for (int col = lane; col < p.DV; col += 32) {
     float acc = 0.f;
     for (int slot = 0; slot < cnt; ++slot) {
       const i64 j = nsa_idx(p, b, t, g, slot);
       if (j >= 0 && j <= last) acc += __expf(pl[slot] - lse) * p.part_o[(row * p.n + slot) * p.DV + col];
     }
-    ob[col] = from_f32<ELEM>(sum > 0.f ? acc : 0.f);
+    nsa_store_out<ELEM>(ob, olo, col, sum > 0.f ? acc : 0.f);
   }
   if (lane == 0) p.lse[b * p.slse[0] + t * p.slse[1] + h * p.slse[2]] = lse;
 }
 
 // ----------------------------------------------------------------------------- backward
 
-// Δ = rowsum(dO ∘ O), one warp per row.
+// Δ = rowsum(dO ∘ (O + O_lo)), one warp per row: with 16-bit outputs the rounding of O alone
+// would dominate dP − Δ where attention is nearly one-hot.
 template <int ELEM> __device__ __forceinline__ void nsa_delta_impl(const NsaParams &p) {
   typedef typename Elem<ELEM>::T T;
   const int lane = threadIdx.x & 31;
@@ -758,8 +781,12 @@ template <int ELEM> __device__ __forceinline__ void nsa_delta_impl(const NsaPara
   const int h = (int)(row % p.Hq), t = (int)((row / p.Hq) % p.T), b = (int)(row / ((i64)p.Hq * p.T));
   const T *ob = (const T *)p.o + b * p.so[0] + (i64)t * p.so[1] + h * p.so[2];
   const T *db = (const T *)p.dout + b * p.sdo[0] + (i64)t * p.sdo[1] + h * p.sdo[2];
+  const T *olo = nsa_out_lo<ELEM>(p, b, t, h);
   float acc = 0.f;
-  for (int col = lane; col < p.DV; col += 32) acc += load_f32<ELEM>(ob + col) * load_f32<ELEM>(db + col);
+  for (int col = lane; col < p.DV; col += 32) {
+    const float o = load_f32<ELEM>(ob + col) + (olo != nullptr ? load_f32<ELEM>(olo + col) : 0.f);
+    acc += o * load_f32<ELEM>(db + col);
+  }
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
   if (lane == 0) p.delta[row] = acc;

@@ -177,6 +177,30 @@ unsafe fn store_row<E: Input, A: Acc>(v: &View, i: [usize; 3], src: &[A], scale:
     }
 }
 
+/// Like `store_row`, and the rounding residual of every element into `lo` when given (the
+/// backward's Δ adds it back: see `AttnFwd::o_lo`).
+#[inline]
+unsafe fn store_row_split<E: Input, A: Acc>(
+    v: &View,
+    lo: Option<&View>,
+    i: [usize; 3],
+    src: &[A],
+    scale: A,
+) {
+    let Some(lo) = lo else {
+        return unsafe { store_row::<E, A>(v, i, src, scale) };
+    };
+    let p = unsafe { v.at::<E>(&[i[0], i[1], i[2], 0]) };
+    let pl = unsafe { lo.at::<E>(&[i[0], i[1], i[2], 0]) };
+    for (c, s) in src.iter().enumerate() {
+        let (hi, rest) = E::store_split(*s * scale);
+        unsafe {
+            *p.add(c) = hi;
+            *pl.add(c) = rest;
+        }
+    }
+}
+
 /// Keys per chunk of the online softmax.
 const CHUNK: usize = 64;
 /// Queries per forward / selection work item.
@@ -188,6 +212,9 @@ pub struct AttnFwd<'a> {
     pub k: &'a View,
     pub v: &'a View,
     pub o: &'a View,
+    /// like `o`, or None: the rounding residual of o (16-bit), so that the backward's
+    /// Δ = rowsum(dO ∘ O) does not cancel to the rounding of o where attention is nearly one-hot
+    pub o_lo: Option<&'a View>,
     pub lse: &'a View,
     pub keys: KeySet<'a>,
     pub seqs: &'a [NsaSeq],
@@ -200,6 +227,8 @@ pub struct AttnBwd<'a> {
     pub k: &'a View,
     pub v: &'a View,
     pub o: &'a View,
+    /// the forward's `o_lo` (None: Δ from o alone)
+    pub o_lo: Option<&'a View>,
     pub lse: &'a View,
     pub dout: &'a View,
     pub dq: &'a View,
@@ -324,7 +353,8 @@ fn attn_fwd_t<E: Input, A: Acc>(p: &AttnFwd) {
                         (A::ZERO, A::NEG_INF)
                     };
                     unsafe {
-                        store_row::<E, A>(p.o, [s.batch, row, head], &acc[h * dv..][..dv], inv);
+                        let idx = [s.batch, row, head];
+                        store_row_split::<E, A>(p.o, p.o_lo, idx, &acc[h * dv..][..dv], inv);
                         *p.lse.at::<A>(&[s.batch, row, head]) = lse;
                     }
                 }
@@ -368,6 +398,7 @@ fn attn_bwd_t<E: Input, A: Acc>(p: &AttnBwd) {
                 let mut qb = vec![A::ZERO; grp * d];
                 let mut dob = vec![A::ZERO; grp * dv];
                 let mut ob = vec![A::ZERO; dv];
+                let mut ob_lo = vec![A::ZERO; dv];
                 let mut dqb = vec![A::ZERO; grp * d];
                 let mut delta = vec![A::ZERO; grp];
                 let mut lse = vec![A::ZERO; grp];
@@ -382,6 +413,12 @@ fn attn_bwd_t<E: Input, A: Acc>(p: &AttnBwd) {
                             load_row::<E, A>(p.dout, idx, &mut dob[h * dv..][..dv], one);
                             load_row::<E, A>(p.o, idx, &mut ob, one);
                             lse[h] = *p.lse.at::<A>(&idx);
+                            if let Some(o_lo) = p.o_lo {
+                                load_row::<E, A>(o_lo, idx, &mut ob_lo, one);
+                                for (x, y) in ob.iter_mut().zip(&ob_lo) {
+                                    *x += *y;
+                                }
+                            }
                         }
                         delta[h] = dot(&dob[h * dv..][..dv], &ob);
                     }

@@ -286,6 +286,22 @@ pub struct CudaAux<'a> {
     pub stream: usize,
 }
 
+/// The output's rounding residual (16-bit forwards that a backward will follow): like out.
+fn expect_out_lo(o_lo: Option<&View>, p: &AttnProblem) -> Result<(), PyErr> {
+    let Some(x) = o_lo else { return Ok(()) };
+    let shape = [p.b, p.t, p.hq, p.dv];
+    expect_tensor(
+        x,
+        "out_lo",
+        &shape,
+        "[B, T, Hq, Dv] like out",
+        p.dtype,
+        p.device,
+    )?;
+    expect_unit_last_stride(x, "out_lo")
+}
+
+/// `o_lo`: when given, also written with the rounding residual of every output element.
 #[allow(clippy::too_many_arguments)]
 pub fn attn_forward(
     br: &Branch,
@@ -293,6 +309,7 @@ pub fn attn_forward(
     k: &View,
     v: &View,
     o: &View,
+    o_lo: Option<&View>,
     lse: &View,
     scale: f64,
     cu: Option<&View>,
@@ -309,6 +326,7 @@ pub fn attn_forward(
         dev,
     )?;
     expect_unit_last_stride(o, "out")?;
+    expect_out_lo(o_lo, &p)?;
     expect_tensor(
         lse,
         "lse",
@@ -318,7 +336,7 @@ pub fn attn_forward(
         dev,
     )?;
     if let Device::Cuda(ordinal) = dev {
-        return cuda_attn_forward(br, &p, ordinal, q, k, v, o, lse, scale, cu, aux)
+        return cuda_attn_forward(br, &p, ordinal, q, k, v, o, o_lo, lse, scale, cu, aux)
             .map_err(value_error);
     }
     attn_fwd(&AttnFwd {
@@ -326,6 +344,7 @@ pub fn attn_forward(
         k,
         v,
         o,
+        o_lo,
         lse,
         keys: p.keys,
         seqs: &p.seqs,
@@ -334,6 +353,7 @@ pub fn attn_forward(
     Ok(())
 }
 
+/// `o_lo`: the forward's output rounding residual, added to o in Δ = rowsum(dO ∘ O).
 #[allow(clippy::too_many_arguments)]
 pub fn attn_backward(
     br: &Branch,
@@ -341,6 +361,7 @@ pub fn attn_backward(
     k: &View,
     v: &View,
     o: &View,
+    o_lo: Option<&View>,
     lse: &View,
     dout: &View,
     dq: &View,
@@ -355,6 +376,7 @@ pub fn attn_backward(
     let out_shape = [p.b, p.t, p.hq, p.dv];
     expect_tensor(o, "out", &out_shape, "[B, T, Hq, Dv]", p.dtype, dev)?;
     expect_tensor(dout, "grad_out", &out_shape, "[B, T, Hq, Dv]", p.dtype, dev)?;
+    expect_out_lo(o_lo, &p)?;
     expect_tensor(
         lse,
         "lse",
@@ -381,6 +403,7 @@ pub fn attn_backward(
             k,
             v,
             o,
+            o_lo,
             lse,
             dout,
             dq,
@@ -394,6 +417,7 @@ pub fn attn_backward(
         k,
         v,
         o,
+        o_lo,
         lse,
         dout,
         dq,
@@ -1234,6 +1258,7 @@ struct NsaParams {
     part_lse: u64,
     scratch: u64,
     part_dq: u64,
+    out_lo: u64,
     sq: [i64; 3],
     sk: [i64; 3],
     sv: [i64; 3],
@@ -1242,6 +1267,7 @@ struct NsaParams {
     sdq: [i64; 3],
     sdk: [i64; 3],
     sdv: [i64; 3],
+    slo: [i64; 3],
     slse: [i64; 3],
     sidx: [i64; 4],
     scnt: [i64; 3],
@@ -1389,6 +1415,7 @@ struct BwdTensors<'a> {
     k: &'a View,
     v: &'a View,
     o: &'a View,
+    o_lo: Option<&'a View>,
     lse: &'a View,
     dout: &'a View,
     dq: &'a View,
@@ -1476,6 +1503,7 @@ fn base_params(
         part_lse: addr(aux.part_lse),
         scratch: addr(aux.scratch),
         part_dq: addr(aux.part_dq),
+        out_lo: 0,
         sq: cuda::opt_strides(Some(q)),
         sk: cuda::opt_strides(Some(k)),
         sv: cuda::opt_strides(Some(v)),
@@ -1484,6 +1512,7 @@ fn base_params(
         sdq: [0; 3],
         sdk: [0; 3],
         sdv: [0; 3],
+        slo: [0; 3],
         slse: cuda::opt_strides(Some(lse)),
         sidx,
         scnt: cuda::opt_strides(counts),
@@ -1553,6 +1582,7 @@ fn cuda_attn_forward(
     k: &View,
     v: &View,
     o: &View,
+    o_lo: Option<&View>,
     lse: &View,
     scale: f64,
     cu: Option<&View>,
@@ -1561,6 +1591,8 @@ fn cuda_attn_forward(
     let mut prm = base_params(br, p, q, k, v, lse, scale, cu, aux)?;
     prm.out = o.addr();
     prm.so = cuda::opt_strides(Some(o));
+    prm.out_lo = addr(o_lo);
+    prm.slo = cuda::opt_strides(o_lo);
     prm.vec_o = cuda::rows_aligned(o) as i32;
     if p.b == 0 || p.t == 0 || p.hq == 0 {
         return Ok(());
@@ -1668,6 +1700,8 @@ fn cuda_attn_backward(
     prm.dk = x.dk.addr();
     prm.dv = x.dv.addr();
     prm.so = cuda::opt_strides(Some(x.o));
+    prm.out_lo = addr(x.o_lo);
+    prm.slo = cuda::opt_strides(x.o_lo);
     prm.sdo = cuda::opt_strides(Some(x.dout));
     prm.sdq = cuda::opt_strides(Some(x.dq));
     prm.sdk = cuda::opt_strides(Some(x.dk));

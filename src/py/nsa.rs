@@ -4,13 +4,14 @@ use crate::ops;
 use crate::ops::nsa::{Branch, CudaAux, Selection};
 use pyo3::prelude::*;
 
-/// Forward of one attention branch ("selected", "window" or "compressed"): writes out and lse.
+/// Forward of one attention branch ("selected", "window" or "compressed"): writes out and lse
+/// (and out_lo, the rounding residual of out, when given).
 /// `a`/`b`: block_size / window_size / (kernel_size, kernel_stride); `count` < 0: all entries.
 #[pyfunction]
 /// CUDA only: `cmp_off`, the selected-attention list plan (`entries`, `list_off`, `chunk_off`,
 /// `chunk_tokens`; KV-outer order when given) and its partials (`part_o`, `part_lse`).
-#[pyo3(signature = (kind, q, k, v, out, lse, block_indices, block_counts, count, a, b, scale,
-                    cu_seqlens, stream, cmp_off=None, entries=None, list_off=None,
+#[pyo3(signature = (kind, q, k, v, out, out_lo, lse, block_indices, block_counts, count, a, b,
+                    scale, cu_seqlens, stream, cmp_off=None, entries=None, list_off=None,
                     chunk_off=None, part_o=None, part_lse=None, chunk_tokens=0))]
 #[allow(clippy::too_many_arguments)]
 fn nsa_branch_fwd(
@@ -20,6 +21,7 @@ fn nsa_branch_fwd(
     k: &Bound<'_, PyAny>,
     v: &Bound<'_, PyAny>,
     out: &Bound<'_, PyAny>,
+    out_lo: Option<&Bound<'_, PyAny>>,
     lse: &Bound<'_, PyAny>,
     block_indices: Option<&Bound<'_, PyAny>>,
     block_counts: Option<&Bound<'_, PyAny>>,
@@ -37,8 +39,8 @@ fn nsa_branch_fwd(
     part_lse: Option<&Bound<'_, PyAny>>,
     chunk_tokens: usize,
 ) -> PyResult<()> {
-    tensors!(stream; q, k, v, out, lse, block_indices?, block_counts?, cu_seqlens?, cmp_off?,
-             entries?, list_off?, chunk_off?, part_o?, part_lse?);
+    tensors!(stream; q, k, v, out, out_lo?, lse, block_indices?, block_counts?, cu_seqlens?,
+             cmp_off?, entries?, list_off?, chunk_off?, part_o?, part_lse?);
     let br = Branch {
         kind,
         block_indices,
@@ -58,16 +60,17 @@ fn nsa_branch_fwd(
         stream,
         ..Default::default()
     };
-    py.detach(|| ops::nsa::attn_forward(&br, q, k, v, out, lse, scale, cu_seqlens, &aux))
+    py.detach(|| ops::nsa::attn_forward(&br, q, k, v, out, out_lo, lse, scale, cu_seqlens, &aux))
 }
 
-/// Backward of one attention branch: writes dq, dk, dv.
+/// Backward of one attention branch: writes dq, dk, dv. `out_lo`: the forward's rounding
+/// residual of out (None: Δ from out alone).
 #[pyfunction]
 /// CUDA only: `delta` ([B, T, Hq] float32 scratch), `cmp_off`, and for selected attention the
 /// list plan (`entries`, `list_off`, `chunk_off`, `split_off`, `scratch`, `chunk_tokens`) and,
 /// for small groups, the KV-outer dQ partials (`part_dq`).
-#[pyo3(signature = (kind, q, k, v, out, lse, grad_out, dq, dk, dv, block_indices, block_counts,
-                    count, a, b, scale, cu_seqlens, stream, delta=None, cmp_off=None,
+#[pyo3(signature = (kind, q, k, v, out, out_lo, lse, grad_out, dq, dk, dv, block_indices,
+                    block_counts, count, a, b, scale, cu_seqlens, stream, delta=None, cmp_off=None,
                     entries=None, list_off=None, chunk_off=None, split_off=None, scratch=None,
                     part_dq=None, chunk_tokens=0))]
 #[allow(clippy::too_many_arguments)]
@@ -78,6 +81,7 @@ fn nsa_branch_bwd(
     k: &Bound<'_, PyAny>,
     v: &Bound<'_, PyAny>,
     out: &Bound<'_, PyAny>,
+    out_lo: Option<&Bound<'_, PyAny>>,
     lse: &Bound<'_, PyAny>,
     grad_out: &Bound<'_, PyAny>,
     dq: &Bound<'_, PyAny>,
@@ -101,7 +105,7 @@ fn nsa_branch_bwd(
     part_dq: Option<&Bound<'_, PyAny>>,
     chunk_tokens: usize,
 ) -> PyResult<()> {
-    tensors!(stream; q, k, v, out, lse, grad_out, dq, dk, dv, block_indices?, block_counts?,
+    tensors!(stream; q, k, v, out, out_lo?, lse, grad_out, dq, dk, dv, block_indices?, block_counts?,
              cu_seqlens?, delta?, cmp_off?, entries?, list_off?, chunk_off?, split_off?,
              scratch?, part_dq?);
     let br = Branch {
@@ -127,7 +131,7 @@ fn nsa_branch_bwd(
     };
     py.detach(|| {
         ops::nsa::attn_backward(
-            &br, q, k, v, out, lse, grad_out, dq, dk, dv, scale, cu_seqlens, &aux,
+            &br, q, k, v, out, out_lo, lse, grad_out, dq, dk, dv, scale, cu_seqlens, &aux,
         )
     })
 }

@@ -7,7 +7,9 @@ CUDA they run the tensor-core kernels of ``cuda/nsa.cu``, and compression and bl
 run ``cuda/nsa_select.cu``. The CUDA scratch (float32 partials, Δ, the per-block query lists of
 selected attention) is allocated here, and everything derived from ``cu_seqlens`` or the block
 indices is computed with device tensor ops (no host synchronisation, except sizing the output of
-``nsa_compress`` with ``cu_seqlens``).
+``nsa_compress`` with ``cu_seqlens``). Memory saved for a branch's backward: q, k, v, out,
+lse and, for float16/bfloat16 when a backward will follow, out's rounding residual ``out_lo``
+(one more out-sized tensor, see ``_branch``).
 """
 
 from __future__ import annotations
@@ -160,9 +162,14 @@ def nsa_branch_fwd(
     b: int,
     scale: float,
     cu_seqlens: Tensor | None,
-) -> tuple[Tensor, Tensor]:
+    residual: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns ``(out, lse, out_lo)``. With ``residual``, out_lo (like out) holds the rounding
+    residual of out, which the backward adds to out in Δ = rowsum(dO ∘ O); else it is empty
+    (custom ops cannot return None)."""
     out = torch.empty((*q.shape[:3], v.shape[3]), dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:3], dtype=state_dtype(q.dtype), device=q.device)
+    out_lo = torch.empty(out.shape if residual else (0,), dtype=q.dtype, device=q.device)
     aux = _cuda_fwd_aux(q, k, v, block_indices, block_counts, kind, count, a, b, cu_seqlens)
     with native_call(q) as stream:
         _native.nsa_branch_fwd(
@@ -171,6 +178,7 @@ def nsa_branch_fwd(
             k.detach(),
             v.detach(),
             out,
+            out_lo if residual else None,
             lse,
             block_indices,
             block_counts,
@@ -182,7 +190,7 @@ def nsa_branch_fwd(
             stream,
             **aux,
         )
-    return out, lse
+    return out, lse, out_lo
 
 
 def _cuda_fwd_aux(q, k, v, block_indices, block_counts, kind, count, a, b, cu_seqlens) -> dict:
@@ -245,10 +253,10 @@ def _cuda_bwd_aux(q, k, v, block_indices, block_counts, kind, count, a, b, cu_se
 
 
 @nsa_branch_fwd.register_fake
-def _(q, k, v, block_indices, block_counts, kind, count, a, b, scale, cu_seqlens):
+def _(q, k, v, block_indices, block_counts, kind, count, a, b, scale, cu_seqlens, residual):
     out = q.new_empty((*q.shape[:3], v.shape[3]))
     lse = q.new_empty(q.shape[:3], dtype=state_dtype(q.dtype))
-    return out, lse
+    return out, lse, q.new_empty(out.shape if residual else (0,))
 
 
 @torch.library.custom_op("longattn::nsa_branch_bwd", mutates_args=(), device_types=("cpu", "cuda"))
@@ -257,6 +265,7 @@ def nsa_branch_bwd(
     k: Tensor,
     v: Tensor,
     out: Tensor,
+    out_lo: Tensor | None,
     lse: Tensor,
     grad_out: Tensor,
     block_indices: Tensor | None,
@@ -282,6 +291,7 @@ def nsa_branch_bwd(
             k.detach(),
             v.detach(),
             out.detach(),
+            None if out_lo is None else out_lo.detach(),
             lse.detach(),
             grad_out.detach(),
             dq,
@@ -301,28 +311,44 @@ def nsa_branch_bwd(
 
 
 @nsa_branch_bwd.register_fake
-def _(q, k, v, out, lse, grad_out, block_indices, block_counts, kind, count, a, b, scale, cu):
+def _(q, k, v, out, out_lo, lse, grad_out, block_indices, block_counts, kind, count, a, b, scale,
+      cu):  # fmt: skip
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _branch_setup(ctx, inputs, output):
-    q, k, v, block_indices, block_counts, kind, count, a, b, scale, cu_seqlens = inputs
-    out, lse = output
-    ctx.params = (kind, count, a, b, scale)
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse, block_indices, block_counts, cu_seqlens)
+    q, k, v, block_indices, block_counts, kind, count, a, b, scale, cu_seqlens, residual = inputs
+    out, lse, out_lo = output
+    ctx.params = (kind, count, a, b, scale, residual)
+    ctx.mark_non_differentiable(lse, out_lo)
+    ctx.save_for_backward(q, k, v, out, out_lo, lse, block_indices, block_counts, cu_seqlens)
 
 
-def _branch_backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, block_indices, block_counts, cu_seqlens = ctx.saved_tensors
-    kind, count, a, b, scale = ctx.params
+def _branch_backward(ctx, grad_out, _grad_lse, _grad_out_lo):
+    q, k, v, out, out_lo, lse, block_indices, block_counts, cu_seqlens = ctx.saved_tensors
+    kind, count, a, b, scale, residual = ctx.params
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     dq, dk, dv = nsa_branch_bwd(
-        q, k, v, out, lse, grad_out, block_indices, block_counts, kind, count, a, b, scale,
-        cu_seqlens,
+        q, k, v, out, out_lo if residual else None, lse, grad_out, block_indices, block_counts,
+        kind, count, a, b, scale, cu_seqlens,
     )  # fmt: skip
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+def _branch(q, k, v, block_indices, block_counts, kind, count, a, b, scale, cu_seqlens):
+    """``(o, lse)`` of one branch. 16-bit forwards that a backward will follow also store o's
+    rounding residual (one more o-sized tensor saved): where attention is nearly one-hot,
+    dP − Δ is tiny and Δ = rowsum(dO ∘ o) from the rounded o alone would be wrong by far more."""
+    residual = (
+        q.dtype in (torch.float16, torch.bfloat16)
+        and torch.is_grad_enabled()
+        and (q.requires_grad or k.requires_grad or v.requires_grad)
+    )
+    o, lse, _ = nsa_branch_fwd(
+        q, k, v, block_indices, block_counts, kind, count, a, b, scale, cu_seqlens, residual
+    )
+    return o, lse
 
 
 nsa_branch_fwd.register_autograd(_branch_backward, setup_context=_branch_setup)
@@ -366,7 +392,7 @@ def nsa_compressed_attn(
     q, k_cmp, v_cmp = _check_qkv(q, k_cmp, v_cmp, "k_cmp", "v_cmp")
     _check_cu(cu_seqlens)
     _check_positive(kernel_size=kernel_size, kernel_stride=kernel_stride)
-    return nsa_branch_fwd(
+    return _branch(
         q, k_cmp, v_cmp, None, None, "compressed", -1, int(kernel_size), int(kernel_stride),
         _scale(scale, q), cu_seqlens,
     )  # fmt: skip
@@ -406,7 +432,7 @@ def nsa_selected_attn(
         counts = block_counts
     elif block_counts is not None:
         count = max(0, int(block_counts))
-    o, lse = nsa_branch_fwd(
+    o, lse = _branch(
         q, k, v, block_indices, counts, "selected", count, int(block_size), 0, _scale(scale, q),
         cu_seqlens,
     )  # fmt: skip
@@ -430,7 +456,7 @@ def sliding_window_attn(
     q, k, v = _check_qkv(q, k, v)
     _check_cu(cu_seqlens)
     _check_positive(window_size=window_size)
-    o, _ = nsa_branch_fwd(
+    o, _ = _branch(
         q, k, v, None, None, "window", -1, int(window_size), 0, _scale(scale, q), cu_seqlens
     )
     return o
