@@ -844,7 +844,7 @@ struct NsaSelCursor {
       if (j < 0 || j > last) continue;
       k0 = start + (int)j * p.a;
       bhi = min(k0 + p.a, tok + 1);
-      return true;
+      if (k0 < bhi) return true; // (empty only for a token before its sequence's start)
     }
     return false;
   }
@@ -924,8 +924,8 @@ __device__ __forceinline__ void nsa_sel_tiles(const NsaParams &p, NsaSelCursor c
   __syncthreads();
 }
 
-// Element c of accumulator tile j (16 x 8) of a warp's fragments in shared memory, lane-interleaved so that every
-// access is conflict-free; another warp's same fragment index reads the same rows and columns.
+// Element c of accumulator tile j (16 x 8) of a warp's fragments in shared memory, interleaved
+// by lane (conflict-free); the same (j, c) of every warp holds the same row and column.
 __device__ __forceinline__ float &nsa_frag(float *buf, int j, int c) {
   return buf[(j * 4 + c) * 32 + (threadIdx.x & 31)];
 }
