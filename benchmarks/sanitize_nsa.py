@@ -75,15 +75,16 @@ def main():
             failures.append(name)
 
     for dtype in (torch.bfloat16, torch.float32):
-        B, T, Hkv, D = 1, 150, 2, 64
-        for G in (2, 16):
+        B, T, Hkv = 1, 150, 2
+        # G = 16 with D = 128: float32 takes the query-outer kernel's single-buffer path
+        for G, D in ((2, 64), (16, 64), (16, 128)):
             for bs, n in ((32, 4), (128, 2)):
                 q = torch.randn(B, T, G * Hkv, D)
                 k, v = torch.randn(B, T, Hkv, D), torch.randn(B, T, Hkv, D)
                 idx = indices(B, T, Hkv, n, bs)
                 counts = torch.randint(0, n + 1, (B, T, Hkv), dtype=torch.int32)
                 case(
-                    f"selected G={G} bs={bs}",
+                    f"selected G={G} D={D} bs={bs}",
                     lambda q, k, v, idx=idx, bs=bs, c=counts: N.nsa_selected_attn(
                         q, k, v, idx.to(dev), block_size=bs, block_counts=c.to(dev)
                     ),

@@ -10,14 +10,15 @@
 //
 // Kernels (NSA_ELEM: 0 f32 (3xTF32), 1 f16, 2 bf16; NSA_DK, NSA_DV: padded head dims 64/128):
 //   nsa_fwd_{win,cmp}      query-tile outer (64 rows, 4 warps), key tiles streamed, online softmax
-//   nsa_fwd_selq{1,2,4}    selected, query-outer: one CTA per (token, kv head, 16·NW heads),
-//                          loops over the token's selected blocks (large G)
+//   nsa_fwd_selq           selected, query-outer: one CTA (4 warps) per (token, kv head, 16
+//                          heads), loops over the token's selected blocks (large G), the warps
+//                          splitting every key tile by columns
 //   nsa_fwd_selkv{1,2}     selected, KV-outer (FSA): one CTA per chunk of the list of queries
 //                          that selected a block (block K/V stay in shared memory), writes
 //                          float32 partials (o, lse) per (token, head, slot)
 //   nsa_combine            exact log-sum-exp combination of the partials
 //   nsa_delta              Δ = rowsum(dO ∘ (O + O_lo)), O_lo the output's rounding residual
-//   nsa_dq_{win,cmp}, nsa_dq_selq{1,2,4}    dQ, query-outer (deterministic)
+//   nsa_dq_{win,cmp}, nsa_dq_selq    dQ, query-outer (deterministic)
 //   nsa_dkdv_{win,cmp}     dK/dV per key tile over the query rows that can see it
 //   nsa_dkdv_sel           dK/dV per (block, key tile, chunk of its query list); lists longer
 //                          than one chunk write float32 partials reduced in order by
@@ -172,16 +173,17 @@ template <int M> struct Rows {
 
 // ----------------------------------------------------------------------------- tile math
 
-// Online-softmax update of one warp's 16 rows with one key tile (keys k0 .. k0 + nk − 1).
-template <int ELEM, int DK, int DV>
+// Online-softmax update of one warp's 16 rows with columns col0 .. col0 + NC − 1 of one key
+// tile (keys k0 .. k0 + nk − 1; columns >= nk are masked).
+template <int ELEM, int DK, int DV, int NC = NSA_BN>
 __device__ __forceinline__ void nsa_fwd_tile(const typename Elem<ELEM>::T *Qs,
                                              const typename Elem<ELEM>::T *Ks,
-                                             const typename Elem<ELEM>::T *Vs, int row0, int k0,
-                                             int nk, const int *rlo, const int *rhi, float sl2,
-                                             float (*O)[4], float *m, float *l) {
+                                             const typename Elem<ELEM>::T *Vs, int row0, int col0,
+                                             int k0, int nk, const int *rlo, const int *rhi,
+                                             float sl2, float (*O)[4], float *m, float *l) {
   typedef Frag<ELEM> F;
   constexpr int KS = Elem<ELEM>::KS, PAD = Elem<ELEM>::PAD;
-  constexpr int LDK = DK + PAD, LDV = DV + PAD, NT = NSA_BN / 8;
+  constexpr int LDK = DK + PAD, LDV = DV + PAD, NT = NC / 8;
   const int lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
   float S[NT][4];
 #pragma unroll
@@ -192,7 +194,7 @@ __device__ __forceinline__ void nsa_fwd_tile(const typename Elem<ELEM>::T *Qs,
     F::A_mk(a, Qs, LDK, row0, kd);
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
-      F::B_nk(bf, Ks, LDK, kd, 8 * j);
+      F::B_nk(bf, Ks, LDK, kd, col0 + 8 * j);
       mma<ELEM>(S[j], a, bf);
     }
   }
@@ -205,7 +207,7 @@ __device__ __forceinline__ void nsa_fwd_tile(const typename Elem<ELEM>::T *Qs,
     for (int j = 0; j < NT; ++j)
 #pragma unroll
       for (int cc = 0; cc < 2; ++cc) {
-        const int col = 8 * j + 2 * tq + cc, key = k0 + col;
+        const int col = col0 + 8 * j + 2 * tq + cc, key = k0 + col;
         const bool ok = col < nk && key >= lo && key < hi;
         const float s = ok ? S[j][2 * rr + cc] * sl2 : NSA_NEG_INF;
         S[j][2 * rr + cc] = s;
@@ -234,29 +236,29 @@ __device__ __forceinline__ void nsa_fwd_tile(const typename Elem<ELEM>::T *Qs,
     }
   }
 #pragma unroll
-  for (int kk = 0; kk < NSA_BN / KS; ++kk) {
+  for (int kk = 0; kk < NC / KS; ++kk) {
     u32 a[4], bf[2];
     F::A_from_acc(a, S, kk);
 #pragma unroll
     for (int j = 0; j < DV / 8; ++j) {
-      F::B_kn(bf, Vs, LDV, kk * KS, 8 * j);
+      F::B_kn(bf, Vs, LDV, col0 + kk * KS, 8 * j);
       mma<ELEM>(O[j], a, bf);
     }
   }
 }
 
-// dQ update of one warp's 16 rows with one key tile.
-template <int ELEM, int DK, int DV>
+// dQ update of one warp's 16 rows with columns col0 .. col0 + NC − 1 of one key tile.
+template <int ELEM, int DK, int DV, int NC = NSA_BN>
 __device__ __forceinline__ void nsa_dq_tile(const typename Elem<ELEM>::T *Qs,
                                             const typename Elem<ELEM>::T *dOs,
                                             const typename Elem<ELEM>::T *Ks,
-                                            const typename Elem<ELEM>::T *Vs, int row0, int k0,
-                                            int nk, const int *rlo, const int *rhi,
+                                            const typename Elem<ELEM>::T *Vs, int row0, int col0,
+                                            int k0, int nk, const int *rlo, const int *rhi,
                                             const float *rlse2, const float *rdl, float sl2,
                                             float (*dQ)[4]) {
   typedef Frag<ELEM> F;
   constexpr int KS = Elem<ELEM>::KS, PAD = Elem<ELEM>::PAD;
-  constexpr int LDK = DK + PAD, LDV = DV + PAD, NT = NSA_BN / 8;
+  constexpr int LDK = DK + PAD, LDV = DV + PAD, NT = NC / 8;
   const int lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
   float S[NT][4], P[NT][4];
 #pragma unroll
@@ -269,7 +271,7 @@ __device__ __forceinline__ void nsa_dq_tile(const typename Elem<ELEM>::T *Qs,
     F::A_mk(a, Qs, LDK, row0, kd);
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
-      F::B_nk(bf, Ks, LDK, kd, 8 * j);
+      F::B_nk(bf, Ks, LDK, kd, col0 + 8 * j);
       mma<ELEM>(S[j], a, bf);
     }
   }
@@ -279,7 +281,7 @@ __device__ __forceinline__ void nsa_dq_tile(const typename Elem<ELEM>::T *Qs,
     F::A_mk(a, dOs, LDV, row0, kd);
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
-      F::B_nk(bf, Vs, LDV, kd, 8 * j);
+      F::B_nk(bf, Vs, LDV, kd, col0 + 8 * j);
       mma<ELEM>(P[j], a, bf);
     }
   }
@@ -292,19 +294,19 @@ __device__ __forceinline__ void nsa_dq_tile(const typename Elem<ELEM>::T *Qs,
     for (int j = 0; j < NT; ++j)
 #pragma unroll
       for (int cc = 0; cc < 2; ++cc) {
-        const int col = 8 * j + 2 * tq + cc, key = k0 + col;
+        const int col = col0 + 8 * j + 2 * tq + cc, key = k0 + col;
         const bool ok = col < nk && key >= lo && key < hi;
         const float pv = ok ? fast_exp2(S[j][2 * rr + cc] * sl2 - l2) : 0.f;
         S[j][2 * rr + cc] = ok ? pv * (P[j][2 * rr + cc] - dl) : 0.f;
       }
   }
 #pragma unroll
-  for (int kk = 0; kk < NSA_BN / KS; ++kk) {
+  for (int kk = 0; kk < NC / KS; ++kk) {
     u32 a[4], bf[2];
     F::A_from_acc(a, S, kk);
 #pragma unroll
     for (int j = 0; j < DK / 8; ++j) {
-      F::B_kn(bf, Ks, LDK, kk * KS, 8 * j);
+      F::B_kn(bf, Ks, LDK, col0 + kk * KS, 8 * j);
       mma<ELEM>(dQ[j], a, bf);
     }
   }
@@ -560,12 +562,11 @@ __device__ __forceinline__ void nsa_fwd_store(const NsaParams &p, const Rows<M> 
 
 // ----------------------------------------------------------------------------- forward
 
-// KIND 0 window, 1 compressed (grid: row tiles of 64, Hkv, B); KIND 2 selected query-outer
-// (grid: T · head chunks, Hkv, B; rows = 16·NW heads of one token).
-template <int ELEM, int DK, int DV, int NW, int KIND>
+// KIND 0 window, 1 compressed (grid: row tiles of 64, Hkv, B).
+template <int ELEM, int DK, int DV, int KIND>
 __device__ __forceinline__ void nsa_fwd_impl(const NsaParams &p) {
   typedef typename Elem<ELEM>::T T;
-  constexpr int M = 16 * NW, THREADS = 32 * NW, PAD = Elem<ELEM>::PAD;
+  constexpr int M = 64, THREADS = 128, PAD = Elem<ELEM>::PAD;
   constexpr int LDK = DK + PAD, LDV = DV + PAD;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T *Qs = reinterpret_cast<T *>(smem_raw);
@@ -576,32 +577,11 @@ __device__ __forceinline__ void nsa_fwd_impl(const NsaParams &p) {
   const int g = blockIdx.y, b = blockIdx.z, warp = threadIdx.x >> 5;
   const int row0 = 16 * warp;
   const float sl2 = p.scale * NSA_LOG2E;
-  int tok = 0;
-  if (KIND <= 1) {
-    if (threadIdx.x < M)
-      nsa_row_range<KIND, M>(p, R, threadIdx.x, b, g, (i64)blockIdx.x * M + threadIdx.x, false);
-  } else {
-    const int hc = (p.G + M - 1) / M;
-    tok = blockIdx.x / hc;
-    const int hin0 = (blockIdx.x % hc) * M;
-    if (threadIdx.x < M) {
-      const int hin = hin0 + threadIdx.x;
-      const bool ok = tok < p.T && hin < p.G;
-      int s, start = 0, end = 0;
-      if (ok) nsa_seq_of(p, tok, s, start, end);
-      const int h = g * p.G + hin;
-      R.b[threadIdx.x] = b;
-      R.t[threadIdx.x] = ok ? tok : -1;
-      R.h[threadIdx.x] = h;
-      R.slot[threadIdx.x] = 0;
-      R.lo[threadIdx.x] = start;
-      R.hi[threadIdx.x] = tok + 1;
-      R.qo[threadIdx.x] = ok ? b * p.sq[0] + (i64)tok * p.sq[1] + h * p.sq[2] : -1;
-    }
-  }
+  if (threadIdx.x < M)
+    nsa_row_range<KIND, M>(p, R, threadIdx.x, b, g, (i64)blockIdx.x * M + threadIdx.x, false);
   __syncthreads();
   if (R.t[0] < 0) return; // valid rows form a prefix: an empty tile has nothing to do
-  if (KIND <= 1 && threadIdx.x == 0) {
+  if (threadIdx.x == 0) {
     int lo = 0x7fffffff, hi = 0;
     for (int r = 0; r < M; ++r)
       if (R.t[r] >= 0 && R.hi[r] > R.lo[r]) {
@@ -625,26 +605,12 @@ __device__ __forceinline__ void nsa_fwd_impl(const NsaParams &p) {
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
-    if (active) nsa_fwd_tile<ELEM, DK, DV>(Qs, Ks, Vs, row0, k0, nk, R.lo, R.hi, sl2, O, m, l);
+    if (active) nsa_fwd_tile<ELEM, DK, DV>(Qs, Ks, Vs, row0, 0, k0, nk, R.lo, R.hi, sl2, O, m, l);
   };
 
-  if (KIND <= 1) {
-    __syncthreads();
-    const int klo = s_klo, khi = s_khi;
-    for (int k0 = klo; k0 < khi; k0 += NSA_BN) tile(k0, min(NSA_BN, khi - k0));
-  } else {
-    int s, start, end;
-    nsa_seq_of(p, tok, s, start, end);
-    const int tl = tok - start, last = tl / p.a;
-    const int cnt = nsa_count(p, b, tok, g);
-    for (int slot = 0; slot < cnt; ++slot) {
-      const i64 j = nsa_idx(p, b, tok, g, slot);
-      if (j < 0 || j > last) continue;
-      const int blo = start + (int)j * p.a;
-      const int bhi = min(blo + p.a, tok + 1);
-      for (int k0 = blo; k0 < bhi; k0 += NSA_BN) tile(k0, min(NSA_BN, bhi - k0));
-    }
-  }
+  __syncthreads();
+  const int klo = s_klo, khi = s_khi;
+  for (int k0 = klo; k0 < khi; k0 += NSA_BN) tile(k0, min(NSA_BN, khi - k0));
   cp_async_wait<0>(); // a tile with no key tiles still has its Q copies in flight
   if (active) nsa_fwd_store<ELEM, DV, M>(p, R, row0, O, m, l, false);
 }
@@ -707,7 +673,7 @@ __device__ __forceinline__ void nsa_fwd_kv_impl(const NsaParams &p) {
       for (int kt = 0; kt < KT; ++kt) {
         const int nk = min(NSA_BN, nkb - kt * NSA_BN);
         if (nk > 0)
-          nsa_fwd_tile<ELEM, DK, DV>(Qs, Ks + kt * NSA_BN * LDK, Vs + kt * NSA_BN * LDV, row0,
+          nsa_fwd_tile<ELEM, DK, DV>(Qs, Ks + kt * NSA_BN * LDK, Vs + kt * NSA_BN * LDV, row0, 0,
                                      blo + kt * NSA_BN, nk, R.lo, R.hi, sl2, O, m, l);
       }
       nsa_fwd_store<ELEM, DV, M>(p, R, row0, O, m, l, true);
@@ -792,11 +758,33 @@ template <int ELEM> __device__ __forceinline__ void nsa_delta_impl(const NsaPara
   if (lane == 0) p.delta[row] = acc;
 }
 
-// dQ, query-outer; same grids as the forward (KIND 0, 1: row tiles; 2: selected tokens).
-template <int ELEM, int DK, int DV, int NW, int KIND>
+// Stores one warp's 16 dQ rows (scaled by the softmax scale).
+template <int ELEM, int DK, int M>
+__device__ __forceinline__ void nsa_dq_store(const NsaParams &p, const Rows<M> &R, int row0,
+                                             float (*dQ)[4]) {
+  typedef typename Elem<ELEM>::T T;
+  const int lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int r = row0 + gq + 8 * rr;
+    const int t = R.t[r];
+    if (t < 0) continue;
+    T *db = (T *)p.dq + R.b[r] * p.sdq[0] + (i64)t * p.sdq[1] + R.h[r] * p.sdq[2];
+#pragma unroll
+    for (int j = 0; j < DK / 8; ++j)
+#pragma unroll
+      for (int cc = 0; cc < 2; ++cc) {
+        const int col = 8 * j + 2 * tq + cc;
+        if (col < p.D) db[col] = from_f32<ELEM>(dQ[j][2 * rr + cc] * p.scale);
+      }
+  }
+}
+
+// dQ, query-outer; same grids as the forward (KIND 0, 1: row tiles).
+template <int ELEM, int DK, int DV, int KIND>
 __device__ __forceinline__ void nsa_dq_impl(const NsaParams &p) {
   typedef typename Elem<ELEM>::T T;
-  constexpr int M = 16 * NW, THREADS = 32 * NW, PAD = Elem<ELEM>::PAD;
+  constexpr int M = 64, THREADS = 128, PAD = Elem<ELEM>::PAD;
   constexpr int LDK = DK + PAD, LDV = DV + PAD;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T *Qs = reinterpret_cast<T *>(smem_raw);
@@ -805,38 +793,14 @@ __device__ __forceinline__ void nsa_dq_impl(const NsaParams &p) {
   T *Vs = Ks + NSA_BN * LDK;
   __shared__ Rows<M> R;
   __shared__ int s_klo, s_khi;
-  const int g = blockIdx.y, b = blockIdx.z, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = blockIdx.y, b = blockIdx.z, warp = threadIdx.x >> 5;
   const int row0 = 16 * warp;
   const float sl2 = p.scale * NSA_LOG2E;
-  int tok = 0;
-  if (KIND <= 1) {
-    if (threadIdx.x < M)
-      nsa_row_range<KIND, M>(p, R, threadIdx.x, b, g, (i64)blockIdx.x * M + threadIdx.x, true);
-  } else {
-    const int hc = (p.G + M - 1) / M;
-    tok = blockIdx.x / hc;
-    const int hin0 = (blockIdx.x % hc) * M;
-    if (threadIdx.x < M) {
-      const int hin = hin0 + threadIdx.x;
-      const bool ok = tok < p.T && hin < p.G;
-      int s, start = 0, end = 0;
-      if (ok) nsa_seq_of(p, tok, s, start, end);
-      const int h = g * p.G + hin;
-      R.b[threadIdx.x] = b;
-      R.t[threadIdx.x] = ok ? tok : -1;
-      R.h[threadIdx.x] = h;
-      R.slot[threadIdx.x] = 0;
-      R.lo[threadIdx.x] = start;
-      R.hi[threadIdx.x] = tok + 1;
-      R.qo[threadIdx.x] = ok ? b * p.sq[0] + (i64)tok * p.sq[1] + h * p.sq[2] : -1;
-      R.oo[threadIdx.x] = ok ? b * p.sdo[0] + (i64)tok * p.sdo[1] + h * p.sdo[2] : -1;
-      R.lse2[threadIdx.x] = ok ? p.lse[b * p.slse[0] + tok * p.slse[1] + h * p.slse[2]] * NSA_LOG2E : 0.f;
-      R.dl[threadIdx.x] = ok ? p.delta[((i64)b * p.T + tok) * p.Hq + h] : 0.f;
-    }
-  }
+  if (threadIdx.x < M)
+    nsa_row_range<KIND, M>(p, R, threadIdx.x, b, g, (i64)blockIdx.x * M + threadIdx.x, true);
   __syncthreads();
   if (R.t[0] < 0) return;
-  if (KIND <= 1 && threadIdx.x == 0) {
+  if (threadIdx.x == 0) {
     int lo = 0x7fffffff, hi = 0;
     for (int r = 0; r < M; ++r)
       if (R.t[r] >= 0 && R.hi[r] > R.lo[r]) {
@@ -860,42 +824,254 @@ __device__ __forceinline__ void nsa_dq_impl(const NsaParams &p) {
     cp_async_wait<0>();
     __syncthreads();
     if (active)
-      nsa_dq_tile<ELEM, DK, DV>(Qs, dOs, Ks, Vs, row0, k0, nk, R.lo, R.hi, R.lse2, R.dl, sl2, dQ);
+      nsa_dq_tile<ELEM, DK, DV>(Qs, dOs, Ks, Vs, row0, 0, k0, nk, R.lo, R.hi, R.lse2, R.dl, sl2, dQ);
   };
-  if (KIND <= 1) {
-    __syncthreads();
-    const int klo = s_klo, khi = s_khi;
-    for (int k0 = klo; k0 < khi; k0 += NSA_BN) tile(k0, min(NSA_BN, khi - k0));
-  } else {
-    int s, start, end;
-    nsa_seq_of(p, tok, s, start, end);
-    const int tl = tok - start, last = tl / p.a;
-    const int cnt = nsa_count(p, b, tok, g);
-    for (int slot = 0; slot < cnt; ++slot) {
+  __syncthreads();
+  const int klo = s_klo, khi = s_khi;
+  for (int k0 = klo; k0 < khi; k0 += NSA_BN) tile(k0, min(NSA_BN, khi - k0));
+  cp_async_wait<0>();
+  if (active) nsa_dq_store<ELEM, DK, M>(p, R, row0, dQ);
+}
+
+// ----------------------------------------------------------------------------- selected, query-outer
+
+// Large groups (G > KV_OUTER_MAX_GROUP) or blocks > 128. One CTA of 4 warps per (token, chunk
+// of 16 heads of one kv group, kv head; grid: T · head chunks, Hkv, B): its 16 query rows are
+// one m16 tile, so the CTA splits every 64-key tile by columns instead: warp w owns keys
+// 16w .. 16w + 15 of each tile with its own online-softmax state (forward) or dQ partial, and the
+// four are merged exactly at the end. The tiles of the token's selected blocks stream through
+// STAGES K/V buffers, the next tile's copy in flight while the current one is used.
+
+// Shared memory (mirrored by kernel_table in src/ops/nsa.rs): 16 query rows (+ 16 dO rows in the
+// backward) and STAGES K/V tile buffers: two unless they would take more than 96 KB (float32 with
+// a 128 head dim), where one keeps more CTAs per SM.
+template <int ELEM, int DK, int DV> struct NsaSel {
+  typedef typename Elem<ELEM>::T T;
+  static constexpr int LDK = DK + Elem<ELEM>::PAD, LDV = DV + Elem<ELEM>::PAD;
+  static constexpr int STAGE = NSA_BN * (LDK + LDV); // elements of one K + V buffer
+  static constexpr int STAGES = 2 * STAGE * (int)sizeof(T) <= 96 * 1024 ? 2 : 1;
+  // The merge puts warps 1..3's float32 accumulators (16 rows x DK or DV) in the K/V buffers.
+  static_assert(3 * 16 * (DK > DV ? DK : DV) * 4 <= STAGES * STAGE * (int)sizeof(T), "merge");
+};
+
+// The key tiles of one token's selected blocks in slot order (the slot loop of the reference:
+// entries < 0 or past the token's last block skipped); the current tile is keys
+// [k0, min(k0 + 64, bhi)).
+struct NsaSelCursor {
+  int b, g, tok, start, last, cnt;
+  int slot, k0, bhi;
+  // Moves to the next tile; false past the last one.
+  __device__ __forceinline__ bool next(const NsaParams &p) {
+    if (k0 + NSA_BN < bhi) {
+      k0 += NSA_BN;
+      return true;
+    }
+    while (++slot < cnt) {
       const i64 j = nsa_idx(p, b, tok, g, slot);
       if (j < 0 || j > last) continue;
-      const int blo = start + (int)j * p.a;
-      const int bhi = min(blo + p.a, tok + 1);
-      for (int k0 = blo; k0 < bhi; k0 += NSA_BN) tile(k0, min(NSA_BN, bhi - k0));
+      k0 = start + (int)j * p.a;
+      bhi = min(k0 + p.a, tok + 1);
+      if (k0 < bhi) return true; // (empty only for a token before its sequence's start)
+    }
+    return false;
+  }
+};
+
+// Rows of the CTA (heads of the chunk; heads >= G are invalid rows, t = −1) and the cursor
+// before the token's first tile. False (uniformly) for a CTA past the last token.
+__device__ __forceinline__ bool nsa_sel_setup(const NsaParams &p, Rows<16> &R, NsaSelCursor &cur,
+                                              bool with_bwd) {
+  const int hc = (p.G + 15) / 16;
+  const int tok = blockIdx.x / hc, hin0 = (blockIdx.x % hc) * 16;
+  const int g = blockIdx.y, b = blockIdx.z;
+  if (tok >= p.T) return false;
+  int s, start, end;
+  nsa_seq_of(p, tok, s, start, end);
+  if (threadIdx.x < 16) {
+    const int r = threadIdx.x, hin = hin0 + r, h = g * p.G + hin;
+    const bool ok = hin < p.G;
+    R.b[r] = b;
+    R.t[r] = ok ? tok : -1;
+    R.h[r] = h;
+    R.slot[r] = 0;
+    R.lo[r] = start;
+    R.hi[r] = tok + 1;
+    R.qo[r] = ok ? b * p.sq[0] + (i64)tok * p.sq[1] + h * p.sq[2] : -1;
+    R.oo[r] = ok && with_bwd ? b * p.sdo[0] + (i64)tok * p.sdo[1] + h * p.sdo[2] : -1;
+    if (with_bwd) {
+      R.lse2[r] = ok ? p.lse[b * p.slse[0] + tok * p.slse[1] + h * p.slse[2]] * NSA_LOG2E : 0.f;
+      R.dl[r] = ok ? p.delta[((i64)b * p.T + tok) * p.Hq + h] : 0.f;
     }
   }
-  cp_async_wait<0>();
-  if (!active) return;
-  const int gq = lane >> 2, tq = lane & 3;
+  cur.b = b;
+  cur.g = g;
+  cur.tok = tok;
+  cur.start = start;
+  cur.last = (tok - start) / p.a;
+  cur.cnt = nsa_count(p, b, tok, g);
+  cur.slot = -1;
+  cur.k0 = cur.bhi = 0;
+  __syncthreads();
+  return true;
+}
+
+// Calls tile(Ks, Vs, k0, nk) for every key tile of the token (all 128 threads), the next tile's
+// K/V copy in flight meanwhile when STAGES = 2. Ends with every copy landed and the K/V buffers
+// free (after a barrier) for the warps' merge.
+template <int ELEM, int DK, int DV, typename TileFn>
+__device__ __forceinline__ void nsa_sel_tiles(const NsaParams &p, NsaSelCursor cur,
+                                              typename Elem<ELEM>::T *kv, TileFn &&tile) {
+  typedef NsaSel<ELEM, DK, DV> S;
+  auto load = [&](int st, const NsaSelCursor &c) {
+    typename Elem<ELEM>::T *Ks = kv + st * S::STAGE;
+    nsa_load_kv<ELEM, DK, DV, 128>(p, Ks, Ks + NSA_BN * S::LDK, c.b, c.g, c.k0,
+                                   min(NSA_BN, c.bhi - c.k0));
+  };
+  bool have = cur.next(p);
+  if (S::STAGES == 2 && have) load(0, cur);
+  cp_async_commit();
+  int st = 0;
+  while (have) {
+    NsaSelCursor nxt = cur;
+    const bool more = nxt.next(p);
+    __syncthreads(); // the buffer loaded below was last read by the previous tile
+    if (S::STAGES == 1) load(0, cur);
+    else if (more) load(st ^ 1, nxt);
+    cp_async_commit(); // (possibly empty) group: the wait below leaves only the prefetch pending
+    if (S::STAGES == 2) cp_async_wait<1>();
+    else cp_async_wait<0>();
+    __syncthreads();
+    const typename Elem<ELEM>::T *Ks = kv + st * S::STAGE;
+    tile(Ks, Ks + NSA_BN * S::LDK, cur.k0, min(NSA_BN, cur.bhi - cur.k0));
+    cur = nxt;
+    have = more;
+    if (S::STAGES == 2) st ^= 1;
+  }
+  cp_async_wait<0>(); // also the Q (and dO) copies of a token without tiles
+  __syncthreads();
+}
+
+// Element c of accumulator tile j (16 x 8) of a warp's fragments in shared memory, interleaved
+// by lane (conflict-free); the same (j, c) of every warp holds the same row and column.
+__device__ __forceinline__ float &nsa_frag(float *buf, int j, int c) {
+  return buf[(j * 4 + c) * 32 + (threadIdx.x & 31)];
+}
+
+template <int ELEM, int DK, int DV>
+__device__ __forceinline__ void nsa_fwd_selq_impl(const NsaParams &p) {
+  typedef typename Elem<ELEM>::T T;
+  typedef NsaSel<ELEM, DK, DV> S;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T *Qs = reinterpret_cast<T *>(smem_raw);
+  T *kv = Qs + 16 * S::LDK;
+  __shared__ Rows<16> R;
+  __shared__ float s_m[4][16], s_l[4][16];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
+  const int col0 = 16 * warp;
+  NsaSelCursor cur;
+  if (!nsa_sel_setup(p, R, cur, false)) return;
+  nsa_load_rows<ELEM, 16, DK, 128>(Qs, S::LDK, (const T *)p.q, R.qo, p.D, p.vec_q);
+  cp_async_commit();
+  const float sl2 = p.scale * NSA_LOG2E;
+  float O[DV / 8][4], m[2] = {NSA_NEG_INF, NSA_NEG_INF}, l[2] = {0.f, 0.f};
+#pragma unroll
+  for (int j = 0; j < DV / 8; ++j) O[j][0] = O[j][1] = O[j][2] = O[j][3] = 0.f;
+  nsa_sel_tiles<ELEM, DK, DV>(p, cur, kv, [&](const T *Ks, const T *Vs, int k0, int nk) {
+    if (col0 < nk) // a warp whose columns are all past the tile has nothing to add
+      nsa_fwd_tile<ELEM, DK, DV, 16>(Qs, Ks, Vs, 0, col0, k0, nk, R.lo, R.hi, sl2, O, m, l);
+  });
+  // Exact merge of the warps' (m, l, O) (log-sum-exp), warp 0 summing in warp order.
+  float *part = reinterpret_cast<float *>(kv);
+  constexpr int PART = DV / 8 * 4 * 32; // floats of one warp's O
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
-    const int r = row0 + gq + 8 * rr;
-    const int t = R.t[r];
-    if (t < 0) continue;
-    T *db = (T *)p.dq + R.b[r] * p.sdq[0] + (i64)t * p.sdq[1] + R.h[r] * p.sdq[2];
+    float lt = l[rr];
+    lt += __shfl_xor_sync(0xffffffffu, lt, 1);
+    lt += __shfl_xor_sync(0xffffffffu, lt, 2);
+    if (tq == 0) {
+      s_m[warp][gq + 8 * rr] = m[rr];
+      s_l[warp][gq + 8 * rr] = lt;
+    }
+  }
+  if (warp > 0) {
+#pragma unroll
+    for (int j = 0; j < DV / 8; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) nsa_frag(part + (warp - 1) * PART, j, c) = O[j][c];
+  }
+  __syncthreads();
+  if (warp > 0) return;
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int r = gq + 8 * rr;
+    float mx = NSA_NEG_INF;
+#pragma unroll
+    for (int w = 0; w < 4; ++w) mx = fmaxf(mx, s_m[w][r]);
+    const float muse = mx == NSA_NEG_INF ? 0.f : mx;
+    float f[4], lt = 0.f;
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      f[w] = fast_exp2(s_m[w][r] - muse); // 0 for a warp that saw no key of the row
+      lt += f[w] * s_l[w][r];
+    }
+#pragma unroll
+    for (int j = 0; j < DV / 8; ++j)
+#pragma unroll
+      for (int cc = 0; cc < 2; ++cc) {
+        const int c = 2 * rr + cc;
+        float o = O[j][c] * f[0];
+#pragma unroll
+        for (int w = 1; w < 4; ++w) o += f[w] * nsa_frag(part + (w - 1) * PART, j, c);
+        O[j][c] = o;
+      }
+    m[rr] = mx;
+    l[rr] = tq == 0 ? lt : 0.f; // nsa_fwd_store sums l over the quad
+  }
+  nsa_fwd_store<ELEM, DV, 16>(p, R, 0, O, m, l, false);
+}
+
+// dQ for the same CTAs: each warp's dQ partial over its key columns, summed in warp order.
+template <int ELEM, int DK, int DV>
+__device__ __forceinline__ void nsa_dq_selq_impl(const NsaParams &p) {
+  typedef typename Elem<ELEM>::T T;
+  typedef NsaSel<ELEM, DK, DV> S;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T *Qs = reinterpret_cast<T *>(smem_raw);
+  T *dOs = Qs + 16 * S::LDK;
+  T *kv = dOs + 16 * S::LDV;
+  __shared__ Rows<16> R;
+  const int warp = threadIdx.x >> 5, col0 = 16 * warp;
+  NsaSelCursor cur;
+  if (!nsa_sel_setup(p, R, cur, true)) return;
+  nsa_load_rows<ELEM, 16, DK, 128>(Qs, S::LDK, (const T *)p.q, R.qo, p.D, p.vec_q);
+  nsa_load_rows<ELEM, 16, DV, 128>(dOs, S::LDV, (const T *)p.dout, R.oo, p.DV, p.vec_do);
+  cp_async_commit();
+  const float sl2 = p.scale * NSA_LOG2E;
+  float dQ[DK / 8][4];
+#pragma unroll
+  for (int j = 0; j < DK / 8; ++j) dQ[j][0] = dQ[j][1] = dQ[j][2] = dQ[j][3] = 0.f;
+  nsa_sel_tiles<ELEM, DK, DV>(p, cur, kv, [&](const T *Ks, const T *Vs, int k0, int nk) {
+    if (col0 < nk)
+      nsa_dq_tile<ELEM, DK, DV, 16>(Qs, dOs, Ks, Vs, 0, col0, k0, nk, R.lo, R.hi, R.lse2, R.dl,
+                                    sl2, dQ);
+  });
+  float *part = reinterpret_cast<float *>(kv);
+  constexpr int PART = DK / 8 * 4 * 32;
+  if (warp > 0) {
 #pragma unroll
     for (int j = 0; j < DK / 8; ++j)
 #pragma unroll
-      for (int cc = 0; cc < 2; ++cc) {
-        const int col = 8 * j + 2 * tq + cc;
-        if (col < p.D) db[col] = from_f32<ELEM>(dQ[j][2 * rr + cc] * p.scale);
-      }
+      for (int c = 0; c < 4; ++c) nsa_frag(part + (warp - 1) * PART, j, c) = dQ[j][c];
   }
+  __syncthreads();
+  if (warp > 0) return;
+#pragma unroll
+  for (int w = 1; w < 4; ++w)
+#pragma unroll
+    for (int j = 0; j < DK / 8; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) dQ[j][c] += nsa_frag(part + (w - 1) * PART, j, c);
+  nsa_dq_store<ELEM, DK, 16>(p, R, 0, dQ);
 }
 
 // dK/dV. KIND 0, 1: grid (key tiles, Hkv, B), rows = the flattened rows that can see the tile.
@@ -1115,20 +1291,19 @@ template <int ELEM> __device__ __forceinline__ void nsa_dq_reduce_impl(const Nsa
 // ----------------------------------------------------------------------------- entry points
 
 #define NSA_E NSA_ELEM, NSA_DK, NSA_DV
-extern "C" __global__ void __launch_bounds__(128) nsa_fwd_win(const NsaParams p) { nsa_fwd_impl<NSA_E, 4, 0>(p); }
-extern "C" __global__ void __launch_bounds__(128) nsa_fwd_cmp(const NsaParams p) { nsa_fwd_impl<NSA_E, 4, 1>(p); }
-extern "C" __global__ void __launch_bounds__(32) nsa_fwd_selq1(const NsaParams p) { nsa_fwd_impl<NSA_E, 1, 2>(p); }
-extern "C" __global__ void __launch_bounds__(64) nsa_fwd_selq2(const NsaParams p) { nsa_fwd_impl<NSA_E, 2, 2>(p); }
-extern "C" __global__ void __launch_bounds__(128) nsa_fwd_selq4(const NsaParams p) { nsa_fwd_impl<NSA_E, 4, 2>(p); }
+extern "C" __global__ void __launch_bounds__(128) nsa_fwd_win(const NsaParams p) { nsa_fwd_impl<NSA_E, 0>(p); }
+extern "C" __global__ void __launch_bounds__(128) nsa_fwd_cmp(const NsaParams p) { nsa_fwd_impl<NSA_E, 1>(p); }
+// Three 16-bit CTAs of nsa_fwd_selq fit an SM's shared memory: registers capped to match (ptxas
+// otherwise picked 128 and spilled); float32's 3xTF32 fragments need two CTAs' worth.
+#define NSA_SELQ_FWD_CTAS (NSA_ELEM == ELEM_F32 ? 2 : 3)
+extern "C" __global__ void __launch_bounds__(128, NSA_SELQ_FWD_CTAS) nsa_fwd_selq(const NsaParams p) { nsa_fwd_selq_impl<NSA_E>(p); }
 extern "C" __global__ void __launch_bounds__(128) nsa_fwd_selkv1(const NsaParams p) { nsa_fwd_kv_impl<NSA_E, 1>(p); }
 extern "C" __global__ void __launch_bounds__(128) nsa_fwd_selkv2(const NsaParams p) { nsa_fwd_kv_impl<NSA_E, 2>(p); }
 extern "C" __global__ void __launch_bounds__(128) nsa_combine(const NsaParams p) { nsa_combine_impl<NSA_ELEM>(p); }
 extern "C" __global__ void __launch_bounds__(128) nsa_delta(const NsaParams p) { nsa_delta_impl<NSA_ELEM>(p); }
-extern "C" __global__ void __launch_bounds__(128) nsa_dq_win(const NsaParams p) { nsa_dq_impl<NSA_E, 4, 0>(p); }
-extern "C" __global__ void __launch_bounds__(128) nsa_dq_cmp(const NsaParams p) { nsa_dq_impl<NSA_E, 4, 1>(p); }
-extern "C" __global__ void __launch_bounds__(32) nsa_dq_selq1(const NsaParams p) { nsa_dq_impl<NSA_E, 1, 2>(p); }
-extern "C" __global__ void __launch_bounds__(64) nsa_dq_selq2(const NsaParams p) { nsa_dq_impl<NSA_E, 2, 2>(p); }
-extern "C" __global__ void __launch_bounds__(128) nsa_dq_selq4(const NsaParams p) { nsa_dq_impl<NSA_E, 4, 2>(p); }
+extern "C" __global__ void __launch_bounds__(128) nsa_dq_win(const NsaParams p) { nsa_dq_impl<NSA_E, 0>(p); }
+extern "C" __global__ void __launch_bounds__(128) nsa_dq_cmp(const NsaParams p) { nsa_dq_impl<NSA_E, 1>(p); }
+extern "C" __global__ void __launch_bounds__(128, 2) nsa_dq_selq(const NsaParams p) { nsa_dq_selq_impl<NSA_E>(p); }
 extern "C" __global__ void __launch_bounds__(128) nsa_dkdv_win(const NsaParams p) { nsa_dkdv_impl<NSA_E, 0>(p); }
 extern "C" __global__ void __launch_bounds__(128) nsa_dkdv_cmp(const NsaParams p) { nsa_dkdv_impl<NSA_E, 1>(p); }
 extern "C" __global__ void __launch_bounds__(128) nsa_dkdv_sel(const NsaParams p) { nsa_dkdv_impl<NSA_E, 3>(p); }

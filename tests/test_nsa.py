@@ -445,6 +445,44 @@ def test_cuda_selected_long_lists_split(G):
 
 @cuda_only
 @pytest.mark.cuda
+@pytest.mark.parametrize(
+    "G, bs, D, Dv, dtype",
+    [
+        (16, 16, 64, 64, BF16),
+        (16, 100, 128, 128, F32),
+        (16, 64, 128, 64, F16),
+        (16, 100, 128, 128, BF16),
+        (32, 100, 64, 128, BF16),
+        (32, 16, 128, 128, F16),
+        (32, 64, 64, 64, F32),
+        (20, 100, 128, 128, BF16),  # a second head chunk with 4 of its 16 rows valid
+        (4, 256, 64, 64, BF16),  # blocks > 128 run query-outer at any group size
+    ],
+)
+def test_cuda_selected_query_outer_varlen(G, bs, D, Dv, dtype):
+    """The query-outer kernels (G > KV_OUTER_MAX_GROUP): 4 warps split every 64-key tile by
+    columns and merge; tiles double-buffered across block boundaries. Packed sequences, block
+    sizes below, above and not a multiple of the tile, several tiles per token, block counts."""
+    cu = [0, 3, 200, 777]
+    Hkv, n, T = 2, 4, cu[-1]
+    idx = torch.full((1, T, Hkv, n), -1, dtype=torch.int32, device="cuda")
+    counts = torch.randint(0, n + 1, (1, T, Hkv), dtype=torch.int32, device="cuda")
+    mask = torch.zeros(1, Hkv, T, T, dtype=torch.bool, device="cuda")
+    for s, e in zip(cu[:-1], cu[1:], strict=True):
+        idx[:, s:e] = _sorted_indices(1, e - s, Hkv, n, bs, "cuda")
+        mask[..., s:e, s:e] = R.nsa_selection_mask(idx[:, s:e], bs, e - s, counts[:, s:e])
+    cu_t = torch.tensor(cu, dtype=torch.int32, device="cuda")
+
+    def fn(q, k, v):
+        return N.nsa_selected_attn(
+            q, k, v, idx, block_size=bs, block_counts=counts, cu_seqlens=cu_t, return_lse=True
+        )
+
+    _run_cuda(fn, lambda q, k, v: _dense_ref(q, k, v, mask), (1, T, G * Hkv, Hkv, D, Dv), dtype)
+
+
+@cuda_only
+@pytest.mark.cuda
 @pytest.mark.parametrize("G", [1, 3, 16])
 @pytest.mark.parametrize("dtype", [F32, BF16])
 def test_cuda_selected_varlen_large_logits(G, dtype):
@@ -580,8 +618,9 @@ def test_cuda_nsa_attn_layer():
 
 @cuda_only
 @pytest.mark.cuda
-def test_cuda_selected_deterministic():
-    T, Hq, Hkv, D = 5000, 2, 1, 64
+@pytest.mark.parametrize("Hq", [2, 16])  # KV-outer and query-outer dQ
+def test_cuda_selected_deterministic(Hq):
+    T, Hkv, D = 5000, 1, 64
     q, k, v = (t.cuda().requires_grad_() for t in qkv(1, T, Hq, Hkv, D, BF16))
     idx = _sorted_indices(1, T, Hkv, 4, 64, "cuda", bad=False)
     do = torch.randn(1, T, Hq, D, device="cuda", dtype=BF16)

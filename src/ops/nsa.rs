@@ -1315,23 +1315,29 @@ fn kernel_table(v: &Variant) -> Vec<(&'static str, u32)> {
     let kv = |kt: usize| ((64 * ldk + kt * bn * (ldk + ldv)) * es) as u32;
     let dq = |m: usize| ((m * ldk + m * ldv + bn * ldk + bn * ldv) * es) as u32;
     let dkdv = ((64 * ldk + 64 * ldv + bn * ldk + bn * ldv) * es) as u32;
+    // selected query-outer (mirrors NsaSel): 16 query rows (+ 16 dO rows) and two K/V tile
+    // buffers, one where two would exceed 96 KB
+    let stage = bn * (ldk + ldv) * es;
+    let sel_kv = if 2 * stage <= 96 * 1024 {
+        2 * stage
+    } else {
+        stage
+    };
+    let fwd_selq = (16 * ldk * es + sel_kv) as u32;
+    let dq_selq = (16 * (ldk + ldv) * es + sel_kv) as u32;
     // plus the dSᵀ tile (64 keys x 72) that the KV-outer dQ reads back
     let dkdv_sel = dkdv + (64 * (bn + 8) * es) as u32;
     vec![
         ("nsa_fwd_win", fwd(64)),
         ("nsa_fwd_cmp", fwd(64)),
-        ("nsa_fwd_selq1", fwd(16)),
-        ("nsa_fwd_selq2", fwd(32)),
-        ("nsa_fwd_selq4", fwd(64)),
+        ("nsa_fwd_selq", fwd_selq),
         ("nsa_fwd_selkv1", kv(1)),
         ("nsa_fwd_selkv2", kv(2)),
         ("nsa_combine", 0),
         ("nsa_delta", 0),
         ("nsa_dq_win", dq(64)),
         ("nsa_dq_cmp", dq(64)),
-        ("nsa_dq_selq1", dq(16)),
-        ("nsa_dq_selq2", dq(32)),
-        ("nsa_dq_selq4", dq(64)),
+        ("nsa_dq_selq", dq_selq),
         ("nsa_dkdv_win", dkdv),
         ("nsa_dkdv_cmp", dkdv),
         ("nsa_dkdv_sel", dkdv_sel),
@@ -1544,15 +1550,6 @@ fn base_params(
     })
 }
 
-/// The query-outer kernel of selected attention for G heads per group: warps per CTA.
-fn sel_warps(g: usize) -> usize {
-    match g {
-        0..=16 => 1,
-        17..=32 => 2,
-        _ => 4,
-    }
-}
-
 /// The selected-attention list plan (KV-outer): number of lists and the chunk grid bound.
 fn list_plan(p: &AttnProblem, aux: &CudaAux, n: usize, dev: Device) -> Result<(i32, u32), String> {
     let lo = aux.list_off.ok_or("list_off: required with entries")?;
@@ -1666,18 +1663,9 @@ fn cuda_attn_forward(
                         &prm,
                     )
                 } else {
-                    let nw = sel_warps(g);
-                    let name = ["nsa_fwd_selq1", "nsa_fwd_selq2", "", "nsa_fwd_selq4"][nw - 1];
-                    let hc = g.div_ceil(16 * nw);
-                    let grid = ((p.t * hc) as u32, p.hkv as u32, p.b as u32);
-                    dev.launch(
-                        kernels.get(name)?,
-                        grid,
-                        32 * nw as u32,
-                        smem(name),
-                        stream,
-                        &prm,
-                    )
+                    let name = "nsa_fwd_selq";
+                    let grid = ((p.t * g.div_ceil(16)) as u32, p.hkv as u32, p.b as u32);
+                    dev.launch(kernels.get(name)?, grid, 128, smem(name), stream, &prm)
                 }
             }
         }
@@ -1761,18 +1749,9 @@ fn cuda_attn_backward(
                     let parts = p.b * p.t * p.hq * prm.n as usize * prm.key_tiles as usize * p.d;
                     expect_aux(aux.part_dq, "part_dq", DType::F32, parts, dev_kind)?;
                 } else {
-                    let nw = sel_warps(g);
-                    let dqn = ["nsa_dq_selq1", "nsa_dq_selq2", "", "nsa_dq_selq4"][nw - 1];
-                    let hc = g.div_ceil(16 * nw);
-                    let grid = ((p.t * hc) as u32, hkv, b);
-                    dev.launch(
-                        kernels.get(dqn)?,
-                        grid,
-                        32 * nw as u32,
-                        smem(dqn),
-                        stream,
-                        &prm,
-                    )?;
+                    let dqn = "nsa_dq_selq";
+                    let grid = ((p.t * g.div_ceil(16)) as u32, hkv, b);
+                    dev.launch(kernels.get(dqn)?, grid, 128, smem(dqn), stream, &prm)?;
                 }
                 // dk/dv: KV-outer over the query lists (dk, dv zeroed by the caller)
                 let n = prm.n as usize;

@@ -65,7 +65,8 @@ def _check_positive(**kw: int) -> None:
 # one CTA per chunk of the queries that selected a block, float32 partials combined afterwards);
 # larger groups run query-outer (one CTA per token and kv group, looping over its blocks).
 # H200, bf16, T=8K/32K: KV-outer 1.8/6.8 ms at G=4 and growing about linearly with G; query-outer
-# 6.2/25.6 ms at both G=8 and G=16, so the crossover sits between 8 and 16.
+# 6.2/25.6 ms at both G=8 and G=16, so the crossover sits between 8 and 16 (measured with the
+# earlier one-warp query-outer kernel; the 4-warp split-key one may move it down).
 KV_OUTER_MAX_GROUP = 8
 # Query-list chunk per CTA: forward (about 256 query rows) and dK/dV (long lists are split and
 # their float32 partials reduced in order).
