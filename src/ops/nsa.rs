@@ -2,8 +2,8 @@
 //! kernels (cuda/nsa.cu) for the attention branches (`attn_forward` / `attn_backward`).
 
 use super::{
-    accumulator_dtype, check_cu_seqlens, expect_device, expect_dtype, expect_shape, expect_tensor,
-    expect_unit_last_stride, read_cu_seqlens, value_error,
+    accumulator_dtype, check_cu_seqlens, expect_device, expect_dtype, expect_out_lo, expect_shape,
+    expect_tensor, expect_unit_last_stride, read_cu_seqlens, value_error,
 };
 use crate::cpu::nsa::{
     attn_bwd, attn_fwd, compress_bwd, compress_fwd, num_windows, topk_blocks, AttnBwd, AttnFwd,
@@ -286,21 +286,6 @@ pub struct CudaAux<'a> {
     pub stream: usize,
 }
 
-/// The output's rounding residual (16-bit forwards that a backward will follow): like out.
-fn expect_out_lo(o_lo: Option<&View>, p: &AttnProblem) -> Result<(), PyErr> {
-    let Some(x) = o_lo else { return Ok(()) };
-    let shape = [p.b, p.t, p.hq, p.dv];
-    expect_tensor(
-        x,
-        "out_lo",
-        &shape,
-        "[B, T, Hq, Dv] like out",
-        p.dtype,
-        p.device,
-    )?;
-    expect_unit_last_stride(x, "out_lo")
-}
-
 /// `o_lo`: when given, also written with the rounding residual of every output element.
 #[allow(clippy::too_many_arguments)]
 pub fn attn_forward(
@@ -326,7 +311,7 @@ pub fn attn_forward(
         dev,
     )?;
     expect_unit_last_stride(o, "out")?;
-    expect_out_lo(o_lo, &p)?;
+    expect_out_lo(o_lo, o)?;
     expect_tensor(
         lse,
         "lse",
@@ -376,7 +361,7 @@ pub fn attn_backward(
     let out_shape = [p.b, p.t, p.hq, p.dv];
     expect_tensor(o, "out", &out_shape, "[B, T, Hq, Dv]", p.dtype, dev)?;
     expect_tensor(dout, "grad_out", &out_shape, "[B, T, Hq, Dv]", p.dtype, dev)?;
-    expect_out_lo(o_lo, &p)?;
+    expect_out_lo(o_lo, o)?;
     expect_tensor(
         lse,
         "lse",

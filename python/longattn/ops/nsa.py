@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import _native
-from .._runtime import check_rank, native_call, state_dtype, unit_last_stride
+from .._runtime import check_rank, native_call, state_dtype, unit_last_stride, wants_out_lo
 
 __all__ = [
     "nsa_attn",
@@ -341,11 +341,7 @@ def _branch(q, k, v, block_indices, block_counts, kind, count, a, b, scale, cu_s
     """``(o, lse)`` of one branch. 16-bit forwards that a backward will follow also store o's
     rounding residual (one more o-sized tensor saved): where attention is nearly one-hot,
     dP − Δ is tiny and Δ = rowsum(dO ∘ o) from the rounded o alone would be wrong by far more."""
-    residual = (
-        q.dtype in (torch.float16, torch.bfloat16)
-        and torch.is_grad_enabled()
-        and (q.requires_grad or k.requires_grad or v.requires_grad)
-    )
+    residual = wants_out_lo(q, k, v)
     o, lse, _ = nsa_branch_fwd(
         q, k, v, block_indices, block_counts, kind, count, a, b, scale, cu_seqlens, residual
     )
