@@ -697,13 +697,19 @@ __device__ __forceinline__ void fwd_store(const LmParams &p, const LmSeq &s, int
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int col = 8 * f + 2 * t4 + e;
-          if (col < p.E) {
+          if (col < p.E) ob[(i64)r * p.so[1] + col] = from_f32<ELEM>(O[f][2 * rr + e] * inv);
+        }
+      // a separate pass keeps the hi stores' code (and the kernel's registers) as without out_lo
+      if (olb)
+#pragma unroll
+        for (int f = 0; f < NO; ++f)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int col = 8 * f + 2 * t4 + e;
             T hi, lo;
             split_f32<ELEM>(O[f][2 * rr + e] * inv, hi, lo);
-            ob[(i64)r * p.so[1] + col] = hi;
-            if (olb) olb[(i64)r * p.so[1] + col] = lo;
+            if (col < p.E) olb[(i64)r * p.so[1] + col] = lo;
           }
-        }
       if (t4 == 0) {
         const float mm = m[rr] == LM_NINF ? 0.f : m[rr];
         p.lse[s.b * p.slse[0] + (s.qs + i0 + r) * p.slse[1] + h * p.slse[2]] =

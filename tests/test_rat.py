@@ -138,8 +138,12 @@ def test_peaked_attention_grads(T, L, dtype, device):
     yr = rat_attn_reference(q64, k64.expand(1, T, 4, 32), v64.expand(1, T, 4, 32), g64,
                             chunk_size=L)  # fmt: skip
     ref_grads = torch.autograd.grad(yr, ref_leaves, dy.double())
+    # CUDA also rounds the scanned values and chunk states to 16 bits for its tensor-core
+    # products (H200: dq up to 1.5e-2 in bf16, 1.9e-3 in f16; without y_lo the CPU kernel is
+    # 2.8e-2..0.7 and 3.4e-3..)
+    tol = torch.finfo(dtype).eps * (1 if device == "cpu" else 3)
     for name, a, b in zip("qkvg", grads, ref_grads, strict=True):
-        assert rel_err(a, b) < torch.finfo(dtype).eps, name
+        assert rel_err(a, b) < tol, name
 
 
 @pytest.mark.parametrize("device", DEVICES)
