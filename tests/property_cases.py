@@ -29,6 +29,11 @@ F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float1
 # bfloat16/float16 round P and the carried states to the input precision (the CUDA suites use
 # 2e-2, landmark gradients 3e-2).
 TOL = {F64: 1e-10, F32: 1e-4, BF16: 3e-2, F16: 3e-2}
+# float32 gradients that cancel by construction: lightning's slope gradient (terms ~T times the
+# result) and dq/dk where softmax rows are nearly one-hot (q magnitude 8: any rounding is
+# amplified by 1/(1 − P)). 3xTF32 products carry ~2^-21 relative error; the H200 showed 2.0e-4
+# (slopes, T 78) and 6.1e-4 (window dq).
+ILL_CONDITIONED_F32 = 1e-3
 
 
 @dataclass(frozen=True)
@@ -146,9 +151,9 @@ def state_dtype(dtype):
 # ----------------------------------------------------------------------------- checks
 
 
-def assert_close(out, ref, dtype, what="out"):
+def assert_close(out, ref, dtype, what="out", tol=None):
     """Same shape, the reference's non-finite values exactly (−inf lse rows), finite values
-    elsewhere, and a relative error within TOL[dtype] on the rest."""
+    elsewhere, and a relative error within ``tol`` (default TOL[dtype]) on the rest."""
     out = out.detach().cpu()
     ref = ref.detach().cpu()
     assert out.shape == ref.shape, f"{what}: {tuple(out.shape)} vs {tuple(ref.shape)}"
@@ -156,13 +161,15 @@ def assert_close(out, ref, dtype, what="out"):
     assert torch.equal(torch.isfinite(out), fin), f"{what}: non-finite pattern differs"
     assert torch.equal(out[~fin].double(), ref[~fin].double()), f"{what}: non-finite values differ"
     err = rel_err(out[fin], ref[fin])
-    assert err <= TOL[dtype], f"{what}: rel err {err:.3e} > {TOL[dtype]:.0e} ({dtype})"
+    tol = TOL[dtype] if tol is None else tol
+    assert err <= tol, f"{what}: rel err {err:.3e} > {tol:.0e} ({dtype})"
 
 
-def check_grads(pairs, args, gen, dtype, tgt, tol_dtype=None):
+def check_grads(pairs, args, gen, dtype, tgt, tol_dtype=None, ill_conditioned=()):
     """d(Σ w·out) of the op against the reference's autograd for every Arg in ``args`` (None
     entries skipped), when ``dtype`` is one of the target's gradient dtypes; within
-    TOL[tol_dtype] (default: dtype's)."""
+    TOL[tol_dtype] (default: dtype's), in float32 ILL_CONDITIONED_F32 for the Args in
+    ``ill_conditioned``."""
     args = [a for a in args if a is not None]
     # outputs that depend on no input (empty, or a zero final state) have nothing to compare
     pairs = [(o, r) for o, r in pairs if r.numel() > 0 and r.requires_grad]
@@ -178,7 +185,9 @@ def check_grads(pairs, args, gen, dtype, tgt, tol_dtype=None):
     for i, (a, g, r) in enumerate(zip(args, got, want, strict=True)):
         g = torch.zeros_like(a.leaf) if g is None else g
         r = torch.zeros_like(a.ref_leaf) if r is None else r
-        assert_close(g, r, tol_dtype or dtype, f"grad[{i}]")
+        loose = dtype == F32 and any(a is b for b in ill_conditioned)
+        tol = ILL_CONDITIONED_F32 if loose else None
+        assert_close(g, r, tol_dtype or dtype, f"grad[{i}]", tol)
 
 
 def refs(*args):
@@ -215,8 +224,9 @@ def lightning(data, tgt: Target):
     assert_close(out, ref, dtype)
     assert_close(fs, rfs, dtype, "final_state")
     check_grads(
-        [(out, ref), (fs, rfs)], [q, k, v, slopes if learned else None, s0], gen, dtype, tgt
-    )
+        [(out, ref), (fs, rfs)], [q, k, v, slopes if learned else None, s0], gen, dtype, tgt,
+        ill_conditioned=[slopes],
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- rat
@@ -517,13 +527,16 @@ def sliding_window_attn(data, tgt: Target):
     D, E = data.draw(tgt.head_dim(128)), data.draw(tgt.head_dim(128))  # CUDA: up to 128
     W = data.draw(tgt.sizes(st.integers(1, 8), [63, 64, 65, 200]))
     gen = Gen(data.draw(st.integers(0, 2**31)), tgt.device)
-    q = gen.bhtd(B, T, Hq, D, dtype, data.draw(layouts), mag=data.draw(st.sampled_from([1, 8])))
+    mag = data.draw(st.sampled_from([1, 8]))
+    q = gen.bhtd(B, T, Hq, D, dtype, data.draw(layouts), mag=mag)
     k = gen.bhtd(B, T, Hkv, D, dtype, data.draw(layouts))
     v = gen.bhtd(B, T, Hkv, E, dtype, data.draw(layouts))
     out = la.sliding_window_attn(q.x, k.x, v.x, window_size=W, cu_seqlens=tgt.put(cu))
     ref = window_ref(*refs(q, k, v), W, cu)
     assert_close(out, ref, dtype)
-    check_grads([(out, ref)], [q, k, v], gen, dtype, tgt)
+    check_grads(
+        [(out, ref)], [q, k, v], gen, dtype, tgt, ill_conditioned=[q, k] if mag == 8 else []
+    )
 
 
 def nsa_attn(data, tgt: Target):
