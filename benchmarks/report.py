@@ -524,7 +524,9 @@ FAMILIES = {
         "window 512) fwd+bwd against dense SDPA causal (cuDNN). Runs: T = 64K comes from a "
         "second run (KV-outer forward up to G = 8); longattn's 64K numbers for G = 1, 4, 8 from "
         "a third (dQ from the KV-outer dK/dV kernel); longattn's bwd at T ≤ 32K and at G = 2 "
-        "predates that change (query-outer dQ, 5–8× slower at G = 1).",
+        "predates that change (query-outer dQ, 5–8× slower at G = 1). G = 16 at 16K and 64K "
+        "(and G = 1 at 64K) from a fourth run: the 4-warp split-key query-outer kernels (G > 8; "
+        "before them 51.7 / 117 ms at 64K); G = 16 at 8K and 32K predates them.",
         "labels": {
             "longattn": "longattn",
             "fsa": "FSA",
