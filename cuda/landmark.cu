@@ -1112,47 +1112,7 @@ __device__ __forceinline__ void lm_bwd_dkdv_impl(const LmParams &p) {
           bwd_probs<NF>(S, dP, R, em, j0, nbt, k0, nk, bs, lse2, dl);
         }
       }
-      // P -> shared memory (rows of warps without queries are zeros)
-#pragma unroll
-      for (int f = 0; f < NF; ++f)
-#pragma unroll
-        for (int r = 0; r < 4; ++r)
-          PSs[(16 * warp + g + 8 * (r >> 1)) * LDP + 8 * f + 2 * t4 + (r & 1)] =
-              from_f32<ELEM>(S[f][r]);
-      __syncthreads();
-      if (kactive) {
-#pragma unroll
-        for (int kq = 0; kq < BQ; kq += KS) {
-          u32 a[4], b[2];
-          Frag<ELEM>::A_km(a, PSs, LDP, 16 * warp, kq);
-#pragma unroll
-          for (int f = 0; f < NO; ++f) {
-            Frag<ELEM>::B_kn(b, dOs, LD, kq, 8 * f);
-            mma<ELEM>(dV[f], a, b);
-          }
-        }
-      }
-      __syncthreads();
-#pragma unroll
-      for (int f = 0; f < NF; ++f)
-#pragma unroll
-        for (int r = 0; r < 4; ++r)
-          PSs[(16 * warp + g + 8 * (r >> 1)) * LDP + 8 * f + 2 * t4 + (r & 1)] =
-              from_f32<ELEM>(dP[f][r]);
-      __syncthreads();
-      if (kactive) {
-#pragma unroll
-        for (int kq = 0; kq < BQ; kq += KS) {
-          u32 a[4], b[2];
-          Frag<ELEM>::A_km(a, PSs, LDP, 16 * warp, kq);
-#pragma unroll
-          for (int f = 0; f < NO; ++f) {
-            Frag<ELEM>::B_kn(b, Qs, LD, kq, 8 * f);
-            mma<ELEM>(dK[f], a, b);
-          }
-        }
-      }
-      __syncthreads(); // Qs, dOs, PSs free for the next query tile
+      dkdv_accumulate<ELEM, NF, NO, LD, LDP>(S, dP, PSs, Qs, dOs, dK, dV, kactive);
     }
   }
 
