@@ -43,6 +43,12 @@
 #ifndef LM_MULTI
 #define LM_MULTI 0
 #endif
+#ifndef LM_SM90
+#define LM_SM90 0
+#endif
+#ifndef LM_BS
+#define LM_BS 0
+#endif
 
 #define LM_NW 4
 #define LM_THREADS 128
@@ -315,6 +321,128 @@ __device__ __forceinline__ void fwd_probs(float (*S)[4], const Rows &R, const u3
         for (int rr = 0; rr < 2; ++rr)
           if (kd[rr] == K_EARLY) S[f][2 * rr + e] *= fac[rr];
       }
+  }
+}
+
+// Forward row phase for a block size BS known at compile time (the Hopper path's common sizes):
+// a tile of NF·8 columns holds NB = NF·8 / BS whole blocks, so which block a column belongs to is
+// a compile-time choice between at most two (BS need not be a multiple of 8), and the row state
+// per block lives in registers. One pass masks the scores (a column is visible iff it lies below
+// its block's limit: ordinary keys of an earlier block, visible ordinary keys of the current
+// one) and takes per-block maxima; one pass exponentiates and sums per block; one scales the
+// earlier blocks by exp2(s_ℓ − M) / Σ. S holds log2-scaled scores.
+template <int NF, int BS> struct FixedBlocks {
+  static constexpr int NB = NF * 8 / BS;
+  // block of the column 8f + e + 2·t4 for t4 = 0 and t4 = 3 (NB: past the tile's blocks)
+  static __device__ __forceinline__ constexpr int lo(int f, int e) {
+    return (8 * f + e) / BS < NB ? (8 * f + e) / BS : NB;
+  }
+  static __device__ __forceinline__ constexpr int hi(int f, int e) {
+    return (8 * f + e + 6) / BS < NB ? (8 * f + e + 6) / BS : NB;
+  }
+};
+
+template <int NF, int BS>
+__device__ __forceinline__ void fwd_probs_fixed(float (*S)[4], const Rows &R, const u32 *em, int j0, int k0,
+                                                int nk, float *m, float *alpha, float *ps) {
+  typedef FixedBlocks<NF, BS> FB;
+  constexpr int NB = FB::NB;
+  const int lane = threadIdx.x & 31, t4 = lane & 3;
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    // limit (exclusive, tile column) of the visible keys of each block; kind per block
+    int lim[NB + 1];
+    bool early[NB];
+#pragma unroll
+    for (int jb = 0; jb < NB; ++jb) {
+      const int kd = kind_of(R, rr, em[rr], j0, jb);
+      early[jb] = kd == K_EARLY;
+      int l = jb * BS + BS - 1; // the landmark column is never visible
+      l = min(l, nk);
+      if (kd == K_CUR) l = min(l, R.pos[rr] - k0 + 1);
+      lim[jb] = kd == K_SKIP ? 0 : l;
+    }
+    lim[NB] = 0;
+    // landmark logits, before masking (each owned by one lane of the quad)
+    float gl[NB];
+#pragma unroll
+    for (int jb = 0; jb < NB; ++jb) {
+      const int lc = jb * BS + BS - 1;
+      gl[jb] = __shfl_sync(LM_FULL, S[lc >> 3][2 * rr + (lc & 1)], (lane & ~3) | ((lc & 7) >> 1));
+    }
+    float mx[NB];
+#pragma unroll
+    for (int jb = 0; jb < NB; ++jb) mx[jb] = LM_NINF;
+#pragma unroll
+    for (int f = 0; f < NF; ++f)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = 8 * f + 2 * t4 + e;
+        const int a = FB::lo(f, e), b = FB::hi(f, e);
+        float &x = S[f][2 * rr + e];
+        if (a == b) {
+          x = col < lim[a] ? x : LM_NINF;
+          if (a < NB) mx[a] = fmaxf(mx[a], x);
+        } else {
+          const bool up = col >= b * BS;
+          x = col < (up ? lim[b] : lim[a]) ? x : LM_NINF;
+          if (up) {
+            if (b < NB) mx[b] = fmaxf(mx[b], x);
+          } else {
+            mx[a] = fmaxf(mx[a], x);
+          }
+        }
+      }
+    // the row bound M: landmark logits of earlier blocks, visible logits of the current one
+    float bound = LM_NINF;
+#pragma unroll
+    for (int jb = 0; jb < NB; ++jb) {
+      mx[jb] = qmax(mx[jb]);
+      bound = fmaxf(bound, early[jb] ? gl[jb] : mx[jb]);
+    }
+    const float m_new = fmaxf(m[rr], bound);
+    const float mu = m_new == LM_NINF ? 0.f : m_new;
+    alpha[rr] = fast_exp2(m[rr] - mu); // 0 when m was −∞
+    m[rr] = m_new;
+    float ref[NB + 1], sum[NB];
+#pragma unroll
+    for (int jb = 0; jb < NB; ++jb) {
+      ref[jb] = early[jb] ? mx[jb] : mu;
+      sum[jb] = 0.f;
+    }
+    ref[NB] = mu;
+#pragma unroll
+    for (int f = 0; f < NF; ++f)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = 8 * f + 2 * t4 + e;
+        const int a = FB::lo(f, e), b = FB::hi(f, e);
+        float &x = S[f][2 * rr + e];
+        const bool up = a != b && col >= b * BS;
+        x = fast_exp2(x - (up ? ref[b] : ref[a])); // masked: exp2(−∞) = 0
+        if (up) {
+          if (b < NB) sum[b] += x;
+        } else if (a < NB) {
+          sum[a] += x;
+        }
+      }
+    float fac[NB + 1];
+#pragma unroll
+    for (int jb = 0; jb < NB; ++jb) fac[jb] = early[jb] ? fast_exp2(gl[jb] - mu) / qsum(sum[jb]) : 1.f;
+    fac[NB] = 0.f;
+    float acc = 0.f;
+#pragma unroll
+    for (int f = 0; f < NF; ++f)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = 8 * f + 2 * t4 + e;
+        const int a = FB::lo(f, e), b = FB::hi(f, e);
+        float &x = S[f][2 * rr + e];
+        const bool up = a != b && col >= b * BS;
+        x *= up ? fac[b] : fac[a];
+        acc += x;
+      }
+    ps[rr] = acc;
   }
 }
 
@@ -680,9 +808,9 @@ __device__ __forceinline__ void gemm_acc_kn(float (*C)[4], float (*P)[4],
 // the quad here).
 template <int ELEM, int NO>
 __device__ __forceinline__ void fwd_store(const LmParams &p, const LmSeq &s, int h, int i0, int rows,
-                                          float (*O)[4], const float *m, const float *l) {
+                                          int warp, float (*O)[4], const float *m, const float *l) {
   typedef typename Elem<ELEM>::T T;
-  const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t4 = threadIdx.x & 3;
+  const int g = (threadIdx.x & 31) >> 2, t4 = threadIdx.x & 3;
   const i64 off = s.b * p.so[0] + (s.qs + i0) * p.so[1] + h * p.so[2];
   T *ob = (T *)p.out + off;
   T *olb = p.out_lo ? (T *)p.out_lo + off : nullptr;
@@ -869,7 +997,7 @@ template <int ELEM, int DP, int KT> __device__ __forceinline__ void lm_fwd_impl(
   }
   cp_async_wait<0>(); // nothing in flight at exit (e.g. no key tile at all)
 
-  fwd_store<ELEM, NO>(p, s, h, i0, rows, O, m, l);
+  fwd_store<ELEM, NO>(p, s, h, i0, rows, warp, O, m, l);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1476,7 +1604,7 @@ __device__ __forceinline__ void lm_qtile_multi(const LmParams &p) {
   cp_async_wait<0>(); // nothing in flight at exit
 
   if constexpr (BWD) dq_store<ELEM, NO>(p, s, h, i0, rows, acc);
-  else fwd_store<ELEM, NO>(p, s, h, i0, rows, acc, m, l);
+  else fwd_store<ELEM, NO>(p, s, h, i0, rows, warp, acc, m, l);
 }
 
 template <int ELEM, int DP> __device__ __forceinline__ void lm_bwd_dkdv_multi(const LmParams &p) {
@@ -1687,7 +1815,123 @@ template <int ELEM> __device__ __forceinline__ void lm_topk_impl(const LmParams 
   }
 }
 
-#if LM_MULTI
+#if LM_SM90
+#include "attn_sm90.cuh"
+
+// Landmark attention on the Hopper engine (attn_sm90.cuh), 16-bit only, for a compile-time block
+// size LM_BS (the launcher passes p.bs == LM_BS). A key tile holds nbt = BN / LM_BS whole blocks
+// (BN = LM_BN: 128, or 160 for block 51: 3 blocks, 153 keys), so the row phase is
+// fwd_probs_fixed.
+struct LmSm90 {
+  static constexpr int ELEM = LM_ELEM, DP = LM_DP, BN = LM_BN;
+  typedef LmParams Params;
+  struct Shared {
+    int red[4];
+  };
+  struct Cta {
+    LmSeq s;
+    int h, hk, i0, rows, nbt, cmax;
+  };
+  struct Rows {
+    ::Rows R;
+    float m[2], l[2];
+  };
+
+  // (query tile, head, sequence), the query tiles of the most keys first, heads fastest
+  static __device__ __forceinline__ int work_tiles(const LmParams &p) {
+    return (p.Tq + SM90_BM - 1) / SM90_BM * p.Hq * p.nseq;
+  }
+  static __device__ __forceinline__ bool cta(const LmParams &p, int tile, Cta &c) {
+    const int nqt = (p.Tq + SM90_BM - 1) / SM90_BM, rest = tile % (p.Hq * p.nseq);
+    c.s = seq_of(p, rest / p.Hq);
+    c.i0 = (nqt - 1 - tile / (p.Hq * p.nseq)) * SM90_BM;
+    if (c.i0 >= c.s.ql) return false;
+    c.h = rest % p.Hq;
+    c.hk = c.h / (p.Hq / p.Hkv);
+    c.rows = min(SM90_BM, c.s.ql - c.i0);
+    c.nbt = BN / p.bs;
+    c.cmax = (c.i0 + c.rows - 1 + (c.s.kl - c.s.ql)) / p.bs;
+    return true;
+  }
+  static __device__ __forceinline__ void q_coord(const Cta &c, int &row, int &head, int &batch) {
+    row = (int)(c.s.qs + c.i0);
+    head = c.h;
+    batch = c.s.b;
+  }
+  static __device__ __forceinline__ void kv_coord(const Cta &c, int k0, int &row, int &head, int &batch) {
+    row = (int)(c.s.ks + k0);
+    head = c.hk;
+    batch = c.s.b;
+  }
+
+  // Retrieval: the smallest block >= jlo that producer thread r's query row needs.
+  static __device__ __forceinline__ int row_next(const LmParams &p, const Cta &c, int jlo) {
+    const int r = threadIdx.x;
+    if (r >= c.rows) return LM_BIG;
+    const int cb = (c.i0 + r + (c.s.kl - c.s.ql)) / p.bs;
+    if (cb < jlo) return LM_BIG;
+    int best = cb;
+    const int *bi = p.bidx + c.s.b * p.sbi[0] + (c.s.qs + c.i0 + r) * p.sbi[1] + c.hk * p.sbi[2];
+    for (int x = 0; x < p.nidx; ++x) {
+      const int j = bi[x * p.sbi[3]];
+      if (j >= jlo && j < cb) best = min(best, j);
+    }
+    return best;
+  }
+  // First key of the tile holding the next block >= jlo that some row needs, or -1.
+  static __device__ __forceinline__ int tile_at(const LmParams &p, const Cta &c, int jlo, Shared &sh) {
+    int jn;
+    if (p.bidx == nullptr) {
+      jn = jlo <= c.cmax ? jlo : LM_BIG;
+    } else {
+      int v = row_next(p, c, jlo);
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) v = min(v, __shfl_xor_sync(LM_FULL, v, o));
+      if ((threadIdx.x & 31) == 0) sh.red[threadIdx.x >> 5] = v;
+      named_sync(1, 128);
+      jn = min(min(sh.red[0], sh.red[1]), min(sh.red[2], sh.red[3]));
+      named_sync(1, 128);
+    }
+    return jn == LM_BIG ? -1 : (jn / c.nbt) * c.nbt * p.bs;
+  }
+  static __device__ __forceinline__ int first_tile(const LmParams &p, const Cta &c, Shared &sh) {
+    return tile_at(p, c, 0, sh);
+  }
+  static __device__ __forceinline__ int next_tile(const LmParams &p, const Cta &c, int k0, Shared &sh) {
+    return tile_at(p, c, k0 / p.bs + c.nbt, sh);
+  }
+
+  static __device__ __forceinline__ void init_rows(const LmParams &p, const Cta &c, int warp, Rows &r) {
+    make_rows(p, c.s, c.hk, c.i0, c.rows, warp, (threadIdx.x & 31) >> 2, r.R);
+    r.m[0] = r.m[1] = LM_NINF;
+    r.l[0] = r.l[1] = 0.f;
+  }
+  static __device__ __forceinline__ void probs(const LmParams &p, const Cta &c, Rows &r, float (*S)[4],
+                                               int k0, float *alpha, float *ps) {
+    constexpr int NF = BN / 8;
+    const int t4 = threadIdx.x & 3, j0 = k0 / LM_BS, nk = min(c.nbt * LM_BS, c.s.kl - k0);
+    const u32 em[2] = {early_mask(p, r.R, 0, j0, c.nbt, t4), early_mask(p, r.R, 1, j0, c.nbt, t4)};
+#pragma unroll
+    for (int f = 0; f < NF; ++f)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) S[f][e] *= p.scale_log2;
+    fwd_probs_fixed<NF, LM_BS>(S, r.R, em, j0, k0, nk, r.m, alpha, ps);
+  }
+  static __device__ __forceinline__ void store(const LmParams &p, const Cta &c, const Rows &r, int warp,
+                                               float (*O)[4]) {
+    fwd_store<ELEM, DP / 8>(p, c.s, c.h, c.i0, c.rows, warp, O, r.m, r.l);
+  }
+};
+
+struct LmSm90Args {
+  Sm90Maps maps;
+  LmParams p;
+};
+
+extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) lm_fwd_sm90(const __grid_constant__ LmSm90Args a) {
+  sm90_attn_fwd<LmSm90>(a.p, a.maps);
+}
+#elif LM_MULTI
 extern "C" __global__ void __launch_bounds__(LM_THREADS) lm_fwd(const LmParams p) {
   lm_qtile_multi<LM_ELEM, LM_DP, false>(p);
 }
@@ -1708,6 +1952,8 @@ extern "C" __global__ void __launch_bounds__(LM_THREADS) lm_bwd_dkdv(const LmPar
   lm_bwd_dkdv_impl<LM_ELEM, LM_DP, LM_KT>(p);
 }
 #endif
+#if !LM_SM90
 extern "C" __global__ void __launch_bounds__(TOPK_THREADS) lm_topk(const LmParams p) {
   lm_topk_impl<LM_ELEM>(p);
 }
+#endif

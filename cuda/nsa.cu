@@ -28,6 +28,10 @@
 //   nsa_dq_reduce          (replacing the query-outer dQ, which runs one token per CTA)
 #include "common.cuh"
 
+#ifndef NSA_SM90
+#define NSA_SM90 0
+#endif
+
 #define NSA_BN 64
 #define NSA_LDS (NSA_BN + 8) // row stride of the dSᵀ tile in shared memory (keys x queries)
 #define NSA_LOG2E 1.4426950408889634f
@@ -1290,6 +1294,147 @@ template <int ELEM> __device__ __forceinline__ void nsa_dq_reduce_impl(const Nsa
 
 // ----------------------------------------------------------------------------- entry points
 
+#if NSA_SM90
+#include "attn_sm90.cuh"
+
+// The sliding-window branch on the Hopper engine (attn_sm90.cuh), 16-bit, DK == DV. A CTA is 128
+// consecutive tokens of one query head of one batch row (rows of a packed batch may belong to
+// different sequences): token t sees keys [lo(t), t + 1), lo(t) = max(sequence start, t − W + 1).
+// lo is nondecreasing in t, so the CTA's key tiles run from lo(t0) to its last token.
+struct WinSm90 {
+  static constexpr int ELEM = NSA_ELEM, DP = NSA_DK, BN = 128;
+  typedef NsaParams Params;
+  struct Shared {
+    int unused;
+  };
+  struct Cta {
+    int b, h, hk, t0, rows, klo, khi;
+  };
+  struct Rows {
+    int t[2], lo[2]; // t = −1: no such row
+    float m[2], l[2];
+  };
+
+  // (token tile, head, batch row), heads fastest (the heads of a kv group share K/V in L2)
+  static __device__ __forceinline__ int work_tiles(const NsaParams &p) {
+    return (p.T + SM90_BM - 1) / SM90_BM * p.Hq * p.B;
+  }
+  static __device__ __forceinline__ bool cta(const NsaParams &p, int tile, Cta &c) {
+    const int nt = (p.T + SM90_BM - 1) / SM90_BM;
+    c.h = tile % p.Hq;
+    c.t0 = (tile / p.Hq) % nt * SM90_BM;
+    c.b = tile / (p.Hq * nt);
+    c.hk = c.h / p.G;
+    c.rows = min(SM90_BM, p.T - c.t0);
+    int hi;
+    nsa_range<0>(p, c.t0, c.klo, hi);
+    c.khi = c.t0 + c.rows;
+    return true;
+  }
+  static __device__ __forceinline__ void q_coord(const Cta &c, int &row, int &head, int &batch) {
+    row = c.t0;
+    head = c.h;
+    batch = c.b;
+  }
+  static __device__ __forceinline__ void kv_coord(const Cta &c, int k0, int &row, int &head, int &batch) {
+    row = k0;
+    head = c.hk;
+    batch = c.b;
+  }
+  static __device__ __forceinline__ int first_tile(const NsaParams &, const Cta &c, Shared &) {
+    return c.klo;
+  }
+  static __device__ __forceinline__ int next_tile(const NsaParams &, const Cta &c, int k0, Shared &) {
+    return k0 + BN < c.khi ? k0 + BN : -1;
+  }
+
+  static __device__ __forceinline__ void init_rows(const NsaParams &p, const Cta &c, int warp, Rows &r) {
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      const int row = 16 * warp + ((threadIdx.x & 31) >> 2) + 8 * rr;
+      r.t[rr] = row < c.rows ? c.t0 + row : -1;
+      int hi;
+      r.lo[rr] = 0;
+      if (r.t[rr] >= 0) nsa_range<0>(p, r.t[rr], r.lo[rr], hi);
+      r.m[rr] = NSA_NEG_INF;
+      r.l[rr] = 0.f;
+    }
+  }
+  static __device__ __forceinline__ void probs(const NsaParams &p, const Cta &, Rows &r, float (*S)[4],
+                                               int k0, float *alpha, float *ps) {
+    constexpr int NF = BN / 8;
+    const int t4 = threadIdx.x & 3;
+    const float sl2 = p.scale * NSA_LOG2E;
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      // visible columns: lo − k0 <= col <= t − k0 (none for a missing row)
+      const int a = r.lo[rr] - k0 - 2 * t4, z = r.t[rr] < 0 ? -1 - 2 * t4 : r.t[rr] - k0 - 2 * t4;
+      float bound = NSA_NEG_INF;
+#pragma unroll
+      for (int f = 0; f < NF; ++f)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = 8 * f + e; // minus 2·t4, folded into a and z
+          float &x = S[f][2 * rr + e];
+          x = (col >= a && col <= z) ? x * sl2 : NSA_NEG_INF;
+          bound = fmaxf(bound, x);
+        }
+      bound = fmaxf(bound, __shfl_xor_sync(0xffffffffu, bound, 1));
+      bound = fmaxf(bound, __shfl_xor_sync(0xffffffffu, bound, 2));
+      const float m_new = fmaxf(r.m[rr], bound);
+      const float mu = m_new == NSA_NEG_INF ? 0.f : m_new;
+      alpha[rr] = fast_exp2(r.m[rr] - mu); // 0 when m was −∞
+      r.m[rr] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int f = 0; f < NF; ++f)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float &x = S[f][2 * rr + e];
+          x = fast_exp2(x - mu);
+          sum += x;
+        }
+      ps[rr] = sum;
+    }
+  }
+  static __device__ __forceinline__ void store(const NsaParams &p, const Cta &c, const Rows &r, int,
+                                               float (*O)[4]) {
+    typedef typename Elem<ELEM>::T T;
+    const int t4 = threadIdx.x & 3;
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      float lt = r.l[rr];
+      lt += __shfl_xor_sync(0xffffffffu, lt, 1);
+      lt += __shfl_xor_sync(0xffffffffu, lt, 2);
+      const int t = r.t[rr];
+      if (t < 0) continue;
+      const bool any = lt > 0.f;
+      const float inv = any ? 1.f / lt : 0.f;
+      T *ob = (T *)p.out + c.b * p.so[0] + (i64)t * p.so[1] + c.h * p.so[2];
+      T *olo = nsa_out_lo<ELEM>(p, c.b, t, c.h);
+#pragma unroll
+      for (int j = 0; j < DP / 8; ++j)
+#pragma unroll
+        for (int cc = 0; cc < 2; ++cc) {
+          const int col = 8 * j + 2 * t4 + cc;
+          if (col < p.DV) nsa_store_out<ELEM>(ob, olo, col, O[j][2 * rr + cc] * inv);
+        }
+      if (t4 == 0)
+        p.lse[c.b * p.slse[0] + t * p.slse[1] + c.h * p.slse[2]] =
+            any ? r.m[rr] * NSA_LN2 + logf(lt) : NSA_NEG_INF;
+    }
+  }
+};
+
+struct WinSm90Args {
+  Sm90Maps maps;
+  NsaParams p;
+};
+
+extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) nsa_fwd_win_sm90(const __grid_constant__ WinSm90Args a) {
+  sm90_attn_fwd<WinSm90>(a.p, a.maps);
+}
+#else
 #define NSA_E NSA_ELEM, NSA_DK, NSA_DV
 extern "C" __global__ void __launch_bounds__(128) nsa_fwd_win(const NsaParams p) { nsa_fwd_impl<NSA_E, 0>(p); }
 extern "C" __global__ void __launch_bounds__(128) nsa_fwd_cmp(const NsaParams p) { nsa_fwd_impl<NSA_E, 1>(p); }
@@ -1309,3 +1454,4 @@ extern "C" __global__ void __launch_bounds__(128) nsa_dkdv_cmp(const NsaParams p
 extern "C" __global__ void __launch_bounds__(128) nsa_dkdv_sel(const NsaParams p) { nsa_dkdv_impl<NSA_E, 3>(p); }
 extern "C" __global__ void __launch_bounds__(128) nsa_dkdv_reduce(const NsaParams p) { nsa_dkdv_reduce_impl<NSA_ELEM>(p); }
 extern "C" __global__ void __launch_bounds__(128) nsa_dq_reduce(const NsaParams p) { nsa_dq_reduce_impl<NSA_ELEM>(p); }
+#endif

@@ -37,13 +37,71 @@ fn compile_all_kernels(py: Python<'_>, arch: &str) -> PyResult<Vec<(String, usiz
                 let name = format!("nsa.cu {:?}", v.defines());
                 ops::nsa::compile_variant(&v, arch).map(|size| (name, size))
             });
+            // the Hopper engine's modules exist for sm_90a only
+            let hopper = arch == "sm_90a";
+            let landmark_sm90 = ops::landmark::Sm90Variant::all()
+                .into_par_iter()
+                .filter(move |_| hopper)
+                .map(|v| {
+                    let name = format!("landmark.cu {:?}", v.defines());
+                    ops::landmark::compile_sm90_variant(&v, arch).map(|size| (name, size))
+                });
+            let nsa_sm90 = ops::nsa::Variant::all_sm90()
+                .into_par_iter()
+                .filter(move |_| hopper)
+                .map(|v| {
+                    let name = format!("nsa.cu {:?}", v.sm90_defines());
+                    ops::nsa::compile_sm90_variant(&v, arch).map(|size| (name, size))
+                });
             lightning
                 .chain(rat)
+                .chain(nsa_sm90)
+                .chain(landmark_sm90)
                 .chain(landmark)
                 .chain(nsa_select)
                 .chain(nsa)
                 .map(|r| r.map_err(ops::value_error))
                 .collect()
+        })
+    })
+}
+
+/// Compiles every Hopper-engine kernel variant for sm_90a with ptxas's resource report; writes
+/// each CUBIN into `dir` and returns (variant, cubin path, NVRTC log) per variant, so that a
+/// check without a GPU can read the machine code (HGMMA present) and the report (no spills).
+#[pyfunction]
+fn sm90_machine_code(py: Python<'_>, dir: &str) -> PyResult<Vec<(String, String, String)>> {
+    use rayon::prelude::*;
+    type Defines = Vec<(String, String)>;
+    let mut jobs: Vec<(String, &str, Defines)> = Vec::new();
+    for v in ops::landmark::Sm90Variant::all() {
+        jobs.push((
+            format!("landmark {v:?}"),
+            ops::landmark::SOURCE,
+            v.defines(),
+        ));
+    }
+    for v in ops::nsa::Variant::all_sm90() {
+        jobs.push((format!("window {v:?}"), ops::nsa::SOURCE, v.sm90_defines()));
+    }
+    py.detach(|| {
+        cpu::POOL.install(|| {
+            jobs.into_par_iter()
+                .enumerate()
+                .map(|(i, (name, body, defines))| {
+                    let (cubin, log) = cuda::compile_with_log(
+                        &name,
+                        &cuda::source(body),
+                        &defines,
+                        "sm_90a",
+                        &["--ptxas-options=-v"],
+                    )?;
+                    let path = std::path::Path::new(dir).join(format!("sm90_{i}.cubin"));
+                    std::fs::write(&path, cubin).map_err(|e| e.to_string())?;
+                    Ok((name, path.to_string_lossy().into_owned(), log))
+                })
+                .collect::<Result<Vec<_>, String>>()
+                .map_err(ops::value_error)
         })
     })
 }
@@ -54,9 +112,17 @@ fn cuda_unavailable_reason() -> Option<String> {
     cuda::ensure_libraries().err()
 }
 
+/// Hopper-engine kernel launches so far in this process.
+#[pyfunction]
+fn sm90_launch_count() -> u64 {
+    cuda::SM90_LAUNCHES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(compile_all_kernels, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_unavailable_reason, m)?)?;
+    m.add_function(wrap_pyfunction!(sm90_launch_count, m)?)?;
+    m.add_function(wrap_pyfunction!(sm90_machine_code, m)?)?;
     py::register(m)
 }

@@ -15,6 +15,25 @@ DEVICES = [
         marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")],
     ),
 ]
+# a Hopper GPU: eligible 16-bit calls run the sm_90a attention engine unless forced onto sm_80
+HAS_HOPPER = HAS_CUDA and torch.cuda.get_device_capability() == (9, 0)
+
+
+def engine_path(monkeypatch, force_sm80: bool):
+    """Selects the CUDA path (LONGATTN_FORCE_SM80) and returns a check that the Hopper engine ran
+    (or, forced or on another GPU, did not) for the calls made since."""
+    from longattn import _native
+
+    monkeypatch.setenv("LONGATTN_FORCE_SM80", "1" if force_sm80 else "0")
+    before = _native.sm90_launch_count()
+
+    def check(expect_engine: bool = True):
+        ran = _native.sm90_launch_count() > before
+        assert ran == (expect_engine and HAS_HOPPER and not force_sm80)
+
+    return check
+
+
 # the same, as plain strings, for loops inside a test
 AVAILABLE_DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 

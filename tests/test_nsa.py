@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICES, HAS_CUDA, assert_finite, rel_err
+from conftest import DEVICES, HAS_CUDA, assert_finite, engine_path, rel_err
 from longattn.ops import nsa as N
 from longattn.reference import nsa as R
 from torch.autograd import gradcheck
@@ -630,3 +630,33 @@ def test_cuda_selected_deterministic(Hq):
         grads.append(torch.autograd.grad(o, (q, k, v), do))
     for a, b in zip(*grads, strict=True):
         assert torch.equal(a, b)
+
+
+@cuda_only
+@pytest.mark.cuda
+@pytest.mark.parametrize("force_sm80", [False, True], ids=["engine", "sm80"])
+@pytest.mark.parametrize("dtype", [BF16, F16])
+@pytest.mark.parametrize(
+    "D, G, W, T, cu",
+    [
+        (128, 1, 512, 1000, None),  # rows not a multiple of the 128-row tile
+        (64, 16, 100, 777, None),  # GQA, a window shorter than a key tile
+        (128, 4, 64, 333, [0, 70, 71, 71, 200, 333]),  # empty and one-token sequences
+        (64, 2, 1000, 300, [0, 129, 300]),  # a window longer than the sequences
+    ],
+)
+def test_cuda_window_engine(dtype, D, G, W, T, cu, force_sm80, monkeypatch):
+    check_path = engine_path(monkeypatch, force_sm80)
+    Hkv = 2
+    cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+    q, k, v = qkv(1, T, G * Hkv, Hkv, D, dtype)
+    ref = lambda q, k, v: R.sliding_window_attn_reference(  # noqa: E731
+        q, k, v, window_size=W, cu_seqlens=cu_t
+    )
+    ker = lambda q, k, v: N.sliding_window_attn(  # noqa: E731
+        q, k, v, window_size=W, cu_seqlens=None if cu_t is None else cu_t.cuda()
+    )
+    outs = _fwd_bwd(lambda *a: (ker if a[0].dtype == dtype else ref)(*a), (q, k, v), dtype, "cuda")
+    check_path()
+    for name, (a, b) in zip(["o", "dq", "dk", "dv"], outs, strict=True):
+        _check(name, a, b, dtype)

@@ -14,13 +14,122 @@ use crate::tensor::{DType, View};
 
 pub type CudaResult<T> = Result<T, String>;
 
-/// Kernel sources, embedded at build time. `#include "common.cuh"` is resolved by `source`.
-const COMMON: &str = include_str!("../../cuda/common.cuh");
+/// Shared kernel headers, embedded at build time and inlined by `source`, in dependency order
+/// (each is included once, by the file or header before it).
+const HEADERS: [(&str, &str); 4] = [
+    ("attn_sm90.cuh", include_str!("../../cuda/attn_sm90.cuh")),
+    ("sm90.cuh", include_str!("../../cuda/sm90.cuh")),
+    ("sm90_wgmma.cuh", include_str!("../../cuda/sm90_wgmma.cuh")),
+    ("common.cuh", include_str!("../../cuda/common.cuh")),
+];
 
 /// Full translation unit for a kernel source file (headers inlined: NVRTC gets no include path).
 pub fn source(body: &str) -> String {
-    body.replace("#include \"common.cuh\"", COMMON)
+    HEADERS.iter().fold(body.to_string(), |src, (name, text)| {
+        src.replace(&format!("#include \"{name}\""), text)
+    })
 }
+
+/// `LONGATTN_FORCE_SM80` set (and not "0"): Hopper GPUs run the sm_80 (mma.sync) kernels, so
+/// that path is tested there too. Read on every call.
+pub fn force_sm80() -> bool {
+    std::env::var("LONGATTN_FORCE_SM80").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// A TMA descriptor (the driver's CUtensorMap), passed by value inside kernel parameters.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+pub struct TmaMap([u64; 16]);
+
+/// The TMA descriptor of a 16-bit [B, T, H, D] tensor for boxes of `rows` tokens × 64 elements
+/// of one head, 128-byte swizzled (the layout wgmma reads), zeros past the tensor's ends. None
+/// where TMA cannot describe the layout (unaligned base or strides): callers fall back to the
+/// sm_80 kernels.
+pub fn tma_map(t: &View, rows: u32) -> Option<TmaMap> {
+    use dsys::{
+        CUtensorMapDataType as Ty, CUtensorMapFloatOOBfill as Fill, CUtensorMapInterleave as Il,
+        CUtensorMapL2promotion as L2, CUtensorMapSwizzle as Sw,
+    };
+    let ty = match t.dtype {
+        DType::F16 => Ty::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+        DType::BF16 => Ty::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+        _ => return None,
+    };
+    if t.ndim() != 4 || t.strides[3] != 1 || t.addr() % 16 != 0 {
+        return None;
+    }
+    // innermost first: D, H, T, B
+    let dims = [t.shape[3], t.shape[2], t.shape[1], t.shape[0]].map(|n| n as u64);
+    let elem_strides = [t.strides[2], t.strides[1], t.strides[0]];
+    let mut strides = [0u64; 3];
+    let mut span = dims[0] * 2;
+    for i in 0..3 {
+        let bytes = if dims[i + 1] == 1 {
+            span.div_ceil(16) * 16 // never stepped: any legal stride
+        } else {
+            u64::try_from(elem_strides[i]).ok()? * 2
+        };
+        if bytes == 0 || bytes % 16 != 0 || bytes >= 1 << 40 {
+            return None;
+        }
+        strides[i] = bytes;
+        span = bytes * dims[i + 1];
+    }
+    if dims.iter().any(|&n| n == 0 || n > u32::MAX as u64) {
+        return None;
+    }
+    let boxes = [64u32, 1, rows, 1];
+    let steps = [1u32; 4];
+    let mut map = std::mem::MaybeUninit::<dsys::CUtensorMap>::uninit();
+    // SAFETY: every array has the rank's length; the address is only recorded, not read.
+    let rc = unsafe {
+        dsys::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            ty,
+            4,
+            t.ptr as *mut c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            steps.as_ptr(),
+            Il::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            Sw::CU_TENSOR_MAP_SWIZZLE_128B,
+            L2::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            Fill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    if rc != dsys::CUresult::CUDA_SUCCESS {
+        return None;
+    }
+    // SAFETY: initialised by the successful encode; CUtensorMap is 128 bytes of plain data.
+    Some(unsafe { std::mem::transmute::<dsys::CUtensorMap, TmaMap>(map.assume_init()) })
+}
+
+/// Kernel parameters of the Hopper attention engine (cuda/attn_sm90.cuh): the q, k, v tensor
+/// maps, then the family's own parameter struct.
+#[repr(C, align(64))]
+pub struct Sm90Args<P> {
+    pub maps: [TmaMap; 3],
+    pub p: P,
+}
+
+/// Dynamic shared memory of the engine (Sm90Layout in cuda/attn_sm90.cuh): the Q tile, two
+/// stages of K and V, barriers and tile table, 1024 bytes of alignment slack.
+pub fn sm90_smem(dp: usize, bn: usize) -> u32 {
+    const BM: usize = 128;
+    const STAGES: usize = 2;
+    let blocks = dp / 64;
+    (BM * 128 * blocks + 2 * STAGES * bn * 128 * blocks + 8 * (1 + 4 * STAGES) + 4 * STAGES + 1024)
+        as u32
+}
+
+/// Threads of an engine CTA: a producer warpgroup and two consumer warpgroups.
+pub const SM90_THREADS: u32 = 384;
+
+/// Launches of Hopper-engine kernels in this process (tests check which path ran).
+pub static SM90_LAUNCHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Query rows per engine CTA.
+pub const SM90_BM: usize = 128;
 
 /// A tensor's first N strides (in elements) as kernel parameters.
 pub fn strides<const N: usize>(t: &View) -> [i64; N] {
@@ -87,6 +196,18 @@ fn compile_cubin(
     defines: &[(String, String)],
     arch: &str,
 ) -> CudaResult<Vec<u8>> {
+    compile_with_log(name, src, defines, arch, &[]).map(|(cubin, _)| cubin)
+}
+
+/// Compiles with extra NVRTC options; returns the CUBIN and the program log (ptxas's resource
+/// report with `--ptxas-options=-v`). Not cached.
+pub fn compile_with_log(
+    name: &str,
+    src: &str,
+    defines: &[(String, String)],
+    arch: &str,
+    extra: &[&str],
+) -> CudaResult<(Vec<u8>, String)> {
     ensure_nvrtc()?;
     let csrc = CString::new(src).map_err(|e| e.to_string())?;
     let cname = CString::new(name).map_err(|e| e.to_string())?;
@@ -97,22 +218,21 @@ fn compile_cubin(
         "--use_fast_math".to_string(),
     ];
     options.extend(defines.iter().map(|(k, v)| format!("-D{k}={v}")));
+    options.extend(extra.iter().map(|o| o.to_string()));
     // SAFETY: prog is a live program; destroyed below on every path.
     let result = unsafe { nvr::compile_program(prog, &options) };
+    let log = unsafe { nvr::get_program_log(prog) }
+        .map(|l| {
+            unsafe { CStr::from_ptr(l.as_ptr()) }
+                .to_string_lossy()
+                .into_owned()
+        })
+        .unwrap_or_default();
     let out = match result {
-        Ok(()) => unsafe { get_cubin(prog) },
-        Err(e) => {
-            let log = unsafe { nvr::get_program_log(prog) }
-                .map(|l| {
-                    unsafe { CStr::from_ptr(l.as_ptr()) }
-                        .to_string_lossy()
-                        .into_owned()
-                })
-                .unwrap_or_default();
-            Err(format!(
-                "NVRTC failed to compile {name} ({e:?}) with {options:?}:\n{log}"
-            ))
-        }
+        Ok(()) => unsafe { get_cubin(prog) }.map(|c| (c, log)),
+        Err(e) => Err(format!(
+            "NVRTC failed to compile {name} ({e:?}) with {options:?}:\n{log}"
+        )),
     };
     // SAFETY: prog is not used after this.
     let _ = unsafe { nvr::destroy_program(prog) };
@@ -298,6 +418,22 @@ impl Device {
         });
         modules.insert(key, k.clone());
         Ok(k)
+    }
+
+    /// Launches a Hopper-engine kernel (SM90_THREADS threads a CTA) and counts it.
+    ///
+    /// # Safety
+    /// As `launch`: `args` must match the kernel's parameters.
+    pub unsafe fn launch_sm90<P>(
+        &self,
+        f: &CudaFunction,
+        grid: (u32, u32, u32),
+        smem_bytes: u32,
+        stream: usize,
+        args: &Sm90Args<P>,
+    ) -> CudaResult<()> {
+        SM90_LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        unsafe { self.launch(f, grid, SM90_THREADS, smem_bytes, stream, args) }
     }
 
     /// Launches `f` with one by-value parameter struct on a borrowed stream handle.

@@ -263,6 +263,9 @@ pub fn forward(
         prm.lse = lse.addr();
         prm.slse = cuda::strides(lse);
         set_indices(&mut prm, block_indices);
+        if let Some(hopper) = Sm90Plan::new(&p, ordinal, q, k, v, prm.bs as usize)? {
+            return hopper.launch(&p, prm, stream).map_err(value_error);
+        }
         return launch(&p, ordinal, Dir::Fwd, &prm, stream).map_err(value_error);
     }
     let a = p.args(q, k, v, block_indices, block_size, scale);
@@ -383,7 +386,7 @@ pub fn topk_blocks(
 // ---------------------------------------------------------------------------------------------
 // CUDA
 
-const SOURCE: &str = include_str!("../../cuda/landmark.cu");
+pub const SOURCE: &str = include_str!("../../cuda/landmark.cu");
 /// Keys per key tile (LM_KT); a tile holds KT / block_size whole blocks, or (block_size > KT)
 /// part of one block.
 const KT: usize = 64;
@@ -534,6 +537,133 @@ impl Variant {
             }
         }
         out
+    }
+}
+
+/// The Hopper forward (cuda/attn_sm90.cuh with the landmark policy): one module per dtype, padded
+/// head dim and block size; the block size is a compile-time constant so that the row phase keeps
+/// its per-block state in registers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sm90Variant {
+    /// 1 f16, 2 bf16
+    pub elem: u32,
+    /// padded head dim of q/k and v (64, 128)
+    pub dp: usize,
+    /// landmark block size (one of SM90_BLOCKS)
+    pub bs: usize,
+}
+
+/// Block sizes of the Hopper forward and the keys per tile of each (whole blocks: block 51 takes 2
+/// blocks in a 112-key tile; wider tiles of more blocks spill registers). Other sizes run the
+/// sm_80 kernels.
+const SM90_BLOCKS: [(usize, usize); 5] = [(16, 64), (32, 128), (51, 112), (64, 128), (128, 128)];
+
+impl Sm90Variant {
+    fn tile(&self) -> usize {
+        SM90_BLOCKS
+            .iter()
+            .find(|b| b.0 == self.bs)
+            .map_or(128, |b| b.1)
+    }
+
+    pub fn defines(&self) -> Vec<(String, String)> {
+        let mut d = Variant {
+            elem: self.elem,
+            dp: self.dp,
+            one: false,
+            multi: false,
+        }
+        .defines();
+        d.push(("LM_SM90".into(), "1".into()));
+        d.push(("LM_BS".into(), self.bs.to_string()));
+        d.push(("LM_BN".into(), self.tile().to_string()));
+        d
+    }
+
+    pub fn all() -> Vec<Sm90Variant> {
+        let mut out = Vec::new();
+        for elem in 1..3 {
+            for dp in [64, 128] {
+                for (bs, _) in SM90_BLOCKS {
+                    out.push(Sm90Variant { elem, dp, bs });
+                }
+            }
+        }
+        out
+    }
+}
+
+pub fn compile_sm90_variant(v: &Sm90Variant, arch: &str) -> Result<usize, String> {
+    cuda::cached_cubin("landmark.cu", &cuda::source(SOURCE), &v.defines(), arch).map(|c| c.len())
+}
+
+/// A forward that runs on the Hopper engine: the variant and the q, k, v tensor maps.
+struct Sm90Plan {
+    dev: std::sync::Arc<cuda::Device>,
+    variant: Sm90Variant,
+    maps: [cuda::TmaMap; 3],
+}
+
+impl Sm90Plan {
+    /// Some(plan) on an sm_90a device (unless forced onto sm_80) for 16-bit inputs whose layout
+    /// TMA can describe and block sizes that fit a tile; None: the sm_80 kernels run.
+    fn new(
+        p: &Problem,
+        ordinal: i32,
+        q: &View,
+        k: &View,
+        v: &View,
+        bs: usize,
+    ) -> Result<Option<Sm90Plan>, PyErr> {
+        if p.dtype == DType::F32 || cuda::force_sm80() {
+            return Ok(None);
+        }
+        let dev = cuda::device(ordinal).map_err(value_error)?;
+        if !SM90_BLOCKS.iter().any(|b| b.0 == bs) {
+            return Ok(None);
+        }
+        let variant = Sm90Variant {
+            elem: if p.dtype == DType::F16 { 1 } else { 2 },
+            dp: if p.d.max(p.e) <= 64 { 64 } else { 128 },
+            bs,
+        };
+        let bn = variant.tile();
+        if dev.arch != "sm_90a" || p.tq > i32::MAX as usize || p.tk > i32::MAX as usize {
+            return Ok(None);
+        }
+        let maps = match (
+            cuda::tma_map(q, cuda::SM90_BM as u32),
+            cuda::tma_map(k, bn as u32),
+            cuda::tma_map(v, bn as u32),
+        ) {
+            (Some(mq), Some(mk), Some(mv)) => [mq, mk, mv],
+            _ => return Ok(None),
+        };
+        Ok(Some(Sm90Plan { dev, variant, maps }))
+    }
+
+    fn launch(self, p: &Problem, prm: LmParams, stream: usize) -> Result<(), String> {
+        if p.b == 0 || p.tq == 0 || p.n == 0 || p.hq == 0 {
+            return Ok(());
+        }
+        let smem = cuda::sm90_smem(self.variant.dp, self.variant.tile());
+        let kernels = self.dev.kernels(
+            "landmark.cu",
+            SOURCE,
+            &self.variant.defines(),
+            &[("lm_fwd_sm90", smem)],
+        )?;
+        let grid = (p.tq.div_ceil(cuda::SM90_BM) as u32, p.hq as u32, p.n as u32);
+        let args = cuda::Sm90Args {
+            maps: self.maps,
+            p: prm,
+        };
+        // SAFETY: args mirrors LmSm90Args; the maps and prm describe validated tensors of this
+        // device, and every row the kernel stores is bounds-checked.
+        unsafe {
+            self.dev
+                .launch_sm90(kernels.get("lm_fwd_sm90")?, grid, smem, stream, &args)
+        }
     }
 }
 

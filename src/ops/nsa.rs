@@ -1213,7 +1213,7 @@ pub fn compress_backward(
 // ---------------------------------------------------------------------------------------------
 // CUDA: the attention branches (cuda/nsa.cu). Compression and selection live elsewhere.
 
-const SOURCE: &str = include_str!("../../cuda/nsa.cu");
+pub const SOURCE: &str = include_str!("../../cuda/nsa.cu");
 /// Keys per key tile (NSA_BN in cuda/nsa.cu).
 const KEY_TILE: usize = 64;
 
@@ -1370,6 +1370,52 @@ impl Variant {
 
 pub fn compile_variant(v: &Variant, arch: &str) -> Result<usize, String> {
     cuda::cached_cubin("nsa.cu", &cuda::source(SOURCE), &v.defines(), arch).map(|c| c.len())
+}
+
+/// Keys per tile of the Hopper sliding-window forward (WinSm90::BN in cuda/nsa.cu).
+const WINDOW_SM90_BN: usize = 128;
+
+impl Variant {
+    /// The Hopper sliding-window forward's module (16-bit, dk == dv).
+    pub fn sm90_defines(&self) -> Vec<(String, String)> {
+        let mut d = self.defines();
+        d.push(("NSA_SM90".into(), "1".into()));
+        d
+    }
+
+    /// Every variant of the Hopper window forward (compiled by CI for sm_90a).
+    pub fn all_sm90() -> Vec<Variant> {
+        Variant::all()
+            .into_iter()
+            .filter(|v| v.elem != 0 && v.dk == v.dv)
+            .collect()
+    }
+}
+
+pub fn compile_sm90_variant(v: &Variant, arch: &str) -> Result<usize, String> {
+    cuda::cached_cubin("nsa.cu", &cuda::source(SOURCE), &v.sm90_defines(), arch).map(|c| c.len())
+}
+
+/// The Hopper sliding-window forward's variant and q, k, v tensor maps, where it applies: an
+/// sm_90a device not forced onto sm_80, 16-bit inputs of one padded head dim whose layout TMA can
+/// describe.
+fn window_sm90(
+    dev: &cuda::Device,
+    p: &AttnProblem,
+    q: &View,
+    k: &View,
+    v: &View,
+) -> Option<(Variant, [cuda::TmaMap; 3])> {
+    let variant = Variant::new(p.dtype, p.d, p.dv);
+    if dev.arch != "sm_90a" || variant.elem == 0 || variant.dk != variant.dv || cuda::force_sm80() {
+        return None;
+    }
+    let maps = [
+        cuda::tma_map(q, cuda::SM90_BM as u32)?,
+        cuda::tma_map(k, WINDOW_SM90_BN as u32)?,
+        cuda::tma_map(v, WINDOW_SM90_BN as u32)?,
+    ];
+    Some((variant, maps))
 }
 
 fn addr(t: Option<&View>) -> u64 {
@@ -1591,6 +1637,23 @@ fn cuda_attn_forward(
     // device (or null where the kernel does not read it), and the kernels bound every access.
     unsafe {
         match br.kind {
+            "window" if window_sm90(&dev, p, q, k, v).is_some() => {
+                let (variant, maps) = window_sm90(&dev, p, q, k, v).unwrap();
+                let smem = cuda::sm90_smem(variant.dk, WINDOW_SM90_BN);
+                let kernels = dev.kernels(
+                    "nsa.cu",
+                    SOURCE,
+                    &variant.sm90_defines(),
+                    &[("nsa_fwd_win_sm90", smem)],
+                )?;
+                let tiles = p.t.div_ceil(cuda::SM90_BM) * p.hq * p.b;
+                if tiles > i32::MAX as usize {
+                    return Err("sliding_window_attn: more than 2^31 - 1 query tiles".into());
+                }
+                let grid = (tiles.min(dev.sm_count as usize) as u32, 1, 1);
+                let args = cuda::Sm90Args { maps, p: prm };
+                dev.launch_sm90(kernels.get("nsa_fwd_win_sm90")?, grid, smem, stream, &args)
+            }
             "window" | "compressed" => {
                 let name = if br.kind == "window" {
                     "nsa_fwd_win"
