@@ -1370,15 +1370,26 @@ struct WinSm90 {
       // visible columns: lo − k0 <= col <= t − k0 (none for a missing row)
       const int a = r.lo[rr] - k0 - 2 * t4, z = r.t[rr] < 0 ? -1 - 2 * t4 : r.t[rr] - k0 - 2 * t4;
       float bound = NSA_NEG_INF;
+      if (__all_sync(0xffffffffu, a <= -2 * t4 && z >= BN - 1 - 2 * t4)) { // inside the band
 #pragma unroll
-      for (int f = 0; f < NF; ++f)
+        for (int f = 0; f < NF; ++f)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int col = 8 * f + e; // minus 2·t4, folded into a and z
-          float &x = S[f][2 * rr + e];
-          x = (col >= a && col <= z) ? x * sl2 : NSA_NEG_INF;
-          bound = fmaxf(bound, x);
-        }
+          for (int e = 0; e < 2; ++e) {
+            float &x = S[f][2 * rr + e];
+            x *= sl2;
+            bound = fmaxf(bound, x);
+          }
+      } else {
+#pragma unroll
+        for (int f = 0; f < NF; ++f)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int col = 8 * f + e; // minus 2·t4, folded into a and z
+            float &x = S[f][2 * rr + e];
+            x = (col >= a && col <= z) ? x * sl2 : NSA_NEG_INF;
+            bound = fmaxf(bound, x);
+          }
+      }
       bound = fmaxf(bound, __shfl_xor_sync(0xffffffffu, bound, 1));
       bound = fmaxf(bound, __shfl_xor_sync(0xffffffffu, bound, 2));
       const float m_new = fmaxf(r.m[rr], bound);
