@@ -193,7 +193,7 @@ find_sanitizer() {
 }
 
 # Only longattn's kernels are checked (torch's own would make racecheck take minutes).
-declare -A KERNEL_PREFIX=([lightning]=la_ [rat]=rat_ [landmark]=lm_ [nsa]=nsa_ [nsa_selection]=nsa_)
+declare -A KERNEL_PREFIX=([engine]=_sm90 [lightning]=la_ [rat]=rat_ [landmark]=lm_ [nsa]=nsa_ [nsa_selection]=nsa_)
 
 run_sanitize() {
     local cs log=$OUT/sanitizer.log rc=0 r tool b f script
