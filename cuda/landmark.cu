@@ -428,7 +428,10 @@ __device__ __forceinline__ void fwd_probs_fixed(float (*S)[4], const Rows &R, co
       }
     float fac[NB + 1];
 #pragma unroll
-    for (int jb = 0; jb < NB; ++jb) fac[jb] = early[jb] ? fast_exp2(gl[jb] - mu) / qsum(sum[jb]) : 1.f;
+    for (int jb = 0; jb < NB; ++jb) {
+      const float total = qsum(sum[jb]); // every lane shuffles, whatever its rows' kinds
+      fac[jb] = early[jb] ? fast_exp2(gl[jb] - mu) / total : 1.f;
+    }
     fac[NB] = 0.f;
     float acc = 0.f;
 #pragma unroll
