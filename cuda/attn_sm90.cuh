@@ -98,20 +98,27 @@ __device__ __forceinline__ void sm90_attn_fwd(const typename Fam::Params &p, con
       for (;; ++it) {
         const int s = it % ST;
         const u32 parity = ((it / ST) - 1) & 1; // the previous use of stage s
+        // Every use of a stage, the end-of-tile sentinel included, completes each of its four
+        // barriers exactly once, so their parities stay in step across work tiles; a barrier is
+        // completed again only after the consumers have released its previous phase.
         if (leader) {
+          int row = 0, head = 0, batch = 0;
+          if (k0 >= 0) Fam::kv_coord(c, k0, row, head, batch);
           if (it >= ST) mbar_wait(&k_empty[s], parity);
           tile_k0[s] = k0;
           if (k0 < 0) {
             mbar_arrive(&k_full[s]);
           } else {
-            int row, head, batch;
-            Fam::kv_coord(c, k0, row, head, batch);
             mbar_arrive_tx(&k_full[s], L::KV_BYTES);
 #pragma unroll
             for (int ch = 0; ch < NCH; ++ch)
               tma_load_4d(Ks + s * L::KV_BYTES + ch * L::KV_BLOCK, &maps.k, &k_full[s], 64 * ch,
                           head, row, batch);
-            if (it >= ST) mbar_wait(&v_empty[s], parity);
+          }
+          if (it >= ST) mbar_wait(&v_empty[s], parity);
+          if (k0 < 0) {
+            mbar_arrive(&v_full[s]);
+          } else {
             mbar_arrive_tx(&v_full[s], L::KV_BYTES);
 #pragma unroll
             for (int ch = 0; ch < NCH; ++ch)
@@ -175,6 +182,14 @@ __device__ __forceinline__ void sm90_attn_fwd(const typename Fam::Params &p, con
 #pragma unroll
         for (int i = 0; i < 4; ++i) P[t][i] = Pn[t][i];
     };
+    // The sentinel's stage is released like a key tile's. v_full's sentinel phase is awaited
+    // first: released before the producer has posted it, v_empty could complete twice while
+    // the producer waits for the first of the two (parity waits cannot tell them apart).
+    auto release_sentinel = [&](int s, int it) {
+      mbar_arrive(&k_empty[s]);
+      mbar_wait(&v_full[s], (it / ST) & 1);
+      mbar_arrive(&v_empty[s]);
+    };
     int it = 0, done = 0; // key tiles consumed (sentinels included); work tiles done
     for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
       typename Fam::Cta c;
@@ -224,6 +239,7 @@ __device__ __forceinline__ void sm90_attn_fwd(const typename Fam::Params &p, con
           prev = it;
         }
         mbar_arrive(q_empty); // every score of this work tile is done
+        release_sentinel(s, it);
         mbar_wait(&v_full[prev % ST], (prev / ST) & 1);
         issue_pv(prev % ST, O);
         wgmma_wait<0>();
@@ -231,6 +247,7 @@ __device__ __forceinline__ void sm90_attn_fwd(const typename Fam::Params &p, con
         mbar_arrive(&v_empty[prev % ST]);
       } else {
         mbar_arrive(q_empty);
+        release_sentinel(s, it);
       }
       ++it; // the sentinel
       Fam::store(p, c, rows, warp, O);
