@@ -36,6 +36,13 @@ pub fn force_sm80() -> bool {
     std::env::var("LONGATTN_FORCE_SM80").is_ok_and(|v| !v.is_empty() && v != "0")
 }
 
+/// `LONGATTN_LANDMARK_SM90=1`: landmark_attn's forward runs on the Hopper engine. Off by default:
+/// the engine's landmark policy is exact but, as of 2026-12-07, many times slower than the sm_80
+/// kernel on an H100 (docs/benchmarks.md); the switch keeps it tested until that is fixed.
+pub fn landmark_sm90_enabled() -> bool {
+    std::env::var("LONGATTN_LANDMARK_SM90").is_ok_and(|v| v == "1")
+}
+
 /// A TMA descriptor (the driver's CUtensorMap), passed by value inside kernel parameters.
 #[repr(C, align(64))]
 #[derive(Clone, Copy)]

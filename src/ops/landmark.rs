@@ -605,8 +605,9 @@ struct Sm90Plan {
 }
 
 impl Sm90Plan {
-    /// Some(plan) on an sm_90a device (unless forced onto sm_80) for 16-bit inputs whose layout
-    /// TMA can describe and block sizes that fit a tile; None: the sm_80 kernels run.
+    /// Some(plan) on an sm_90a device (with LONGATTN_LANDMARK_SM90=1, unless forced onto sm_80)
+    /// for 16-bit inputs whose layout TMA can describe and block sizes that fit a tile; None: the
+    /// sm_80 kernels run.
     fn new(
         p: &Problem,
         ordinal: i32,
@@ -615,7 +616,7 @@ impl Sm90Plan {
         v: &View,
         bs: usize,
     ) -> Result<Option<Sm90Plan>, PyErr> {
-        if p.dtype == DType::F32 || cuda::force_sm80() {
+        if p.dtype == DType::F32 || cuda::force_sm80() || !cuda::landmark_sm90_enabled() {
             return Ok(None);
         }
         let dev = cuda::device(ordinal).map_err(value_error)?;
