@@ -128,7 +128,8 @@ def main():
     gpu = torch.cuda.get_device_name(0)
     t0 = time.time()
     DEADLINE[0] = t0 + a.budget_s
-    res = {"gpu": gpu, "torch": torch.__version__, "rows": []}
+    res = {"bench": "engine", "date": time.strftime("%Y-%m-%d"), "gpu": gpu, "rows": []}
+    res["torch"] = torch.__version__
     if a.only in (None, "landmark"):
         ts = [2048, 8192] if a.quick else [2048, 8192, 32768]
         res["rows"] += run_rows(landmark_row, [(t, [64, 51]) for t in ts])

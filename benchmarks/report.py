@@ -1029,14 +1029,73 @@ def have_matplotlib() -> bool:
     return True
 
 
+def engine_section(d, path: Path) -> list[str]:
+    """benchmarks/bench_engine.py: the Hopper engine against SDPA (landmark) and compiled
+    FlexAttention (sliding window), each longattn op also on its sm_80 kernels."""
+    out = [f"## Hopper attention engine: {d['gpu']}, {d.get('date', '?')}", ""]
+    out += [
+        f"`benchmarks/bench_engine.py`, `{path_rel(path)}`; torch {d.get('torch', '?')}, bfloat16, "
+        "medians of `triton.testing.do_bench` (ms). *engine*: the sm_90a forward "
+        "(`cuda/attn_sm90.cuh`); *sm80*: the same call with `LONGATTN_FORCE_SM80=1`; every "
+        "backward runs the sm_80 kernels. TFLOP/s count the causal (landmark) or banded (window) "
+        "work of the forward.",
+        "",
+    ]
+    lm = [r for r in d["rows"] if r["op"] == "landmark"]
+    if lm:
+        r0 = lm[0]
+        out += [f"### `landmark_attn` (B = 1, H = {r0['H']}, D = {r0['D']})", ""]
+        head = ["T", "SDPA fwd", "SDPA fwd+bwd"]
+        for bs in (64, 51):
+            head += [f"bs {bs} engine fwd", f"bs {bs} sm80 fwd", f"bs {bs} fwd+bwd"]
+        head += ["engine fwd / SDPA (bs 64)", "engine TFLOP/s (bs 64)"]
+        rows = []
+        for r in lm:
+            row = [fmt_field("T", r["T"]), fnum(r["sdpa_fwd"]), fnum(r["sdpa_fwdbwd"])]
+            for bs in (64, 51):
+                f = r[f"bs{bs}_fwd"]
+                row += [fnum(f["sm90"]), fnum(f["sm80"]), fnum(r[f"bs{bs}_fwdbwd"]["sm90"])]
+            row += [f"{r['bs64_fwd']['sm90'] / r['sdpa_fwd']:.2f}×", f"{r['bs64_fwd_tflops']:.0f}"]
+            rows.append(row)
+        out += [table(head, rows), ""]
+    win = [r for r in d["rows"] if r["op"] == "window"]
+    if win:
+        w0 = win[0]
+        out += [f"### `sliding_window_attn` (B = 1, D = {w0['D']}, window {w0['W']})", ""]
+        head = ["T", "Hq / Hkv", "Flex fwd", "Flex fwd+bwd", "engine fwd", "sm80 fwd", "fwd+bwd"]
+        head += ["fwd speed-up vs Flex", "fwd+bwd speed-up vs Flex", "engine TFLOP/s"]
+        rows = []
+        for r in win:
+            rows.append(
+                [
+                    fmt_field("T", r["T"]),
+                    f"{r['Hq']} / {r['Hkv']}",
+                    fnum(r["flex_fwd"]),
+                    fnum(r["flex_fwdbwd"]),
+                    fnum(r["fwd"]["sm90"]),
+                    fnum(r["fwd"]["sm80"]),
+                    fnum(r["fwdbwd"]["sm90"]),
+                    speedup(r["flex_fwd"], r["fwd"]["sm90"]),
+                    speedup(r["flex_fwdbwd"], r["fwdbwd"]["sm90"]),
+                    f"{r['fwd_tflops']:.0f}",
+                ]
+            )
+        out += [table(head, rows), ""]
+    if d.get("note"):
+        out += [d["note"], ""]
+    return out
+
+
 def render(files, img_dir: Path, img_rel: str | None, include_cpu: bool = False) -> str:
     if img_rel is not None and not have_matplotlib():
         print("matplotlib is not importable: no plots", file=sys.stderr)
         img_rel = None
-    runs, lists = [], []
+    runs, lists, engines = [], [], []
     for f in files:
         d = load(f)
-        if isinstance(d, dict):
+        if isinstance(d, dict) and d.get("bench") == "engine":
+            engines.append((d.get("date", ""), Path(f), d))
+        elif isinstance(d, dict):
             runs.append((d.get("started") or d.get("date") or "", Path(f), d))
         elif isinstance(d, list):
             recs = [r for r in d if isinstance(r, dict)]
@@ -1059,6 +1118,8 @@ def render(files, img_dir: Path, img_rel: str | None, include_cpu: bool = False)
         "specs.",
         "",
     ]
+    for _, path, d in sorted(engines, key=lambda x: x[0], reverse=True):
+        out += engine_section(d, path)
     if runs:
         out += [
             "**Lightning attention** (`benchmarks/bench_lightning.py`). Peers run in the same "
