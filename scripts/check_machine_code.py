@@ -52,7 +52,9 @@ def main() -> int:
             bad = not spills or any(s != ("0", "0") for s in spills) or hgmma == 0 or tma == 0
             failures += bad
             verdict = "FAIL" if bad else "ok  "
-            print(f"{verdict} {name}: spills {spills}, HGMMA {hgmma}, UTMALDG {tma}")
+            # C751x: ptxas serialised the wgmmas (reported, not failing yet: docs/architecture.md)
+            serial = " (wgmma serialised: C751x)" if re.search(r"\(C751\d\)", log) else ""
+            print(f"{verdict} {name}: spills {spills}, HGMMA {hgmma}, UTMALDG {tma}{serial}")
     print(f"{len(built)} Hopper variants, {failures} failing")
     return 1 if failures or not built else 0
 
