@@ -121,12 +121,13 @@ pub struct Sm90Args<P> {
 }
 
 /// Dynamic shared memory of the engine (Sm90Layout in cuda/attn_sm90.cuh): the Q tile, two
-/// stages of K and V, barriers and tile table, 1024 bytes of alignment slack.
+/// stages of K and V, the barriers (Q full/empty; K, V full/empty per stage) and the tile table,
+/// 1024 bytes of alignment slack.
 pub fn sm90_smem(dp: usize, bn: usize) -> u32 {
     const BM: usize = 128;
     const STAGES: usize = 2;
     let blocks = dp / 64;
-    (BM * 128 * blocks + 2 * STAGES * bn * 128 * blocks + 8 * (1 + 4 * STAGES) + 4 * STAGES + 1024)
+    (BM * 128 * blocks + 2 * STAGES * bn * 128 * blocks + 8 * (2 + 4 * STAGES) + 4 * STAGES + 1024)
         as u32
 }
 
