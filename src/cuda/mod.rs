@@ -428,18 +428,27 @@ impl Device {
         Ok(k)
     }
 
-    /// Launches a Hopper-engine kernel (SM90_THREADS threads a CTA) and counts it.
+    /// Launches a Hopper-engine kernel over `work_tiles` work tiles and counts it. The engine is
+    /// persistent (each CTA walks the tiles blockIdx.x, + gridDim.x, ...), so the grid is one
+    /// dimension of at most one CTA per SM.
     ///
     /// # Safety
     /// As `launch`: `args` must match the kernel's parameters.
     pub unsafe fn launch_sm90<P>(
         &self,
         f: &CudaFunction,
-        grid: (u32, u32, u32),
+        work_tiles: usize,
         smem_bytes: u32,
         stream: usize,
         args: &Sm90Args<P>,
     ) -> CudaResult<()> {
+        if work_tiles == 0 {
+            return Ok(());
+        }
+        if work_tiles > i32::MAX as usize {
+            return Err("the Hopper attention kernels take at most 2^31 - 1 query tiles".into());
+        }
+        let grid = (work_tiles.min(self.sm_count as usize) as u32, 1, 1);
         SM90_LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         unsafe { self.launch(f, grid, SM90_THREADS, smem_bytes, stream, args) }
     }

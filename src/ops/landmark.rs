@@ -654,7 +654,8 @@ impl Sm90Plan {
             &self.variant.defines(),
             &[("lm_fwd_sm90", smem)],
         )?;
-        let grid = (p.tq.div_ceil(cuda::SM90_BM) as u32, p.hq as u32, p.n as u32);
+        // (query tile, head, sequence): LmSm90::work_tiles
+        let tiles = p.tq.div_ceil(cuda::SM90_BM) * p.hq * p.n;
         let args = cuda::Sm90Args {
             maps: self.maps,
             p: prm,
@@ -663,7 +664,7 @@ impl Sm90Plan {
         // device, and every row the kernel stores is bounds-checked.
         unsafe {
             self.dev
-                .launch_sm90(kernels.get("lm_fwd_sm90")?, grid, smem, stream, &args)
+                .launch_sm90(kernels.get("lm_fwd_sm90")?, tiles, smem, stream, &args)
         }
     }
 }

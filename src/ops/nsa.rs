@@ -1626,34 +1626,36 @@ fn cuda_attn_forward(
         return Ok(());
     }
     let dev = cuda::device(ordinal)?;
+    let stream = aux.stream;
+    if br.kind == "window" {
+        if let Some((variant, maps)) = window_sm90(&dev, p, q, k, v) {
+            let smem = cuda::sm90_smem(variant.dk, WINDOW_SM90_BN);
+            let kernels = dev.kernels(
+                "nsa.cu",
+                SOURCE,
+                &variant.sm90_defines(),
+                &[("nsa_fwd_win_sm90", smem)],
+            )?;
+            // (token tile, head, batch row): WinSm90::work_tiles
+            let tiles = p.t.div_ceil(cuda::SM90_BM) * p.hq * p.b;
+            let args = cuda::Sm90Args { maps, p: prm };
+            // SAFETY: args mirrors WinSm90Args; the maps and prm describe validated tensors of
+            // this device, and every row the kernel stores is bounds-checked.
+            return unsafe {
+                dev.launch_sm90(kernels.get("nsa_fwd_win_sm90")?, tiles, smem, stream, &args)
+            };
+        }
+    }
     let variant = Variant::new(p.dtype, p.d, p.dv);
     let table = kernel_table(&variant);
     let kernels = dev.kernels("nsa.cu", SOURCE, &variant.defines(), &table)?;
     let smem = |name: &str| table.iter().find(|x| x.0 == name).map_or(0, |x| x.1);
     let g = p.hq / p.hkv;
-    let stream = aux.stream;
     let rows = |m: usize| (p.t * g).div_ceil(m) as u32;
     // SAFETY (all launches): prm mirrors NsaParams; every pointer is a validated tensor of this
     // device (or null where the kernel does not read it), and the kernels bound every access.
     unsafe {
         match br.kind {
-            "window" if window_sm90(&dev, p, q, k, v).is_some() => {
-                let (variant, maps) = window_sm90(&dev, p, q, k, v).unwrap();
-                let smem = cuda::sm90_smem(variant.dk, WINDOW_SM90_BN);
-                let kernels = dev.kernels(
-                    "nsa.cu",
-                    SOURCE,
-                    &variant.sm90_defines(),
-                    &[("nsa_fwd_win_sm90", smem)],
-                )?;
-                let tiles = p.t.div_ceil(cuda::SM90_BM) * p.hq * p.b;
-                if tiles > i32::MAX as usize {
-                    return Err("sliding_window_attn: more than 2^31 - 1 query tiles".into());
-                }
-                let grid = (tiles.min(dev.sm_count as usize) as u32, 1, 1);
-                let args = cuda::Sm90Args { maps, p: prm };
-                dev.launch_sm90(kernels.get("nsa_fwd_win_sm90")?, grid, smem, stream, &args)
-            }
             "window" | "compressed" => {
                 let name = if br.kind == "window" {
                     "nsa_fwd_win"
