@@ -1,7 +1,8 @@
 // The Hopper attention forward mainloop shared by every softmax-attention family (sm_90a).
 //
 // A persistent grid (one CTA per SM) walks the work tiles (BM = 128 query rows of one head each)
-// round-robin; a work tile runs against a sequence of key tiles of BN keys. Three warpgroups: warpgroup 0 produces (TMA loads of Q once and of K, V per key tile into an
+// round-robin; a work tile runs against a sequence of key tiles of BN keys. Three warpgroups:
+// warpgroup 0 produces (TMA loads of Q once and of K, V per key tile into an
 // SM90_STAGES-deep shared-memory ring; full and empty mbarriers per stage, K and V apart so that
 // K is refilled as soon as its scores are done), warpgroups 1 and 2 consume (64 query rows each:
 // S = Q Kᵀ and O += P V with wgmma, the softmax in registers, overlapped with the previous
@@ -10,7 +11,7 @@
 // last scores of a work tile are done, so the next tile's loads overlap this tile's epilogue.
 //
 // What differs between families is a compile-time policy `Fam` (landmark.cu, nsa.cu):
-//   Fam::ELEM, DP (padded head dim: 64 or 128), BN (keys per tile: 64, 128 or 160)
+//   Fam::ELEM, DP (padded head dim: 64 or 128), BN (keys per tile: 64, 112 or 128)
 //   Fam::Params, Fam::Cta, Fam::Shared, Fam::Rows (a consumer thread's row state)
 //   int Fam::work_tiles(p)                   number of work tiles
 //   bool Fam::cta(p, tile, c)                work tile `tile` (false: nothing to do)

@@ -1823,8 +1823,8 @@ template <int ELEM> __device__ __forceinline__ void lm_topk_impl(const LmParams 
 
 // Landmark attention on the Hopper engine (attn_sm90.cuh), 16-bit only, for a compile-time block
 // size LM_BS (the launcher passes p.bs == LM_BS). A key tile holds nbt = BN / LM_BS whole blocks
-// (BN = LM_BN: 128, or 160 for block 51: 3 blocks, 153 keys), so the row phase is
-// fwd_probs_fixed.
+// (BN = LM_BN: 128; 112 for block 51, two blocks of 102 keys; 64 for block 16), so the row phase
+// is fwd_probs_fixed.
 struct LmSm90 {
   static constexpr int ELEM = LM_ELEM, DP = LM_DP, BN = LM_BN;
   typedef LmParams Params;
