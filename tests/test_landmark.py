@@ -513,7 +513,7 @@ def test_cuda_deterministic_and_fully_written():
 
 
 # The Hopper engine (sm_90a) and the sm_80 kernels at awkward sizes: rows not a multiple of the
-# 128-row tile, tiles of 160 keys (block 51), GQA, Tk > Tq, retrieval, strided views.
+# 128-row tile, tiles of 112 keys (block 51), GQA, Tk > Tq, retrieval, strided views.
 ENGINE_CASES = [
     # B, Tq, Tk, Hq, Hkv, D, bs, retrieval
     (1, 1000, 1000, 4, 1, 128, 64, False),
