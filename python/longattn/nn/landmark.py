@@ -1,4 +1,4 @@
-"""Landmark attention (specs/landmark.md, "Module") as a drop-in ``torch.nn.Module``.
+"""Landmark attention (docs/api/landmark.md, "Module") as a drop-in ``torch.nn.Module``.
 
     q, k, v = q_proj(x), k_proj(x), v_proj(x)       # [B, T, Hq|Hkv, D]; x already holds the
                                                      # landmark tokens (see insert_landmarks)

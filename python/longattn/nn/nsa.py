@@ -1,4 +1,4 @@
-"""Native Sparse Attention (specs/nsa.md §6) as a drop-in ``torch.nn.Module``.
+"""Native Sparse Attention (docs/api/nsa.md) as a drop-in ``torch.nn.Module``.
 
     q, k, v = q_proj(x), k_proj(x), v_proj(x)          # [B, T, Hq|Hkv, D]
     g       = sigmoid(g_proj(x)).view(B, T, Hq, 3)      # index 0 cmp, 1 slc, 2 swa (fla layout)

@@ -1,6 +1,6 @@
 """landmark_attn: block attention gated by landmark tokens, with top-k block retrieval.
 
-Math and conventions: ``docs/api/landmark.md`` (spec: specs/landmark.md). The forward is one
+Math and conventions: ``docs/api/landmark.md``. The forward is one
 FlashAttention-style pass of the native kernel over "effective logits" (landmark gate + inner
 block log-softmax); it saves the log-sum-exp per (token, head) and, for 16-bit outputs a backward
 will need, the output's rounding residual out_lo (one more output-sized tensor): the backward's

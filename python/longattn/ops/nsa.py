@@ -1,4 +1,4 @@
-"""Native Sparse Attention ops (specs/nsa.md): compression, compressed attention, block
+"""Native Sparse Attention ops: compression, compressed attention, block
 selection, selected attention, sliding window, and the gated combination.
 
 Math and conventions: ``docs/api/nsa.md``. The three attention branches share one native

@@ -253,7 +253,7 @@ def rat_attn(
     rope_base: float | None = 10000.0,
     cu_seqlens: Tensor | None = None,
 ) -> Tensor:
-    """RAT chunked attention (specs/rat.md).
+    """RAT chunked attention (math and API: docs/api/rat.md).
 
     Inside every chunk of ``chunk_size`` tokens the keys and values run the gated recurrence
     ``k~_t = g_t * k~_{t-1} + (1 - g_t) * k_t`` (same for v; reset at each chunk start); query t

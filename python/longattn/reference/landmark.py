@@ -1,4 +1,4 @@
-"""Dense float64-capable references for landmark attention (specs/landmark.md).
+"""Dense float64-capable references for landmark attention (docs/api/landmark.md).
 
 Everything here builds the full [T, T] weight matrix: tests and small inputs only.
 """

@@ -1,4 +1,4 @@
-"""Naive PyTorch references for lightning attention (specs/lightning.md).
+"""Naive PyTorch references for lightning attention (docs/api/lightning.md).
 
 These are the oracles for the tests: slow, simple, differentiable by plain autograd, and
 float64-capable. Nothing here is meant to be fast.
@@ -229,7 +229,7 @@ def lightning_attn_chunked(
 def lightning_slopes_reference(
     num_heads: int, layer_idx: int | None = None, num_layers: int | None = None
 ) -> torch.Tensor:
-    """The ALiBi-style slope ladder of specs/lightning.md, computed in float64 -> float32.
+    """The ALiBi-style slope ladder of docs/api/lightning.md, computed in float64 -> float32.
 
     Power of two H: s_h = 2^(-8 (h + 1) / H). Otherwise the ladder of P = 2^floor(log2 H)
     heads followed by the even-indexed entries of the 2P ladder until there are H slopes.

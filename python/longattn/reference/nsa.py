@@ -1,4 +1,4 @@
-"""Naive float64-capable PyTorch references for Native Sparse Attention (specs/nsa.md).
+"""Naive float64-capable PyTorch references for Native Sparse Attention (docs/api/nsa.md).
 
 Per-token, per-sequence loops written straight from the spec: slow, simple, differentiable by
 plain autograd (where the spec gives a backward). The oracles for ``tests/test_nsa.py``.

@@ -1,4 +1,4 @@
-"""Naive PyTorch references for RAT chunked attention (specs/rat.md).
+"""Naive PyTorch references for RAT chunked attention (docs/api/rat.md).
 
 Math (one sequence, one head, head dim D, chunk size L; chunk of t: c = t // L)::
 
