@@ -37,8 +37,9 @@ pub fn force_sm80() -> bool {
 }
 
 /// `LONGATTN_LANDMARK_SM90=1`: landmark_attn's forward runs on the Hopper engine. Off by default:
-/// the engine's landmark policy is exact but, as of 2026-12-07, many times slower than the sm_80
-/// kernel on an H100 (docs/benchmarks.md); the switch keeps it tested until that is fixed.
+/// the engine's landmark policy is exact but was measured many times slower than the sm_80 kernel
+/// on an H100 (docs/benchmarks.md; a launch-grid bug since fixed, not re-measured); the switch
+/// keeps it tested until it is measured faster.
 pub fn landmark_sm90_enabled() -> bool {
     std::env::var("LONGATTN_LANDMARK_SM90").is_ok_and(|v| v == "1")
 }
