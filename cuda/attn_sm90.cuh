@@ -140,7 +140,7 @@ __device__ __forceinline__ void sm90_attn_fwd(const typename Fam::Params &p, con
     const int tid = threadIdx.x - 128, half = tid >> 7, warp = tid >> 5;
     const u32 q_base = smem_addr(Qs) + half * 64 * 128;
     float S[NF][4];
-    u32 P[BN / 16][4], Pn[BN / 16][4]; // P of the pending P·V, and of the tile after it
+    u32 P[BN / 16][4]; // P of the pending P·V, packed when no wgmma is in flight
     // S = Q Kᵀ of the tile in stage s (issued, not waited for)
     auto issue_scores = [&](int s) {
       const u32 k_base = smem_addr(Ks + s * L::KV_BYTES);
@@ -162,26 +162,32 @@ __device__ __forceinline__ void sm90_attn_fwd(const typename Fam::Params &p, con
         Wgmma<ELEM, DP>::rs(&O[0][0], P[t], sw128_desc(v_base + t * 16 * 128, L::KV_BLOCK), 1);
       wgmma_commit();
     };
-    // scores -> Pn (A-operand layout: the accumulator layout of 16 key columns is the mma.sync
-    // A-fragment layout of one k16 step); returns alpha, the rescale of l and O
+    // scores -> probabilities in S (in place); returns alpha, the rescale of l and O
     auto softmax = [&](const typename Fam::Cta &c, typename Fam::Rows &rows, int k0, float *alpha) {
       float ps[2];
       Fam::probs(p, c, rows, S, k0, alpha, ps);
 #pragma unroll
       for (int rr = 0; rr < 2; ++rr) rows.l[rr] = rows.l[rr] * alpha[rr] + ps[rr];
+    };
+    // S -> P (A-operand layout: the accumulator layout of 16 key columns is the mma.sync
+    // A-fragment layout of one k16 step); only while no wgmma reads P
+    auto pack = [&]() {
 #pragma unroll
       for (int t = 0; t < BN / 16; ++t) {
-        Pn[t][0] = pack2<ELEM>(S[2 * t][0], S[2 * t][1]);
-        Pn[t][1] = pack2<ELEM>(S[2 * t][2], S[2 * t][3]);
-        Pn[t][2] = pack2<ELEM>(S[2 * t + 1][0], S[2 * t + 1][1]);
-        Pn[t][3] = pack2<ELEM>(S[2 * t + 1][2], S[2 * t + 1][3]);
+        P[t][0] = pack2<ELEM>(S[2 * t][0], S[2 * t][1]);
+        P[t][1] = pack2<ELEM>(S[2 * t][2], S[2 * t][3]);
+        P[t][2] = pack2<ELEM>(S[2 * t + 1][0], S[2 * t + 1][1]);
+        P[t][3] = pack2<ELEM>(S[2 * t + 1][2], S[2 * t + 1][3]);
       }
     };
-    auto take_next = [&]() {
+    auto rescale = [&](float (*O)[4], const float *alpha) {
 #pragma unroll
-      for (int t = 0; t < BN / 16; ++t)
+      for (int rr = 0; rr < 2; ++rr)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) P[t][i] = Pn[t][i];
+        for (int f = 0; f < NO; ++f) {
+          O[f][2 * rr] *= alpha[rr];
+          O[f][2 * rr + 1] *= alpha[rr];
+        }
     };
     // The sentinel's stage is released like a key tile's. v_full's sentinel phase is awaited
     // first: released before the producer has posted it, v_empty could complete twice while
@@ -212,14 +218,15 @@ __device__ __forceinline__ void sm90_attn_fwd(const typename Fam::Params &p, con
         mbar_arrive(&k_empty[s]);
         float alpha[2];
         softmax(c, rows, first, alpha);
-        take_next();
-        int prev = it; // the key tile whose P·V is pending
+        pack();
+        int prev = it; // the key tile whose P·V is pending, after O is rescaled by alpha
         for (++it;; ++it) {
           s = it % ST;
           mbar_wait(&k_full[s], (it / ST) & 1);
           const int k0 = tile_k0[s];
           if (k0 < 0) break;
           issue_scores(s);
+          rescale(O, alpha);
           mbar_wait(&v_full[prev % ST], (prev / ST) & 1);
           issue_pv(prev % ST, O);
           wgmma_wait<1>(); // the scores
@@ -229,18 +236,12 @@ __device__ __forceinline__ void sm90_attn_fwd(const typename Fam::Params &p, con
           wgmma_wait<0>(); // P·V of the previous tile
           fence_regs<NO * 4>(&O[0][0]);
           mbar_arrive(&v_empty[prev % ST]);
-#pragma unroll
-          for (int rr = 0; rr < 2; ++rr)
-#pragma unroll
-            for (int f = 0; f < NO; ++f) {
-              O[f][2 * rr] *= alpha[rr];
-              O[f][2 * rr + 1] *= alpha[rr];
-            }
-          take_next();
+          pack();
           prev = it;
         }
         mbar_arrive(q_empty); // every score of this work tile is done
         release_sentinel(s, it);
+        rescale(O, alpha);
         mbar_wait(&v_full[prev % ST], (prev / ST) & 1);
         issue_pv(prev % ST, O);
         wgmma_wait<0>();
