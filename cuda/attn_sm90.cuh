@@ -134,8 +134,8 @@ __device__ __forceinline__ void sm90_attn_fwd(const typename Fam::Params &p, con
     }
   } else {
     // ------------------------------------------------------------------ consumer warpgroups
-    // Software pipeline: S of tile j is computed while P·V of tile j − 1 runs, so the softmax
-    // of tile j overlaps that GEMM; O is rescaled once P·V has landed.
+    // Software pipeline: S of tile j is issued, then O is rescaled and P·V of tile j − 1 issued,
+    // so the softmax of tile j overlaps that GEMM; P is packed only once no wgmma reads it.
     regs_inc<SM90_CONSUMER_REGS>();
     const int tid = threadIdx.x - 128, half = tid >> 7, warp = tid >> 5;
     const u32 q_base = smem_addr(Qs) + half * 64 * 128;
