@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """A small workload of the Hopper attention engine (the sm_90a forwards of landmark_attn and
-sliding_window_attn) for compute-sanitizer (memcheck, racecheck, synccheck):
+sliding_window_attn, and the window's backward) for compute-sanitizer (memcheck, racecheck,
+synccheck):
 
     compute-sanitizer --tool racecheck --kernel-name kns=_sm90 python3 benchmarks/sanitize_engine.py
 
@@ -68,15 +69,15 @@ def main() -> int:
         return rel(o, ref)
 
     def win(T, Hq, Hkv, D, W, dtype, cu=None):
-        q = torch.randn(1, T, Hq, D).to("cuda", dtype)
-        k = torch.randn(1, T, Hkv, D).to("cuda", dtype)
-        v = torch.randn(1, T, Hkv, D).to("cuda", dtype)
+        x = [torch.randn(1, T, h, D).to("cuda", dtype).requires_grad_() for h in (Hq, Hkv, Hkv)]
+        x64 = [t.detach().double().requires_grad_() for t in x]
         cuv = None if cu is None else torch.tensor(cu, dtype=torch.int32, device="cuda")
-        o = sliding_window_attn(q, k, v, window_size=W, cu_seqlens=cuv)
-        ref = sliding_window_attn_reference(
-            q.double(), k.double(), v.double(), window_size=W, cu_seqlens=cuv
-        )
-        return rel(o, ref)
+        o = sliding_window_attn(*x, window_size=W, cu_seqlens=cuv)
+        ref = sliding_window_attn_reference(*x64, window_size=W, cu_seqlens=cuv)
+        do = torch.randn_like(ref)
+        grads = torch.autograd.grad(o, x, do.to(dtype))
+        refs = torch.autograd.grad(ref, x64, do)
+        return max(rel(a, b) for a, b in zip((o, *grads), (ref, *refs), strict=True))
 
     bf16, f16 = torch.bfloat16, torch.float16
     for bs in (16, 32, 51, 64, 128):

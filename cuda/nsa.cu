@@ -57,12 +57,14 @@ struct NsaParams {
   float *part_dq;          // [B, T, Hq, n, key tiles, D] or null (selected backward, KV-outer dQ)
   void *out_lo;            // [B, T, Hq, DV] (strides slo) or null: the output's rounding
                            // residual, written by the forward (16-bit) and added to O in Δ
+  float *rowinfo;          // [B·Hq, 3, Tp] (Hopper window backward): lse·log2(e), Δ, first key
   i64 sq[3], sk[3], sv[3], so[3], sdo[3], sdq[3], sdk[3], sdv[3], slo[3], slse[3], sidx[4], scnt[3];
   int B, T, S, Hq, Hkv, G, D, DV, n;
   int N, cu_kind, idx_kind, cnt_kind, count_const;
   int a, b;        // window: a = W; compressed: a = l, b = d; selected: a = block size
   int NL, chunk_tokens, key_tiles;
   int vec_q, vec_k, vec_v, vec_o, vec_do;
+  int Tp; // rowinfo's tokens per plane: T rounded up to 64
   float scale;
 };
 
@@ -743,12 +745,10 @@ template <int ELEM> __device__ __forceinline__ void nsa_combine_impl(const NsaPa
 
 // Δ = rowsum(dO ∘ (O + O_lo)), one warp per row: with 16-bit outputs the rounding of O alone
 // would dominate dP − Δ where attention is nearly one-hot.
-template <int ELEM> __device__ __forceinline__ void nsa_delta_impl(const NsaParams &p) {
+// Δ = dO · (O + O_lo) of row (b, t, h), reduced over the warp (every lane gets it).
+template <int ELEM> __device__ __forceinline__ float nsa_row_delta(const NsaParams &p, int b, int t, int h) {
   typedef typename Elem<ELEM>::T T;
   const int lane = threadIdx.x & 31;
-  const i64 row = (i64)blockIdx.x * 4 + (threadIdx.x >> 5);
-  if (row >= (i64)p.B * p.T * p.Hq) return;
-  const int h = (int)(row % p.Hq), t = (int)((row / p.Hq) % p.T), b = (int)(row / ((i64)p.Hq * p.T));
   const T *ob = (const T *)p.o + b * p.so[0] + (i64)t * p.so[1] + h * p.so[2];
   const T *db = (const T *)p.dout + b * p.sdo[0] + (i64)t * p.sdo[1] + h * p.sdo[2];
   const T *olo = nsa_out_lo<ELEM>(p, b, t, h);
@@ -759,7 +759,15 @@ template <int ELEM> __device__ __forceinline__ void nsa_delta_impl(const NsaPara
   }
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-  if (lane == 0) p.delta[row] = acc;
+  return acc;
+}
+
+template <int ELEM> __device__ __forceinline__ void nsa_delta_impl(const NsaParams &p) {
+  const i64 row = (i64)blockIdx.x * 4 + (threadIdx.x >> 5);
+  if (row >= (i64)p.B * p.T * p.Hq) return;
+  const int h = (int)(row % p.Hq), t = (int)((row / p.Hq) % p.T), b = (int)(row / ((i64)p.Hq * p.T));
+  const float d = nsa_row_delta<ELEM>(p, b, t, h);
+  if ((threadIdx.x & 31) == 0) p.delta[row] = d;
 }
 
 // Stores one warp's 16 dQ rows (scaled by the softmax scale).
@@ -1444,6 +1452,214 @@ struct WinSm90Args {
 
 extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) nsa_fwd_win_sm90(const __grid_constant__ WinSm90Args a) {
   sm90_attn_fwd<WinSm90>(a.p, a.maps);
+}
+
+// ---------------------------------------------------------------- window backward (Hopper)
+#include "attn_bwd_sm90.cuh"
+
+// The row table of the Hopper window backward, one warp per (batch, head, token < Tp) row:
+// lse·log2(e) (+∞ for a row that sees no key, so its P is 0), Δ, and the row's first visible key
+// (int bits; INT_MAX past T, so that padded query columns are masked).
+__device__ __forceinline__ void nsa_rowinfo_impl(const NsaParams &p) {
+  const i64 row = (i64)blockIdx.x * 4 + (threadIdx.x >> 5);
+  if (row >= (i64)p.B * p.Hq * p.Tp) return;
+  const int t = (int)(row % p.Tp), h = (int)((row / p.Tp) % p.Hq), b = (int)(row / ((i64)p.Tp * p.Hq));
+  float lse2 = 0.f, d = 0.f;
+  int lo = 0x7fffffff;
+  if (t < p.T) {
+    d = nsa_row_delta<NSA_ELEM>(p, b, t, h);
+    const float l = p.lse[b * p.slse[0] + (i64)t * p.slse[1] + h * p.slse[2]];
+    lse2 = l == NSA_NEG_INF ? -NSA_NEG_INF : l * NSA_LOG2E;
+    int hi;
+    nsa_range<0>(p, t, lo, hi);
+  }
+  if ((threadIdx.x & 31) == 0) {
+    float *base = p.rowinfo + (row / p.Tp) * 3 * p.Tp + t;
+    base[0] = lse2;
+    base[p.Tp] = d;
+    base[2 * p.Tp] = __int_as_float(lo);
+  }
+}
+
+// dQ, query-outer: the forward's work tiles (WinSm90), key tiles of 64 from the tile's first
+// visible key. A row's visible keys are [lo, t]; P = exp2(s·scale·log2 e − lse₂), dS = P (dP − Δ).
+struct WinDqSm90 : WinSm90 {
+  struct Rows {
+    int t[2], lo[2]; // t = −1: no such row
+    float lse2[2], delta[2];
+  };
+  static __device__ __forceinline__ void fixed_coord(const Cta &c, int &row, int &head, int &batch) {
+    q_coord(c, row, head, batch);
+  }
+  static __device__ __forceinline__ int first_step(const NsaParams &, const Cta &c, int &) { return c.klo; }
+  static __device__ __forceinline__ int next_step(const NsaParams &, const Cta &c, int k0, int &) {
+    return k0 + SM90_BWD_STREAM < c.khi ? k0 + SM90_BWD_STREAM : -1;
+  }
+  static __device__ __forceinline__ void stream_coord(const Cta &c, int k0, int, int &row, int &head, int &batch) {
+    kv_coord(c, k0, row, head, batch);
+  }
+  static __device__ __forceinline__ void init_rows(const NsaParams &p, const Cta &c, int wg, int warp, Rows &r) {
+    const float *info = p.rowinfo + ((i64)c.b * p.Hq + c.h) * 3 * p.Tp;
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      const int row = 64 * wg + 16 * warp + ((threadIdx.x & 31) >> 2) + 8 * rr;
+      const int t = c.t0 + row;
+      r.t[rr] = row < c.rows ? t : -1;
+      r.lo[rr] = row < c.rows ? __float_as_int(info[2 * p.Tp + t]) : 0;
+      r.lse2[rr] = row < c.rows ? info[t] : 0.f;
+      r.delta[rr] = row < c.rows ? info[p.Tp + t] : 0.f;
+    }
+  }
+  static __device__ __forceinline__ void dq_probs(const NsaParams &p, const Rows &r, float (*S)[4],
+                                                  float (*dP)[4], int k0) {
+    constexpr int NF = SM90_BWD_STREAM / 8;
+    const int t4 = threadIdx.x & 3;
+    const float sl2 = p.scale * NSA_LOG2E;
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      // visible columns: lo − k0 <= col <= t − k0 (none for a missing row)
+      const int a = r.lo[rr] - k0 - 2 * t4, z = r.t[rr] < 0 ? -1 - 2 * t4 : r.t[rr] - k0 - 2 * t4;
+      const bool inside = __all_sync(0xffffffffu, a <= -2 * t4 && z >= SM90_BWD_STREAM - 1 - 2 * t4);
+#pragma unroll
+      for (int f = 0; f < NF; ++f)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = 8 * f + e; // minus 2·t4, folded into a and z
+          const float pr = fast_exp2(S[f][2 * rr + e] * sl2 - r.lse2[rr]);
+          const float pv = inside || (col >= a && col <= z) ? pr : 0.f;
+          dP[f][2 * rr + e] = pv * (dP[f][2 * rr + e] - r.delta[rr]);
+        }
+    }
+  }
+  static __device__ __forceinline__ void store_dq(const NsaParams &p, const Cta &c, const Rows &r, int, int,
+                                                  float (*dQ)[4]) {
+    typedef typename Elem<ELEM>::T T;
+    const int t4 = threadIdx.x & 3;
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      if (r.t[rr] < 0) continue;
+      T *qb = (T *)p.dq + c.b * p.sdq[0] + (i64)r.t[rr] * p.sdq[1] + c.h * p.sdq[2];
+#pragma unroll
+      for (int j = 0; j < DP / 8; ++j)
+#pragma unroll
+        for (int cc = 0; cc < 2; ++cc) {
+          const int col = 8 * j + 2 * t4 + cc;
+          if (col < p.D) qb[col] = from_f32<ELEM>(dQ[j][2 * rr + cc] * p.scale);
+        }
+    }
+  }
+};
+
+// dK, dV, key-outer: a work tile is 128 keys of one kv head of one batch row; it streams the
+// query tiles [k0, k0 + nk − 1 + W) of every query head of the group, in head order (a fixed
+// summation order: deterministic). Key k is visible to query q iff lo(q) <= k <= q.
+struct WinDkdvSm90 {
+  static constexpr int ELEM = NSA_ELEM, DP = NSA_DK;
+  typedef NsaParams Params;
+  struct Cta {
+    int b, hk, k0, nk, qhi, G, Hq;
+  };
+  static __device__ __forceinline__ int key_tiles(const NsaParams &p) {
+    return (p.S + SM90_BWD_FIXED - 1) / SM90_BWD_FIXED;
+  }
+  static __device__ __forceinline__ int work_tiles(const NsaParams &p) { return key_tiles(p) * p.Hkv * p.B; }
+  static __device__ __forceinline__ void cta(const NsaParams &p, int tile, Cta &c) {
+    const int nkt = key_tiles(p);
+    c.k0 = tile % nkt * SM90_BWD_FIXED;
+    c.hk = tile / nkt % p.Hkv;
+    c.b = tile / (nkt * p.Hkv);
+    c.nk = min(SM90_BWD_FIXED, p.S - c.k0);
+    c.qhi = min((i64)p.T, (i64)c.k0 + c.nk - 1 + p.a);
+    c.G = p.G;
+    c.Hq = p.Hq;
+  }
+  static __device__ __forceinline__ void fixed_coord(const Cta &c, int &row, int &head, int &batch) {
+    row = c.k0;
+    head = c.hk;
+    batch = c.b;
+  }
+  static __device__ __forceinline__ int first_step(const NsaParams &, const Cta &c, int &hd) {
+    hd = 0;
+    return c.k0 < c.qhi ? c.k0 : -1;
+  }
+  static __device__ __forceinline__ int next_step(const NsaParams &, const Cta &c, int q0, int &hd) {
+    q0 += SM90_BWD_STREAM;
+    if (q0 < c.qhi) return q0;
+    return ++hd < c.G ? c.k0 : -1;
+  }
+  static __device__ __forceinline__ void stream_coord(const Cta &c, int q0, int hd, int &row, int &head, int &batch) {
+    row = q0;
+    head = c.hk * c.G + hd;
+    batch = c.b;
+  }
+  static __device__ __forceinline__ int rowinfo_plane(const Cta &c, int hd) { return c.b * c.Hq + c.hk * c.G + hd; }
+
+  // Sᵀ (keys × queries) → Pᵀ and dPᵀ → dSᵀ = Pᵀ ∘ (dPᵀ − Δ), in place; info: the streamed
+  // tile's row table box.
+  static __device__ __forceinline__ void dkdv_probs(const NsaParams &p, const Cta &c, int wg, int warp,
+                                                    float (*S)[4], float (*dP)[4], int q0, const float *info) {
+    constexpr int NF = SM90_BWD_STREAM / 8;
+    const int lane = threadIdx.x & 31, t4 = lane & 3;
+    const float sl2 = p.scale * NSA_LOG2E;
+    const int kw = c.k0 + 64 * wg + 16 * warp; // the warp's first key
+    const int *lo = (const int *)(info + 2 * SM90_BWD_STREAM);
+    // every key of the warp sees every query of the tile
+    const bool inside = kw + 15 <= q0 && lo[SM90_BWD_STREAM - 1] <= kw;
+#pragma unroll
+    for (int f = 0; f < NF; ++f) {
+      const int col = 8 * f + 2 * t4;
+      const float2 l2 = *(const float2 *)(info + col);
+      const float2 d2 = *(const float2 *)(info + SM90_BWD_STREAM + col);
+      const int2 lo2 = *(const int2 *)(lo + col);
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        const int k = kw + (lane >> 2) + 8 * rr;
+        float x0 = fast_exp2(S[f][2 * rr] * sl2 - l2.x), x1 = fast_exp2(S[f][2 * rr + 1] * sl2 - l2.y);
+        if (!inside) {
+          if (!(lo2.x <= k && k <= q0 + col)) x0 = 0.f;
+          if (!(lo2.y <= k && k <= q0 + col + 1)) x1 = 0.f;
+        }
+        S[f][2 * rr] = x0;
+        S[f][2 * rr + 1] = x1;
+        dP[f][2 * rr] = x0 * (dP[f][2 * rr] - d2.x);
+        dP[f][2 * rr + 1] = x1 * (dP[f][2 * rr + 1] - d2.y);
+      }
+    }
+  }
+  static __device__ __forceinline__ void store_dkdv(const NsaParams &p, const Cta &c, int wg, int warp,
+                                                    float (*dK)[4], float (*dV)[4]) {
+    typedef typename Elem<ELEM>::T T;
+    const int lane = threadIdx.x & 31, t4 = lane & 3;
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      const int kr = 64 * wg + 16 * warp + (lane >> 2) + 8 * rr;
+      if (kr >= c.nk) continue;
+      const int key = c.k0 + kr;
+      T *kb = (T *)p.dk + c.b * p.sdk[0] + (i64)key * p.sdk[1] + c.hk * p.sdk[2];
+      T *vb = (T *)p.dv + c.b * p.sdv[0] + (i64)key * p.sdv[1] + c.hk * p.sdv[2];
+#pragma unroll
+      for (int j = 0; j < DP / 8; ++j)
+#pragma unroll
+        for (int cc = 0; cc < 2; ++cc) {
+          const int col = 8 * j + 2 * t4 + cc;
+          if (col < p.D) kb[col] = from_f32<ELEM>(dK[j][2 * rr + cc] * p.scale);
+          if (col < p.DV) vb[col] = from_f32<ELEM>(dV[j][2 * rr + cc]);
+        }
+    }
+  }
+};
+
+struct WinBwdSm90Args {
+  Sm90BwdMaps maps;
+  NsaParams p;
+};
+
+extern "C" __global__ void __launch_bounds__(128) nsa_rowinfo_sm90(const NsaParams p) { nsa_rowinfo_impl(p); }
+extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) nsa_dq_win_sm90(const __grid_constant__ WinBwdSm90Args a) {
+  sm90_attn_dq<WinDqSm90>(a.p, a.maps);
+}
+extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) nsa_dkdv_win_sm90(const __grid_constant__ WinBwdSm90Args a) {
+  sm90_attn_dkdv<WinDkdvSm90>(a.p, a.maps);
 }
 #else
 #define NSA_E NSA_ELEM, NSA_DK, NSA_DV

@@ -53,6 +53,14 @@ __device__ __forceinline__ void tma_load_4d(void *dst, const TmaMap *map, u64 *b
                : "memory");
 }
 
+// TMA: box of a 3-d tensor map (no swizzle) at coordinates (c0 innermost .. c2).
+__device__ __forceinline__ void tma_load_3d(void *dst, const TmaMap *map, u64 *bar, int c0, int c1, int c2) {
+  asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes "
+               "[%0], [%1, {%3, %4, %5}], [%2];" ::"r"(smem_addr(dst)),
+               "l"((u64)map), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "r"(c2)
+               : "memory");
+}
+
 // wgmma descriptor of a shared-memory tile in TMA's 128-byte swizzle: rows of 128 bytes (64
 // 16-bit elements), 8-row atoms 1024 bytes apart, atoms 1024-byte aligned. K-major operands
 // advance along K by adding 32 bytes per 16 elements; an MN-major (transposed) operand spans

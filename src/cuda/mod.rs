@@ -16,17 +16,29 @@ pub type CudaResult<T> = Result<T, String>;
 
 /// Shared kernel headers, embedded at build time and inlined by `source`, in dependency order
 /// (each is included once, by the file or header before it).
-const HEADERS: [(&str, &str); 4] = [
+const HEADERS: [(&str, &str); 5] = [
+    (
+        "attn_bwd_sm90.cuh",
+        include_str!("../../cuda/attn_bwd_sm90.cuh"),
+    ),
     ("attn_sm90.cuh", include_str!("../../cuda/attn_sm90.cuh")),
     ("sm90.cuh", include_str!("../../cuda/sm90.cuh")),
     ("sm90_wgmma.cuh", include_str!("../../cuda/sm90_wgmma.cuh")),
     ("common.cuh", include_str!("../../cuda/common.cuh")),
 ];
 
-/// Full translation unit for a kernel source file (headers inlined: NVRTC gets no include path).
+/// Full translation unit for a kernel source file (headers inlined once each, as `#pragma once`
+/// would: NVRTC gets no include path). A header comes before the headers it includes.
 pub fn source(body: &str) -> String {
     HEADERS.iter().fold(body.to_string(), |src, (name, text)| {
-        src.replace(&format!("#include \"{name}\""), text)
+        let include = format!("#include \"{name}\"");
+        match src.find(&include) {
+            Some(at) => {
+                let rest = src[at + include.len()..].replace(&include, "");
+                format!("{}{text}{rest}", &src[..at])
+            }
+            None => src,
+        }
     })
 }
 
@@ -111,6 +123,76 @@ pub fn tma_map(t: &View, rows: u32) -> Option<TmaMap> {
     }
     // SAFETY: initialised by the successful encode; CUtensorMap is 128 bytes of plain data.
     Some(unsafe { std::mem::transmute::<dsys::CUtensorMap, TmaMap>(map.assume_init()) })
+}
+
+/// The TMA descriptor of a float32 row table [planes, 3, tp] (the Hopper backward's lse, Δ and
+/// first visible key per row) for boxes of 64 rows × 3, unswizzled. `tp` is a multiple of 64.
+pub fn rowinfo_map(t: &View) -> Option<TmaMap> {
+    use dsys::{
+        CUtensorMapDataType as Ty, CUtensorMapFloatOOBfill as Fill, CUtensorMapInterleave as Il,
+        CUtensorMapL2promotion as L2, CUtensorMapSwizzle as Sw,
+    };
+    let contiguous = t.ndim() == 3
+        && t.shape[1] == 3
+        && t.strides[2] == 1
+        && t.strides[1] == t.shape[2] as isize
+        && t.strides[0] == 3 * t.shape[2] as isize;
+    if t.dtype != DType::F32 || !contiguous || t.shape[2] % 64 != 0 || t.addr() % 16 != 0 {
+        return None;
+    }
+    let dims = [t.shape[2] as u64, 3, t.shape[0] as u64];
+    if dims.iter().any(|&n| n == 0 || n > u32::MAX as u64) {
+        return None;
+    }
+    let strides = [dims[0] * 4, 3 * dims[0] * 4];
+    let boxes = [64u32, 3, 1];
+    let steps = [1u32; 3];
+    let mut map = std::mem::MaybeUninit::<dsys::CUtensorMap>::uninit();
+    // SAFETY: every array has the rank's length; the address is only recorded, not read.
+    let rc = unsafe {
+        dsys::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            Ty::CU_TENSOR_MAP_DATA_TYPE_FLOAT32,
+            3,
+            t.ptr as *mut c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            steps.as_ptr(),
+            Il::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            Sw::CU_TENSOR_MAP_SWIZZLE_NONE,
+            L2::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            Fill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    if rc != dsys::CUresult::CUDA_SUCCESS {
+        return None;
+    }
+    // SAFETY: initialised by the successful encode; CUtensorMap is 128 bytes of plain data.
+    Some(unsafe { std::mem::transmute::<dsys::CUtensorMap, TmaMap>(map.assume_init()) })
+}
+
+/// Kernel parameters of the Hopper backward (cuda/attn_bwd_sm90.cuh, Sm90BwdMaps): the fixed
+/// tile's two maps, the streamed tiles' two, the row table's; then the family's parameters.
+#[repr(C, align(64))]
+pub struct Sm90BwdArgs<P> {
+    pub maps: [TmaMap; 5],
+    pub p: P,
+}
+
+/// Rows of the backward's fixed tile (SM90_BWD_FIXED) and of a streamed tile (SM90_BWD_STREAM).
+pub const SM90_BWD_FIXED: usize = 128;
+pub const SM90_BWD_STREAM: usize = 64;
+
+/// Dynamic shared memory of the backward (Sm90BwdLayout): two fixed tiles, two stages of two
+/// streamed tiles and a 1024-byte row-table slot, the barriers and the stage table, 1024 bytes
+/// of alignment slack.
+pub fn sm90_bwd_smem(dp: usize) -> u32 {
+    const STAGES: usize = 2;
+    let blocks = dp / 64;
+    let fixed = SM90_BWD_FIXED * 128 * blocks;
+    let stream = SM90_BWD_STREAM * 128 * blocks;
+    (2 * fixed + STAGES * (2 * stream + 1024) + 8 * (2 + 2 * STAGES) + 8 * STAGES + 1024) as u32
 }
 
 /// Kernel parameters of the Hopper attention engine (cuda/attn_sm90.cuh): the q, k, v tensor
@@ -435,13 +517,13 @@ impl Device {
     ///
     /// # Safety
     /// As `launch`: `args` must match the kernel's parameters.
-    pub unsafe fn launch_sm90<P>(
+    pub unsafe fn launch_sm90<A>(
         &self,
         f: &CudaFunction,
         work_tiles: usize,
         smem_bytes: u32,
         stream: usize,
-        args: &Sm90Args<P>,
+        args: &A,
     ) -> CudaResult<()> {
         if work_tiles == 0 {
             return Ok(());

@@ -281,6 +281,8 @@ pub struct CudaAux<'a> {
     pub scratch: Option<&'a View>,
     /// backward KV-outer dQ partials [B, T, Hq, n, key tiles, D] float32 (small groups)
     pub part_dq: Option<&'a View>,
+    /// Hopper window backward: the row table [B·Hq, 3, T rounded up to 64] float32
+    pub rowinfo: Option<&'a View>,
     /// tokens per chunk of a query list
     pub chunk_tokens: usize,
     pub stream: usize,
@@ -1244,6 +1246,7 @@ struct NsaParams {
     scratch: u64,
     part_dq: u64,
     out_lo: u64,
+    rowinfo: u64,
     sq: [i64; 3],
     sk: [i64; 3],
     sv: [i64; 3],
@@ -1280,6 +1283,7 @@ struct NsaParams {
     vec_v: i32,
     vec_o: i32,
     vec_do: i32,
+    tp: i32,
     scale: f32,
 }
 
@@ -1541,6 +1545,7 @@ fn base_params(
         scratch: addr(aux.scratch),
         part_dq: addr(aux.part_dq),
         out_lo: 0,
+        rowinfo: addr(aux.rowinfo),
         sq: cuda::opt_strides(Some(q)),
         sk: cuda::opt_strides(Some(k)),
         sv: cuda::opt_strides(Some(v)),
@@ -1577,6 +1582,7 @@ fn base_params(
         vec_v: cuda::rows_aligned(v) as i32,
         vec_o: 0,
         vec_do: 0,
+        tp: aux.rowinfo.map_or(0, |r| r.shape[2] as i32),
         scale: scale as f32,
     })
 }
@@ -1599,6 +1605,106 @@ fn list_plan(p: &AttnProblem, aux: &CudaAux, n: usize, dev: Device) -> Result<(i
         ));
     }
     Ok((nl as i32, chunks as u32))
+}
+
+/// The Hopper window backward's tensor maps, where it applies: where the forward does, with as
+/// many keys as queries, a dout TMA can read and the caller's row table. The dQ kernel streams
+/// k, v past a fixed q, dout tile; the dK/dV kernel streams q, dout past a fixed k, v tile.
+struct WindowSm90Bwd {
+    variant: Variant,
+    dq_maps: [cuda::TmaMap; 5],
+    dkdv_maps: [cuda::TmaMap; 5],
+}
+
+fn window_sm90_bwd(
+    dev: &cuda::Device,
+    p: &AttnProblem,
+    x: &BwdTensors,
+    rowinfo: Option<&View>,
+) -> Option<WindowSm90Bwd> {
+    let rowinfo = rowinfo?;
+    let tp = p.t.div_ceil(cuda::SM90_BWD_STREAM) * cuda::SM90_BWD_STREAM;
+    if x.k.shape[1] != p.t || rowinfo.shape != [p.b * p.hq, 3, tp] {
+        return None;
+    }
+    let (variant, _) = window_sm90(dev, p, x.q, x.k, x.v)?;
+    let (fixed, stream) = (cuda::SM90_BWD_FIXED as u32, cuda::SM90_BWD_STREAM as u32);
+    let info = cuda::rowinfo_map(rowinfo)?;
+    let dq_maps = [
+        cuda::tma_map(x.q, fixed)?,
+        cuda::tma_map(x.dout, fixed)?,
+        cuda::tma_map(x.k, stream)?,
+        cuda::tma_map(x.v, stream)?,
+        info,
+    ];
+    let dkdv_maps = [
+        cuda::tma_map(x.k, fixed)?,
+        cuda::tma_map(x.v, fixed)?,
+        cuda::tma_map(x.q, stream)?,
+        cuda::tma_map(x.dout, stream)?,
+        info,
+    ];
+    Some(WindowSm90Bwd {
+        variant,
+        dq_maps,
+        dkdv_maps,
+    })
+}
+
+/// The Hopper window backward: the row table (lse, Δ, first key per row), then dQ (query-outer)
+/// and dK/dV (key-outer), both deterministic.
+fn window_sm90_backward(
+    dev: &cuda::Device,
+    p: &AttnProblem,
+    plan: WindowSm90Bwd,
+    prm: NsaParams,
+    stream: usize,
+) -> Result<(), String> {
+    let smem = cuda::sm90_bwd_smem(plan.variant.dk);
+    let kernels = dev.kernels(
+        "nsa.cu",
+        SOURCE,
+        &plan.variant.sm90_defines(),
+        &[
+            ("nsa_rowinfo_sm90", 0),
+            ("nsa_dq_win_sm90", smem),
+            ("nsa_dkdv_win_sm90", smem),
+        ],
+    )?;
+    let rows = (p.b * p.hq * prm.tp as usize).div_ceil(4) as u32;
+    let dq = cuda::Sm90BwdArgs {
+        maps: plan.dq_maps,
+        p: prm,
+    };
+    // (query tile, head, batch row): WinSm90::work_tiles; (key tile, kv head, batch row):
+    // WinDkdvSm90::work_tiles
+    let dq_tiles = p.t.div_ceil(cuda::SM90_BM) * p.hq * p.b;
+    let dkdv_tiles = p.t.div_ceil(cuda::SM90_BWD_FIXED) * p.hkv * p.b;
+    // SAFETY: the args mirror NsaParams and WinBwdSm90Args; the maps and prm describe validated
+    // tensors of this device (the row table checked in window_sm90_bwd), every store is
+    // bounds-checked.
+    unsafe {
+        dev.launch(
+            kernels.get("nsa_rowinfo_sm90")?,
+            (rows, 1, 1),
+            128,
+            0,
+            stream,
+            &dq.p,
+        )?;
+        dev.launch_sm90(kernels.get("nsa_dq_win_sm90")?, dq_tiles, smem, stream, &dq)?;
+        let dkdv = cuda::Sm90BwdArgs {
+            maps: plan.dkdv_maps,
+            p: dq.p,
+        };
+        dev.launch_sm90(
+            kernels.get("nsa_dkdv_win_sm90")?,
+            dkdv_tiles,
+            smem,
+            stream,
+            &dkdv,
+        )
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1752,6 +1858,11 @@ fn cuda_attn_backward(
         return Ok(());
     }
     let dev = cuda::device(ordinal)?;
+    if br.kind == "window" && p.t > 0 {
+        if let Some(plan) = window_sm90_bwd(&dev, p, x, aux.rowinfo) {
+            return window_sm90_backward(&dev, p, plan, prm, aux.stream);
+        }
+    }
     let variant = Variant::new(p.dtype, p.d, p.dv);
     let table = kernel_table(&variant);
     let kernels = dev.kernels("nsa.cu", SOURCE, &variant.defines(), &table)?;

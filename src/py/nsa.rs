@@ -68,11 +68,12 @@ fn nsa_branch_fwd(
 #[pyfunction]
 /// CUDA only: `delta` ([B, T, Hq] float32 scratch), `cmp_off`, and for selected attention the
 /// list plan (`entries`, `list_off`, `chunk_off`, `split_off`, `scratch`, `chunk_tokens`) and,
-/// for small groups, the KV-outer dQ partials (`part_dq`).
+/// for small groups, the KV-outer dQ partials (`part_dq`); for the window on Hopper, the row table
+/// (`rowinfo`, [B·Hq, 3, T rounded up to 64] float32 scratch).
 #[pyo3(signature = (kind, q, k, v, out, out_lo, lse, grad_out, dq, dk, dv, block_indices,
                     block_counts, count, a, b, scale, cu_seqlens, stream, delta=None, cmp_off=None,
                     entries=None, list_off=None, chunk_off=None, split_off=None, scratch=None,
-                    part_dq=None, chunk_tokens=0))]
+                    part_dq=None, rowinfo=None, chunk_tokens=0))]
 #[allow(clippy::too_many_arguments)]
 fn nsa_branch_bwd(
     py: Python<'_>,
@@ -103,11 +104,12 @@ fn nsa_branch_bwd(
     split_off: Option<&Bound<'_, PyAny>>,
     scratch: Option<&Bound<'_, PyAny>>,
     part_dq: Option<&Bound<'_, PyAny>>,
+    rowinfo: Option<&Bound<'_, PyAny>>,
     chunk_tokens: usize,
 ) -> PyResult<()> {
     tensors!(stream; q, k, v, out, out_lo?, lse, grad_out, dq, dk, dv, block_indices?, block_counts?,
              cu_seqlens?, delta?, cmp_off?, entries?, list_off?, chunk_off?, split_off?,
-             scratch?, part_dq?);
+             scratch?, part_dq?, rowinfo?);
     let br = Branch {
         kind,
         block_indices,
@@ -125,6 +127,7 @@ fn nsa_branch_bwd(
         delta,
         scratch,
         part_dq,
+        rowinfo,
         chunk_tokens,
         stream,
         ..Default::default()
