@@ -1,13 +1,13 @@
 """Benchmark the CPU kernels of every family against the same math in torch eager (float32).
 
-The spec targets (Performance sections): lightning, RAT and NSA at least 3× faster than the
-float32 torch-eager formulation on the same threads, landmark at most 1.5× the time of torch SDPA
-(causal, float32). Eager baselines: ``lightning_attn_chunked`` and ``rat_attn_chunked`` (the
-references' chunked forms), SDPA causal for landmark, and for the NSA attention branches the dense
-masked softmax (``nsa_dense_masked_attn`` with the branch's mask: what the math costs without a
-sparse kernel). Every timing is forward + backward (``torch.autograd.grad`` of ``(o·do).sum()``),
-the median of ``--reps`` runs after one warm-up, and of ``--runs`` whole passes over the cases,
-float32, on ``torch.get_num_threads()`` threads.
+The targets ("Performance targets" in docs/api/<family>.md): lightning, RAT and NSA at least 3×
+faster than the float32 torch-eager formulation on the same threads, landmark at most 1.5× the time
+of torch SDPA (causal, float32). Eager baselines: ``lightning_attn_chunked`` and
+``rat_attn_chunked`` (the references' chunked forms), SDPA causal for landmark, and for the NSA
+attention branches the dense masked softmax (``nsa_dense_masked_attn`` with the branch's mask: what
+the math costs without a sparse kernel). Every timing is forward + backward (``torch.autograd.grad``
+of ``(o·do).sum()``), the median of ``--reps`` runs after one warm-up, and of ``--runs`` whole
+passes over the cases, float32, on ``torch.get_num_threads()`` threads.
 
     python benchmarks/bench_cpu.py --out cpu.json [--quick] [--budget-s 300]
 """

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Benchmark ``longattn.landmark_attn`` against its peers (specs/landmark.md, "Performance").
+"""Benchmark ``longattn.landmark_attn`` against its peers (docs/api/landmark.md,
+"Performance targets").
 
 Implementations, on the same inputs (bf16, B = 1, H = 32, D = 128, T in {2K, 8K, 32K}):
 

@@ -21,8 +21,8 @@ string, never dropped):
 Timing: ``triton.testing.do_bench`` (median, with p20/p80) on CUDA, a perf_counter loop on CPU.
 * fwd: one forward call on inputs that require grad (a training forward).
 * fwdbwd: forward plus ``torch.autograd.grad((o * do).sum(), [q, k, v])`` with a random ``do``
-  (the definition in shared/BENCHMARKS.md).  The loss adds elementwise passes (o*do, the sum and
-  the mul's backward); their cost alone is measured once per shape as ``loss_overhead_ms``.
+  (every family's fwd+bwd in docs/benchmarks.md).  The loss adds elementwise passes (o*do, the sum
+  and the mul's backward); their cost alone is measured once per shape as ``loss_overhead_ms``.
 * bwd: ``torch.autograd.grad(o, [q, k, v], do, retain_graph=True)`` on a retained forward graph,
   i.e. the backward kernels alone (no loss overhead).
 
@@ -81,7 +81,8 @@ CPU_SCALING_BHD = (1, 2, 32)
 CPU_DECODE_HD = (4, 32)
 CPU_CHECK_SHAPE = (1, 150, 2, 32)
 
-# Spec targets (shared/specs/lightning.md, Performance) and peer numbers measured there.
+# Fixed times shown as the "target" column of docs/benchmarks.md (the goals themselves, as ratios
+# to the peers: docs/api/lightning.md, "Performance targets").
 TARGETS = {"4x32768x32x128": {"fwd_ms": 1.3, "fwdbwd_ms": 4.0}}
 DECODE_TARGET_US = 20.0
 CHUNK = 64

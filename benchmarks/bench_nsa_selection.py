@@ -2,8 +2,9 @@
 """Benchmark the NSA selection stage: ``nsa_topk_blocks``, compressed attention + top-k, and
 ``nsa_compress`` (mean / linear) forward and backward.
 
-Shapes (specs/nsa.md, Performance): bf16, one sequence, D = 128, Hkv = 4, G ∈ {1, 4, 16},
-T ∈ {8K, 32K, 64K}, l = 32, d = 16, B_K = 64, n = 16, init_blocks = 1, local_blocks = 2.
+Shapes (docs/api/nsa.md, "Performance targets"): bf16, one sequence, D = 128, Hkv = 4,
+G ∈ {1, 4, 16}, T ∈ {8K, 32K, 64K}, l = 32, d = 16, B_K = 64, n = 16, init_blocks = 1,
+local_blocks = 2.
 
 Records (a JSON list, rewritten after every measurement):
 * op "nsa_topk_blocks", impl "longattn": selection alone (lse given).

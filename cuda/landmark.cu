@@ -1,4 +1,4 @@
-// Landmark attention (specs/landmark.md): forward, backward (dQ; dK/dV) and top-k block retrieval.
+// Landmark attention (docs/api/landmark.md): forward, backward (dQ; dK/dV), top-k retrieval.
 //
 // The grouped softmax is one flat softmax over effective logits (natural-log form; the kernels
 // work in log2 units, s2 = log2(e)·scale·q·k):
@@ -6,7 +6,7 @@
 //   ordinary p of an earlier block j:   E_ip = s_ip − lse_ij + s_iℓj   (lse_ij over the ordinary
 //                                       tokens of block j)
 //   landmarks, future keys, skipped:    E = −∞
-// Σ_{p∈j} exp(E_ip) = exp(s_iℓj), so exp(E − lse_i) are the spec's weights and lse_i = log Z_i.
+// Σ_{p∈j} exp(E_ip) = exp(s_iℓj), so exp(E − lse_i) are the weights w and lse_i = log Z_i.
 //
 // Key tiles hold whole landmark blocks (block_size ≤ KT; larger blocks: LM_MULTI below): nbt =
 // KT / block_size blocks of one (sequence, kv head), starting at a block boundary, so every inner

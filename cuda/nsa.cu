@@ -1,5 +1,5 @@
 // Native Sparse Attention: the three attention branches (sliding window, compressed, selected)
-// on tensor cores, forward and backward (specs/nsa.md sections 2, 4, 5).
+// on tensor cores, forward and backward (docs/api/nsa.md, "Math").
 //
 // Every kernel works on ROW TILES (query rows = (token, query head) pairs, flattened as
 // row = token·G + head-in-group, so the G heads of a kv group share every K/V tile) and KEY

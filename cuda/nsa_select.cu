@@ -1,5 +1,5 @@
 // Native Sparse Attention, selection stage: compression (nsa_compress, forward and backward) and
-// the fused block selection (nsa_topk_blocks). specs/nsa.md sections 1 and 3.
+// the fused block selection (nsa_topk_blocks). docs/api/nsa.md, "Math".
 //
 // Notation: l = kernel_size (L), d = kernel_stride (S), B_K = block_size, a = l/d, bb = B_K/d.
 // Window i of a sequence covers its tokens [i·d, i·d + l). With cu_seqlens the compressed rows

@@ -1,4 +1,4 @@
-// RAT chunked attention (specs/rat.md): in-chunk gated scan, chunk RoPE, softmax over earlier
+// RAT chunked attention (docs/api/rat.md): in-chunk gated scan, chunk RoPE, softmax over earlier
 // chunk-final states plus the own partial state.
 //
 // Tiles: a query tile holds at most 64 tokens and never starts inside a chunk unless L > 64.

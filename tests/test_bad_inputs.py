@@ -1,4 +1,5 @@
-"""Bad inputs (api.md, "Errors"), NaN/Inf propagation and thread safety for every CPU op.
+"""Bad inputs (docs/api/conventions.md, "Errors"), NaN/Inf propagation and thread safety for
+every CPU op.
 
 Every bad call must raise ValueError or TypeError whose message names the offending argument,
 before any kernel runs; afterwards the same op still gives the same result on valid input.

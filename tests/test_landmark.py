@@ -1,4 +1,4 @@
-"""landmark_attn against the float64 reference (specs/landmark.md, "Tests the op must pass")."""
+"""landmark_attn against the float64 reference (docs/api/landmark.md)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def make(B, Tq, Tk, Hq, Hkv, D, dtype=F64, device="cpu", E=None, grad=False):
 
 
 def naive_loops(q, k, v, bs, scale):
-    """The spec's formulas, one query at a time (B = 1, Hq = Hkv = 1)."""
+    """The formulas of docs/api/landmark.md, one query at a time (B = 1, Hq = Hkv = 1)."""
     q, k, v = q[0, :, 0].double(), k[0, :, 0].double(), v[0, :, 0].double()
     lq, lk = q.shape[0], k.shape[0]
     out = torch.zeros(lq, v.shape[1], dtype=F64)
@@ -336,7 +336,7 @@ def test_opcheck():
 
 
 # ---------------------------------------------------------------------------------------------
-# CUDA kernels against the float64 reference (specs/landmark.md; every case also checks that the
+# CUDA kernels against the float64 reference (docs/api/landmark.md; every case also checks that the
 # error is at most about twice that of the reference evaluated in the kernel's dtype)
 
 CUDA_CASES = [

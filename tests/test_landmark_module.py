@@ -1,4 +1,4 @@
-"""longattn.nn LandmarkAttention / LandmarkCache (specs/landmark.md, "Module").
+"""longattn.nn LandmarkAttention / LandmarkCache (docs/api/landmark.md, "Module").
 
 The ``device`` tests also run on CUDA, in float32 there (the CUDA kernels take float32, float16
 and bfloat16), against the same float64 references.

@@ -1,6 +1,6 @@
-"""longattn.lightning_attn against the references (specs/lightning.md, "Tests the op must pass").
+"""longattn.lightning_attn against the references (docs/api/lightning.md).
 
-Tolerances follow shared BENCHMARKS.md "Numerical checks": relative error against a float64
+Tolerances follow docs/reliability.md, "Numerical checks": relative error against a float64
 reference; fp32 within 1e-5 on CPU (1e-3 on CUDA, tf32), bf16/fp16 within 2e-2 and never
 worse than 2x the error of the same recurrence computed in that low precision.
 """

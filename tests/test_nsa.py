@@ -1,5 +1,5 @@
-"""Native Sparse Attention ops against the float64 references (specs/nsa.md, "Tests the ops
-must pass"), on the CPU and (attention branches) on CUDA.
+"""Native Sparse Attention ops against the float64 references (docs/api/nsa.md), on
+the CPU and (attention branches) on CUDA.
 
 Tolerances: relative error against a float64 reference computed from the same (rounded)
 inputs; fp32 within 1e-5, bf16/fp16 within 2e-2.

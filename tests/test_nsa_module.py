@@ -1,4 +1,4 @@
-"""longattn.nn NativeSparseAttention / NSACache (specs/nsa.md §6).
+"""longattn.nn NativeSparseAttention / NSACache (docs/api/nsa.md, "Module").
 
 The float64 tests run on the CPU (CUDA has no float64); the module on CUDA is checked in float32
 and bfloat16 against the same module in float64 on the CPU.

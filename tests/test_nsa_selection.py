@@ -1,5 +1,5 @@
 """NSA selection stage (compression and block selection) on every device against the float64
-references (specs/nsa.md sections 1 and 3).
+references (docs/api/nsa.md, "Math": compression and selection).
 
 Block selection is compared for exact equality. Inputs are random (not constructed tie-free),
 so rows whose n-th and (n+1)-th block scores are within 1e-4 (relative, float64) are left out

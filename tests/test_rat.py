@@ -1,4 +1,4 @@
-"""longattn rat_attn against the float64 per-token reference (specs/rat.md, "Tests").
+"""longattn rat_attn against the float64 per-token reference (docs/api/rat.md).
 
 Tolerances: relative error against the float64 reference; fp32 within 1e-5 (outputs) and 1e-4
 (gradients), bf16/f16 within 2e-2 and at most ~2x the error of the reference computed in that

@@ -1,6 +1,6 @@
-"""RATCache decode (specs/rat.md, "Decode"): the cache layout (rotated states in the module dtype,
-geometric capacity, in-place updates) and the fused CUDA ``rat_decode`` kernel against the
-float64 reference and the PyTorch path."""
+"""RATCache decode (docs/api/rat.md, "Module and decode"): the cache layout (rotated states in the
+module dtype, geometric capacity, in-place updates) and the fused CUDA ``rat_decode`` kernel against
+the float64 reference and the PyTorch path."""
 
 from __future__ import annotations
 

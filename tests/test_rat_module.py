@@ -1,4 +1,4 @@
-"""longattn.nn RATAttention / RATCache (specs/rat.md, "Module" and decode)."""
+"""longattn.nn RATAttention / RATCache (docs/api/rat.md, "Module and decode")."""
 
 from __future__ import annotations
 

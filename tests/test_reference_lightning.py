@@ -1,4 +1,4 @@
-"""The two lightning references agree with each other, and the slopes with the spec."""
+"""The two lightning references agree with each other, and the slopes with docs/api/lightning.md."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def test_recurrent_equals_parallel(T, with_state):
 
 
 def test_recurrent_matches_definition_by_hand():
-    """Two tokens, one head, computed by hand from the spec's formulas."""
+    """Two tokens, one head, computed by hand from the formulas of docs/api/lightning.md."""
     q = torch.tensor([[[[1.0, 2.0]], [[0.5, -1.0]]]], dtype=F64)  # [1, 2, 1, 2]
     k = torch.tensor([[[[3.0, -1.0]], [[2.0, 1.0]]]], dtype=F64)
     v = torch.tensor([[[[1.0, 0.0, 2.0]], [[-1.0, 4.0, 0.5]]]], dtype=F64)  # E = 3

@@ -6,6 +6,8 @@ landmark attention (``landmark_*``), the native sparse attention family (``nsa_*
 Modules live in ``longattn.nn``; float64 references in ``longattn.reference``.
 """
 
+from importlib import metadata as _metadata
+
 from . import nn
 from ._runtime import cuda_unavailable_reason
 from .ops.landmark import (
@@ -25,7 +27,11 @@ from .ops.nsa import (
 )
 from .ops.rat import rat_attn
 
-__version__ = "0.1.0"
+try:  # one version source: Cargo.toml, which maturin writes into the package metadata
+    __version__ = _metadata.version("longattn")
+except _metadata.PackageNotFoundError:  # pragma: no cover - imported without being installed
+    __version__ = "0+unknown"
+del _metadata
 
 __all__ = [
     "cuda_unavailable_reason",

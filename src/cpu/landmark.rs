@@ -1,4 +1,4 @@
-//! Landmark attention on the CPU (spec: specs/landmark.md).
+//! Landmark attention on the CPU (docs/api/landmark.md).
 //!
 //! The grouped softmax is a plain softmax over *effective logits* E, one per (query, key):
 //!
@@ -8,13 +8,14 @@
 //!   landmarks, future keys, skipped blocks: E = −∞
 //!
 //! since Σ_{p∈j} exp(E_{i,p}) = exp(s_{i,ℓ_j}): exp(E − lse_i) are exactly the weights w of the
-//! spec and lse_i = log Z_i. The forward is then FlashAttention's online softmax over key tiles;
+//! docs and lse_i = log Z_i. The forward is then FlashAttention's online softmax over key tiles;
 //! the backward is FlashAttention's dE = P∘(dP − Δ) followed by the chain rule through E:
 //!
 //!   ds_{i,p} = dE_{i,p} − π_{i,p}·Σ_{u∈j} dE_{i,u}   (ordinary p of an earlier block j)
 //!   ds_{i,ℓ_j} = Σ_{u∈j} dE_{i,u},                    ds_{i,p} = dE_{i,p} (current block)
 //!
-//! (the spec's formulas, with Σ_u dE_{i,u} = G_{i,j}(do_i·u_{i,j} − D_i)).
+//! (the formulas of docs/api/landmark.md, "Backward", with
+//! Σ_u dE_{i,u} = G_{i,j}(do_i·u_{i,j} − D_i)).
 //!
 //! Key tiles hold whole landmark blocks (⌈128 / block_size⌉ of them), so every
 //! inner softmax is complete inside its tile and nothing of size [T, T/block] is ever stored;

@@ -1,4 +1,4 @@
-//! Native Sparse Attention on the CPU (specs/nsa.md).
+//! Native Sparse Attention on the CPU (docs/api/nsa.md).
 //!
 //! The three attention branches (compressed, selected, sliding window) are one kernel: softmax
 //! attention of every query over a per-query set of key ranges (`KeySet`). The forward runs an

@@ -1,4 +1,4 @@
-//! RAT chunked attention on the CPU (specs/rat.md).
+//! RAT chunked attention on the CPU (docs/api/rat.md).
 //!
 //! Per sequence and head, with chunk size L, chunk c = ⌊t/L⌋, scale s:
 //!

@@ -1,5 +1,6 @@
 //! lightning_attn: argument checks and dispatch. The forward is one linear-attention pass; the
-//! backward is three (spec: dQ forward, dK and dV reverse), each with the same kernel.
+//! backward is three (dQ forward, dK and dV reverse: docs/api/lightning.md, "How it is
+//! computed"), each with the same kernel.
 
 use super::{
     accumulator_dtype, check_cu_seqlens, expect_device, expect_dtype, expect_shape, expect_tensor,

@@ -1,4 +1,4 @@
-//! rat_attn: argument checks and dispatch (specs/rat.md): Rust CPU kernels (src/cpu/rat.rs) or
+//! rat_attn: argument checks and dispatch (docs/api/rat.md): Rust CPU kernels (src/cpu/rat.rs) or
 //! the CUDA kernels of cuda/rat.cu (scratch buffers allocated by python/longattn/ops/rat.py).
 
 use super::{

@@ -364,7 +364,7 @@ class NativeSparseAttention(nn.Module):
         p, lse = _masked_softmax(s, vis)
         o_cmp = torch.einsum("bhgmc,bhcd->bhgmd", p, vc)
 
-        # block selection (spec §3), no gradient
+        # block selection (docs/api/nsa.md, "Math"), no gradient
         with torch.no_grad():
             tb = torch.div(t, bk, rounding_mode="floor")  # current block per token
             nb = int(tb.max()) + 1

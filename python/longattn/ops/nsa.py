@@ -509,7 +509,7 @@ def nsa_topk_blocks(
     scale: float | None = None,
     cu_seqlens: Tensor | None = None,
 ) -> Tensor:
-    """Block selection (spec §3), fused: no ``[T, C]`` score matrix is stored.
+    """Block selection (docs/api/nsa.md, "Math"), fused: no ``[T, C]`` score matrix is stored.
 
     Scores blocks by the group-summed compressed probabilities ``exp(scale·q·k̃ − lse)``
     mapped to blocks with overlap weights; the first ``init_blocks`` and the ``local_blocks``

@@ -108,7 +108,7 @@ def landmark_attn_reference(
     block_indices: Tensor | None = None,
     return_lse: bool = False,
 ):
-    """o [B, Tq, Hq, E] (and lse [B, Tq, Hq]) by the dense grouped softmax of the spec.
+    """o [B, Tq, Hq, E] (and lse [B, Tq, Hq]) by the dense grouped softmax of the docs.
 
     Differentiable in q, k, v (use float64 inputs for an oracle).
     """

@@ -1,7 +1,8 @@
 """Naive float64-capable PyTorch references for Native Sparse Attention (docs/api/nsa.md).
 
-Per-token, per-sequence loops written straight from the spec: slow, simple, differentiable by
-plain autograd (where the spec gives a backward). The oracles for ``tests/test_nsa.py``.
+Per-token, per-sequence loops written straight from the documented math: slow, simple,
+differentiable by plain autograd (all but the block selection, which has no gradient). The
+oracles for ``tests/test_nsa.py``.
 
 Notation: q ``[B, T, Hq, D]``, k/v ``[B, T, Hkv, D]``, G = Hq / Hkv, query head h reads kv head
 h // G; l = kernel_size, d = kernel_stride, B_K = block_size, n = topk, W = window_size.
@@ -261,7 +262,8 @@ def nsa_topk_blocks_reference(
     scale: float | None = None,
     cu_seqlens: Tensor | None = None,
 ) -> Tensor:
-    """Block selection (spec §3) -> block_indices ``[B, T, Hkv, topk]`` int32, −1 padded."""
+    """Block selection (docs/api/nsa.md, "Math") -> block_indices ``[B, T, Hkv, topk]`` int32,
+    −1 padded."""
     ks, d, bk = kernel_size, kernel_stride, block_size
     if ks % d or bk % d:
         raise ValueError("kernel_size and block_size must be multiples of kernel_stride")
