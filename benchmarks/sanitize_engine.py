@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""A small workload of the Hopper attention engine (the sm_90a forwards of landmark_attn and
-sliding_window_attn, and the window's backward) for compute-sanitizer (memcheck, racecheck,
-synccheck):
+"""A small workload of the Hopper attention engine (the sm_90a forwards of landmark_attn,
+sliding_window_attn and the NSA compressed branch, and the backward of the last two) for
+compute-sanitizer (memcheck, racecheck, synccheck):
 
     compute-sanitizer --tool racecheck --kernel-name kns=_sm90 python3 benchmarks/sanitize_engine.py
 
@@ -33,9 +33,12 @@ def rel(a, b):
 
 
 def main() -> int:
-    from longattn import _native, landmark_attn, sliding_window_attn
+    from longattn import _native, landmark_attn, nsa_compressed_attn, sliding_window_attn
     from longattn.reference.landmark import landmark_attn_reference
-    from longattn.reference.nsa import sliding_window_attn_reference
+    from longattn.reference.nsa import (
+        nsa_compressed_attn_reference,
+        sliding_window_attn_reference,
+    )
 
     torch.manual_seed(0)
     hopper = torch.cuda.get_device_capability() == (9, 0)
@@ -79,6 +82,27 @@ def main() -> int:
         refs = torch.autograd.grad(ref, x64, do)
         return max(rel(a, b) for a, b in zip((o, *grads), (ref, *refs), strict=True))
 
+    def cmp(T, Hq, Hkv, D, ks, d, dtype, cu=None):
+        cuv = None if cu is None else torch.tensor(cu, dtype=torch.int64, device="cuda")
+        C = (
+            (T - ks) // d + 1
+            if cu is None
+            else sum(max(0, (b - a - ks) // d + 1) for a, b in zip(cu[:-1], cu[1:], strict=True))
+        )
+        x = [
+            torch.randn(1, n, h, D).to("cuda", dtype).requires_grad_()
+            for n, h in ((T, Hq), (C, Hkv), (C, Hkv))
+        ]
+        x64 = [t.detach().double().requires_grad_() for t in x]
+        o = nsa_compressed_attn(*x, kernel_size=ks, kernel_stride=d, cu_seqlens=cuv)[0]
+        ref = nsa_compressed_attn_reference(*x64, kernel_size=ks, kernel_stride=d, cu_seqlens=cuv)[
+            0
+        ]
+        do = torch.randn_like(ref)
+        grads = torch.autograd.grad(o, x, do.to(dtype))
+        refs = torch.autograd.grad(ref, x64, do)
+        return max(rel(a, b) for a, b in zip((o, *grads), (ref, *refs), strict=True))
+
     bf16, f16 = torch.bfloat16, torch.float16
     for bs in (16, 32, 51, 64, 128):
         check(f"landmark bs {bs}", lambda bs=bs: lm(1, 300, 300, 2, 1, 128, bs, bf16))
@@ -90,6 +114,8 @@ def main() -> int:
     check("window GQA", lambda: win(300, 8, 2, 128, 100, bf16))
     check("window D 64 f16", lambda: win(200, 2, 2, 64, 512, f16))
     check("window varlen", lambda: win(333, 4, 2, 64, 64, bf16, cu=[0, 70, 71, 71, 200, 333]))
+    check("compressed GQA", lambda: cmp(400, 8, 2, 128, 32, 16, bf16))
+    check("compressed varlen f16", lambda: cmp(300, 2, 2, 64, 16, 8, f16, cu=[0, 10, 11, 150, 300]))
     torch.cuda.synchronize()
     print(f"sanitize_engine: {len(failures)} failing: {failures}")
     return 1 if failures else 0

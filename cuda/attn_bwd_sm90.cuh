@@ -9,7 +9,7 @@
 //   sm90_attn_dq    fixed: Q, dO (128 query rows); streamed: K, V (64 keys).
 //                   S = Q Kᵀ, dP = dO Vᵀ, P, dS = P ∘ (dP − Δ), dQ += dS K.
 //   sm90_attn_dkdv  fixed: K, V (128 keys); streamed: Q, dO (64 query rows) and the rows' lse,
-//                   Δ and visibility bound (one float32 [3, 64] box of the family's row table).
+//                   Δ and key range (one float32 [4, 64] box of the family's row table).
 //                   Sᵀ = K Qᵀ, dPᵀ = V dOᵀ, Pᵀ, dSᵀ, dV += Pᵀ dO, dK += dSᵀ Q.
 // Every GEMM is a wgmma; P and dS stay in registers (the accumulator layout of 16 columns is the
 // A-operand layout of one k16 step), so nothing goes through shared memory but the TMA tiles.
@@ -34,13 +34,14 @@
 #define SM90_BWD_STAGES 2
 #define SM90_BWD_FIXED 128  // rows of the fixed tile (64 per consumer warpgroup)
 #define SM90_BWD_STREAM 64  // rows of a streamed tile
+#define SM90_ROWINFO_PLANES 4 // lse·log2(e), Δ and the visible key range lo, hi per row
 #define SM90_BWD_PRODUCER_REGS 24
 #define SM90_BWD_CONSUMER_REGS 240
 
 struct Sm90BwdMaps {
   TmaMap fixed[2];  // dq: q, dout; dkdv: k, v (boxes of SM90_BWD_FIXED rows)
   TmaMap stream[2]; // dq: k, v; dkdv: q, dout (boxes of SM90_BWD_STREAM rows)
-  TmaMap rowinfo;   // dkdv: float32 [planes][3][Tp], boxes of 64 × 3 (unused by dq)
+  TmaMap rowinfo;   // dkdv: float32 [B·Hq][4][Tp], boxes of 64 × 4 (unused by dq)
 };
 
 // Dynamic shared memory: the two fixed tiles, then per stage the two streamed tiles and the row
@@ -50,7 +51,7 @@ template <int DP> struct Sm90BwdLayout {
   static constexpr int NCH = DP / 64;
   static constexpr int FIX_BLOCK = SM90_BWD_FIXED * 128, FIX_BYTES = FIX_BLOCK * NCH;
   static constexpr int STR_BLOCK = SM90_BWD_STREAM * 128, STR_BYTES = STR_BLOCK * NCH;
-  static constexpr int INFO_BYTES = 3 * SM90_BWD_STREAM * 4;
+  static constexpr int INFO_BYTES = SM90_ROWINFO_PLANES * SM90_BWD_STREAM * 4;
   static constexpr int STAGE_BYTES = 2 * STR_BYTES + 1024; // the info box, padded to 1024
   static constexpr int STAGE_OFF = 2 * FIX_BYTES;
   static constexpr int BAR_OFF = STAGE_OFF + SM90_BWD_STAGES * STAGE_BYTES;

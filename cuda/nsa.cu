@@ -57,7 +57,7 @@ struct NsaParams {
   float *part_dq;          // [B, T, Hq, n, key tiles, D] or null (selected backward, KV-outer dQ)
   void *out_lo;            // [B, T, Hq, DV] (strides slo) or null: the output's rounding
                            // residual, written by the forward (16-bit) and added to O in Δ
-  float *rowinfo;          // [B·Hq, 3, Tp] (Hopper window backward): lse·log2(e), Δ, first key
+  float *rowinfo;          // [B·Hq, 4, Tp] (Hopper backward): lse·log2(e), Δ, key range lo, hi
   i64 sq[3], sk[3], sv[3], so[3], sdo[3], sdq[3], sdk[3], sdv[3], slo[3], slse[3], sidx[4], scnt[3];
   int B, T, S, Hq, Hkv, G, D, DV, n;
   int N, cu_kind, idx_kind, cnt_kind, count_const;
@@ -1304,12 +1304,15 @@ template <int ELEM> __device__ __forceinline__ void nsa_dq_reduce_impl(const Nsa
 
 #if NSA_SM90
 #include "attn_sm90.cuh"
+#include "attn_bwd_sm90.cuh"
 
-// The sliding-window branch on the Hopper engine (attn_sm90.cuh), 16-bit, DK == DV. A CTA is 128
-// consecutive tokens of one query head of one batch row (rows of a packed batch may belong to
-// different sequences): token t sees keys [lo(t), t + 1), lo(t) = max(sequence start, t − W + 1).
-// lo is nondecreasing in t, so the CTA's key tiles run from lo(t0) to its last token.
-struct WinSm90 {
+// The range branches on the Hopper engine (attn_sm90.cuh, attn_bwd_sm90.cuh), 16-bit, DK == DV:
+// KIND 0 the sliding window, KIND 1 the compressed branch. Token t (global in its batch row)
+// sees keys [lo(t), hi(t)) (nsa_range); lo and hi are nondecreasing in t, across packed
+// sequences too, so a tile of consecutive tokens sees keys [lo(first), hi(last)).
+
+// Forward: a CTA is 128 consecutive tokens of one query head of one batch row.
+template <int KIND> struct RangeSm90 {
   static constexpr int ELEM = NSA_ELEM, DP = NSA_DK, BN = 128;
   typedef NsaParams Params;
   struct Shared {
@@ -1319,8 +1322,9 @@ struct WinSm90 {
     int b, h, hk, t0, rows, klo, khi;
   };
   struct Rows {
-    int t[2], lo[2]; // t = −1: no such row
+    int lo[2], hi[2]; // an empty range for a missing row
     float m[2], l[2];
+    bool valid[2];
   };
 
   // (token tile, head, batch row), heads fastest (the heads of a kv group share K/V in L2)
@@ -1334,9 +1338,9 @@ struct WinSm90 {
     c.b = tile / (p.Hq * nt);
     c.hk = c.h / p.G;
     c.rows = min(SM90_BM, p.T - c.t0);
-    int hi;
-    nsa_range<0>(p, c.t0, c.klo, hi);
-    c.khi = c.t0 + c.rows;
+    int hi, lo;
+    nsa_range<KIND>(p, c.t0, c.klo, hi);
+    nsa_range<KIND>(p, c.t0 + c.rows - 1, lo, c.khi);
     return true;
   }
   static __device__ __forceinline__ void q_coord(const Cta &c, int &row, int &head, int &batch) {
@@ -1350,7 +1354,7 @@ struct WinSm90 {
     batch = c.b;
   }
   static __device__ __forceinline__ int first_tile(const NsaParams &, const Cta &c, Shared &) {
-    return c.klo;
+    return c.klo < c.khi ? c.klo : -1;
   }
   static __device__ __forceinline__ int next_tile(const NsaParams &, const Cta &c, int k0, Shared &) {
     return k0 + BN < c.khi ? k0 + BN : -1;
@@ -1360,10 +1364,10 @@ struct WinSm90 {
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
       const int row = 16 * warp + ((threadIdx.x & 31) >> 2) + 8 * rr;
-      r.t[rr] = row < c.rows ? c.t0 + row : -1;
-      int hi;
+      r.valid[rr] = row < c.rows;
       r.lo[rr] = 0;
-      if (r.t[rr] >= 0) nsa_range<0>(p, r.t[rr], r.lo[rr], hi);
+      r.hi[rr] = 0;
+      if (r.valid[rr]) nsa_range<KIND>(p, c.t0 + row, r.lo[rr], r.hi[rr]);
       r.m[rr] = NSA_NEG_INF;
       r.l[rr] = 0.f;
     }
@@ -1375,10 +1379,10 @@ struct WinSm90 {
     const float sl2 = p.scale * NSA_LOG2E;
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
-      // visible columns: lo − k0 <= col <= t − k0 (none for a missing row)
-      const int a = r.lo[rr] - k0 - 2 * t4, z = r.t[rr] < 0 ? -1 - 2 * t4 : r.t[rr] - k0 - 2 * t4;
+      // visible columns: lo − k0 <= col < hi − k0
+      const int a = r.lo[rr] - k0 - 2 * t4, z = r.hi[rr] - 1 - k0 - 2 * t4;
       float bound = NSA_NEG_INF;
-      if (__all_sync(0xffffffffu, a <= -2 * t4 && z >= BN - 1 - 2 * t4)) { // inside the band
+      if (__all_sync(0xffffffffu, a <= -2 * t4 && z >= BN - 1 - 2 * t4)) { // inside the range
 #pragma unroll
         for (int f = 0; f < NF; ++f)
 #pragma unroll
@@ -1416,7 +1420,7 @@ struct WinSm90 {
       ps[rr] = sum;
     }
   }
-  static __device__ __forceinline__ void store(const NsaParams &p, const Cta &c, const Rows &r, int,
+  static __device__ __forceinline__ void store(const NsaParams &p, const Cta &c, const Rows &r, int warp,
                                                float (*O)[4]) {
     typedef typename Elem<ELEM>::T T;
     const int t4 = threadIdx.x & 3;
@@ -1425,8 +1429,8 @@ struct WinSm90 {
       float lt = r.l[rr];
       lt += __shfl_xor_sync(0xffffffffu, lt, 1);
       lt += __shfl_xor_sync(0xffffffffu, lt, 2);
-      const int t = r.t[rr];
-      if (t < 0) continue;
+      if (!r.valid[rr]) continue;
+      const int t = c.t0 + 16 * warp + ((threadIdx.x & 31) >> 2) + 8 * rr;
       const bool any = lt > 0.f;
       const float inv = any ? 1.f / lt : 0.f;
       T *ob = (T *)p.out + c.b * p.so[0] + (i64)t * p.so[1] + c.h * p.so[2];
@@ -1445,69 +1449,71 @@ struct WinSm90 {
   }
 };
 
-struct WinSm90Args {
+struct RangeSm90Args {
   Sm90Maps maps;
   NsaParams p;
 };
 
-extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) nsa_fwd_win_sm90(const __grid_constant__ WinSm90Args a) {
-  sm90_attn_fwd<WinSm90>(a.p, a.maps);
-}
-
-// ---------------------------------------------------------------- window backward (Hopper)
-#include "attn_bwd_sm90.cuh"
-
-// The row table of the Hopper window backward, one warp per (batch, head, token < Tp) row:
-// lse·log2(e) (+∞ for a row that sees no key, so its P is 0), Δ, and the row's first visible key
-// (int bits; INT_MAX past T, so that padded query columns are masked).
-__device__ __forceinline__ void nsa_rowinfo_impl(const NsaParams &p) {
+// ---------------------------------------------------------------- backward
+// The row table, one warp per (batch, head, token < Tp) row, planes: lse·log2(e) (+∞ for a row
+// that sees no key, so its P is 0), Δ, and the row's key range lo, hi (int bits; an empty range
+// past T, so that padded query columns are masked).
+template <int KIND> __device__ __forceinline__ void nsa_rowinfo_impl(const NsaParams &p) {
   const i64 row = (i64)blockIdx.x * 4 + (threadIdx.x >> 5);
   if (row >= (i64)p.B * p.Hq * p.Tp) return;
   const int t = (int)(row % p.Tp), h = (int)((row / p.Tp) % p.Hq), b = (int)(row / ((i64)p.Tp * p.Hq));
   float lse2 = 0.f, d = 0.f;
-  int lo = 0x7fffffff;
+  int lo = 0x7fffffff, hi = 0;
   if (t < p.T) {
     d = nsa_row_delta<NSA_ELEM>(p, b, t, h);
     const float l = p.lse[b * p.slse[0] + (i64)t * p.slse[1] + h * p.slse[2]];
     lse2 = l == NSA_NEG_INF ? -NSA_NEG_INF : l * NSA_LOG2E;
-    int hi;
-    nsa_range<0>(p, t, lo, hi);
+    nsa_range<KIND>(p, t, lo, hi);
   }
   if ((threadIdx.x & 31) == 0) {
-    float *base = p.rowinfo + (row / p.Tp) * 3 * p.Tp + t;
+    float *base = p.rowinfo + (row / p.Tp) * SM90_ROWINFO_PLANES * p.Tp + t;
     base[0] = lse2;
     base[p.Tp] = d;
     base[2 * p.Tp] = __int_as_float(lo);
+    base[3 * p.Tp] = __int_as_float(hi);
   }
 }
 
-// dQ, query-outer: the forward's work tiles (WinSm90), key tiles of 64 from the tile's first
-// visible key. A row's visible keys are [lo, t]; P = exp2(s·scale·log2 e − lse₂), dS = P (dP − Δ).
-struct WinDqSm90 : WinSm90 {
+// dQ, query-outer: the forward's work tiles, key tiles of 64 from the tile's first visible key.
+// P = exp2(s·scale·log2 e − lse₂) on the row's range, dS = P (dP − Δ).
+template <int KIND> struct RangeDqSm90 : RangeSm90<KIND> {
+  typedef RangeSm90<KIND> F;
+  typedef typename F::Cta Cta;
+  using F::DP;
+  using F::ELEM;
   struct Rows {
-    int t[2], lo[2]; // t = −1: no such row
+    int t[2], lo[2], hi[2]; // t = −1: no such row
     float lse2[2], delta[2];
   };
   static __device__ __forceinline__ void fixed_coord(const Cta &c, int &row, int &head, int &batch) {
-    q_coord(c, row, head, batch);
+    F::q_coord(c, row, head, batch);
   }
-  static __device__ __forceinline__ int first_step(const NsaParams &, const Cta &c, int &) { return c.klo; }
+  static __device__ __forceinline__ int first_step(const NsaParams &, const Cta &c, int &) {
+    return c.klo < c.khi ? c.klo : -1;
+  }
   static __device__ __forceinline__ int next_step(const NsaParams &, const Cta &c, int k0, int &) {
     return k0 + SM90_BWD_STREAM < c.khi ? k0 + SM90_BWD_STREAM : -1;
   }
   static __device__ __forceinline__ void stream_coord(const Cta &c, int k0, int, int &row, int &head, int &batch) {
-    kv_coord(c, k0, row, head, batch);
+    F::kv_coord(c, k0, row, head, batch);
   }
   static __device__ __forceinline__ void init_rows(const NsaParams &p, const Cta &c, int wg, int warp, Rows &r) {
-    const float *info = p.rowinfo + ((i64)c.b * p.Hq + c.h) * 3 * p.Tp;
+    const float *info = p.rowinfo + ((i64)c.b * p.Hq + c.h) * SM90_ROWINFO_PLANES * p.Tp;
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
       const int row = 64 * wg + 16 * warp + ((threadIdx.x & 31) >> 2) + 8 * rr;
       const int t = c.t0 + row;
-      r.t[rr] = row < c.rows ? t : -1;
-      r.lo[rr] = row < c.rows ? __float_as_int(info[2 * p.Tp + t]) : 0;
-      r.lse2[rr] = row < c.rows ? info[t] : 0.f;
-      r.delta[rr] = row < c.rows ? info[p.Tp + t] : 0.f;
+      const bool valid = row < c.rows;
+      r.t[rr] = valid ? t : -1;
+      r.lse2[rr] = valid ? info[t] : 0.f;
+      r.delta[rr] = valid ? info[p.Tp + t] : 0.f;
+      r.lo[rr] = valid ? __float_as_int(info[2 * p.Tp + t]) : 0;
+      r.hi[rr] = valid ? __float_as_int(info[3 * p.Tp + t]) : 0;
     }
   }
   static __device__ __forceinline__ void dq_probs(const NsaParams &p, const Rows &r, float (*S)[4],
@@ -1517,8 +1523,8 @@ struct WinDqSm90 : WinSm90 {
     const float sl2 = p.scale * NSA_LOG2E;
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
-      // visible columns: lo − k0 <= col <= t − k0 (none for a missing row)
-      const int a = r.lo[rr] - k0 - 2 * t4, z = r.t[rr] < 0 ? -1 - 2 * t4 : r.t[rr] - k0 - 2 * t4;
+      // visible columns: lo − k0 <= col < hi − k0
+      const int a = r.lo[rr] - k0 - 2 * t4, z = r.hi[rr] - 1 - k0 - 2 * t4;
       const bool inside = __all_sync(0xffffffffu, a <= -2 * t4 && z >= SM90_BWD_STREAM - 1 - 2 * t4);
 #pragma unroll
       for (int f = 0; f < NF; ++f)
@@ -1550,14 +1556,40 @@ struct WinDqSm90 : WinSm90 {
   }
 };
 
+// Sequence of compressed row k (varlen).
+__device__ __forceinline__ int nsa_cmp_seq(const NsaParams &p, int k) {
+  int lo = 0, hi = p.N - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (p.cmp_off[mid] <= k) lo = mid;
+    else hi = mid - 1;
+  }
+  return lo;
+}
+
+// The tokens whose ranges can reach key k: from the first (T if none) to the end of k's
+// sequence (window: the W tokens from k). A compressed row k of sequence s is first seen by the
+// token that completes its window.
+template <int KIND> __device__ __forceinline__ int nsa_first_query(const NsaParams &p, int k) {
+  if (KIND == 0) return k;
+  if (p.cu_kind < 0) return (int)min((i64)p.T, (i64)k * p.b + p.a - 1);
+  const int s = nsa_cmp_seq(p, k);
+  return (int)min((i64)p.T, nsa_cu(p, s) + (i64)(k - p.cmp_off[s]) * p.b + p.a - 1);
+}
+template <int KIND> __device__ __forceinline__ int nsa_query_end(const NsaParams &p, int k) {
+  if (KIND == 0) return (int)min((i64)p.T, (i64)k + p.a);
+  return p.cu_kind < 0 ? p.T : (int)nsa_cu(p, nsa_cmp_seq(p, k) + 1);
+}
+
 // dK, dV, key-outer: a work tile is 128 keys of one kv head of one batch row; it streams the
-// query tiles [k0, k0 + nk − 1 + W) of every query head of the group, in head order (a fixed
-// summation order: deterministic). Key k is visible to query q iff lo(q) <= k <= q.
-struct WinDkdvSm90 {
+// 64-token query tiles from the first that sees its first key (rounded down to 64: the row
+// table's boxes stay inside it) to the last that can see its last key, for every query head of
+// the group in head order (a fixed summation order: deterministic).
+template <int KIND> struct RangeDkdvSm90 {
   static constexpr int ELEM = NSA_ELEM, DP = NSA_DK;
   typedef NsaParams Params;
   struct Cta {
-    int b, hk, k0, nk, qhi, G, Hq;
+    int b, hk, k0, nk, q0, qhi, G, Hq;
   };
   static __device__ __forceinline__ int key_tiles(const NsaParams &p) {
     return (p.S + SM90_BWD_FIXED - 1) / SM90_BWD_FIXED;
@@ -1569,7 +1601,8 @@ struct WinDkdvSm90 {
     c.hk = tile / nkt % p.Hkv;
     c.b = tile / (nkt * p.Hkv);
     c.nk = min(SM90_BWD_FIXED, p.S - c.k0);
-    c.qhi = min((i64)p.T, (i64)c.k0 + c.nk - 1 + p.a);
+    c.q0 = nsa_first_query<KIND>(p, c.k0) & ~(SM90_BWD_STREAM - 1);
+    c.qhi = nsa_query_end<KIND>(p, c.k0 + c.nk - 1);
     c.G = p.G;
     c.Hq = p.Hq;
   }
@@ -1580,12 +1613,12 @@ struct WinDkdvSm90 {
   }
   static __device__ __forceinline__ int first_step(const NsaParams &, const Cta &c, int &hd) {
     hd = 0;
-    return c.k0 < c.qhi ? c.k0 : -1;
+    return c.q0 < c.qhi ? c.q0 : -1;
   }
   static __device__ __forceinline__ int next_step(const NsaParams &, const Cta &c, int q0, int &hd) {
     q0 += SM90_BWD_STREAM;
     if (q0 < c.qhi) return q0;
-    return ++hd < c.G ? c.k0 : -1;
+    return ++hd < c.G ? c.q0 : -1;
   }
   static __device__ __forceinline__ void stream_coord(const Cta &c, int q0, int hd, int &row, int &head, int &batch) {
     row = q0;
@@ -1597,27 +1630,27 @@ struct WinDkdvSm90 {
   // Sᵀ (keys × queries) → Pᵀ and dPᵀ → dSᵀ = Pᵀ ∘ (dPᵀ − Δ), in place; info: the streamed
   // tile's row table box.
   static __device__ __forceinline__ void dkdv_probs(const NsaParams &p, const Cta &c, int wg, int warp,
-                                                    float (*S)[4], float (*dP)[4], int q0, const float *info) {
-    constexpr int NF = SM90_BWD_STREAM / 8;
+                                                    float (*S)[4], float (*dP)[4], int, const float *info) {
+    constexpr int NF = SM90_BWD_STREAM / 8, BQ = SM90_BWD_STREAM;
     const int lane = threadIdx.x & 31, t4 = lane & 3;
     const float sl2 = p.scale * NSA_LOG2E;
     const int kw = c.k0 + 64 * wg + 16 * warp; // the warp's first key
-    const int *lo = (const int *)(info + 2 * SM90_BWD_STREAM);
-    // every key of the warp sees every query of the tile
-    const bool inside = kw + 15 <= q0 && lo[SM90_BWD_STREAM - 1] <= kw;
+    const int *lo = (const int *)(info + 2 * BQ), *hi = (const int *)(info + 3 * BQ);
+    // every key of the warp is in every query's range (lo, hi nondecreasing; padding: empty)
+    const bool inside = lo[BQ - 1] <= kw && kw + 15 < min(hi[0], hi[BQ - 1]);
 #pragma unroll
     for (int f = 0; f < NF; ++f) {
       const int col = 8 * f + 2 * t4;
       const float2 l2 = *(const float2 *)(info + col);
-      const float2 d2 = *(const float2 *)(info + SM90_BWD_STREAM + col);
-      const int2 lo2 = *(const int2 *)(lo + col);
+      const float2 d2 = *(const float2 *)(info + BQ + col);
+      const int2 lo2 = *(const int2 *)(lo + col), hi2 = *(const int2 *)(hi + col);
 #pragma unroll
       for (int rr = 0; rr < 2; ++rr) {
         const int k = kw + (lane >> 2) + 8 * rr;
         float x0 = fast_exp2(S[f][2 * rr] * sl2 - l2.x), x1 = fast_exp2(S[f][2 * rr + 1] * sl2 - l2.y);
         if (!inside) {
-          if (!(lo2.x <= k && k <= q0 + col)) x0 = 0.f;
-          if (!(lo2.y <= k && k <= q0 + col + 1)) x1 = 0.f;
+          if (!(lo2.x <= k && k < hi2.x)) x0 = 0.f;
+          if (!(lo2.y <= k && k < hi2.y)) x1 = 0.f;
         }
         S[f][2 * rr] = x0;
         S[f][2 * rr + 1] = x1;
@@ -1649,18 +1682,29 @@ struct WinDkdvSm90 {
   }
 };
 
-struct WinBwdSm90Args {
+struct RangeBwdSm90Args {
   Sm90BwdMaps maps;
   NsaParams p;
 };
 
-extern "C" __global__ void __launch_bounds__(128) nsa_rowinfo_sm90(const NsaParams p) { nsa_rowinfo_impl(p); }
-extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) nsa_dq_win_sm90(const __grid_constant__ WinBwdSm90Args a) {
-  sm90_attn_dq<WinDqSm90>(a.p, a.maps);
-}
-extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) nsa_dkdv_win_sm90(const __grid_constant__ WinBwdSm90Args a) {
-  sm90_attn_dkdv<WinDkdvSm90>(a.p, a.maps);
-}
+#define NSA_SM90_KERNELS(NAME, KIND)                                                                  \
+  extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1)                                     \
+      nsa_fwd_##NAME##_sm90(const __grid_constant__ RangeSm90Args a) {                                \
+    sm90_attn_fwd<RangeSm90<KIND>>(a.p, a.maps);                                                      \
+  }                                                                                                   \
+  extern "C" __global__ void __launch_bounds__(128) nsa_rowinfo_##NAME##_sm90(const NsaParams p) {    \
+    nsa_rowinfo_impl<KIND>(p);                                                                        \
+  }                                                                                                   \
+  extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1)                                     \
+      nsa_dq_##NAME##_sm90(const __grid_constant__ RangeBwdSm90Args a) {                              \
+    sm90_attn_dq<RangeDqSm90<KIND>>(a.p, a.maps);                                                     \
+  }                                                                                                   \
+  extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1)                                     \
+      nsa_dkdv_##NAME##_sm90(const __grid_constant__ RangeBwdSm90Args a) {                            \
+    sm90_attn_dkdv<RangeDkdvSm90<KIND>>(a.p, a.maps);                                                 \
+  }
+NSA_SM90_KERNELS(win, 0)
+NSA_SM90_KERNELS(cmp, 1)
 #else
 #define NSA_E NSA_ELEM, NSA_DK, NSA_DV
 extern "C" __global__ void __launch_bounds__(128) nsa_fwd_win(const NsaParams p) { nsa_fwd_impl<NSA_E, 0>(p); }

@@ -664,6 +664,38 @@ def test_cuda_window_engine(dtype, D, G, W, T, cu, force_sm80, monkeypatch):
 
 @cuda_only
 @pytest.mark.cuda
+@pytest.mark.parametrize("force_sm80", [False, True], ids=["engine", "sm80"])
+@pytest.mark.parametrize("dtype", [BF16, F16])
+@pytest.mark.parametrize(
+    "D, G, T, ks, d, cu, mag",
+    [
+        (128, 4, 1000, 32, 16, None, 1.0),  # rows and compressed keys past a tile multiple
+        (64, 16, 700, 16, 8, None, 6.0),  # GQA, large logits
+        (128, 2, 900, 32, 16, [0, 20, 21, 400, 900], 4.0),  # sequences shorter than a window
+    ],
+)
+def test_cuda_compressed_engine(dtype, D, G, T, ks, d, cu, mag, force_sm80, monkeypatch):
+    check_path = engine_path(monkeypatch, force_sm80)
+    Hkv = 2
+    cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int64)
+    q, k, v = qkv(1, T, G * Hkv, Hkv, D, dtype, mag=mag)
+    kc, _ = R.nsa_compress_reference(k.double(), kernel_size=ks, kernel_stride=d, cu_seqlens=cu_t)
+    vc, _ = R.nsa_compress_reference(v.double(), kernel_size=ks, kernel_stride=d, cu_seqlens=cu_t)
+    kc, vc = kc.to(dtype), vc.to(dtype)
+
+    def run(ker, q, kc, vc):
+        f = N.nsa_compressed_attn if ker else R.nsa_compressed_attn_reference
+        cuv = None if cu_t is None else cu_t.to(q.device)
+        return f(q, kc, vc, kernel_size=ks, kernel_stride=d, cu_seqlens=cuv)[0]
+
+    outs = _fwd_bwd(lambda *a: run(a[0].dtype == dtype, *a), (q, kc, vc), dtype, "cuda")
+    check_path()
+    for name, (a, b) in zip(["o", "dq", "dk", "dv"], outs, strict=True):
+        _check(name, a, b, dtype)
+
+
+@cuda_only
+@pytest.mark.cuda
 @pytest.mark.parametrize("cu", [None, [0, 1500, 1501, 2900]], ids=["dense", "varlen"])
 def test_cuda_window_engine_backward(cu, monkeypatch):
     """The window backward on its own (large logits, GQA, a window that is not a multiple of the

@@ -125,27 +125,29 @@ pub fn tma_map(t: &View, rows: u32) -> Option<TmaMap> {
     Some(unsafe { std::mem::transmute::<dsys::CUtensorMap, TmaMap>(map.assume_init()) })
 }
 
-/// The TMA descriptor of a float32 row table [planes, 3, tp] (the Hopper backward's lse, Δ and
-/// first visible key per row) for boxes of 64 rows × 3, unswizzled. `tp` is a multiple of 64.
+/// The TMA descriptor of a float32 row table [rows, SM90_ROWINFO_PLANES, tp] (the Hopper
+/// backward's lse, Δ and key range per row) for boxes of 64 rows × all planes, unswizzled. `tp`
+/// is a multiple of 64.
 pub fn rowinfo_map(t: &View) -> Option<TmaMap> {
     use dsys::{
         CUtensorMapDataType as Ty, CUtensorMapFloatOOBfill as Fill, CUtensorMapInterleave as Il,
         CUtensorMapL2promotion as L2, CUtensorMapSwizzle as Sw,
     };
+    const PLANES: usize = SM90_ROWINFO_PLANES;
     let contiguous = t.ndim() == 3
-        && t.shape[1] == 3
+        && t.shape[1] == PLANES
         && t.strides[2] == 1
         && t.strides[1] == t.shape[2] as isize
-        && t.strides[0] == 3 * t.shape[2] as isize;
+        && t.strides[0] == (PLANES * t.shape[2]) as isize;
     if t.dtype != DType::F32 || !contiguous || t.shape[2] % 64 != 0 || t.addr() % 16 != 0 {
         return None;
     }
-    let dims = [t.shape[2] as u64, 3, t.shape[0] as u64];
+    let dims = [t.shape[2] as u64, PLANES as u64, t.shape[0] as u64];
     if dims.iter().any(|&n| n == 0 || n > u32::MAX as u64) {
         return None;
     }
-    let strides = [dims[0] * 4, 3 * dims[0] * 4];
-    let boxes = [64u32, 3, 1];
+    let strides = [dims[0] * 4, dims[1] * dims[0] * 4];
+    let boxes = [SM90_BWD_STREAM as u32, PLANES as u32, 1];
     let steps = [1u32; 3];
     let mut map = std::mem::MaybeUninit::<dsys::CUtensorMap>::uninit();
     // SAFETY: every array has the rank's length; the address is only recorded, not read.
@@ -183,6 +185,8 @@ pub struct Sm90BwdArgs<P> {
 /// Rows of the backward's fixed tile (SM90_BWD_FIXED) and of a streamed tile (SM90_BWD_STREAM).
 pub const SM90_BWD_FIXED: usize = 128;
 pub const SM90_BWD_STREAM: usize = 64;
+/// Planes of the backward's row table (SM90_ROWINFO_PLANES): lse·log2(e), Δ, key range lo, hi.
+pub const SM90_ROWINFO_PLANES: usize = 4;
 
 /// Dynamic shared memory of the backward (Sm90BwdLayout): two fixed tiles, two stages of two
 /// streamed tiles and a 1024-byte row-table slot, the barriers and the stage table, 1024 bytes

@@ -1376,18 +1376,18 @@ pub fn compile_variant(v: &Variant, arch: &str) -> Result<usize, String> {
     cuda::cached_cubin("nsa.cu", &cuda::source(SOURCE), &v.defines(), arch).map(|c| c.len())
 }
 
-/// Keys per tile of the Hopper sliding-window forward (WinSm90::BN in cuda/nsa.cu).
-const WINDOW_SM90_BN: usize = 128;
+/// Keys per tile of the Hopper range-branch forward (RangeSm90::BN in cuda/nsa.cu).
+const RANGE_SM90_BN: usize = 128;
 
 impl Variant {
-    /// The Hopper sliding-window forward's module (16-bit, dk == dv).
+    /// The Hopper range branches' module (window and compressed; 16-bit, dk == dv).
     pub fn sm90_defines(&self) -> Vec<(String, String)> {
         let mut d = self.defines();
         d.push(("NSA_SM90".into(), "1".into()));
         d
     }
 
-    /// Every variant of the Hopper window forward (compiled by CI for sm_90a).
+    /// Every variant of the Hopper range branches (compiled by CI for sm_90a).
     pub fn all_sm90() -> Vec<Variant> {
         Variant::all()
             .into_iter()
@@ -1400,10 +1400,19 @@ pub fn compile_sm90_variant(v: &Variant, arch: &str) -> Result<usize, String> {
     cuda::cached_cubin("nsa.cu", &cuda::source(SOURCE), &v.sm90_defines(), arch).map(|c| c.len())
 }
 
-/// The Hopper sliding-window forward's variant and q, k, v tensor maps, where it applies: an
+/// The kernel-name stem of a range branch on the Hopper engine ("window" → nsa_*_win_sm90).
+fn range_stem(kind: &str) -> Option<&'static str> {
+    match kind {
+        "window" => Some("win"),
+        "compressed" => Some("cmp"),
+        _ => None,
+    }
+}
+
+/// The Hopper range-branch forward's variant and q, k, v tensor maps, where it applies: an
 /// sm_90a device not forced onto sm_80, 16-bit inputs of one padded head dim whose layout TMA can
 /// describe.
-fn window_sm90(
+fn range_sm90(
     dev: &cuda::Device,
     p: &AttnProblem,
     q: &View,
@@ -1416,8 +1425,8 @@ fn window_sm90(
     }
     let maps = [
         cuda::tma_map(q, cuda::SM90_BM as u32)?,
-        cuda::tma_map(k, WINDOW_SM90_BN as u32)?,
-        cuda::tma_map(v, WINDOW_SM90_BN as u32)?,
+        cuda::tma_map(k, RANGE_SM90_BN as u32)?,
+        cuda::tma_map(v, RANGE_SM90_BN as u32)?,
     ];
     Some((variant, maps))
 }
@@ -1607,27 +1616,27 @@ fn list_plan(p: &AttnProblem, aux: &CudaAux, n: usize, dev: Device) -> Result<(i
     Ok((nl as i32, chunks as u32))
 }
 
-/// The Hopper window backward's tensor maps, where it applies: where the forward does, with as
-/// many keys as queries, a dout TMA can read and the caller's row table. The dQ kernel streams
-/// k, v past a fixed q, dout tile; the dK/dV kernel streams q, dout past a fixed k, v tile.
-struct WindowSm90Bwd {
+/// The Hopper range-branch backward's tensor maps, where it applies: where the forward does,
+/// with a dout TMA can read and the caller's row table. The dQ kernel streams k, v past a fixed
+/// q, dout tile; the dK/dV kernel streams q, dout past a fixed k, v tile.
+struct RangeSm90Bwd {
     variant: Variant,
     dq_maps: [cuda::TmaMap; 5],
     dkdv_maps: [cuda::TmaMap; 5],
 }
 
-fn window_sm90_bwd(
+fn range_sm90_bwd(
     dev: &cuda::Device,
     p: &AttnProblem,
     x: &BwdTensors,
     rowinfo: Option<&View>,
-) -> Option<WindowSm90Bwd> {
+) -> Option<RangeSm90Bwd> {
     let rowinfo = rowinfo?;
     let tp = p.t.div_ceil(cuda::SM90_BWD_STREAM) * cuda::SM90_BWD_STREAM;
-    if x.k.shape[1] != p.t || rowinfo.shape != [p.b * p.hq, 3, tp] {
+    if rowinfo.shape != [p.b * p.hq, cuda::SM90_ROWINFO_PLANES, tp] {
         return None;
     }
-    let (variant, _) = window_sm90(dev, p, x.q, x.k, x.v)?;
+    let (variant, _) = range_sm90(dev, p, x.q, x.k, x.v)?;
     let (fixed, stream) = (cuda::SM90_BWD_FIXED as u32, cuda::SM90_BWD_STREAM as u32);
     let info = cuda::rowinfo_map(rowinfo)?;
     let dq_maps = [
@@ -1644,66 +1653,62 @@ fn window_sm90_bwd(
         cuda::tma_map(x.dout, stream)?,
         info,
     ];
-    Some(WindowSm90Bwd {
+    Some(RangeSm90Bwd {
         variant,
         dq_maps,
         dkdv_maps,
     })
 }
 
-/// The Hopper window backward: the row table (lse, Δ, first key per row), then dQ (query-outer)
-/// and dK/dV (key-outer), both deterministic.
-fn window_sm90_backward(
+/// The Hopper range-branch backward: the row table (lse, Δ, key range per row), then dQ
+/// (query-outer) and dK/dV (key-outer), both deterministic.
+fn range_sm90_backward(
     dev: &cuda::Device,
     p: &AttnProblem,
-    plan: WindowSm90Bwd,
+    stem: &str,
+    plan: RangeSm90Bwd,
     prm: NsaParams,
     stream: usize,
 ) -> Result<(), String> {
     let smem = cuda::sm90_bwd_smem(plan.variant.dk);
+    let (info_name, dq_name, dkdv_name) = (
+        format!("nsa_rowinfo_{stem}_sm90"),
+        format!("nsa_dq_{stem}_sm90"),
+        format!("nsa_dkdv_{stem}_sm90"),
+    );
     let kernels = dev.kernels(
         "nsa.cu",
         SOURCE,
         &plan.variant.sm90_defines(),
-        &[
-            ("nsa_rowinfo_sm90", 0),
-            ("nsa_dq_win_sm90", smem),
-            ("nsa_dkdv_win_sm90", smem),
-        ],
+        &[(&info_name, 0), (&dq_name, smem), (&dkdv_name, smem)],
     )?;
     let rows = (p.b * p.hq * prm.tp as usize).div_ceil(4) as u32;
     let dq = cuda::Sm90BwdArgs {
         maps: plan.dq_maps,
         p: prm,
     };
-    // (query tile, head, batch row): WinSm90::work_tiles; (key tile, kv head, batch row):
-    // WinDkdvSm90::work_tiles
+    // (query tile, head, batch row): RangeSm90::work_tiles; (key tile, kv head, batch row):
+    // RangeDkdvSm90::work_tiles
     let dq_tiles = p.t.div_ceil(cuda::SM90_BM) * p.hq * p.b;
-    let dkdv_tiles = p.t.div_ceil(cuda::SM90_BWD_FIXED) * p.hkv * p.b;
-    // SAFETY: the args mirror NsaParams and WinBwdSm90Args; the maps and prm describe validated
-    // tensors of this device (the row table checked in window_sm90_bwd), every store is
+    let dkdv_tiles = (dq.p.s as usize).div_ceil(cuda::SM90_BWD_FIXED) * p.hkv * p.b;
+    // SAFETY: the args mirror NsaParams and RangeBwdSm90Args; the maps and prm describe
+    // validated tensors of this device (the row table checked in range_sm90_bwd), every store is
     // bounds-checked.
     unsafe {
         dev.launch(
-            kernels.get("nsa_rowinfo_sm90")?,
+            kernels.get(&info_name)?,
             (rows, 1, 1),
             128,
             0,
             stream,
             &dq.p,
         )?;
-        dev.launch_sm90(kernels.get("nsa_dq_win_sm90")?, dq_tiles, smem, stream, &dq)?;
+        dev.launch_sm90(kernels.get(&dq_name)?, dq_tiles, smem, stream, &dq)?;
         let dkdv = cuda::Sm90BwdArgs {
             maps: plan.dkdv_maps,
             p: dq.p,
         };
-        dev.launch_sm90(
-            kernels.get("nsa_dkdv_win_sm90")?,
-            dkdv_tiles,
-            smem,
-            stream,
-            &dkdv,
-        )
+        dev.launch_sm90(kernels.get(&dkdv_name)?, dkdv_tiles, smem, stream, &dkdv)
     }
 }
 
@@ -1733,23 +1738,18 @@ fn cuda_attn_forward(
     }
     let dev = cuda::device(ordinal)?;
     let stream = aux.stream;
-    if br.kind == "window" {
-        if let Some((variant, maps)) = window_sm90(&dev, p, q, k, v) {
-            let smem = cuda::sm90_smem(variant.dk, WINDOW_SM90_BN);
-            let kernels = dev.kernels(
-                "nsa.cu",
-                SOURCE,
-                &variant.sm90_defines(),
-                &[("nsa_fwd_win_sm90", smem)],
-            )?;
-            // (token tile, head, batch row): WinSm90::work_tiles
+    if let Some(stem) = range_stem(br.kind) {
+        if let Some((variant, maps)) = range_sm90(&dev, p, q, k, v) {
+            let smem = cuda::sm90_smem(variant.dk, RANGE_SM90_BN);
+            let name = format!("nsa_fwd_{stem}_sm90");
+            let kernels =
+                dev.kernels("nsa.cu", SOURCE, &variant.sm90_defines(), &[(&name, smem)])?;
+            // (token tile, head, batch row): RangeSm90::work_tiles
             let tiles = p.t.div_ceil(cuda::SM90_BM) * p.hq * p.b;
             let args = cuda::Sm90Args { maps, p: prm };
-            // SAFETY: args mirrors WinSm90Args; the maps and prm describe validated tensors of
+            // SAFETY: args mirrors RangeSm90Args; the maps and prm describe validated tensors of
             // this device, and every row the kernel stores is bounds-checked.
-            return unsafe {
-                dev.launch_sm90(kernels.get("nsa_fwd_win_sm90")?, tiles, smem, stream, &args)
-            };
+            return unsafe { dev.launch_sm90(kernels.get(&name)?, tiles, smem, stream, &args) };
         }
     }
     let variant = Variant::new(p.dtype, p.d, p.dv);
@@ -1858,9 +1858,9 @@ fn cuda_attn_backward(
         return Ok(());
     }
     let dev = cuda::device(ordinal)?;
-    if br.kind == "window" && p.t > 0 {
-        if let Some(plan) = window_sm90_bwd(&dev, p, x, aux.rowinfo) {
-            return window_sm90_backward(&dev, p, plan, prm, aux.stream);
+    if let (Some(stem), true) = (range_stem(br.kind), p.t > 0) {
+        if let Some(plan) = range_sm90_bwd(&dev, p, x, aux.rowinfo) {
+            return range_sm90_backward(&dev, p, stem, plan, prm, aux.stream);
         }
     }
     let variant = Variant::new(p.dtype, p.d, p.dv);

@@ -223,11 +223,11 @@ def _cuda_bwd_aux(q, k, v, block_indices, block_counts, kind, count, a, b, cu_se
     if q.device.type != "cuda":
         return {}
     aux = {"delta": torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)}
-    if kind == "window" and torch.cuda.get_device_capability(q.device)[0] == 9:
-        # the Hopper backward's row table: lse, Δ and first visible key per (row, head)
+    if kind in ("window", "compressed") and torch.cuda.get_device_capability(q.device)[0] == 9:
+        # the Hopper backward's row table: lse, Δ and key range per (head, token)
         B, T, Hq = q.shape[:3]
         tp = (T + 63) // 64 * 64
-        aux["rowinfo"] = torch.empty((B * Hq, 3, tp), dtype=torch.float32, device=q.device)
+        aux["rowinfo"] = torch.empty((B * Hq, 4, tp), dtype=torch.float32, device=q.device)
     if kind == "compressed" and cu_seqlens is not None:
         aux["cmp_off"] = _cmp_offsets(cu_seqlens, q.shape[1], a, b)
     if kind == "selected" and block_indices is not None and block_indices.dim() == 4:
