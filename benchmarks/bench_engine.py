@@ -1,7 +1,7 @@
 """The Hopper attention engine's targets, in one process: landmark_attn against torch SDPA (causal,
-its default backend: cuDNN on Hopper) and sliding_window_attn against compiled FlexAttention with
-the same mask, forward and forward+backward, bf16. Each longattn op is also timed on the sm_80
-kernels (LONGATTN_FORCE_SM80=1) beside the Hopper path.
+its default backend: cuDNN on Hopper), sliding_window_attn and the NSA compressed branch against
+compiled FlexAttention with the same mask, forward and forward+backward, bf16. Each longattn op is
+also timed on the sm_80 kernels (LONGATTN_FORCE_SM80=1) beside the Hopper path.
 
     python benchmarks/bench_engine.py [--quick] [--out bench_engine.json]
 """
@@ -107,6 +107,37 @@ def window_row(flex, t, hq, hkv, w=512, d=128):
     return row
 
 
+def compressed_row(flex, t, hq, hkv, ks=32, d=16, dh=128):
+    """The NSA compressed branch (queries over the compressed keys whose window they have seen)
+    against FlexAttention with the same visibility mask."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    c = (t - ks) // d + 1
+    q, k, v = bf16(1, t, hq, dh), bf16(1, c, hkv, dh), bf16(1, c, hkv, dh)
+    qt, kt, vt = (x.detach().transpose(1, 2).requires_grad_() for x in (q, k, v))
+
+    def seen(b, h, qi, ki):
+        return qi >= ki * d + ks - 1
+
+    mask = create_block_mask(seen, 1, None, t, c, device="cuda")
+
+    def fx():
+        return flex(qt, kt, vt, block_mask=mask, enable_gqa=hq != hkv)
+
+    def cmp():
+        return longattn.nsa_compressed_attn(q, k, v, kernel_size=ks, kernel_stride=d)[0]
+
+    row = {"op": "compressed", "T": t, "Hq": hq, "Hkv": hkv, "D": dh, "C": c}
+    row["flex_fwd"] = timed(fx)
+    row["flex_fwdbwd"] = timed(fwd_bwd(fx, (qt, kt, vt)))
+    with torch.no_grad():
+        row["fwd"] = paths(cmp)
+    row["fwdbwd"] = paths(fwd_bwd(cmp, (q, k, v)))
+    pairs = sum(max(0, (i - ks + 1) // d + 1) for i in range(t))  # visible (query, key) pairs
+    row["fwd_tflops"] = 4 * pairs * dh * hq / (row["fwd"]["sm90"] * 1e-3) / 1e12
+    return row
+
+
 def run_rows(make, shapes):
     rows = []
     for shape in shapes:
@@ -122,7 +153,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default="bench_engine.json")
-    ap.add_argument("--only", choices=("landmark", "window"), default=None)
+    ap.add_argument("--only", choices=("landmark", "window", "compressed"), default=None)
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no new shape after this")
     a = ap.parse_args()
     gpu = torch.cuda.get_device_name(0)
@@ -140,6 +171,12 @@ def main():
         ts = [16384] if a.quick else [16384, 65536]
         heads = [(32, 32), (64, 4)]
         res["rows"] += run_rows(window_row, [(flex, t, hq, hkv) for t in ts for hq, hkv in heads])
+    if a.only in (None, "compressed"):
+        from torch.nn.attention.flex_attention import flex_attention
+
+        flex = torch.compile(flex_attention, dynamic=False)
+        ts = [16384] if a.quick else [16384, 65536]
+        res["rows"] += run_rows(compressed_row, [(flex, t, 64, 4) for t in ts])
     res["seconds"] = time.time() - t0
     with open(a.out, "w") as f:
         json.dump(res, f, indent=1)
