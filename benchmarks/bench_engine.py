@@ -37,12 +37,19 @@ def fwd_bwd(fn, inputs):
 
 
 def paths(fn):
-    """Times fn on the Hopper path and on the forced sm_80 path."""
+    """Times fn on the Hopper path (with and without the forward's pingpong schedule) and on the
+    forced sm_80 path."""
     res = {}
-    for name, force in (("sm90", "0"), ("sm80", "1")):
+    for name, force, pingpong in (
+        ("sm90", "0", "0"),
+        ("sm90_pingpong", "0", "1"),
+        ("sm80", "1", "0"),
+    ):
         os.environ["LONGATTN_FORCE_SM80"] = force
+        os.environ["LONGATTN_SM90_PINGPONG"] = pingpong
         res[name] = timed(fn)
     os.environ["LONGATTN_FORCE_SM80"] = "0"
+    os.environ["LONGATTN_SM90_PINGPONG"] = "0"
     return res
 
 

@@ -34,6 +34,11 @@
 #define SM90_STAGES 2
 #define SM90_PRODUCER_REGS 40
 #define SM90_CONSUMER_REGS 232
+// 1: the consumer warpgroups take turns issuing their GEMMs (FlashAttention-3's pingpong), so
+// that one's softmax runs while the other's GEMMs hold the tensor cores.
+#ifndef SM90_PINGPONG
+#define SM90_PINGPONG 0
+#endif
 
 struct Sm90Maps {
   TmaMap q, k, v;
@@ -197,6 +202,15 @@ __device__ __forceinline__ void sm90_attn_fwd(const typename Fam::Params &p, con
       mbar_wait(&v_full[s], (it / ST) & 1);
       mbar_arrive(&v_empty[s]);
     };
+    // Pingpong turns: warpgroup `half` issues its GEMMs between turn_begin and turn_end;
+    // warpgroup 1 hands warpgroup 0 the first turn. Both run the same sequence of turns.
+    auto turn_begin = [&]() {
+      if (SM90_PINGPONG) named_sync(1 + half, 256);
+    };
+    auto turn_end = [&]() {
+      if (SM90_PINGPONG) named_arrive(2 - half, 256);
+    };
+    if (SM90_PINGPONG && half == 1) named_arrive(1, 256);
     int it = 0, done = 0; // key tiles consumed (sentinels included); work tiles done
     for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
       typename Fam::Cta c;
@@ -212,7 +226,9 @@ __device__ __forceinline__ void sm90_attn_fwd(const typename Fam::Params &p, con
       mbar_wait(&k_full[s], (it / ST) & 1);
       const int first = tile_k0[s];
       if (first >= 0) {
+        turn_begin();
         issue_scores(s);
+        turn_end();
         wgmma_wait<0>();
         fence_regs<NF * 4>(&S[0][0]);
         mbar_arrive(&k_empty[s]);
@@ -225,10 +241,12 @@ __device__ __forceinline__ void sm90_attn_fwd(const typename Fam::Params &p, con
           mbar_wait(&k_full[s], (it / ST) & 1);
           const int k0 = tile_k0[s];
           if (k0 < 0) break;
-          issue_scores(s);
           rescale(O, alpha);
           mbar_wait(&v_full[prev % ST], (prev / ST) & 1);
+          turn_begin();
+          issue_scores(s);
           issue_pv(prev % ST, O);
+          turn_end();
           wgmma_wait<1>(); // the scores
           fence_regs<NF * 4>(&S[0][0]);
           mbar_arrive(&k_empty[s]);
@@ -243,7 +261,9 @@ __device__ __forceinline__ void sm90_attn_fwd(const typename Fam::Params &p, con
         release_sentinel(s, it);
         rescale(O, alpha);
         mbar_wait(&v_full[prev % ST], (prev / ST) & 1);
+        turn_begin();
         issue_pv(prev % ST, O);
+        turn_end();
         wgmma_wait<0>();
         fence_regs<NO * 4>(&O[0][0]);
         mbar_arrive(&v_empty[prev % ST]);

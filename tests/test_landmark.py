@@ -526,10 +526,15 @@ ENGINE_BLOCKS = (16, 32, 51, 64, 128)  # the engine's compile-time block sizes
 
 
 @cuda_only
-@pytest.mark.parametrize("force_sm80", [False, True], ids=["engine", "sm80"])
+@pytest.mark.parametrize(
+    "force_sm80, pingpong",
+    [(False, "0"), (False, "1"), (True, "0")],
+    ids=["engine", "pingpong", "sm80"],
+)
 @pytest.mark.parametrize("dtype", [BF16, F16], ids=str)
 @pytest.mark.parametrize("case", ENGINE_CASES, ids=lambda c: "x".join(map(str, c)))
-def test_cuda_engine_vs_reference(case, dtype, force_sm80, monkeypatch):
+def test_cuda_engine_vs_reference(case, dtype, force_sm80, pingpong, monkeypatch):
+    monkeypatch.setenv("LONGATTN_SM90_PINGPONG", pingpong)
     check_path = engine_path(monkeypatch, force_sm80)
     B, Tq, Tk, Hq, Hkv, D, bs, retrieval = case
     q, k, v = make(B, Tq, Tk, Hq, Hkv, D, dtype=dtype, device="cuda", grad=True)

@@ -634,7 +634,11 @@ def test_cuda_selected_deterministic(Hq):
 
 @cuda_only
 @pytest.mark.cuda
-@pytest.mark.parametrize("force_sm80", [False, True], ids=["engine", "sm80"])
+@pytest.mark.parametrize(
+    "force_sm80, pingpong",
+    [(False, "0"), (False, "1"), (True, "0")],
+    ids=["engine", "pingpong", "sm80"],
+)
 @pytest.mark.parametrize("dtype", [BF16, F16])
 @pytest.mark.parametrize(
     "D, G, W, T, cu",
@@ -645,8 +649,9 @@ def test_cuda_selected_deterministic(Hq):
         (64, 2, 1000, 300, [0, 129, 300]),  # a window longer than the sequences
     ],
 )
-def test_cuda_window_engine(dtype, D, G, W, T, cu, force_sm80, monkeypatch):
+def test_cuda_window_engine(dtype, D, G, W, T, cu, force_sm80, pingpong, monkeypatch):
     check_path = engine_path(monkeypatch, force_sm80)
+    monkeypatch.setenv("LONGATTN_SM90_PINGPONG", pingpong)
     Hkv = 2
     cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32)
     q, k, v = qkv(1, T, G * Hkv, Hkv, D, dtype)

@@ -56,6 +56,18 @@ pub fn landmark_sm90_enabled() -> bool {
     std::env::var("LONGATTN_LANDMARK_SM90").is_ok_and(|v| v == "1")
 }
 
+/// `LONGATTN_SM90_PINGPONG=1`: the Hopper forward's consumer warpgroups take turns issuing their
+/// GEMMs (SM90_PINGPONG in cuda/attn_sm90.cuh); off by default until measured faster. Read on
+/// every call (each setting is its own module).
+pub fn sm90_pingpong() -> bool {
+    std::env::var("LONGATTN_SM90_PINGPONG").is_ok_and(|v| v == "1")
+}
+
+/// The defines every Hopper-engine module gets beside its family's own.
+pub fn sm90_common_defines() -> Vec<(String, String)> {
+    vec![("SM90_PINGPONG".into(), (sm90_pingpong() as u8).to_string())]
+}
+
 /// A TMA descriptor (the driver's CUtensorMap), passed by value inside kernel parameters.
 #[repr(C, align(64))]
 #[derive(Clone, Copy)]

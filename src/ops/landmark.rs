@@ -575,6 +575,7 @@ impl Sm90Variant {
         }
         .defines();
         d.push(("LM_SM90".into(), "1".into()));
+        d.extend(cuda::sm90_common_defines());
         d.push(("LM_BS".into(), self.bs.to_string()));
         d.push(("LM_BN".into(), self.tile().to_string()));
         d

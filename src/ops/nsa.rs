@@ -1384,6 +1384,7 @@ impl Variant {
     pub fn sm90_defines(&self) -> Vec<(String, String)> {
         let mut d = self.defines();
         d.push(("NSA_SM90".into(), "1".into()));
+        d.extend(cuda::sm90_common_defines());
         d
     }
 
