@@ -22,7 +22,7 @@ from longattn.integrations.transformers import (  # noqa: E402
 from transformers.cache_utils import DynamicLayer  # noqa: E402
 
 KINDS = ["nsa", "lightning", "rat", "landmark"]
-ARCHS = ["llama", "qwen2", "qwen3"]
+ARCHS = ["llama", "qwen2", "qwen3", "mistral"]
 # small sizes so that T ~ 40 crosses several blocks / windows / chunks
 OPTS = {
     "nsa": {"kernel_size": 4, "kernel_stride": 2, "block_size": 8, "topk": 2, "window_size": 8},
@@ -65,6 +65,8 @@ def make_model(arch: str, layers: int = 2, theta: float = 5000.0):
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**kw))
     elif arch == "qwen3":
         model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(head_dim=D, **kw))
+    elif arch == "mistral":  # its default sliding_window (4096) is longer than the tests' T
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(**kw))
     else:
         raise AssertionError(arch)
     return model.eval()

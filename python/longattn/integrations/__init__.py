@@ -1,8 +1,10 @@
 """Integrations of the longattn modules into other libraries.
 
-- :mod:`longattn.integrations.transformers`: ``swap_attention(model, kind, layers=None,
-  **config)`` replaces the self-attention of Llama-family decoder layers (Llama, Mistral, Qwen2,
-  Qwen3, ...) of a Hugging Face ``transformers`` model with a longattn module, in place.
+- :mod:`longattn.integrations.transformers`: importing it registers the attention
+  implementations ``"longattn_sliding_window"`` and ``"longattn_landmark"`` in ``transformers``;
+  ``swap_attention(model, kind, layers=None, **config)`` replaces the self-attention of
+  Llama-family decoder layers (Llama, Mistral, Qwen2, Qwen3, ...) with a longattn module, in
+  place, and ``from_pretrained(path)`` loads a model saved after such a swap.
 
 Submodules import their library on first use, so ``import longattn`` never needs them.
 """

@@ -1,11 +1,31 @@
-"""Drop-in replacement of the self-attention of Hugging Face ``transformers`` decoder models.
+"""longattn in Hugging Face ``transformers`` (5.x) decoder models, two ways.
 
-``swap_attention(model, kind, layers=None, **config)`` replaces ``layer.self_attn`` of every
-decoder layer (or of the layer indices in ``layers``) of a Llama-family model (Llama, Mistral,
-Qwen2, Qwen3 and any model whose attention module has ``q_proj``/``k_proj``/``v_proj``/``o_proj``
-``nn.Linear`` layers and whose decoder layers keep their own RMSNorm and residual) with a
-longattn module of ``kind`` in ``{"nsa", "lightning", "rat", "landmark"}``, in place, and returns
-the model. Forward, backward and ``generate()`` (with or without a cache) keep working.
+**Attention functions** (mechanisms that reuse the model's q/k/v/o projections unchanged): importing
+this module registers, in transformers' ``AttentionInterface`` (and ``AttentionMaskInterface``),
+
+- ``"longattn_sliding_window"``: causal softmax attention over the last W keys
+  (:func:`longattn.sliding_window_attn`), W = ``config.longattn_window_size``, else the model's
+  ``config.sliding_window``, else 512;
+- ``"longattn_landmark"``: landmark attention (:func:`longattn.landmark_attn`), block size
+  ``config.longattn_landmark_block_size`` (default 64), retrieval of the top
+  ``config.longattn_landmark_topk`` blocks (default None: no retrieval).
+
+``AutoModelForCausalLM.from_config(cfg, attn_implementation="longattn_landmark")`` (or
+``from_pretrained(..., attn_implementation=...)``, ``model.set_attn_implementation(...)``) selects
+one. The model keeps its modules, weights, RoPE (with its scaling: the model rotates q and k before
+calling the attention function) and its own key/value cache; GQA is native. Landmark is also a
+``swap_attention`` kind: its official retrieval decode rotates the retrieved blocks at remapped
+positions, which needs the keys before RoPE, and an attention function only sees rotated ones.
+
+**Module replacement** (mechanisms with parameters of their own): ``swap_attention(model, kind,
+layers=None, **config)`` replaces ``layer.self_attn`` of every decoder layer (or of the layer
+indices in ``layers``) of a Llama-family model (Llama, Mistral, Qwen2, Qwen3 and any model whose
+attention module has ``q_proj``/``k_proj``/``v_proj``/``o_proj`` ``nn.Linear`` layers and whose
+decoder layers keep their own RMSNorm and residual) with a longattn module of ``kind`` in
+``{"nsa", "lightning", "rat", "landmark"}``, in place, and returns the model. Forward, backward
+and ``generate()`` (with or without a cache) keep working. The swap is recorded in
+``model.config.longattn_swaps``, so ``save_pretrained`` saves it and :func:`from_pretrained`
+re-applies it before the weights are loaded.
 
 What each kind reuses from the original attention (copied, so the values are equal right after the
 swap) and what it initialises:
@@ -26,9 +46,12 @@ rat        v_proj into in_proj's v rows (kv heads repeated for     z, g, q, k ro
 
 Biases: where the model has a bias on some of q/k/v/o (Qwen2: q/k/v), the module is built with
 biases everywhere; the copied ones keep their values, the others start at 0. RoPE: nsa and
-landmark rotate q/k with the model's ``rope_theta`` (Llama ``rotate_half``; rope scaling types
-other than ``"default"`` are not reproduced: a warning says so); rat uses the model's
-``rope_theta`` as its chunk-RoPE base unless ``rope_base=`` is given; lightning has no RoPE.
+landmark rotate q/k with the model's own rotary embedding (:class:`ModelRotary`: the module that
+computes the ``position_embeddings`` the decoder layers receive, so rope scaling such as llama3
+or yarn applies), at every position they need (also NSA's compressed keys at their window starts
+and landmark's remapped retrieval positions); rat's RoPE runs over chunk indices inside its fused
+kernel, with the model's ``rope_theta`` as base unless ``rope_base=`` is given (no scaling);
+lightning has no RoPE.
 
 Caches: with a ``transformers`` cache (``generate()``, or ``use_cache=True``), the swapped layer's
 slot of that cache is replaced by a :class:`LongAttnCacheLayer` holding the module's own cache
@@ -36,10 +59,11 @@ slot of that cache is replaced by a :class:`LongAttnCacheLayer` holding the modu
 position ids and the masks of the layers that keep full attention stay right, and every new
 ``generate()`` call (which makes a new cache) starts fresh.
 
-Limits: swapped layers are causal over 0..T-1 (plus the cached tokens): a padding mask with zeros
-(left- or right-padded batches), a non-causal 4D mask or position ids other than
+Limits of swapped layers: they are causal over 0..T-1 (plus the cached tokens): a padding mask
+with zeros (left- or right-padded batches), a non-causal 4D mask or position ids other than
 ``past + arange(T)`` (packed sequences) raise ``ValueError`` instead of being ignored. The cache
-cannot be cropped (assisted / contrastive decoding) and attention weights are not returned.
+cannot be cropped (assisted / contrastive decoding) and attention weights are not returned. The
+attention functions take padded batches (row by row) and packed sequences (``cu_seqlens``).
 """
 
 from __future__ import annotations
@@ -48,6 +72,7 @@ import copy
 import dataclasses
 import inspect
 import warnings
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -55,21 +80,34 @@ import torch
 from torch import nn
 
 try:
+    from transformers import AttentionInterface, PreTrainedConfig
     from transformers.cache_utils import Cache, CacheLayerMixin, StaticLayer
+    from transformers.masking_utils import AttentionMaskInterface
 except ImportError as e:  # pragma: no cover - exercised only without transformers
     raise ImportError(
-        "longattn.integrations.transformers needs the `transformers` package "
-        "(pip install transformers)"
+        "longattn.integrations.transformers needs the `transformers` package, version 5 or later "
+        '(pip install "transformers>=5")'
     ) from e
 
 from ..nn import LandmarkAttention, LightningAttention, NativeSparseAttention, RATAttention
+from ..ops.landmark import landmark_attn, landmark_topk_blocks
+from ..ops.nsa import sliding_window_attn
 
 __all__ = [
+    "ATTN_IMPLEMENTATIONS",
+    "DEFAULT_LANDMARK_BLOCK_SIZE",
+    "DEFAULT_WINDOW_SIZE",
     "KINDS",
     "HeadRMSNormLinear",
     "LandmarkLogitsProcessor",
     "LongAttnCacheLayer",
     "LongAttnSelfAttention",
+    "ModelRotary",
+    "apply_recorded_swaps",
+    "from_pretrained",
+    "landmark_attention_forward",
+    "longattn_attention_mask",
+    "sliding_window_attention_forward",
     "swap_attention",
 ]
 
@@ -87,6 +125,357 @@ _DERIVED = {
     "lightning": {"hidden_size", "num_heads", "head_dim", "layer_idx", "num_layers", "bias"},
     "rat": {"hidden_size", "num_heads", "norm_and_residual", "bias"},
 }
+
+DEFAULT_WINDOW_SIZE = 512
+DEFAULT_LANDMARK_BLOCK_SIZE = 64
+
+
+# --------------------------------------------------------------------------- attention functions
+
+
+def _config_int(cfg: Any, name: str, default: int | None, minimum: int) -> int | None:
+    val = getattr(cfg, name, None)
+    if val is None:
+        return default
+    if isinstance(val, bool) or not isinstance(val, int) or val < minimum:
+        raise ValueError(f"config.{name}: expected an int >= {minimum} (or None), got {val!r}")
+    return val
+
+
+def _window_size(module: nn.Module) -> int:
+    """W of ``longattn_sliding_window`` from the module's config (see the module docstring)."""
+    cfg = getattr(module, "config", None)
+    model_window = getattr(cfg, "sliding_window", None)
+    if isinstance(model_window, bool) or not isinstance(model_window, int) or model_window < 1:
+        model_window = None
+    window = _config_int(cfg, "longattn_window_size", None, 1)
+    if window is None:
+        return model_window or DEFAULT_WINDOW_SIZE
+    if model_window is not None and window > model_window:
+        raise ValueError(
+            f"config.longattn_window_size: {window} is larger than the model's "
+            f"config.sliding_window ({model_window}), and transformers' cache keeps only the last "
+            f"{model_window - 1} keys of sliding layers; use at most {model_window}, or set "
+            "config.sliding_window = None"
+        )
+    return window
+
+
+def _landmark_options(module: nn.Module) -> tuple[int, int | None]:
+    """(block size, topk) of ``longattn_landmark`` from the module's config."""
+    cfg = getattr(module, "config", None)
+    if getattr(cfg, "sliding_window", None) is not None:
+        raise ValueError(
+            f"longattn_landmark: the model's config.sliding_window = {cfg.sliding_window} makes "
+            "transformers keep only the last keys in its cache (and mark layers as sliding), but "
+            "landmark attention needs every key; set config.sliding_window = None"
+        )
+    bs = _config_int(cfg, "longattn_landmark_block_size", DEFAULT_LANDMARK_BLOCK_SIZE, 2)
+    topk = _config_int(cfg, "longattn_landmark_topk", None, 1)
+    return bs, topk
+
+
+class _LastResult:
+    """One-slot memo keyed by a tensor's identity and version: the mask / position ids tensor of
+    one forward is the same object in every layer, so its host-side analysis runs once per
+    forward (an in-place change of the tensor bumps its version and is analysed again)."""
+
+    def __init__(self):
+        self.ref: Any = None
+        self.version = -1
+        self.value: Any = None
+
+    def get(self, key: torch.Tensor, fn):
+        if self.ref is not None and self.ref() is key and self.version == key._version:
+            return self.value
+        value = fn(key)
+        self.ref, self.version, self.value = weakref.ref(key), key._version, value
+        return value
+
+
+_ROWS = _LastResult()
+_PACKED = _LastResult()
+
+
+def _row_spans(mask: torch.Tensor) -> list[tuple[int, int]]:
+    """[(start, end)] of the tokens of each row of a 2D bool padding mask; one run per row."""
+    count = mask.sum(1)
+    first = mask.to(torch.int8).argmax(1)
+    ar = torch.arange(mask.shape[1], device=mask.device)[None]
+    run = (ar >= first[:, None]) & (ar < (first + count)[:, None])
+    if not bool((run == mask).all()):
+        raise ValueError(
+            "attention_mask: the longattn attention functions take left- or right-padded rows "
+            "(one run of tokens per row); this mask has holes"
+        )
+    return [(int(f), int(f) + int(c)) for f, c in zip(first.tolist(), count.tolist(), strict=True)]
+
+
+def _packed_cu_seqlens(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """int32 cu_seqlens over the flattened rows when position ids restart inside a row (packed
+    sequences: a new sequence wherever the position does not grow by 1), else None."""
+    pos = position_ids.reshape(position_ids.shape[0], -1)
+    brk = (pos[:, 1:] - pos[:, :-1]) != 1
+    if not bool(brk.any()):
+        return None
+    starts = torch.cat([torch.ones_like(brk[:, :1]), brk], dim=1).flatten()
+    idx = starts.nonzero().flatten()
+    end = torch.tensor([starts.numel()], device=idx.device, dtype=idx.dtype)
+    return torch.cat([idx, end]).to(torch.int32)
+
+
+def _window_torch(q, k, v, window: int, scale: float | None) -> torch.Tensor:
+    """Sliding-window attention of the Tq queries at the end of Tk keys (Tq < Tk: cached decode
+    or chunked prefill), in PyTorch over the last W + Tq - 1 keys only."""
+    Tq, Tk = q.shape[1], k.shape[1]
+    lo = max(0, Tk - Tq - window + 1)
+    k, v = k[:, lo:], v[:, lo:]
+    qpos = torch.arange(Tk - Tq, Tk, device=q.device)[:, None]
+    kpos = torch.arange(lo, Tk, device=q.device)[None, :]
+    allowed = (kpos <= qpos) & (kpos > qpos - window)
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed, scale=scale,
+        enable_gqa=q.shape[2] != k.shape[2],
+    )  # fmt: skip
+    return o.transpose(1, 2)
+
+
+def _check_call(name: str, module, query, key, value, attention_mask, dropout, kwargs) -> None:
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        raise ValueError(f"{name}: expected query/key/value [B, H, T, D]")
+    B, Hq, Tq, _ = query.shape
+    Hkv, Tk = key.shape[1], key.shape[2]
+    if Hkv < 1 or Hq % Hkv:
+        raise ValueError(f"{name}: {Hkv} kv heads do not divide {Hq} query heads")
+    groups = getattr(module, "num_key_value_groups", None)
+    if isinstance(groups, int) and groups != Hq // Hkv:
+        raise ValueError(
+            f"{name}: module.num_key_value_groups is {groups}, the tensors have "
+            f"{Hq} query and {Hkv} kv heads"
+        )
+    if Tk < Tq:
+        raise ValueError(f"{name}: {Tk} keys for {Tq} queries (need at least as many keys)")
+    is_causal = kwargs.get("is_causal")
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    if not is_causal:
+        raise ValueError(f"{name}: causal attention only (is_causal=False was requested)")
+    if dropout:
+        raise ValueError(
+            f"{name}: attention dropout is not supported (got {dropout}); set "
+            "config.attention_dropout = 0"
+        )
+    for opt in ("softcap", "s_aux", "sinks", "position_bias"):
+        if kwargs.get(opt) is not None:
+            raise ValueError(f"{name}: {opt} is not supported")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+            shape = getattr(attention_mask, "shape", None)
+            raise ValueError(
+                f"{name}: expected no mask or a 2D padding mask, got "
+                f"{type(attention_mask).__name__} of shape {tuple(shape or ())} (a custom 4D "
+                "mask is not supported: pass the 2D attention_mask of the tokens)"
+            )
+        if tuple(attention_mask.shape) != (B, Tk):
+            raise ValueError(
+                f"{name}: the padding mask has shape {tuple(attention_mask.shape)}, expected "
+                f"{(B, Tk)} (a static cache is not supported)"
+            )
+
+
+def _run(name: str, attend, query, key, value, attention_mask, kwargs) -> torch.Tensor:
+    """Shared body of the attention functions: ``attend(q, k, v, cu_seqlens)`` on tensors laid
+    out ``[B, T, H, D]`` (queries at the last Tq key positions) once for the batch, once over the
+    flattened rows of packed sequences, or once per row of a padded batch. Returns
+    ``[B, Tq, Hq, Dv]``."""
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    B, Tq, Hq, _ = q.shape
+    Tk = k.shape[1]
+    if attention_mask is not None:
+        mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
+        spans = _ROWS.get(attention_mask, lambda _: _row_spans(mask))
+        rows = []
+        for b, (s, e) in enumerate(spans):
+            q0 = max(s, Tk - Tq)  # first real query position
+            lead, trail = q0 - (Tk - Tq), Tk - max(e, q0)
+            parts = []
+            if lead:
+                parts.append(q.new_zeros(1, lead, Hq, v.shape[-1]))
+            if e > q0:
+                qb = q[b : b + 1, q0 - (Tk - Tq) : e - (Tk - Tq)]
+                parts.append(attend(qb, k[b : b + 1, s:e], v[b : b + 1, s:e], None))
+            if trail:
+                parts.append(q.new_zeros(1, trail, Hq, v.shape[-1]))
+            rows.append(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
+        return torch.cat(rows, dim=0)
+    pos = kwargs.get("position_ids")
+    if Tq == Tk and isinstance(pos, torch.Tensor) and pos.shape[-1] == Tq and Tq > 1:
+        cu = _PACKED.get(pos, _packed_cu_seqlens)
+        if cu is not None:
+            if pos.reshape(-1, Tq).shape[0] not in (1, B):
+                raise ValueError(f"{name}: position_ids of shape {tuple(pos.shape)} for {B} rows")
+            if pos.reshape(-1, Tq).shape[0] != B:
+                cu = _packed_cu_seqlens(pos.reshape(1, Tq).expand(B, Tq))
+            flat = [t.reshape(1, B * Tq, *t.shape[2:]) for t in (q, k, v)]
+            return attend(*flat, cu).reshape(B, Tq, Hq, -1)
+    return attend(q, k, v, None)
+
+
+def sliding_window_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """``attn_implementation="longattn_sliding_window"``: causal softmax attention of each query
+    over the last W keys (itself included), W from :func:`_window_size`.
+
+    query ``[B, Hq, Tq, D]``, key/value ``[B, Hkv, Tk, D]`` (after the model's RoPE; the queries
+    are the last Tq of the Tk positions). Returns ``([B, Tq, Hq, D], None)``. Without a cache
+    (Tq == Tk) :func:`longattn.sliding_window_attn` runs; cached steps (Tq < Tk) run in PyTorch
+    over the last W + Tq - 1 keys.
+    """
+    name = "longattn_sliding_window"
+    _check_call(name, module, query, key, value, attention_mask, dropout, kwargs)
+    window = _window_size(module)
+
+    def attend(q, k, v, cu):
+        if q.shape[1] == k.shape[1]:
+            return sliding_window_attn(q, k, v, window_size=window, scale=scaling, cu_seqlens=cu)
+        return _window_torch(q, k, v, window, scaling)
+
+    out = _run(name, attend, query, key, value, attention_mask, kwargs)
+    return out.contiguous(), None
+
+
+def landmark_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """``attn_implementation="longattn_landmark"``: :func:`longattn.landmark_attn` (grouped
+    softmax over landmark-gated blocks); the key at position p with ``p % block_size ==
+    block_size - 1`` is a landmark (lay tokens out with :func:`longattn.insert_landmarks`).
+
+    Positions count from each row's first token (after left padding) and restart at every packed
+    sequence. With ``config.longattn_landmark_topk = n`` every query (prefill and cached decode
+    alike) takes part only in its own block and the n earlier blocks with the largest landmark
+    score (:func:`longattn.landmark_topk_blocks`), at their true positions. Returns
+    ``([B, Tq, Hq, D], None)``.
+    """
+    name = "longattn_landmark"
+    _check_call(name, module, query, key, value, attention_mask, dropout, kwargs)
+    block_size, topk = _landmark_options(module)
+
+    def attend(q, k, v, cu):
+        idx = None
+        if topk is not None:
+            idx = landmark_topk_blocks(
+                q, k, block_size=block_size, topk=topk, scale=scaling, cu_seqlens=cu
+            )
+        return landmark_attn(
+            q, k, v, block_size=block_size, scale=scaling, cu_seqlens=cu, block_indices=idx
+        )
+
+    out = _run(name, attend, query, key, value, attention_mask, kwargs)
+    return out.contiguous(), None
+
+
+def longattn_attention_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: Any = 0,
+    kv_offset: int = 0,
+    mask_function: Any = None,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> torch.Tensor | None:
+    """The mask builder registered in ``AttentionMaskInterface`` for the longattn attention
+    functions (like flash attention's): None when every key of every row is a token (the causal /
+    window / landmark pattern is the function's own), else the 2D bool padding mask
+    ``[B, kv_length]``. Static caches (keys beyond the tokens seen) raise ``ValueError``."""
+    if isinstance(q_offset, torch.Tensor) or kv_length > int(q_offset) + q_length:
+        raise ValueError(
+            "the longattn attention functions support dynamic caches only (a static cache holds "
+            "keys beyond the tokens seen); use the default DynamicCache"
+        )
+    if attention_mask is None:
+        return None
+    mask = attention_mask[:, -kv_length:]
+    if mask.dtype != torch.bool:
+        mask = mask != 0
+    if mask.shape[1] == kv_length and bool(mask.all()):
+        return None
+    return mask
+
+
+ATTN_IMPLEMENTATIONS = {
+    "longattn_sliding_window": sliding_window_attention_forward,
+    "longattn_landmark": landmark_attention_forward,
+}
+
+for _name, _fn in ATTN_IMPLEMENTATIONS.items():
+    AttentionInterface.register(_name, _fn)
+    AttentionMaskInterface.register(_name, longattn_attention_mask)
+del _name, _fn
+
+
+# --------------------------------------------------------------------------- model RoPE
+
+
+class ModelRotary:
+    """A model's own RoPE at any integer positions: ``rotary(x [B, T, H, D], pos) -> x rotated``
+    with pos ``[T]``, ``[B, T]`` or ``[B, T, H]`` (the ``rotary`` hook of
+    :class:`~longattn.nn.NativeSparseAttention` and :class:`~longattn.nn.LandmarkAttention`).
+
+    ``rotary_emb`` is the model's rotary embedding module (``model.model.rotary_emb``: the one
+    that computes the ``position_embeddings`` (cos, sin) its decoder layers receive, with the
+    model's rope scaling and attention factor); the rotation is the Llama ``rotate_half`` form
+    over the whole head, computed in float32 and returned in x's dtype. The module is referenced,
+    not owned (it stays the model's, with its device and buffers)."""
+
+    def __init__(self, rotary_emb: nn.Module):
+        self.rotary_emb = rotary_emb
+
+    def __repr__(self) -> str:
+        return f"ModelRotary({type(self.rotary_emb).__name__})"
+
+    def __call__(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        B, T, H, D = x.shape
+        pos = pos.to(device=x.device, dtype=torch.long)
+        if pos.dim() == 1:
+            ids = pos[None]
+        elif pos.dim() == 2:
+            ids = pos
+        elif pos.dim() == 3:
+            ids = pos.flatten(1)
+        else:
+            raise ValueError(f"pos: expected [T], [B, T] or [B, T, H], got {tuple(pos.shape)}")
+        probe = torch.empty(0, device=x.device, dtype=torch.float32)
+        cos, sin = self.rotary_emb(probe, ids)
+        if cos.shape[-1] != D:
+            raise ValueError(
+                f"the model's rotary embedding covers {cos.shape[-1]} of the {D} head dims "
+                "(partial RoPE is not supported)"
+            )
+        if pos.dim() == 3:
+            cos, sin = cos.view(*pos.shape, D), sin.view(*pos.shape, D)
+        else:
+            cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+        xf = x.float()
+        x1, x2 = xf[..., : D // 2], xf[..., D // 2 :]
+        rot = torch.cat([-x2, x1], dim=-1)
+        return (xf * cos.float() + rot * sin.float()).to(x.dtype)
 
 
 # --------------------------------------------------------------------------- cache slot
@@ -244,9 +633,11 @@ class LongAttnSelfAttention(nn.Module):
     convention: ``forward(hidden_states, position_embeddings, attention_mask, cache, **kwargs) ->
     (attn_output, None)``.
 
-    The module computes its own positions (0..T-1 after the tokens in its cache) and RoPE;
-    ``position_embeddings`` and ``attention_mask`` are not used (the model-level checks installed
-    by :func:`swap_attention` reject padding masks and shifted position ids). With a cache, the
+    The module computes its own positions (0..T-1 after the tokens in its cache); nsa and
+    landmark rotate with the model's rotary embedding (:class:`ModelRotary`, the source of the
+    ``position_embeddings`` the decoder layer passes), at the token positions and at the others
+    they need. ``attention_mask`` is not used (the model-level checks installed by
+    :func:`swap_attention` reject padding masks and shifted position ids). With a cache, the
     longattn cache lives in this layer's slot of the ``transformers`` cache.
     """
 
@@ -416,6 +807,12 @@ def _find_decoder(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
     )
 
 
+def _find_rotary(base: nn.Module) -> nn.Module | None:
+    """The decoder stack's rotary embedding module (``rotary_emb``), if it has one."""
+    rotary = getattr(base, "rotary_emb", None)
+    return rotary if isinstance(rotary, nn.Module) else None
+
+
 def _rope_theta(config: Any) -> tuple[float, str]:
     rp = getattr(config, "rope_parameters", None) or {}
     if isinstance(rp, dict) and "rope_theta" not in rp:
@@ -545,7 +942,15 @@ def _layer_indices(layers: Iterable[int] | None, n: int) -> list[int]:
     return sorted(out)
 
 
-@torch.no_grad()
+def _json_option(kind: str, name: str, value: Any) -> Any:
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    raise ValueError(
+        f"{kind}: option {name}={value!r} is not a JSON scalar (None, bool, int, float, str); "
+        "swap options are recorded in the model config"
+    )
+
+
 def swap_attention(
     model: nn.Module, kind: str, *, layers: Iterable[int] | None = None, **config: Any
 ) -> nn.Module:
@@ -564,10 +969,27 @@ def swap_attention(
             ``block_size``, ``topk`` (landmark); ``chunk_size``, ``ngroups``, ``rope_base`` (rat);
             ``eps`` (lightning, rat). Sizes and RoPE come from the model and cannot be set.
 
+    The swap is appended to ``model.config.longattn_swaps`` (a list of ``{"kind", "layers",
+    "options"}``), which ``save_pretrained`` writes to config.json and :func:`from_pretrained`
+    replays.
+
     Raises:
         ValueError: unknown kind or option, bad layer index, a layer already swapped, a layer
             without the expected projections, or sizes the module does not support.
     """
+    idxs = _swap(model, kind, layers, config)
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        cfg = getattr(_find_decoder(model)[0], "config", None)
+    if cfg is not None:
+        record = {"kind": kind, "layers": idxs, "options": dict(config)}
+        cfg.longattn_swaps = [*(getattr(cfg, "longattn_swaps", None) or []), record]
+    return model
+
+
+@torch.no_grad()
+def _swap(model: nn.Module, kind: str, layers: Iterable[int] | None, config: dict) -> list[int]:
+    """swap_attention without recording it in the config; returns the swapped layer indices."""
     if kind not in KINDS:
         raise ValueError(f"kind: expected one of {sorted(KINDS)}, got {kind!r}")
     cls = KINDS[kind]
@@ -578,6 +1000,8 @@ def swap_attention(
         raise ValueError(
             f"{kind}: unknown or derived option(s) {unknown}; settable options: {sorted(allowed)}"
         )
+    for name, value in config.items():
+        _json_option(kind, name, value)
     base, stack = _find_decoder(model)
     idxs = _layer_indices(layers, len(stack))
 
@@ -585,11 +1009,13 @@ def swap_attention(
     if cfg is not None and hasattr(cfg, "get_text_config"):
         cfg = cfg.get_text_config(decoder=True)
     theta, rope_type = _rope_theta(cfg)
-    if rope_type != "default" and kind in ("nsa", "landmark"):
+    rotary = _find_rotary(base) if kind in ("nsa", "landmark") else None
+    if rotary is None and rope_type != "default" and kind in ("nsa", "landmark"):
         warnings.warn(
-            f"swap_attention: the model uses rope_type={rope_type!r}; the swapped {kind} layers "
-            f"apply plain RoPE with rope_theta={theta} (the scaling is not reproduced)",
-            stacklevel=2,
+            f"swap_attention: the model uses rope_type={rope_type!r} but has no `rotary_emb` "
+            f"module; the swapped {kind} layers apply plain RoPE with rope_theta={theta} (the "
+            "scaling is not reproduced)",
+            stacklevel=3,
         )
 
     for i in idxs:
@@ -625,15 +1051,123 @@ def swap_attention(
                 f"{info['num_heads']} query heads"
             )
         mod, reused, new, dropped = _build(kind, attn, i, info, dict(config))
+        if rotary is not None:
+            mod.rotary = ModelRotary(rotary)
         if any(n.endswith("_norm") for n in dropped):
             warnings.warn(
                 f"swap_attention: kind={kind!r} has no place for the per-head "
                 f"{[n for n in dropped if n.endswith('_norm')]} of layer {i}; they are dropped",
-                stacklevel=2,
+                stacklevel=3,
             )
         wrapper = LongAttnSelfAttention(kind, mod, i, tuple(reused), tuple(new))
         wrapper.train(attn.training)
         stack[i].self_attn = wrapper
 
     _install_checks(base)
+    return idxs
+
+
+def apply_recorded_swaps(model: nn.Module) -> nn.Module:
+    """Replay the swaps recorded in ``model.config.longattn_swaps`` on ``model`` (a freshly built
+    model of the same config: its layers are not swapped yet), without recording them again.
+    Weights are whatever the swap derives from the model's own; load the saved ones afterwards
+    (:func:`from_pretrained` does it all). Returns ``model``."""
+    swaps = getattr(getattr(model, "config", None), "longattn_swaps", None) or []
+    if not isinstance(swaps, list | tuple):
+        raise ValueError(f"config.longattn_swaps: expected a list, got {type(swaps).__name__}")
+    for n, rec in enumerate(swaps):
+        if not isinstance(rec, dict) or "kind" not in rec:
+            raise ValueError(
+                f"config.longattn_swaps[{n}]: expected a dict with kind, layers and options"
+            )
+        with warnings.catch_warnings():  # warned once already, when the swap was made
+            warnings.simplefilter("ignore", UserWarning)
+            _swap(model, rec["kind"], rec.get("layers"), dict(rec.get("options") or {}))
     return model
+
+
+_HUB_KWARGS = (
+    "cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder",
+    "trust_remote_code", "proxies",
+)  # fmt: skip
+
+
+def from_pretrained(
+    pretrained_model_name_or_path: Any, *model_args: Any, model_class: Any = None, **kwargs: Any
+) -> nn.Module:
+    """Load a model saved after :func:`swap_attention`: the swaps in its config
+    (``longattn_swaps``) are applied while the model is built, before transformers loads the
+    weights, so the saved weights of the swapped modules land in them (transformers' own loading:
+    sharded checkpoints, the Hub, ``dtype=``, ``device_map=`` ... all work as usual).
+
+    Args:
+        pretrained_model_name_or_path, *model_args, **kwargs: as for
+            ``model_class.from_pretrained`` (``attn_implementation=`` included: it applies to the
+            layers that were not swapped). Keyword arguments named ``longattn_*`` (the options of
+            the attention functions, e.g. ``longattn_window_size=1024``) are set on the config.
+        model_class: a model class (``LlamaForCausalLM``, ...) or an Auto class; default
+            ``AutoModelForCausalLM``.
+
+    A checkpoint without ``longattn_swaps`` loads as ``model_class.from_pretrained`` would.
+    Returns an instance of the model's own class (e.g. ``LlamaForCausalLM``).
+
+    Raises:
+        ValueError: a recorded swap that does not apply, or a checkpoint without the weights of
+            a swapped module.
+    """
+    import transformers
+
+    options = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith("longattn_")}
+    if "longattn_swaps" in options:
+        raise ValueError(
+            "longattn_swaps: not an option of from_pretrained (a checkpoint saved without the swap "
+            "has no weights for the swapped modules); load the model, then call swap_attention"
+        )
+    config = kwargs.get("config")
+    if isinstance(config, PreTrainedConfig):
+        config = copy.deepcopy(config)
+    else:
+        hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+        config = transformers.AutoConfig.from_pretrained(
+            config if config is not None else pretrained_model_name_or_path, **hub
+        )
+    for name, value in options.items():
+        setattr(config, name, value)
+    kwargs["config"] = config
+    cls = transformers.AutoModelForCausalLM if model_class is None else model_class
+    mapping = getattr(cls, "_model_mapping", None)
+    if mapping is not None:  # an Auto class: the concrete class of this config
+        from transformers.models.auto.auto_factory import _get_model_class
+
+        cls = _get_model_class(config, mapping)
+    if not getattr(config, "longattn_swaps", None):
+        return cls.from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    def __init__(self, config, *args, **kw):
+        cls.__init__(self, config, *args, **kw)
+        apply_recorded_swaps(self)
+
+    # a subclass whose constructor swaps, so the model that transformers fills is the swapped one
+    swapped = type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__})
+    swapped.__qualname__ = cls.__qualname__
+    want_info = kwargs.pop("output_loading_info", False)
+    model, info = swapped.from_pretrained(
+        pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+    )
+    model.__class__ = cls  # a plain instance of the model's class again
+    prefixes = [
+        name + "."
+        for name, module in model.named_modules()
+        if isinstance(module, LongAttnSelfAttention)
+    ]
+    missing = sorted(k for k in info["missing_keys"] if any(k.startswith(p) for p in prefixes))
+    if missing:
+        raise ValueError(
+            f"{pretrained_model_name_or_path}: the checkpoint has no weights for the swapped "
+            f"modules' {missing[:4]}{' ...' if len(missing) > 4 else ''}; config.longattn_swaps "
+            "does not match the saved weights"
+        )
+    for module in model.modules():
+        if isinstance(module, LightningAttention):  # non-persistent buffer: not in the checkpoint
+            module.slopes = module._make_slopes(module.qkv_proj.weight.device)
+    return (model, info) if want_info else model

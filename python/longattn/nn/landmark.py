@@ -5,7 +5,9 @@
     o       = landmark_attn(RoPE(q, t), RoPE(k, t), v, block_size)    # training mode
     y       = o_proj(o)
 
-RoPE is the Llama ``rotate_half`` form (:func:`longattn.nn.nsa.apply_rotary`).
+RoPE is the Llama ``rotate_half`` form (:func:`longattn.nn.nsa.apply_rotary`); setting the
+attribute ``rotary`` to a callable ``rotary(x, pos) -> x rotated`` replaces it (every rotation
+below, remapped positions included, goes through it), e.g. by a model's own (scaled) RoPE.
 
 Generation keeps a :class:`LandmarkCache` with the keys *before* RoPE and the values. A call
 without a cache runs the training-mode op over its tokens (the official inference's first chunk).
@@ -106,6 +108,7 @@ class LandmarkAttention(nn.Module):
         self.hidden_size, self.num_heads, self.num_kv_heads = hidden_size, num_heads, num_kv_heads
         self.head_dim, self.block_size = head_dim, int(block_size)
         self.rope_theta = float(rope_theta)
+        self.rotary = None  # callable (x, pos) -> rotated x replacing apply_rotary
         self.topk = None if topk is None else int(topk)
         self.scale = float(head_dim**-0.5 if scale is None else scale)
         H, Hkv, D = num_heads, num_kv_heads, head_dim
@@ -113,6 +116,13 @@ class LandmarkAttention(nn.Module):
         self.k_proj = nn.Linear(hidden_size, Hkv * D, bias=bias, **factory)
         self.v_proj = nn.Linear(hidden_size, Hkv * D, bias=bias, **factory)
         self.o_proj = nn.Linear(H * D, hidden_size, bias=bias, **factory)
+
+    def rotate(self, x: Tensor, pos: Tensor) -> Tensor:
+        """RoPE of x ``[B, T, H, D]`` at integer positions pos (``[T]``, ``[B, T]`` or
+        ``[B, T, H]``): ``self.rotary`` when set, else :func:`apply_rotary` with ``rope_theta``."""
+        if self.rotary is not None:
+            return self.rotary(x, pos)
+        return apply_rotary(x, pos, self.rope_theta)
 
     def project(self, x: Tensor):
         """(q, k, v) of x ``[B, T, hidden]``, before RoPE."""
@@ -136,11 +146,11 @@ class LandmarkAttention(nn.Module):
             raise ValueError("cu_seqlens: not supported together with a cache")
         B, T, _ = x.shape
         q, k, v = self.project(x)
-        theta, bs = self.rope_theta, self.block_size
+        bs = self.block_size
         if cache is None:
             pos = _positions(T, cu_seqlens, x.device)
             o = landmark_attn(
-                apply_rotary(q, pos, theta), apply_rotary(k, pos, theta), v, block_size=bs,
+                self.rotate(q, pos), self.rotate(k, pos), v, block_size=bs,
                 scale=self.scale, cu_seqlens=cu_seqlens,
             )  # fmt: skip
             new_cache = LandmarkCache(k.detach(), v.detach(), T) if use_cache else None
@@ -150,9 +160,9 @@ class LandmarkAttention(nn.Module):
             P = cache.seen
             k_all = torch.cat([cache.k, k], dim=1)
             v_all = torch.cat([cache.v, v], dim=1)
-            qr = apply_rotary(q, torch.arange(P, P + T, device=x.device), theta)
+            qr = self.rotate(q, torch.arange(P, P + T, device=x.device))
             if self.topk is None:
-                kr = apply_rotary(k_all, torch.arange(P + T, device=x.device), theta)
+                kr = self.rotate(k_all, torch.arange(P + T, device=x.device))
                 o = landmark_attn(qr, kr, v_all, block_size=bs, scale=self.scale)
             else:
                 outs = [
@@ -170,10 +180,10 @@ class LandmarkAttention(nn.Module):
         B, _, H, D = q.shape
         Hkv = self.num_kv_heads
         G = H // Hkv
-        bs, theta, dev = self.block_size, self.rope_theta, q.device
+        bs, dev = self.block_size, q.device
         nm = t // bs  # earlier full blocks
         full = nm * bs
-        cur_k = apply_rotary(k_raw[:, full : t + 1], torch.arange(full, t + 1, device=dev), theta)
+        cur_k = self.rotate(k_raw[:, full : t + 1], torch.arange(full, t + 1, device=dev))
         cur_v = v_all[:, full : t + 1]
         if nm == 0:
             return landmark_attn(q, cur_k, cur_v, block_size=bs, scale=self.scale)
@@ -182,7 +192,7 @@ class LandmarkAttention(nn.Module):
         j = torch.arange(nm, device=dev)
         recent = j >= nm - kt
         lm_slot = torch.where(recent, j - (nm - kt) + 1, 0)
-        lm = apply_rotary(k_raw[:, bs - 1 : full : bs], prefix + lm_slot * bs + bs - 1, theta)
+        lm = self.rotate(k_raw[:, bs - 1 : full : bs], prefix + lm_slot * bs + bs - 1)
         with torch.no_grad():
             cdt = state_dtype(q.dtype)
             qg = q[:, 0].to(cdt).view(B, Hkv, G, D)
@@ -194,7 +204,7 @@ class LandmarkAttention(nn.Module):
         tok = (sel[..., None] * bs + ar).reshape(B, Hkv, kt * bs)
         pos = (prefix + slot[..., None] * bs + ar).reshape(B, Hkv, kt * bs)
         idx = tok.transpose(1, 2)[..., None].expand(-1, -1, -1, D)  # [B, kt·bs, Hkv, D]
-        sel_k = apply_rotary(k_raw.gather(1, idx), pos.transpose(1, 2), theta)
+        sel_k = self.rotate(k_raw.gather(1, idx), pos.transpose(1, 2))
         sel_v = v_all.gather(1, idx)
         keys = torch.cat([sel_k, cur_k], dim=1)
         vals = torch.cat([sel_v, cur_v], dim=1)

@@ -9,7 +9,10 @@
     y       = o_proj(o)
 
 RoPE is the Llama ``rotate_half`` form over all D dims (D even), computed in float32 (float64
-for float64 modules). Positions restart at every sequence of ``cu_seqlens``.
+for float64 modules). Positions restart at every sequence of ``cu_seqlens``. Setting the attribute
+``rotary`` to a callable ``rotary(x [B, T, H, D], pos) -> x rotated`` (pos as in
+:func:`apply_rotary`) replaces it, e.g. by a model's own (scaled) RoPE; ``rope_theta`` is then
+unused.
 
 Generation keeps an :class:`NSACache` (rotated fine keys, values, compressed keys/values and the
 un-rotated keys of the current partial window). A call without a cache runs the fused ops; a call
@@ -186,6 +189,7 @@ class NativeSparseAttention(nn.Module):
         self.block_size, self.topk, self.window_size = int(block_size), int(topk), int(window_size)
         self.init_blocks, self.local_blocks = int(init_blocks), int(local_blocks)
         self.rope_theta = float(rope_theta)
+        self.rotary = None  # callable (x, pos) -> rotated x replacing apply_rotary (see above)
         self.scale = float(head_dim**-0.5 if scale is None else scale)
         H, Hkv, D, L = num_heads, num_kv_heads, head_dim, self.kernel_size
         self.q_proj = nn.Linear(hidden_size, H * D, bias=bias, **factory)
@@ -217,6 +221,13 @@ class NativeSparseAttention(nn.Module):
 
     # ------------------------------------------------------------------ pieces
 
+    def rotate(self, x: Tensor, pos: Tensor) -> Tensor:
+        """RoPE of x ``[B, T, H, D]`` at integer positions pos (:func:`apply_rotary`'s shapes):
+        ``self.rotary`` when set, else :func:`apply_rotary` with ``rope_theta``."""
+        if self.rotary is not None:
+            return self.rotary(x, pos)
+        return apply_rotary(x, pos, self.rope_theta)
+
     def project(self, x: Tensor, pos: Tensor):
         """(q rotated, k un-rotated, k rotated, v, gates ``[B, T, Hq, 3]``) of x at positions
         pos ``[T]``."""
@@ -226,8 +237,8 @@ class NativeSparseAttention(nn.Module):
         k = self.k_proj(x).view(B, T, Hkv, D)
         v = self.v_proj(x).view(B, T, Hkv, D)
         g = torch.sigmoid(self.g_proj(x)).view(B, T, H, 3)
-        q = apply_rotary(q, pos, self.rope_theta)
-        k_rot = apply_rotary(k, pos, self.rope_theta)
+        q = self.rotate(q, pos)
+        k_rot = self.rotate(k, pos)
         return q, k, k_rot, v, g
 
     def _compress(self, k_raw, k_rot, v, cu_seqlens=None, first_window: int = 0):
@@ -242,7 +253,7 @@ class NativeSparseAttention(nn.Module):
                 pe=like(self.k_cmp_pe), cu_seqlens=cu_seqlens,
             )  # fmt: skip
             cpos = _positions(k_cmp.shape[1], cu_cmp, k_cmp.device) + first_window
-            k_cmp = apply_rotary(k_cmp, cpos * d, self.rope_theta)
+            k_cmp = self.rotate(k_cmp, cpos * d)
         else:
             k_cmp, _ = nsa_compress(k_rot, kernel_size=ks, kernel_stride=d, cu_seqlens=cu_seqlens)
         v_cmp, _ = nsa_compress(
