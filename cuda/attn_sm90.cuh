@@ -241,10 +241,10 @@ __device__ __forceinline__ void sm90_attn_fwd(const typename Fam::Params &p, con
           mbar_wait(&k_full[s], (it / ST) & 1);
           const int k0 = tile_k0[s];
           if (k0 < 0) break;
-          rescale(O, alpha);
-          mbar_wait(&v_full[prev % ST], (prev / ST) & 1);
           turn_begin();
           issue_scores(s);
+          rescale(O, alpha);
+          mbar_wait(&v_full[prev % ST], (prev / ST) & 1);
           issue_pv(prev % ST, O);
           turn_end();
           wgmma_wait<1>(); // the scores

@@ -1,6 +1,8 @@
-"""A model of the Hopper engine's barrier protocol (cuda/attn_sm90.cuh), checked under random
-interleavings: one producer and two consumer warpgroups share Q and a two-stage K/V ring across
-the work tiles of a persistent CTA. Every wait is a parity wait on an mbarrier (true iff the phase
+"""Models of the Hopper engine's barrier protocols, checked under random interleavings. Forward
+(cuda/attn_sm90.cuh): one producer and two consumer warpgroups share Q and a two-stage K/V ring
+across the work tiles of a persistent CTA. Backward (cuda/attn_bwd_sm90.cuh): a fixed tile per
+work tile and a two-stage ring of streamed tiles, one full and one empty barrier each.
+Every wait is a parity wait on an mbarrier (true iff the phase
 of that parity has completed, i.e. the completed-phase count has the other parity), so a barrier
 that completes twice while a waiter looks for the first completion deadlocks it; the model finds
 such orders (two were found this way), stale reads of a stage, and lost tiles. Keep it in step
@@ -167,3 +169,90 @@ def test_model_finds_the_double_completion_deadlock():
     with pytest.raises(AssertionError, match="deadlock"):
         for seed in range(200):
             simulate([3, 0], seed, sentinel_waits_v=False)
+
+
+def simulate_bwd(work: list[int], seed: int) -> None:
+    """The backward's protocol. work[w]: streamed tiles of work tile w (0: none, the consumers
+    still store). Raises on deadlock, a stale read or an overwrite of a tile in use."""
+    rnd = random.Random(seed)
+    fix_full, fix_empty = Barrier(1), Barrier(2)
+    full, empty = [Barrier(1) for _ in range(STAGES)], [Barrier(2) for _ in range(STAGES)]
+    fixed, stream, step = [None], [None] * STAGES, [None] * STAGES
+    copies = []
+
+    def wait(bar, parity):
+        while not bar.done(parity):
+            yield
+
+    def producer():
+        it = 0
+        for w, n in enumerate(work):
+            if w > 0:
+                yield from wait(fix_empty, (w - 1) & 1)
+            fix_full.arrive(tx=1)
+            copies.append((fix_full, fixed, 0, w))
+            for j in [*range(n), -1]:
+                s = it % STAGES
+                if it >= STAGES:
+                    yield from wait(empty[s], ((it // STAGES) - 1) & 1)
+                step[s] = (w, j)
+                if j < 0:
+                    full[s].arrive()
+                    it += 1
+                    break
+                full[s].arrive(tx=1)
+                copies.append((full[s], stream, s, (w, j)))
+                yield
+                it += 1
+
+    def consumer(done_steps):
+        it = 0
+        for w in range(len(work)):
+            yield from wait(fix_full, w & 1)
+            assert fixed[0] == w, "stale fixed tile"
+            while True:
+                s = it % STAGES
+                yield from wait(full[s], (it // STAGES) & 1)
+                tile = step[s]
+                if tile[1] < 0:
+                    break
+                assert stream[s] == tile and fixed[0] == w, "stale streamed tile"
+                yield  # GEMMs in flight
+                assert stream[s] == tile and fixed[0] == w, "overwritten"
+                done_steps.append(tile)
+                empty[s].arrive()
+                it += 1
+            empty[it % STAGES].arrive()  # the sentinel's stage
+            it += 1
+            fix_empty.arrive()
+            yield
+
+    logs = [[], []]
+    agents = [producer(), consumer(logs[0]), consumer(logs[1])]
+    alive = [True, True, True]
+    for _ in range(200_000):
+        if not any(alive) and not copies:
+            break
+        choices = [i for i in range(3) if alive[i]] + (["tma"] if copies else [])
+        pick = rnd.choice(choices)
+        if pick == "tma":
+            bar, where, s, what = copies.pop(rnd.randrange(len(copies)))
+            where[s] = what
+            bar.complete_tx(1)
+        else:
+            try:
+                next(agents[pick])
+            except StopIteration:
+                alive[pick] = False
+    else:
+        raise AssertionError(f"deadlock: work {work}, seed {seed}")
+    expect = [(w, j) for w, n in enumerate(work) for j in range(n)]
+    assert logs[0] == expect and logs[1] == expect
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_backward_barrier_protocol(seed):
+    rnd = random.Random(seed)
+    for trial in range(250):
+        work = [rnd.choice([0, 1, 1, 2, 3, 5]) for _ in range(rnd.randint(1, 6))]
+        simulate_bwd(work, seed * 1000 + trial)
