@@ -1033,54 +1033,68 @@ def have_matplotlib() -> bool:
 
 def engine_section(d, path: Path) -> list[str]:
     """benchmarks/bench_engine.py: the Hopper engine against SDPA (landmark) and compiled
-    FlexAttention (sliding window), each longattn op also on its sm_80 kernels."""
+    FlexAttention (sliding window, NSA compressed branch), each longattn op also on its sm_80
+    kernels."""
     out = [f"## Hopper attention engine: {d['gpu']}, {d.get('date', '?')}", ""]
+    # runs before the engine's backward and pingpong switch timed neither
+    has_pp = any("sm90_pingpong" in r.get("fwd", r.get("bs64_fwd", {})) for r in d["rows"])
     out += [
         f"`benchmarks/bench_engine.py`, `{path_rel(path)}`; torch {d.get('torch', '?')}, bfloat16, "
-        "medians of `triton.testing.do_bench` (ms). *engine*: the sm_90a forward "
-        "(`cuda/attn_sm90.cuh`); *sm80*: the same call with `LONGATTN_FORCE_SM80=1`; every "
-        "backward runs the sm_80 kernels. TFLOP/s count the causal (landmark) or banded (window) "
-        "work of the forward.",
+        "medians of `triton.testing.do_bench` (ms). *engine*: the sm_90a kernels "
+        "(`cuda/attn_sm90.cuh`, `cuda/attn_bwd_sm90.cuh`); *sm80*: the same call with "
+        "`LONGATTN_FORCE_SM80=1`"
+        + ("; *pingpong*: the engine with `LONGATTN_SM90_PINGPONG=1`" if has_pp else "")
+        + ". Landmark's backward runs the sm_80 kernels"
+        + ("" if has_pp else "; so did every backward in this run")
+        + ". TFLOP/s count the visible (causal, banded or compressed-causal) work of the forward.",
         "",
     ]
+
+    def pp(x):
+        return [fnum(x["sm90_pingpong"])] if has_pp else []
+
     lm = [r for r in d["rows"] if r["op"] == "landmark"]
     if lm:
         r0 = lm[0]
         out += [f"### `landmark_attn` (B = 1, H = {r0['H']}, D = {r0['D']})", ""]
         head = ["T", "SDPA fwd", "SDPA fwd+bwd"]
         for bs in (64, 51):
-            head += [f"bs {bs} engine fwd", f"bs {bs} sm80 fwd", f"bs {bs} fwd+bwd"]
+            head += [f"bs {bs} engine fwd"] + ([f"bs {bs} pingpong fwd"] if has_pp else [])
+            head += [f"bs {bs} sm80 fwd", f"bs {bs} fwd+bwd"]
         head += ["engine fwd / SDPA (bs 64)", "engine TFLOP/s (bs 64)"]
         rows = []
         for r in lm:
             row = [fmt_field("T", r["T"]), fnum(r["sdpa_fwd"]), fnum(r["sdpa_fwdbwd"])]
             for bs in (64, 51):
                 f = r[f"bs{bs}_fwd"]
-                row += [fnum(f["sm90"]), fnum(f["sm80"]), fnum(r[f"bs{bs}_fwdbwd"]["sm90"])]
+                row += [fnum(f["sm90"])] + pp(f)
+                row += [fnum(f["sm80"]), fnum(r[f"bs{bs}_fwdbwd"]["sm90"])]
             row += [f"{r['bs64_fwd']['sm90'] / r['sdpa_fwd']:.2f}×", f"{r['bs64_fwd_tflops']:.0f}"]
             rows.append(row)
         out += [table(head, rows), ""]
-    win = [r for r in d["rows"] if r["op"] == "window"]
-    if win:
-        w0 = win[0]
-        out += [f"### `sliding_window_attn` (B = 1, D = {w0['D']}, window {w0['W']})", ""]
-        head = ["T", "Hq / Hkv", "Flex fwd", "Flex fwd+bwd", "engine fwd", "sm80 fwd", "fwd+bwd"]
-        head += ["fwd speed-up vs Flex", "fwd+bwd speed-up vs Flex", "engine TFLOP/s"]
+    for op, title in (
+        ("window", "`sliding_window_attn`"),
+        ("compressed", "`nsa_compressed_attn` (kernel 32, stride 16)"),
+    ):
+        rs = [r for r in d["rows"] if r["op"] == op]
+        if not rs:
+            continue
+        extra = f", window {rs[0]['W']}" if op == "window" else ""
+        out += [f"### {title} (B = 1, D = {rs[0]['D']}{extra})", ""]
+        head = ["T", "Hq / Hkv", "Flex fwd", "Flex fwd+bwd", "engine fwd"]
+        head += (["pingpong fwd"] if has_pp else []) + ["sm80 fwd", "engine fwd+bwd"]
+        head += (["sm80 fwd+bwd"] if has_pp else []) + ["fwd speed-up vs Flex"]
+        head += ["fwd+bwd speed-up vs Flex", "engine TFLOP/s"]
         rows = []
-        for r in win:
+        for r in rs:
             rows.append(
-                [
-                    fmt_field("T", r["T"]),
-                    f"{r['Hq']} / {r['Hkv']}",
-                    fnum(r["flex_fwd"]),
-                    fnum(r["flex_fwdbwd"]),
-                    fnum(r["fwd"]["sm90"]),
-                    fnum(r["fwd"]["sm80"]),
-                    fnum(r["fwdbwd"]["sm90"]),
-                    speedup(r["flex_fwd"], r["fwd"]["sm90"]),
-                    speedup(r["flex_fwdbwd"], r["fwdbwd"]["sm90"]),
-                    f"{r['fwd_tflops']:.0f}",
-                ]
+                [fmt_field("T", r["T"]), f"{r['Hq']} / {r['Hkv']}"]
+                + [fnum(r["flex_fwd"]), fnum(r["flex_fwdbwd"]), fnum(r["fwd"]["sm90"])]
+                + pp(r["fwd"])
+                + [fnum(r["fwd"]["sm80"]), fnum(r["fwdbwd"]["sm90"])]
+                + ([fnum(r["fwdbwd"]["sm80"])] if has_pp else [])
+                + [speedup(r["flex_fwd"], r["fwd"]["sm90"])]
+                + [speedup(r["flex_fwdbwd"], r["fwdbwd"]["sm90"]), f"{r['fwd_tflops']:.0f}"]
             )
         out += [table(head, rows), ""]
     if d.get("note"):
