@@ -854,7 +854,7 @@ __device__ __forceinline__ void nsa_dq_impl(const NsaParams &p) {
 // four are merged exactly at the end. The tiles of the token's selected blocks stream through
 // STAGES K/V buffers, the next tile's copy in flight while the current one is used.
 
-// Shared memory (mirrored by kernel_table in src/ops/nsa.rs): 16 query rows (+ 16 dO rows in the
+// Shared memory (mirrored by kernel_table in src/ops/nsa/attn_cuda.rs): 16 query rows (+ 16 dO rows in the
 // backward) and STAGES K/V tile buffers: two unless they would take more than 96 KB (float32 with
 // a 128 head dim), where one keeps more CTAs per SM.
 template <int ELEM, int DK, int DV> struct NsaSel {

@@ -425,7 +425,7 @@ struct TopkParams {
   float scale_log2; // scale · log2(e)
 };
 
-// Shared-memory layout of nsa_topk (the host computes the same size in src/ops/nsa.rs).
+// Shared-memory layout of nsa_topk (the host computes the same size in src/ops/nsa/select.rs).
 template <int ELEM, int DP, int NW> struct TopkSmem {
   typedef typename Elem<ELEM>::T T;
   static constexpr int BM = 16 * NW, LD = DP + Elem<ELEM>::PAD, LDP = NS_BN + 4;
