@@ -39,6 +39,30 @@ class Barrier:
         return (self.phases & 1) != parity
 
 
+def run_agents(rnd, producer, consumer, copies, land, work, seed) -> None:
+    """Runs the producer, two consumers and the TMA unit (landing one copy in flight) in a random
+    order until all are done; each consumer must log every (work tile, tile) in order."""
+    logs = [[], []]
+    agents = [producer(), consumer(logs[0]), consumer(logs[1])]
+    alive = [True, True, True]
+    for _ in range(200_000):
+        if not any(alive) and not copies:
+            break
+        choices = [i for i in range(3) if alive[i]] + (["tma"] if copies else [])
+        pick = rnd.choice(choices)
+        if pick == "tma":
+            land(copies.pop(rnd.randrange(len(copies))))
+        else:
+            try:
+                next(agents[pick])
+            except StopIteration:
+                alive[pick] = False
+    else:
+        raise AssertionError(f"deadlock: work {work}, seed {seed}")
+    expect = [(w, j) for w, n in enumerate(work) for j in range(n)]
+    assert logs[0] == expect and logs[1] == expect
+
+
 def simulate(work: list[int], seed: int, sentinel_waits_v: bool = True) -> None:
     """work[w]: key tiles of work tile w (0: none). Raises on deadlock or a stale read.
     sentinel_waits_v=False: the first version's release of the sentinel's V stage."""
@@ -132,27 +156,12 @@ def simulate(work: list[int], seed: int, sentinel_waits_v: bool = True) -> None:
                 yield from release_sentinel(s, it)
             it += 1
 
-    logs = [[], []]
-    agents = [producer(), consumer(logs[0]), consumer(logs[1])]
-    alive = [True, True, True]
-    for _ in range(200_000):
-        if not any(alive) and not copies:
-            break
-        choices = [i for i in range(3) if alive[i]] + (["tma"] if copies else [])
-        pick = rnd.choice(choices)
-        if pick == "tma":
-            bar, (kind, s), what = copies.pop(rnd.randrange(len(copies)))
-            {"Q": q_tile, "K": k_smem, "V": v_smem}[kind][s] = what
-            bar.complete_tx(1)
-        else:
-            try:
-                next(agents[pick])
-            except StopIteration:
-                alive[pick] = False
-    else:
-        raise AssertionError(f"deadlock: work {work}, seed {seed}")
-    expect = [(w, j) for w, n in enumerate(work) for j in range(n)]
-    assert logs[0] == expect and logs[1] == expect
+    def land(copy):
+        bar, (kind, s), what = copy
+        {"Q": q_tile, "K": k_smem, "V": v_smem}[kind][s] = what
+        bar.complete_tx(1)
+
+    run_agents(rnd, producer, consumer, copies, land, work, seed)
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -227,27 +236,12 @@ def simulate_bwd(work: list[int], seed: int) -> None:
             fix_empty.arrive()
             yield
 
-    logs = [[], []]
-    agents = [producer(), consumer(logs[0]), consumer(logs[1])]
-    alive = [True, True, True]
-    for _ in range(200_000):
-        if not any(alive) and not copies:
-            break
-        choices = [i for i in range(3) if alive[i]] + (["tma"] if copies else [])
-        pick = rnd.choice(choices)
-        if pick == "tma":
-            bar, where, s, what = copies.pop(rnd.randrange(len(copies)))
-            where[s] = what
-            bar.complete_tx(1)
-        else:
-            try:
-                next(agents[pick])
-            except StopIteration:
-                alive[pick] = False
-    else:
-        raise AssertionError(f"deadlock: work {work}, seed {seed}")
-    expect = [(w, j) for w, n in enumerate(work) for j in range(n)]
-    assert logs[0] == expect and logs[1] == expect
+    def land(copy):
+        bar, where, s, what = copy
+        where[s] = what
+        bar.complete_tx(1)
+
+    run_agents(rnd, producer, consumer, copies, land, work, seed)
 
 
 @pytest.mark.parametrize("seed", range(8))

@@ -73,15 +73,59 @@ pub fn sm90_common_defines() -> Vec<(String, String)> {
 #[derive(Clone, Copy)]
 pub struct TmaMap([u64; 16]);
 
+/// cuTensorMapEncodeTiled for a tensor at `ptr`: dims innermost first, byte strides of every
+/// dim but the first, boxes of `boxes` elements, zeros past the ends. None where the driver
+/// refuses the layout.
+fn encode_tiled(
+    ty: dsys::CUtensorMapDataType,
+    ptr: u64,
+    dims: &[u64],
+    strides: &[u64],
+    boxes: &[u32],
+    swizzle: dsys::CUtensorMapSwizzle,
+) -> Option<TmaMap> {
+    use dsys::{
+        CUtensorMapFloatOOBfill as Fill, CUtensorMapInterleave as Il, CUtensorMapL2promotion as L2,
+    };
+    let rank = dims.len();
+    if strides.len() + 1 != rank || boxes.len() != rank {
+        return None;
+    }
+    if dims.iter().any(|&n| n == 0 || n > u32::MAX as u64) {
+        return None;
+    }
+    let steps = vec![1u32; rank];
+    let mut map = std::mem::MaybeUninit::<dsys::CUtensorMap>::uninit();
+    // SAFETY: every array has the rank's length; the address is only recorded, not read.
+    let rc = unsafe {
+        dsys::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            ty,
+            rank as u32,
+            ptr as *mut c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            steps.as_ptr(),
+            Il::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            swizzle,
+            L2::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            Fill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    if rc != dsys::CUresult::CUDA_SUCCESS {
+        return None;
+    }
+    // SAFETY: initialised by the successful encode; CUtensorMap is 128 bytes of plain data.
+    Some(unsafe { std::mem::transmute::<dsys::CUtensorMap, TmaMap>(map.assume_init()) })
+}
+
 /// The TMA descriptor of a 16-bit [B, T, H, D] tensor for boxes of `rows` tokens × 64 elements
 /// of one head, 128-byte swizzled (the layout wgmma reads), zeros past the tensor's ends. None
 /// where TMA cannot describe the layout (unaligned base or strides): callers fall back to the
 /// sm_80 kernels.
 pub fn tma_map(t: &View, rows: u32) -> Option<TmaMap> {
-    use dsys::{
-        CUtensorMapDataType as Ty, CUtensorMapFloatOOBfill as Fill, CUtensorMapInterleave as Il,
-        CUtensorMapL2promotion as L2, CUtensorMapSwizzle as Sw,
-    };
+    use dsys::{CUtensorMapDataType as Ty, CUtensorMapSwizzle as Sw};
     let ty = match t.dtype {
         DType::F16 => Ty::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
         DType::BF16 => Ty::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
@@ -107,44 +151,22 @@ pub fn tma_map(t: &View, rows: u32) -> Option<TmaMap> {
         strides[i] = bytes;
         span = bytes * dims[i + 1];
     }
-    if dims.iter().any(|&n| n == 0 || n > u32::MAX as u64) {
-        return None;
-    }
     let boxes = [64u32, 1, rows, 1];
-    let steps = [1u32; 4];
-    let mut map = std::mem::MaybeUninit::<dsys::CUtensorMap>::uninit();
-    // SAFETY: every array has the rank's length; the address is only recorded, not read.
-    let rc = unsafe {
-        dsys::cuTensorMapEncodeTiled(
-            map.as_mut_ptr(),
-            ty,
-            4,
-            t.ptr as *mut c_void,
-            dims.as_ptr(),
-            strides.as_ptr(),
-            boxes.as_ptr(),
-            steps.as_ptr(),
-            Il::CU_TENSOR_MAP_INTERLEAVE_NONE,
-            Sw::CU_TENSOR_MAP_SWIZZLE_128B,
-            L2::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-            Fill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
-        )
-    };
-    if rc != dsys::CUresult::CUDA_SUCCESS {
-        return None;
-    }
-    // SAFETY: initialised by the successful encode; CUtensorMap is 128 bytes of plain data.
-    Some(unsafe { std::mem::transmute::<dsys::CUtensorMap, TmaMap>(map.assume_init()) })
+    encode_tiled(
+        ty,
+        t.ptr as u64,
+        &dims,
+        &strides,
+        &boxes,
+        Sw::CU_TENSOR_MAP_SWIZZLE_128B,
+    )
 }
 
 /// The TMA descriptor of a float32 row table [rows, SM90_ROWINFO_PLANES, tp] (the Hopper
 /// backward's lse, Δ and key range per row) for boxes of 64 rows × all planes, unswizzled. `tp`
 /// is a multiple of 64.
 pub fn rowinfo_map(t: &View) -> Option<TmaMap> {
-    use dsys::{
-        CUtensorMapDataType as Ty, CUtensorMapFloatOOBfill as Fill, CUtensorMapInterleave as Il,
-        CUtensorMapL2promotion as L2, CUtensorMapSwizzle as Sw,
-    };
+    use dsys::{CUtensorMapDataType as Ty, CUtensorMapSwizzle as Sw};
     const PLANES: usize = SM90_ROWINFO_PLANES;
     let contiguous = t.ndim() == 3
         && t.shape[1] == PLANES
@@ -155,35 +177,17 @@ pub fn rowinfo_map(t: &View) -> Option<TmaMap> {
         return None;
     }
     let dims = [t.shape[2] as u64, PLANES as u64, t.shape[0] as u64];
-    if dims.iter().any(|&n| n == 0 || n > u32::MAX as u64) {
-        return None;
-    }
     let strides = [dims[0] * 4, dims[1] * dims[0] * 4];
     let boxes = [SM90_BWD_STREAM as u32, PLANES as u32, 1];
-    let steps = [1u32; 3];
-    let mut map = std::mem::MaybeUninit::<dsys::CUtensorMap>::uninit();
-    // SAFETY: every array has the rank's length; the address is only recorded, not read.
-    let rc = unsafe {
-        dsys::cuTensorMapEncodeTiled(
-            map.as_mut_ptr(),
-            Ty::CU_TENSOR_MAP_DATA_TYPE_FLOAT32,
-            3,
-            t.ptr as *mut c_void,
-            dims.as_ptr(),
-            strides.as_ptr(),
-            boxes.as_ptr(),
-            steps.as_ptr(),
-            Il::CU_TENSOR_MAP_INTERLEAVE_NONE,
-            Sw::CU_TENSOR_MAP_SWIZZLE_NONE,
-            L2::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-            Fill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
-        )
-    };
-    if rc != dsys::CUresult::CUDA_SUCCESS {
-        return None;
-    }
-    // SAFETY: initialised by the successful encode; CUtensorMap is 128 bytes of plain data.
-    Some(unsafe { std::mem::transmute::<dsys::CUtensorMap, TmaMap>(map.assume_init()) })
+    let ty = Ty::CU_TENSOR_MAP_DATA_TYPE_FLOAT32;
+    encode_tiled(
+        ty,
+        t.ptr as u64,
+        &dims,
+        &strides,
+        &boxes,
+        Sw::CU_TENSOR_MAP_SWIZZLE_NONE,
+    )
 }
 
 /// Kernel parameters of the Hopper backward (cuda/attn_bwd_sm90.cuh, Sm90BwdMaps): the fixed
