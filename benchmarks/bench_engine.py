@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
+os.environ["LONGATTN_SM90"] = "1"  # the engine (off by default until run on a GPU)
 os.environ["LONGATTN_LANDMARK_SM90"] = "1"  # time the engine's landmark policy (opt-in)
 
 

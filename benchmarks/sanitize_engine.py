@@ -20,6 +20,7 @@ import traceback
 # One cudaMalloc per tensor, so memcheck sees the true bounds of every tensor.
 os.environ.setdefault("PYTORCH_NO_CUDA_MEMORY_CACHING", "1")
 os.environ["LONGATTN_FORCE_SM80"] = "0"
+os.environ["LONGATTN_SM90"] = "1"  # the engine (off by default until run on a GPU)
 os.environ["LONGATTN_LANDMARK_SM90"] = "1"  # the engine's landmark policy is opt-in
 
 import torch  # noqa: E402

@@ -20,12 +20,13 @@ HAS_HOPPER = HAS_CUDA and torch.cuda.get_device_capability() == (9, 0)
 
 
 def engine_path(monkeypatch, force_sm80: bool):
-    """Selects the CUDA path (LONGATTN_FORCE_SM80; LONGATTN_LANDMARK_SM90 opts landmark in) and
-    returns a check that the Hopper engine ran (or, forced or on another GPU, did not) for the
-    calls made since."""
+    """Selects the CUDA path (LONGATTN_FORCE_SM80, else the engine: LONGATTN_SM90=1, and
+    LONGATTN_LANDMARK_SM90 opts landmark in) and returns a check that the Hopper engine ran (or,
+    forced or on another GPU, did not) for the calls made since."""
     from longattn import _native
 
     monkeypatch.setenv("LONGATTN_FORCE_SM80", "1" if force_sm80 else "0")
+    monkeypatch.setenv("LONGATTN_SM90", "1")
     monkeypatch.setenv("LONGATTN_LANDMARK_SM90", "1")
     before = _native.sm90_launch_count()
 

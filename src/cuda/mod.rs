@@ -42,10 +42,26 @@ pub fn source(body: &str) -> String {
     })
 }
 
-/// `LONGATTN_FORCE_SM80` set (and not "0"): Hopper GPUs run the sm_80 (mma.sync) kernels, so
-/// that path is tested there too. Read on every call.
-pub fn force_sm80() -> bool {
-    std::env::var("LONGATTN_FORCE_SM80").is_ok_and(|v| !v.is_empty() && v != "0")
+/// Whether Hopper GPUs run the attention engine when `LONGATTN_SM90` is unset. Off while the
+/// engine's current kernels (the FA3-order forward, the range-branch backward, the compressed
+/// branch) have not yet run on a GPU: they compile to wgmma/TMA code without spills and their
+/// barrier protocols are model-checked (tests/test_sm90_protocol.py), but only a GPU run of the
+/// CUDA tests and compute-sanitizer can turn them on for everyone.
+const SM90_BY_DEFAULT: bool = false;
+
+/// Whether a Hopper GPU runs the attention engine (cuda/attn_sm90.cuh, attn_bwd_sm90.cuh):
+/// `LONGATTN_SM90=1` turns it on, `=0` off, unset leaves SM90_BY_DEFAULT;
+/// `LONGATTN_FORCE_SM80` set (and not "0") forces the sm_80 (mma.sync) kernels, so that path is
+/// tested on Hopper too. Read on every call.
+pub fn sm90_enabled() -> bool {
+    if std::env::var("LONGATTN_FORCE_SM80").is_ok_and(|v| !v.is_empty() && v != "0") {
+        return false;
+    }
+    match std::env::var("LONGATTN_SM90").as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => SM90_BY_DEFAULT,
+    }
 }
 
 /// `LONGATTN_LANDMARK_SM90=1`: landmark_attn's forward runs on the Hopper engine. Off by default:

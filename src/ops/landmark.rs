@@ -617,7 +617,7 @@ impl Sm90Plan {
         v: &View,
         bs: usize,
     ) -> Result<Option<Sm90Plan>, PyErr> {
-        if p.dtype == DType::F32 || cuda::force_sm80() || !cuda::landmark_sm90_enabled() {
+        if p.dtype == DType::F32 || !cuda::sm90_enabled() || !cuda::landmark_sm90_enabled() {
             return Ok(None);
         }
         let dev = cuda::device(ordinal).map_err(value_error)?;

@@ -212,7 +212,11 @@ fn range_sm90(
     v: &View,
 ) -> Option<(Variant, [cuda::TmaMap; 3])> {
     let variant = Variant::new(p.dtype, p.d, p.dv);
-    if dev.arch != "sm_90a" || variant.elem == 0 || variant.dk != variant.dv || cuda::force_sm80() {
+    if dev.arch != "sm_90a"
+        || variant.elem == 0
+        || variant.dk != variant.dv
+        || !cuda::sm90_enabled()
+    {
         return None;
     }
     let maps = [
