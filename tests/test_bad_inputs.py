@@ -13,13 +13,12 @@ import threading
 import longattn as la
 import pytest
 import torch
-from conftest import rel_err
+from harness import F64, rel_err
 from longattn.reference import landmark as RL
 from longattn.reference import lightning as RLi
 from longattn.reference import nsa as RN
 from longattn.reference import rat as RR
 
-F64 = torch.float64
 B, T, HQ, HKV, D = 1, 12, 4, 2, 8
 KS, KD, BS = 4, 2, 4  # compression kernel / stride, block size
 C = (T - KS) // KD + 1  # compressed rows

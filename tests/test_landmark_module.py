@@ -12,11 +12,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rel_err
+from harness import F64, rel_err
 from longattn.nn import LandmarkAttention, LandmarkCache
 from longattn.reference.landmark import landmark_attn_reference
-
-F64 = torch.float64
 
 
 def on_device(m, device):

@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import HAS_CUDA, rel_err
+from harness import F64, cuda_only, rel_err
 from longattn.nn import NativeSparseAttention, NSACache
 from longattn.reference.nsa import (
     nsa_attn_reference,
@@ -20,7 +20,6 @@ from longattn.reference.nsa import (
     sliding_window_attn_reference,
 )
 
-F64 = torch.float64
 # small shapes: l = 8, d = 4, B_K = 8, n = 4 (1 init + 2 local + 1 free), W = 12
 CFG = dict(kernel_size=8, kernel_stride=4, block_size=8, topk=4, window_size=12)
 
@@ -263,8 +262,7 @@ def test_bad_module_arguments():
         m(torch.randn(1, 8, 31, dtype=F64))
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@cuda_only
 @pytest.mark.parametrize("compress", ["linear", "mean"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_module_matches_float64_and_decodes(compress, dtype):

@@ -19,12 +19,12 @@ import longattn as la
 import property_cases as C
 import pytest
 import torch
+from harness import F32, F64
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from longattn.reference import landmark as RL
 from longattn.reference import nsa as RN
 from longattn.reference import rat as RR
-from property_cases import F32, F64
 
 EXAMPLES = int(os.environ.get("LONGATTN_HYPOTHESIS_EXAMPLES", "15"))
 CPU = C.Target(device="cpu", dtypes=(F64, F32), grad_dtypes=(F64,))

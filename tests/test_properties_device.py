@@ -23,24 +23,23 @@ import longattn as la
 import property_cases as C
 import pytest
 import torch
-from conftest import HAS_CUDA
+from harness import BF16, F16, F32, HAS_CUDA, NEEDS_CUDA
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from longattn.reference import landmark as RL
 from longattn.reference import lightning as RLi
 from longattn.reference import rat as RR
-from property_cases import BF16, F16, F32
 
-LOW = (F32, BF16, F16)
-CUDA = C.Target(device="cuda", dtypes=LOW, grad_dtypes=LOW, wide=True, max_t=300)
+DTYPES = (F32, BF16, F16)
+CUDA = C.Target(device="cuda", dtypes=DTYPES, grad_dtypes=DTYPES, wide=True, max_t=300)
 # the same draws on the CPU kernels, with shorter sequences (the references dominate the time)
-CPU_HARNESS = C.Target(device="cpu", dtypes=LOW, grad_dtypes=LOW, wide=True, max_t=80)
+CPU_HARNESS = C.Target(device="cpu", dtypes=DTYPES, grad_dtypes=DTYPES, wide=True, max_t=80)
 
 TARGETS = [
     pytest.param(
         CUDA,
         id="cuda",
-        marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")],
+        marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason=NEEDS_CUDA)],
     ),
     pytest.param(CPU_HARNESS, id="cpu"),
 ]

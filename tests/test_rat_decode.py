@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HAS_CUDA, assert_finite, rel_err
+from harness import BF16, F16, F32, F64, assert_close_to_ref, cuda_only, rel_err
 from longattn.nn.rat import RATCache, _capacity_for, rat_continue
 from longattn.ops.rat import rat_attn_with_states, rat_decode, rat_decode_splits
 from longattn.reference.rat import rat_attn_reference, rat_rope
-
-F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
-cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
 
 def make(B, T, H, D, dtype, device="cpu"):
@@ -131,13 +128,10 @@ def test_decode_splits():
 
 
 def check(name, out, ref, dtype):
-    assert_finite(out, name)
-    err = rel_err(out, ref)
-    tol = 1e-5 if dtype == F32 else 2e-2
-    assert err <= tol, f"{name}: rel err {err:.3e} > {tol:.1e} ({dtype})"
+    assert_close_to_ref(name, out, ref, dtype, "cuda")
 
 
-@cuda
+@cuda_only
 @pytest.mark.parametrize("dtype", [F32, BF16])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("L", [1, 3, 16])
@@ -155,7 +149,7 @@ def test_cuda_decode_steps_equal_full_forward(dtype, D, L, BH):
     assert cache.num_chunks == T // L and cache.k_store.is_cuda
 
 
-@cuda
+@cuda_only
 @pytest.mark.parametrize("dtype", [F32, BF16])
 def test_cuda_prefill_then_decode(dtype):
     """Fused prefill, fused one-token steps and PyTorch prefill chunks mixed."""
@@ -186,7 +180,7 @@ def as_f64_cpu(cache):
     )
 
 
-@cuda
+@cuda_only
 @pytest.mark.parametrize("dtype", [F32, BF16, F16])
 @pytest.mark.parametrize("D,rope", [(128, 10000.0), (64, 10000.0), (36, 500.0), (33, None)])
 @pytest.mark.parametrize("C", [0, 5, 300, 1000])
@@ -219,7 +213,7 @@ def test_cuda_decode_step_matches_pytorch_path(dtype, D, rope, C, offset, BH):
     assert torch.equal(cache.k_states[:, :, :C].cpu().double(), ref.k_states[:, :, :C])
 
 
-@cuda
+@cuda_only
 def test_cuda_decode_strided_inputs_and_bf16_gate():
     """q, k, v as slices of one projection (strided heads), g in bf16."""
     B, H, D, L = 3, 4, 64, 4

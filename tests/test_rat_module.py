@@ -7,10 +7,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from harness import F64, cuda_only
 from longattn.nn.rat import RATAttention, RATCache
 from longattn.reference.rat import rat_attn_reference
-
-F64 = torch.float64
 
 
 def official_math(m: RATAttention, x: torch.Tensor) -> torch.Tensor:
@@ -124,7 +123,7 @@ def test_bad_module_arguments():
         RATAttention(64, 4, chunk_size=0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@cuda_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_module_forward_backward_and_decode(dtype):
     """On CUDA: the fused op forward/backward, prefill + one-token decode (the fused rat_decode

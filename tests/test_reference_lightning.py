@@ -7,14 +7,12 @@ import math
 import longattn
 import pytest
 import torch
-from conftest import rel_err
+from harness import F64, rel_err
 from longattn.reference import (
     lightning_attn_parallel,
     lightning_attn_recurrent,
     lightning_slopes_reference,
 )
-
-F64 = torch.float64
 
 
 def _inputs(B, T, H, D, E, n_state=None, dtype=F64):

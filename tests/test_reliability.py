@@ -12,10 +12,8 @@ from __future__ import annotations
 import longattn as la
 import pytest
 import torch
-from conftest import HAS_CUDA, assert_finite, rel_err
+from harness import BF16, assert_finite, cuda_only, rel_err
 from torch.utils._python_dispatch import TorchDispatchMode
-
-BF16 = torch.bfloat16
 
 
 def _randn(shape, device, dtype, scale=1.0):
@@ -253,11 +251,8 @@ def test_autocast_bf16(kind, device):
 
 # ------------------------------------------------------------------------------- CUDA only
 
-cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-
 
 @cuda_only
-@pytest.mark.cuda
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_cuda_graph_capture_forward_backward(case):
     torch.manual_seed(0)
@@ -299,7 +294,6 @@ def test_cuda_graph_capture_forward_backward(case):
 
 
 @cuda_only
-@pytest.mark.cuda
 @pytest.mark.parametrize("i", range(len(CASES)), ids=CASE_IDS)
 def test_cuda_two_streams_agree_with_serial(i):
     a, b = CASES[i], CASES[(i + 1) % len(CASES)]
@@ -320,7 +314,6 @@ def test_cuda_two_streams_agree_with_serial(i):
 
 
 @cuda_only
-@pytest.mark.cuda
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_cuda_above_2_31_elements(case):
     """Batch rows past 2^31 elements give the same result as that row computed alone."""
@@ -360,7 +353,6 @@ def test_cuda_above_2_31_elements(case):
 
 
 @cuda_only
-@pytest.mark.cuda
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_cuda_peak_memory_64k(case):
     """Forward + backward at T = 64K allocates O(B·T·H) memory: bounded by a small multiple of

@@ -70,6 +70,16 @@ def check_rank(t: torch.Tensor | None, name: str, rank: int, layout: str) -> Non
         raise ValueError(f"{name}: expected rank {rank} {layout}, got shape {tuple(t.shape)}")
 
 
+def check_cu_seqlens(cu_seqlens: torch.Tensor | None) -> None:
+    """An optional packed-batch ``cu_seqlens``: a rank-1 tensor of N + 1 >= 2 entries (its values
+    are checked where the op reads them)."""
+    check_rank(cu_seqlens, "cu_seqlens", 1, "[N + 1]")
+    if cu_seqlens is not None and cu_seqlens.shape[0] < 2:
+        raise ValueError(
+            f"cu_seqlens: expected [N + 1] entries with N >= 1, got {cu_seqlens.shape[0]}"
+        )
+
+
 def wants_out_lo(*inputs: torch.Tensor | None) -> bool:
     """Whether a softmax forward should also store its output's rounding residual ``out_lo``: a
     16-bit output whose backward will run (grad mode on, some input requires grad). The

@@ -41,24 +41,6 @@ class LightningCache:
         return self.state.shape[0]
 
 
-class _RMSNorm(nn.Module):
-    """RMSNorm computed in float32, weight applied in the input dtype (Llama/MiniMax style)."""
-
-    def __init__(self, hidden_size: int, eps: float = 1e-6, device=None, dtype=None):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        in_dtype = x.dtype
-        xf = x.to(torch.promote_types(in_dtype, torch.float32))
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(in_dtype)
-
-    def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}"
-
-
 class LightningAttention(nn.Module):
     """MiniMax-01 lightning attention layer (token mixer).
 
@@ -110,7 +92,7 @@ class LightningAttention(nn.Module):
 
         self.qkv_proj = nn.Linear(hidden_size, 3 * inner, bias=bias, **factory)
         self.output_gate = nn.Linear(hidden_size, inner, bias=bias, **factory)
-        self.norm = _RMSNorm(inner, eps=eps, **factory)
+        self.norm = nn.RMSNorm(inner, eps=eps, **factory)
         self.out_proj = nn.Linear(inner, hidden_size, bias=bias, **factory)
         self.register_buffer("slopes", self._make_slopes(device), persistent=False)
 
@@ -155,7 +137,9 @@ class LightningAttention(nn.Module):
             cu_seqlens=cu_seqlens,
         )
 
-        o = self.norm(o.reshape(B, T, H * D))
+        # in the norm's dtype: under autocast o is 16-bit and the weight float32, which
+        # torch.nn.RMSNorm would round back to 16 bits (the result stays float32, as before)
+        o = self.norm(o.reshape(B, T, H * D).to(self.norm.weight.dtype))
         o = torch.sigmoid(self.output_gate(x)) * o
         y = self.out_proj(o)
         new_cache = LightningCache(final_state) if use_cache else None

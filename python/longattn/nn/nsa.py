@@ -58,10 +58,6 @@ def apply_rotary(x: Tensor, pos: Tensor, theta: float) -> Tensor:
     return (xf * cos + rot * sin).to(x.dtype)
 
 
-def _num_windows(length: int, kernel_size: int, kernel_stride: int) -> int:
-    return (length - kernel_size) // kernel_stride + 1 if length >= kernel_size else 0
-
-
 def _positions(T: int, cu_seqlens: Tensor | None, device) -> Tensor:
     """Position of every token within its sequence ``[T]`` (restarting at cu_seqlens)."""
     ar = torch.arange(T, device=device)

@@ -24,12 +24,43 @@ from torch import nn
 
 from .._runtime import state_dtype, unit_last_stride
 from ..ops.rat import rat_attn, rat_attn_with_states, rat_decode
-from ..reference.rat import _scan_chunks, rat_rope
-from .lightning import _RMSNorm
 
 __all__ = ["RATAttention", "RATCache", "rat_continue"]
 
 _MIN_CAPACITY = 16
+
+
+def _chunk_rope(x: torch.Tensor, chunk: torch.Tensor, base: float | None) -> torch.Tensor:
+    """``x [..., T, H, D]`` rotated by the angle ``chunk[t]·base^(−2i/D)`` (``rotate_half`` pairs
+    i and i + D/2), as the kernels rotate: angles in float64, products in float32 (float64 for
+    float64 x); returns x's dtype."""
+    if base is None:
+        return x
+    D = x.shape[-1]
+    cd = state_dtype(x.dtype)
+    freq = float(base) ** -(torch.arange(0, D, 2, dtype=torch.float64, device=x.device) / D)
+    angle = chunk.to(device=x.device, dtype=torch.float64)[:, None] * freq  # [T, D/2]
+    angle = torch.cat([angle, angle], dim=-1)[:, None, :]  # [T, 1, D]
+    cos, sin = angle.cos().to(cd), angle.sin().to(cd)
+    xc = x.to(cd)
+    x1, x2 = xc[..., : D // 2], xc[..., D // 2 :]
+    return (xc * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+
+
+def _chunk_scan(x: torch.Tensor, g: torch.Tensor, L: int) -> torch.Tensor:
+    """The gated states ``h_t = g_t·h_{t−1} + (1 − g_t)·x_t`` of x, g ``[B, T, H, D]``, restarting
+    at every multiple of L: all chunks at once, one step per offset in the chunk."""
+    B, T, H, D = x.shape
+    n = -(-T // L)  # chunks, the last one padded
+    pad = (0, 0, 0, 0, 0, n * L - T)
+    xs = torch.nn.functional.pad(x, pad).view(B, n, L, H, D)
+    gs = torch.nn.functional.pad(g, pad).view(B, n, L, H, D)
+    h = x.new_zeros(B, n, H, D)
+    states = []
+    for j in range(L):
+        h = gs[:, :, j] * h + (1 - gs[:, :, j]) * xs[:, :, j]
+        states.append(h)
+    return torch.stack(states, dim=2).view(B, n * L, H, D)[:, :T]
 
 
 def _capacity_for(n: int) -> int:
@@ -77,7 +108,7 @@ class RATCache:
         cap = _capacity_for(C + 1)
         cache = cls.empty(B, H, D, dtype=dtype, device=k_states.device, capacity=cap)
         j = torch.arange(C, device=k_states.device)
-        cache.k_store[:, :, :C] = rat_rope(k_states, j, rope_base).transpose(1, 2)
+        cache.k_store[:, :, :C] = _chunk_rope(k_states, j, rope_base).transpose(1, 2)
         cache.v_store[:, :, :C] = v_states.transpose(1, 2)
         cache.k_run.copy_(k_run)
         cache.v_run.copy_(v_run)
@@ -195,8 +226,8 @@ def rat_continue(q, k, v, g, cache: RATCache, *, chunk_size, scale=None, rope_ba
         gx = torch.cat([pad, gc], dim=1)
     else:
         kx, vx, gx = kc, vc, gc
-    kt = _scan_chunks(kx, gx, L)[:, o:]
-    vt = _scan_chunks(vx, gx, L)[:, o:]
+    kt = _chunk_scan(kx, gx, L)[:, o:]
+    vt = _chunk_scan(vx, gx, L)[:, o:]
     c = (P + torch.arange(M, device=q.device)) // L
     # new tokens that complete a chunk: offsets first, first + L, ... (appended rotated)
     first = (L - 1 - P) % L
@@ -206,12 +237,12 @@ def rat_continue(q, k, v, g, cache: RATCache, *, chunk_size, scale=None, rope_ba
         n = new_k.shape[1]
         cache.reserve(C + n)
         j_new = torch.arange(C, C + n, device=q.device)
-        cache.k_store[:, :, C : C + n] = rat_rope(new_k, j_new, rope_base).transpose(1, 2)
+        cache.k_store[:, :, C : C + n] = _chunk_rope(new_k, j_new, rope_base).transpose(1, 2)
         cache.v_store[:, :, C : C + n] = new_v.transpose(1, 2)
         C += n
     ks, vs = cache.k_store[:, :, :C].to(cd), cache.v_store[:, :, :C].to(cd)
     j = torch.arange(C, device=q.device)
-    qr = rat_rope(qc, c, rope_base)
+    qr = _chunk_rope(qc, c, rope_base)
     prev = torch.einsum("bthd,bhjd->bthj", qr, ks) * s
     prev = prev.masked_fill(~(j[None, :] < c[:, None])[None, :, None, :], float("-inf"))
     own = (qc * kt).sum(-1, keepdim=True) * s
@@ -268,7 +299,7 @@ class RATAttention(nn.Module):
         self.in_proj = nn.Linear(hidden_size, 3 * hidden_size + 2 * gd, bias=bias, **factory)
         self.gate_bias = nn.Parameter(torch.empty(hidden_size, device=device, dtype=torch.float32))
         self.out_proj = nn.Linear(hidden_size, hidden_size, bias=bias, **factory)
-        self.norm = _RMSNorm(hidden_size, eps, **factory) if norm_and_residual else None
+        self.norm = nn.RMSNorm(hidden_size, eps=eps, **factory) if norm_and_residual else None
         self.reset_gate_bias()
 
     @torch.no_grad()
@@ -312,7 +343,8 @@ class RATAttention(nn.Module):
             raise ValueError("cu_seqlens: not supported together with a cache")
         B, T, _ = x.shape
         H, D, L = self.num_heads, self.head_dim, self.chunk_size
-        h = self.norm(x) if self.norm is not None else x
+        # the norm in its weight's dtype (float32 h for 16-bit x in a float32 module)
+        h = self.norm(x.to(self.norm.weight.dtype)) if self.norm is not None else x
         z, q, k, v, g = self.project(h)
         new_cache = None
         if cache is not None:

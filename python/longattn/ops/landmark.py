@@ -16,7 +16,14 @@ import torch
 from torch import Tensor
 
 from .. import _native
-from .._runtime import check_rank, native_call, state_dtype, unit_last_stride, wants_out_lo
+from .._runtime import (
+    check_cu_seqlens,
+    check_rank,
+    native_call,
+    state_dtype,
+    unit_last_stride,
+    wants_out_lo,
+)
 
 __all__ = ["insert_landmarks", "landmark_attn", "landmark_topk_blocks", "remove_landmarks"]
 
@@ -163,7 +170,6 @@ def _check_common(q, k, v, block_size, cu_seqlens):
     check_rank(q, "q", 4, "[B, Tq, Hq, D]")
     check_rank(k, "k", 4, "[B, Tk, Hkv, D]")
     check_rank(v, "v", 4, "[B, Tk, Hkv, D]")
-    check_rank(cu_seqlens, "cu_seqlens", 1, "[N + 1]")
     if isinstance(block_size, bool) or not isinstance(block_size, int):
         raise TypeError(f"block_size: expected an int, got {type(block_size).__name__}")
     if block_size < 2:
@@ -171,10 +177,7 @@ def _check_common(q, k, v, block_size, cu_seqlens):
             f"block_size: must be at least 2 (one ordinary token and the landmark), "
             f"got {block_size}"
         )
-    if cu_seqlens is not None and cu_seqlens.shape[0] < 2:
-        raise ValueError(
-            f"cu_seqlens: expected [N + 1] entries with N >= 1, got {cu_seqlens.shape[0]}"
-        )
+    check_cu_seqlens(cu_seqlens)
 
 
 def landmark_attn(

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import _native
-from .._runtime import check_rank, native_call, state_dtype, unit_last_stride
+from .._runtime import check_cu_seqlens, check_rank, native_call, state_dtype, unit_last_stride
 
 __all__ = ["lightning_attn", "lightning_slopes"]
 
@@ -206,11 +206,7 @@ def lightning_attn(
     check_rank(v, "v", 4, "[B, T, H, E]")
     check_rank(slopes, "slopes", 1, "[H]")
     check_rank(initial_state, "initial_state", 4, "[N, H, D, E]")
-    check_rank(cu_seqlens, "cu_seqlens", 1, "[N + 1]")
-    if cu_seqlens is not None and cu_seqlens.shape[0] < 2:
-        raise ValueError(
-            f"cu_seqlens: expected [N + 1] entries with N >= 1, got {cu_seqlens.shape[0]}"
-        )
+    check_cu_seqlens(cu_seqlens)
     if slopes.is_floating_point():
         slopes = slopes.to(state_dtype(q.dtype))
     q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)

@@ -18,7 +18,14 @@ import torch
 from torch import Tensor
 
 from .. import _native
-from .._runtime import check_rank, native_call, state_dtype, unit_last_stride, wants_out_lo
+from .._runtime import (
+    check_cu_seqlens,
+    check_rank,
+    native_call,
+    state_dtype,
+    unit_last_stride,
+    wants_out_lo,
+)
 
 __all__ = [
     "nsa_attn",
@@ -36,14 +43,6 @@ def _num_windows(length: int, kernel_size: int, kernel_stride: int) -> int:
 
 def _scale(scale: float | None, q: Tensor) -> float:
     return float(q.shape[-1] ** -0.5 if scale is None else scale)
-
-
-def _check_cu(cu_seqlens: Tensor | None) -> None:
-    check_rank(cu_seqlens, "cu_seqlens", 1, "[N + 1]")
-    if cu_seqlens is not None and cu_seqlens.shape[0] < 2:
-        raise ValueError(
-            f"cu_seqlens: expected [N + 1] entries with N >= 1, got {cu_seqlens.shape[0]}"
-        )
 
 
 def _check_int(name: str, val) -> None:
@@ -392,7 +391,7 @@ def nsa_compressed_attn(
         −inf (and o = 0) for rows that see no window. lse carries no gradient.
     """
     q, k_cmp, v_cmp = _check_qkv(q, k_cmp, v_cmp, "k_cmp", "v_cmp")
-    _check_cu(cu_seqlens)
+    check_cu_seqlens(cu_seqlens)
     _check_positive(kernel_size=kernel_size, kernel_stride=kernel_stride)
     return _branch(
         q, k_cmp, v_cmp, None, None, "compressed", -1, int(kernel_size), int(kernel_stride),
@@ -426,7 +425,7 @@ def nsa_selected_attn(
     """
     q, k, v = _check_qkv(q, k, v)
     check_rank(block_indices, "block_indices", 4, "[B, T, Hkv, n]")
-    _check_cu(cu_seqlens)
+    check_cu_seqlens(cu_seqlens)
     _check_positive(block_size=block_size)
     count, counts = -1, None
     if isinstance(block_counts, torch.Tensor):
@@ -456,7 +455,7 @@ def sliding_window_attn(
     q ``[B, T, Hq, D]``, k/v ``[B, T, Hkv, D]``.
     """
     q, k, v = _check_qkv(q, k, v)
-    _check_cu(cu_seqlens)
+    check_cu_seqlens(cu_seqlens)
     _check_positive(window_size=window_size)
     o, _ = _branch(
         q, k, v, None, None, "window", -1, int(window_size), 0, _scale(scale, q), cu_seqlens
@@ -520,7 +519,7 @@ def nsa_topk_blocks(
     check_rank(q, "q", 4, "[B, T, Hq, D]")
     check_rank(k_cmp, "k_cmp", 4, "[B, C, Hkv, D]")
     check_rank(lse, "lse", 3, "[B, T, Hq]")
-    _check_cu(cu_seqlens)
+    check_cu_seqlens(cu_seqlens)
     _check_positive(
         kernel_size=kernel_size, kernel_stride=kernel_stride, block_size=block_size, topk=topk
     )
@@ -697,7 +696,7 @@ def nsa_compress(
     check_rank(x, "x", 4, "[B, T, H, D]")
     check_rank(weight, "weight", 3, "[H, kernel_size·D, D_out]")
     check_rank(pe, "pe", 3, "[H, kernel_size, D]")
-    _check_cu(cu_seqlens)
+    check_cu_seqlens(cu_seqlens)
     _check_positive(kernel_size=kernel_size, kernel_stride=kernel_stride)
     if pe is not None and weight is None:
         raise ValueError("pe: only used with weight (linear compression)")

@@ -15,7 +15,14 @@ import torch
 from torch import Tensor
 
 from .. import _native
-from .._runtime import check_rank, native_call, state_dtype, unit_last_stride, wants_out_lo
+from .._runtime import (
+    check_cu_seqlens,
+    check_rank,
+    native_call,
+    state_dtype,
+    unit_last_stride,
+    wants_out_lo,
+)
 
 __all__ = [
     "rat_attn",
@@ -224,11 +231,7 @@ rat_fwd.register_autograd(_backward, setup_context=_setup_context)
 def _prepare(q, k, v, g, chunk_size, scale, rope_base, cu_seqlens):
     for t, name in ((q, "q"), (k, "k"), (v, "v"), (g, "g")):
         check_rank(t, name, 4, "[B, T, H, D]")
-    check_rank(cu_seqlens, "cu_seqlens", 1, "[N + 1]")
-    if cu_seqlens is not None and cu_seqlens.shape[0] < 2:
-        raise ValueError(
-            f"cu_seqlens: expected [N + 1] entries with N >= 1, got {cu_seqlens.shape[0]}"
-        )
+    check_cu_seqlens(cu_seqlens)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
         raise TypeError(f"chunk_size: expected an int, got {type(chunk_size).__name__}")
     if chunk_size < 1:
