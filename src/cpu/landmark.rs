@@ -539,17 +539,6 @@ pub fn forward(a: &LmArgs, f: &LmFwd) {
     by_dtype!(a.q.dtype, "landmark", I => forward_t::<I>(a, f))
 }
 
-fn has_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 /// (sequence, head, query tile) items, heaviest (last) tiles first.
 fn q_items(a: &LmArgs, heads: usize) -> Vec<(usize, usize, usize)> {
     let mut items = Vec::new();
@@ -566,7 +555,7 @@ fn q_items(a: &LmArgs, heads: usize) -> Vec<(usize, usize, usize)> {
 }
 
 fn forward_t<I: Input>(a: &LmArgs, f: &LmFwd) {
-    let fma = has_fma();
+    let fma = super::has_avx2_fma();
     let items = q_items(a, a.hq);
     POOL.install(|| {
         items.par_iter().for_each(|&(si, h, t)| {
@@ -683,7 +672,7 @@ pub fn backward(a: &LmArgs, g: &LmBwd) {
 }
 
 fn backward_t<I: Input>(a: &LmArgs, g: &LmBwd) {
-    let fma = has_fma();
+    let fma = super::has_avx2_fma();
     let qi = q_items(a, a.hq);
     let mut ki = Vec::new();
     for (si, s) in a.seqs.iter().enumerate() {

@@ -360,10 +360,8 @@ enum Isa {
 impl Isa {
     fn detect() -> Isa {
         #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                return Isa::Avx2;
-            }
+        if super::has_avx2_fma() {
+            return Isa::Avx2;
         }
         Isa::Base
     }
@@ -1088,7 +1086,7 @@ mod tests {
         #[allow(unused_mut)]
         let mut isas = vec![Isa::Base];
         #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        if crate::cpu::has_avx2_fma() {
             isas.push(Isa::Avx2);
         }
         isas

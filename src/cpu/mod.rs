@@ -16,3 +16,18 @@ pub static POOL: LazyLock<rayon::ThreadPool> = LazyLock::new(|| {
         .build()
         .expect("failed to build the longattn CPU thread pool")
 });
+
+/// Whether the AVX2 + FMA micro-kernels may run on this CPU (detected once).
+pub fn has_avx2_fma() -> bool {
+    static DETECTED: LazyLock<bool> = LazyLock::new(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    });
+    *DETECTED
+}

@@ -253,18 +253,6 @@ const ROWS: usize = 64;
 /// States per block of the backward's score products.
 const STATES: usize = 64;
 
-/// Whether the AVX2 + FMA code paths may run.
-fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 /// Register tile of `gemm`: C[MR × NR] += A[MR × k] · B[k × NR], summed over k in order.
 ///
 /// # Safety
@@ -511,7 +499,7 @@ fn forward_on<A: Acc>(p: &RatArgs) {
         .collect();
     let items = tiles(p, heads);
     let sc = A::of(p.scale);
-    let avx2 = has_avx2();
+    let avx2 = super::has_avx2_fma();
     POOL.install(|| {
         // SAFETY: validated views; every (n, h) writes its own state rows.
         pairs
@@ -695,7 +683,7 @@ fn backward_on<A: Acc>(p: &RatArgs, gr: &RatGrads) {
         (2 * threads).div_ceil(pairs.len().max(1))
     };
     let per = TILE_QUERIES.div_ceil(p.chunk).max(1);
-    let avx2 = has_avx2();
+    let avx2 = super::has_avx2_fma();
     let items: Vec<(usize, usize, usize)> = pairs
         .iter()
         .flat_map(|&(n, h)| (0..splits).map(move |sp| (n, h, sp)))

@@ -84,6 +84,17 @@ pub fn sm90_common_defines() -> Vec<(String, String)> {
     vec![("SM90_PINGPONG".into(), (sm90_pingpong() as u8).to_string())]
 }
 
+/// Dynamic shared memory a CTA may use, by architecture (the opt-in maximum).
+pub fn smem_limit(arch: &str) -> usize {
+    if arch.starts_with("sm_90") || arch.starts_with("sm_100") {
+        227 * 1024
+    } else if arch == "sm_80" || arch == "sm_87" {
+        163 * 1024
+    } else {
+        99 * 1024
+    }
+}
+
 /// A TMA descriptor (the driver's CUtensorMap), passed by value inside kernel parameters.
 #[repr(C, align(64))]
 #[derive(Clone, Copy)]

@@ -349,8 +349,6 @@ pub fn backward(
 
 const SOURCE: &str = include_str!("../../cuda/rat.cu");
 const THREADS: u32 = 128;
-/// Shared memory a CTA may use on sm_80 and sm_90.
-const MAX_SMEM: usize = 227 * 1024;
 
 /// Largest head dim of the CUDA kernels for a dtype (the f32 backward at 256 would not fit in
 /// shared memory).
@@ -570,7 +568,7 @@ fn launch(
     let dev = cuda::device(ordinal)?;
     let variant = Variant::new(p.dtype, p.d);
     let (s3, s4) = (variant.smem(3), variant.smem(4));
-    if s4 as usize > MAX_SMEM {
+    if s4 as usize > cuda::smem_limit(&dev.arch) {
         return Err(format!(
             "rat: head dim {} needs too much shared memory",
             p.d

@@ -198,17 +198,6 @@ fn topk_smem_bytes(
     (bm * ld + stages * SEL_BN * ld) * size + 4 * (floats + ints)
 }
 
-/// Shared memory a CTA may use, by architecture.
-fn smem_limit(arch: &str) -> usize {
-    if arch.starts_with("sm_90") || arch.starts_with("sm_100") {
-        227 * 1024
-    } else if arch == "sm_80" || arch == "sm_87" {
-        163 * 1024
-    } else {
-        99 * 1024
-    }
-}
-
 /// Parameters of nsa_topk, laid out exactly like `TopkParams` in cuda/nsa_select.cu.
 #[repr(C)]
 struct TopkParams {
@@ -287,7 +276,7 @@ fn topk_cuda(
         return Ok(());
     }
     let dev = cuda::device(ordinal).map_err(cuda_err)?;
-    let limit = smem_limit(&dev.arch) - 1024; // room for the static shared memory
+    let limit = cuda::smem_limit(&dev.arch) - 1024; // room for the static shared memory
     let elem = SelVariant::elem_of(q.dtype);
     let dp = SelVariant::padded(d);
     let gmode = if matches!(g, 1 | 2 | 4 | 8 | 16) {
