@@ -290,7 +290,7 @@ def test_insert_remove_landmarks():
     ids = torch.arange(1, 12)[None]  # 11 tokens
     out = insert_landmarks(ids, landmark_id=-5, block_size=4)
     assert out.tolist() == [[1, 2, 3, -5, 4, 5, 6, -5, 7, 8, 9, -5, 10, 11]]
-    assert torch.equal(remove_landmarks(out, 4), ids)
+    assert torch.equal(remove_landmarks(out, block_size=4), ids)
 
 
 @pytest.mark.parametrize(
