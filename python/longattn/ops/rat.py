@@ -243,6 +243,12 @@ def _prepare(q, k, v, g, chunk_size, scale, rope_theta, cu_seqlens):
         rope_theta = float(rope_theta)
         if not rope_theta > 0:
             raise ValueError(f"rope_theta: must be a positive number or None, got {rope_theta}")
+        if q.shape[-1] % 2:
+            # checked here as well as in the kernels, so that the message uses the Python name
+            raise ValueError(
+                f"q: RoPE (rope_theta set) needs an even head dim, got {q.shape[-1]}; "
+                "pass rope_theta=None"
+            )
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v, g = (unit_last_stride(t) for t in (q, k, v, g))
     return q, k, v, g, chunk_size, scale, rope_theta
