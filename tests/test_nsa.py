@@ -243,7 +243,9 @@ def test_compressed_attn_and_compress_vs_reference(dtype):
     def run(ops, q, k, v, w):
         kc, _ = ops[0](k, kernel_size=8, kernel_stride=4, weight=w, cu_seqlens=cu)
         vc, _ = ops[0](v, kernel_size=8, kernel_stride=4, cu_seqlens=cu)
-        return ops[1](q, kc, vc, kernel_size=8, kernel_stride=4, cu_seqlens=cu)[0]
+        # the reference always returns (o, lse)
+        lse = {"return_lse": True} if ops[1] is N.nsa_compressed_attn else {}
+        return ops[1](q, kc, vc, kernel_size=8, kernel_stride=4, cu_seqlens=cu, **lse)[0]
 
     ker = (N.nsa_compress, N.nsa_compressed_attn)
     ref = (R.nsa_compress_reference, R.nsa_compressed_attn_reference)
