@@ -143,7 +143,7 @@ def cases(quick: bool):
         {
             "longattn": (
                 lambda q, kc, vc: la.nsa_compressed_attn(
-                    q, kc, vc, kernel_size=ks, kernel_stride=kd
+                    q, kc, vc, kernel_size=ks, kernel_stride=kd, return_lse=True
                 )[0],
                 [q, kc, vc],
             ),

@@ -145,7 +145,7 @@ def bench_selection(b: Bench, Ts, Gs):
             lse = None
             try:
                 _, lse = longattn.nsa_compressed_attn(
-                    q, kc, vc, kernel_size=KS, kernel_stride=KD, scale=SCALE
+                    q, kc, vc, kernel_size=KS, kernel_stride=KD, scale=SCALE, return_lse=True
                 )
                 cmp_err = None
             except Exception as e:  # noqa: BLE001
@@ -163,7 +163,7 @@ def bench_selection(b: Bench, Ts, Gs):
 
             def both(q=q, kc=kc, vc=vc):
                 _, lse_ = longattn.nsa_compressed_attn(
-                    q, kc, vc, kernel_size=KS, kernel_stride=KD, scale=SCALE
+                    q, kc, vc, kernel_size=KS, kernel_stride=KD, scale=SCALE, return_lse=True
                 )
                 return longattn.nsa_topk_blocks(
                     q, kc, lse_, kernel_size=KS, kernel_stride=KD, block_size=BK, topk=TOPK,

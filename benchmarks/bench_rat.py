@@ -212,7 +212,7 @@ def run_decode(bench, dev, dt):
     try:
         torch.manual_seed(0)
         C = Tc // L
-        cache = RATCache.empty(Bd, H, D, dtype=dt, device=dev, capacity=2 * C)
+        cache = RATCache._zeros(Bd, H, D, dtype=dt, device=dev, capacity=2 * C)
         cache.k_store[:, :, :C].normal_()
         cache.v_store[:, :, :C].normal_()
         cache.k_run.normal_()

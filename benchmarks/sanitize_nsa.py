@@ -129,7 +129,9 @@ def main():
         kc = torch.randn(1, 7, 2, D)  # windows of l = 16, d = 8 over T = 70
         case(
             "compressed batch",
-            lambda q, k, v: N.nsa_compressed_attn(q, k, v, kernel_size=16, kernel_stride=8)[0],
+            lambda q, k, v: N.nsa_compressed_attn(
+                q, k, v, kernel_size=16, kernel_stride=8, return_lse=False
+            ),
             lambda q, k, v: R.nsa_compressed_attn_reference(
                 q, k, v, kernel_size=16, kernel_stride=8
             )[0],
@@ -140,7 +142,7 @@ def main():
         case(
             "compressed varlen",
             lambda q, k, v: N.nsa_compressed_attn(
-                q, k, v, kernel_size=16, kernel_stride=8, cu_seqlens=cu.to(dev)
+                q, k, v, kernel_size=16, kernel_stride=8, cu_seqlens=cu.to(dev), return_lse=True
             )[0],
             lambda q, k, v: R.nsa_compressed_attn_reference(
                 q, k, v, kernel_size=16, kernel_stride=8, cu_seqlens=cu

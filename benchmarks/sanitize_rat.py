@@ -55,7 +55,7 @@ def main() -> int:
             g = torch.sigmoid(torch.randn(B, T, H, D, device=dev) + 1).to(g_dtype).requires_grad_()
             k = k0.expand(B, T, H, D) if group else k0
             cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=dev)
-            kw = {"chunk_size": L, "rope_base": rope, "cu_seqlens": cu_t}
+            kw = {"chunk_size": L, "rope_theta": rope, "cu_seqlens": cu_t}
             dy = torch.randn(B, T, H, D, device=dev)
             y = rat_attn(q, k, v, g, **kw)
             grads = torch.autograd.grad(y, (q, k0, v, g), dy.to(dtype))
@@ -81,7 +81,7 @@ def main() -> int:
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         try:
             cap = max(C + (offset == L - 1), 1)
-            cache = RATCache.empty(B, H, D, dtype=dtype, device=dev, capacity=cap)
+            cache = RATCache._zeros(B, H, D, dtype=dtype, device=dev, capacity=cap)
             cache.k_store.copy_(torch.randn(B, H, cap, D, device=dev))
             cache.v_store.copy_(torch.randn(B, H, cap, D, device=dev))
             cache.k_run.copy_(torch.randn(B, H, D, device=dev))

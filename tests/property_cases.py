@@ -244,8 +244,8 @@ def rat(data, tgt: Target):
     v = gen.bhtd(B, T, H, D, dtype, data.draw(layouts))
     gdt = data.draw(st.sampled_from([dtype, F32]))
     g = gen.arg(torch.sigmoid(gen.randn(B, T, H, D)), gdt)
-    out = la.rat_attn(q.x, k.x, v.x, g.x, chunk_size=L, rope_base=rope, cu_seqlens=tgt.put(cu))
-    ref = RR.rat_attn_reference(*refs(q, k, v, g), chunk_size=L, rope_base=rope, cu_seqlens=cu)
+    out = la.rat_attn(q.x, k.x, v.x, g.x, chunk_size=L, rope_theta=rope, cu_seqlens=tgt.put(cu))
+    ref = RR.rat_attn_reference(*refs(q, k, v, g), chunk_size=L, rope_theta=rope, cu_seqlens=cu)
     assert_close(out, ref, dtype)
     check_grads([(out, ref)], [q, k, v, g], gen, dtype, tgt, coarser(dtype, gdt))
 
@@ -426,7 +426,13 @@ def nsa_compressed_attn(data, tgt: Target):
         gen, B, T, cu, ks, stride, Hkv, D, E, dtype, data.draw(layouts), data.draw(layouts)
     )
     out, lse = la.nsa_compressed_attn(
-        q.x, kc.x, vc.x, kernel_size=ks, kernel_stride=stride, cu_seqlens=tgt.put(cu)
+        q.x,
+        kc.x,
+        vc.x,
+        kernel_size=ks,
+        kernel_stride=stride,
+        cu_seqlens=tgt.put(cu),
+        return_lse=True,
     )
     ref, rlse = compressed_ref(*refs(q, kc, vc), ks, stride, cu)
     assert_close(out, ref, dtype)
@@ -449,7 +455,13 @@ def nsa_topk_blocks(data, tgt: Target):
     kc, vc = compressed_kv(gen, B, T, cu, ks, stride, Hkv, D, 1, dtype, "contig", "contig")
     with torch.no_grad():
         _, lse = la.nsa_compressed_attn(
-            q.x, kc.x, vc.x, kernel_size=ks, kernel_stride=stride, cu_seqlens=tgt.put(cu)
+            q.x,
+            kc.x,
+            vc.x,
+            kernel_size=ks,
+            kernel_stride=stride,
+            cu_seqlens=tgt.put(cu),
+            return_lse=True,
         )
         kw = dict(
             kernel_size=ks, kernel_stride=stride, block_size=bs, topk=topk, init_blocks=init,
@@ -558,7 +570,13 @@ def nsa_attn(data, tgt: Target):
     if idx is None and dtype != F64:
         with torch.no_grad():
             _, lse = la.nsa_compressed_attn(
-                q.x, kc.x, vc.x, kernel_size=ks, kernel_stride=stride, cu_seqlens=tgt.put(cu)
+                q.x,
+                kc.x,
+                vc.x,
+                kernel_size=ks,
+                kernel_stride=stride,
+                cu_seqlens=tgt.put(cu),
+                return_lse=True,
             )
             ref_idx = la.nsa_topk_blocks(
                 q.x, kc.x, lse, kernel_size=ks, kernel_stride=stride, block_size=bs,

@@ -63,7 +63,9 @@ def valid_args(op: str) -> dict:
     if op == "nsa_compressed_attn":
         return dict(q=q, k_cmp=kc, v_cmp=vc, kernel_size=KS, kernel_stride=KD)
     if op == "nsa_topk_blocks":
-        _, lse = la.nsa_compressed_attn(q, kc, vc, kernel_size=KS, kernel_stride=KD)
+        _, lse = la.nsa_compressed_attn(
+            q, kc, vc, kernel_size=KS, kernel_stride=KD, return_lse=True
+        )
         return dict(q=q, k_cmp=kc, lse=lse, kernel_size=KS, kernel_stride=KD, block_size=BS, topk=2)
     if op == "nsa_selected_attn":
         return dict(q=q, k=k, v=v, block_indices=_idx(), block_size=BS, cu_seqlens=cu)
@@ -112,6 +114,8 @@ CU_OPS = [op for op in OPS if op not in ("nsa_attn",)]
 def call(op: str, kw: dict):
     kw = dict(kw)
     args = [kw.pop(n) for n in POSITIONAL[op]]
+    if op == "nsa_compressed_attn":
+        kw.setdefault("return_lse", True)  # the one-release default would warn
     return getattr(la, op)(*args, **kw)
 
 
@@ -208,8 +212,8 @@ def cases():
         if op == "rat_attn":
             add("g-shape", _set("g", lambda t: t[..., :-1]), "g")
             add("g-int", _set("g", lambda t: t.to(torch.int32)), "g")
-            add("rope-base", lambda kw: {**kw, "rope_base": -1.0}, "rope_base")
-            add("rope-odd-D", lambda kw: _odd_rat(kw), "rope_base")
+            add("rope-base", lambda kw: {**kw, "rope_theta": -1.0}, "rope_theta")
+            add("rope-odd-D", lambda kw: _odd_rat(kw), "rope_theta")
         if op == "nsa_compress":
             add("weight-shape", _set("weight", lambda t: t[:, :-1]), "weight")
             add("weight-heads", _set("weight", lambda t: t[:1]), "weight")
@@ -256,7 +260,7 @@ def _longer_keys(kw):
 
 def _odd_rat(kw):
     kw = {n: (t[..., :-1] if isinstance(t, torch.Tensor) else t) for n, t in kw.items()}
-    return {**kw, "rope_base": 10000.0}
+    return {**kw, "rope_theta": 10000.0}
 
 
 CASES = cases()
@@ -322,7 +326,7 @@ def test_nonfinite_inputs_propagate(op, arg, value):
     if op == "rat_attn" and value == value:
         # with RoPE, ±Inf meets inf − inf in a rotation whose order differs between the kernel
         # (relative rotation) and the reference (both sides rotated): compare without it
-        kw["rope_base"] = None
+        kw["rope_theta"] = None
     clean = first(call(op, kw))
     t = kw[arg].clone()
     t[0, 5, 0, 1] = value  # token 5 (with cu_seqlens: the one-token sequence [5, 6))

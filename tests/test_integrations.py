@@ -351,10 +351,12 @@ def test_landmark_logits_processor_keeps_the_layout():
 
     bs, lm = 8, VOCAB - 1
     model = swap(make_model("llama"), "landmark", block_size=bs)
-    prompt = insert_landmarks(ids(length=12) % (VOCAB - 1), lm, bs)  # 12 tokens -> 13 with one lm
+    prompt = insert_landmarks(
+        ids(length=12) % (VOCAB - 1), landmark_id=lm, block_size=bs
+    )  # 12 tokens -> 13 with one lm
     procs = transformers.LogitsProcessorList([LandmarkLogitsProcessor(lm, bs)])
     out = greedy(model, prompt, new=27, logits_processor=procs)
     pos = torch.arange(out.shape[1])
     assert torch.equal(out == lm, ((pos % bs) == bs - 1).expand_as(out))
     assert torch.equal(out, greedy(model, prompt, new=27, logits_processor=procs, use_cache=False))
-    assert not (remove_landmarks(out, bs, dim=1) == lm).any()
+    assert not (remove_landmarks(out, block_size=bs, dim=1) == lm).any()

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from harness import F64, rel_err
-from longattn.nn import LandmarkAttention, LandmarkCache
+from longattn.nn import LandmarkAttention
 from longattn.reference.landmark import landmark_attn_reference
 
 
@@ -170,7 +170,7 @@ def test_retrieval_with_topk_at_least_blocks_equals_training_forward(device, bs)
     m, dt, tol = on_device(module(bs, topk=100), device)
     x = torch.randn(2, 27, 32, dtype=F64).to(device, dt)
     full, _ = m(x)
-    cache = LandmarkCache.empty(2, 2, 8, dtype=dt, device=device)
+    cache = m.init_cache(2)
     outs = []
     with torch.no_grad():
         for t in range(27):

@@ -156,7 +156,9 @@ def test_module_varlen_equals_separate_sequences(device):
 
 def test_module_slopes_and_state_dict():
     mod = LightningAttention(128, 8, layer_idx=3, num_layers=8)
-    torch.testing.assert_close(mod.slopes, longattn.lightning_slopes(8, 3, 8), rtol=0, atol=0)
+    torch.testing.assert_close(
+        mod.slopes, longattn.lightning_slopes(8, layer_idx=3, num_layers=8), rtol=0, atol=0
+    )
     torch.testing.assert_close(mod.slopes, lightning_slopes_reference(8, 3, 8), rtol=1e-6, atol=0)
     keys = set(mod.state_dict())
     assert keys == {"qkv_proj.weight", "output_gate.weight", "norm.weight", "out_proj.weight"}
@@ -167,7 +169,9 @@ def test_module_slopes_and_state_dict():
     # dtype conversion keeps exact float32 slopes
     mod = mod.to(BF16)
     assert mod.slopes.dtype == F32 and mod.qkv_proj.weight.dtype == BF16
-    torch.testing.assert_close(mod.slopes, longattn.lightning_slopes(8, 3, 8), rtol=0, atol=0)
+    torch.testing.assert_close(
+        mod.slopes, longattn.lightning_slopes(8, layer_idx=3, num_layers=8), rtol=0, atol=0
+    )
     # head dim that does not divide hidden size must be given explicitly
     with pytest.raises(ValueError, match="head_dim"):
         LightningAttention(100, 3)

@@ -138,6 +138,7 @@ def test_cuda_head_dim_limit():
                 cu_seqlens=torch.tensor([0, 12]),
                 kernel_size=4,
                 kernel_stride=2,
+                return_lse=True,
             ),  # fmt: skip
             "k_cmp",
         ),
@@ -181,7 +182,9 @@ def test_gradcheck_compressed_attn_and_compress_varlen():
         kc, cu_c = N.nsa_compress(k, kernel_size=4, kernel_stride=2, weight=w, pe=pe, cu_seqlens=cu)
         vc, _ = N.nsa_compress(v, kernel_size=4, kernel_stride=2, cu_seqlens=cu)
         assert cu_c.tolist() == [0, 0, 4, 7]
-        return N.nsa_compressed_attn(q, kc, vc, kernel_size=4, kernel_stride=2, cu_seqlens=cu)[0]
+        return N.nsa_compressed_attn(
+            q, kc, vc, kernel_size=4, kernel_stride=2, cu_seqlens=cu, return_lse=False
+        )
 
     assert gradcheck(f, (q, k, v, w, pe))
 
@@ -240,7 +243,9 @@ def test_compressed_attn_and_compress_vs_reference(dtype):
     def run(ops, q, k, v, w):
         kc, _ = ops[0](k, kernel_size=8, kernel_stride=4, weight=w, cu_seqlens=cu)
         vc, _ = ops[0](v, kernel_size=8, kernel_stride=4, cu_seqlens=cu)
-        return ops[1](q, kc, vc, kernel_size=8, kernel_stride=4, cu_seqlens=cu)[0]
+        # the reference always returns (o, lse)
+        lse = {"return_lse": True} if ops[1] is N.nsa_compressed_attn else {}
+        return ops[1](q, kc, vc, kernel_size=8, kernel_stride=4, cu_seqlens=cu, **lse)[0]
 
     ker = (N.nsa_compress, N.nsa_compressed_attn)
     ref = (R.nsa_compress_reference, R.nsa_compressed_attn_reference)
@@ -256,7 +261,7 @@ def test_short_sequences_and_empty_rows():
     kc, _ = N.nsa_compress(k, kernel_size=8, kernel_stride=4)
     assert kc.shape == (2, 0, 1, 8)
     kc2 = torch.randn(2, 1, 1, 8, dtype=F64)
-    o, lse = N.nsa_compressed_attn(q, kc2, kc2, kernel_size=8, kernel_stride=4)
+    o, lse = N.nsa_compressed_attn(q, kc2, kc2, kernel_size=8, kernel_stride=4, return_lse=True)
     assert (o == 0).all() and torch.isneginf(lse).all()
     o = N.sliding_window_attn(q, k, v, window_size=64)
     assert rel_err(o, R.sliding_window_attn_reference(q, k, v, window_size=64)) < 1e-12
@@ -271,7 +276,9 @@ def test_topk_equals_reference_varlen(G):
     Hkv = 2
     q, k, _ = qkv(1, 150, G * Hkv, Hkv, 16)
     kc, _ = N.nsa_compress(k, kernel_size=8, kernel_stride=4, cu_seqlens=cu)
-    _, lse = N.nsa_compressed_attn(q, kc, kc, kernel_size=8, kernel_stride=4, cu_seqlens=cu)
+    _, lse = N.nsa_compressed_attn(
+        q, kc, kc, kernel_size=8, kernel_stride=4, cu_seqlens=cu, return_lse=True
+    )
     kw = dict(
         kernel_size=8, kernel_stride=4, block_size=8, topk=4, init_blocks=1, local_blocks=2,
         cu_seqlens=cu,
@@ -289,7 +296,7 @@ def test_topk_batch_float32_matches_reference_and_feeds_selected():
     q, k, v = qkv(2, 80, 4, 2, 16, F32)
     kc, _ = N.nsa_compress(k, kernel_size=16, kernel_stride=8)
     vc, _ = N.nsa_compress(v, kernel_size=16, kernel_stride=8)
-    _, lse = N.nsa_compressed_attn(q, kc, vc, kernel_size=16, kernel_stride=8)
+    _, lse = N.nsa_compressed_attn(q, kc, vc, kernel_size=16, kernel_stride=8, return_lse=True)
     kw = dict(kernel_size=16, kernel_stride=8, block_size=16, topk=3, init_blocks=0, local_blocks=1)
     got = N.nsa_topk_blocks(q, kc, lse, **kw)
     want = R.nsa_topk_blocks_reference(q, kc, lse, **kw)
@@ -514,7 +521,9 @@ def test_cuda_compressed(dtype, D, G, T, ks, d):
     lse = {}
 
     def ker(q, kc, vc):
-        o, lse["lo"] = N.nsa_compressed_attn(q, kc, vc, kernel_size=ks, kernel_stride=d)
+        o, lse["lo"] = N.nsa_compressed_attn(
+            q, kc, vc, kernel_size=ks, kernel_stride=d, return_lse=True
+        )
         return o
 
     def ref(q, kc, vc):

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from harness import F64, cuda_only, rel_err
-from longattn.nn import NativeSparseAttention, NSACache
+from longattn.nn import NativeSparseAttention
 from longattn.reference.nsa import (
     nsa_attn_reference,
     nsa_compress_reference,
@@ -127,7 +127,7 @@ def test_decode_step_by_step_equals_full_forward(device, compress):
     m = module(compress).to(device)
     x = torch.randn(2, 52, 32, dtype=F64, device=device)
     full, _ = m(x)
-    cache = NSACache.empty(2, 2, 8, dtype=F64, device=device)
+    cache = m.init_cache(2)
     outs = []
     with torch.no_grad():
         for t in range(52):

@@ -72,7 +72,8 @@ def _case(op, B, T, Hq, Hkv, D, Dv, gen):
     if op == "compressed":
         return (lambda ker, q, kc, vc: (
             ops.nsa_compressed_attn if ker else refs.nsa_compressed_attn_reference
-        )(q, kc, vc, kernel_size=ks, kernel_stride=ks)[0]), (q, kc, vc)  # fmt: skip
+        )(q, kc, vc, kernel_size=ks, kernel_stride=ks, **({"return_lse": True} if ker else {}))[0]
+        ), (q, kc, vc)  # fmt: skip
     if op == "selected":
         return (lambda ker, q, k, v: (
             ops.nsa_selected_attn if ker else refs.nsa_selected_attn_reference

@@ -99,8 +99,8 @@ def nan_rat(gen, dtype, tgt):
     q = poisoned(gen, B, T, H, D, dtype, tgt)
     k, v = (gen.bhtd(B, T, H, D, dtype, "contig") for _ in range(2))
     g = gen.arg(torch.sigmoid(gen.randn(B, T, H, D)), dtype)
-    out = la.rat_attn(q.x, k.x, v.x, g.x, chunk_size=16, rope_base=10000.0)
-    ref = RR.rat_attn_reference(*C.refs(q, k, v, g), chunk_size=16, rope_base=10000.0)
+    out = la.rat_attn(q.x, k.x, v.x, g.x, chunk_size=16, rope_theta=10000.0)
+    ref = RR.rat_attn_reference(*C.refs(q, k, v, g), chunk_size=16, rope_theta=10000.0)
     return out, ref
 
 

@@ -72,13 +72,13 @@ def scan(x, g, L):
 
 
 @pytest.mark.parametrize("L", [1, 3, 4, 10])
-@pytest.mark.parametrize("rope_base", [10000.0, 7.0, None])
-def test_gradcheck_float64(L, rope_base):
+@pytest.mark.parametrize("rope_theta", [10000.0, 7.0, None])
+def test_gradcheck_float64(L, rope_theta):
     """T = 10 is not a multiple of 3 or 4; L = T is the pure gated RNN."""
     q, k, v, g = make(1, 10, 2, 4, F64, requires_grad=True)
 
     def f(q, k, v, g):
-        return rat_attn(q, k, v, g, chunk_size=L, rope_base=rope_base, scale=0.7)
+        return rat_attn(q, k, v, g, chunk_size=L, rope_theta=rope_theta, scale=0.7)
 
     assert torch.autograd.gradcheck(f, (q, k, v, g))
 
@@ -181,7 +181,7 @@ def test_chunk_size_one_is_softmax_attention_over_gated_keys():
     scores = torch.einsum("bthd,bjhd->bhtj", q, kk) * s
     scores = scores.masked_fill(torch.ones(17, 17).triu(1).bool(), float("-inf"))
     want = torch.einsum("bhtj,bjhd->bthd", scores.softmax(-1), vv)
-    y = rat_attn(q, k, v, g, chunk_size=1, rope_base=None)
+    y = rat_attn(q, k, v, g, chunk_size=1, rope_theta=None)
     torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
 
 
@@ -276,10 +276,10 @@ def test_bad_inputs_name_the_argument():
     _expect(
         ValueError, "chunk_size: must be at least 1", lambda: rat_attn(q, k, v, g, chunk_size=0)
     )
-    _expect(ValueError, "rope_base", lambda: rat_attn(q, k, v, g, rope_base=-1.0))
+    _expect(ValueError, "rope_theta", lambda: rat_attn(q, k, v, g, rope_theta=-1.0))
     q5, k5, v5, g5 = make(1, 8, 2, 5, F32)
     _expect(ValueError, "even head dim", lambda: rat_attn(q5, k5, v5, g5))
-    rat_attn(q5, k5, v5, g5, rope_base=None)  # odd D is fine without RoPE
+    rat_attn(q5, k5, v5, g5, rope_theta=None)  # odd D is fine without RoPE
     bad_cu = torch.tensor([0, 6, 3, 8], dtype=torch.int32)
     _expect(ValueError, "cu_seqlens", lambda: rat_attn(q, k, v, g, cu_seqlens=bad_cu))
     short_cu = torch.tensor([0, 5], dtype=torch.int32)
@@ -307,12 +307,12 @@ def test_cuda_vs_reference(dtype, D, L):
 
 @cuda_only
 @pytest.mark.parametrize("L", [3, 48, 100, 130])
-@pytest.mark.parametrize("rope_base", [10000.0, None])
-def test_cuda_awkward_chunks_and_odd_sizes(L, rope_base):
+@pytest.mark.parametrize("rope_theta", [10000.0, None])
+def test_cuda_awkward_chunks_and_odd_sizes(L, rope_theta):
     """Chunks that do not divide the 64-token tile, several sub-tiles per chunk (L > 64), D = 40."""
     B, T, H, D = 1, 333, 3, 40
     q, k, v, g = make(B, T, H, D, F32, "cuda")
-    vs_reference(q, k, v, g, F32, "cuda", chunk_size=L, rope_base=rope_base)
+    vs_reference(q, k, v, g, F32, "cuda", chunk_size=L, rope_theta=rope_theta)
 
 
 @cuda_only

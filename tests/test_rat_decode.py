@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from harness import BF16, F16, F32, F64, assert_close_to_ref, cuda_only, rel_err
-from longattn.nn.rat import RATCache, _capacity_for, rat_continue
+from longattn.nn.rat import RATAttention, RATCache, _capacity_for, rat_continue
 from longattn.ops.rat import rat_attn_with_states, rat_decode, rat_decode_splits
 from longattn.reference.rat import rat_attn_reference, rat_rope
 
@@ -18,7 +18,15 @@ def make(B, T, H, D, dtype, device="cpu"):
     return q, k, v, g.to(F64) if dtype == F64 else g
 
 
-def decode_all(q, k, v, g, cache, L, rope_base=10000.0, steps=None):
+def empty_cache(B, H, D, dtype=F32, device=None, capacity=16) -> RATCache:
+    """An empty cache of B sequences with H heads of size D: ``RATAttention.init_cache`` of a
+    module with that geometry (the one cache constructor)."""
+    return RATAttention(H * D, H, ngroups=1, dtype=dtype, device=device).init_cache(
+        B, capacity=capacity
+    )
+
+
+def decode_all(q, k, v, g, cache, L, rope_theta=10000.0, steps=None):
     """Feeds the tokens in steps (default one at a time); returns the concatenated outputs."""
     T = q.shape[1]
     steps = steps or [1] * T
@@ -26,7 +34,7 @@ def decode_all(q, k, v, g, cache, L, rope_base=10000.0, steps=None):
     for m in steps:
         sl = slice(t, t + m)
         y, cache = rat_continue(
-            q[:, sl], k[:, sl], v[:, sl], g[:, sl], cache, chunk_size=L, rope_base=rope_base
+            q[:, sl], k[:, sl], v[:, sl], g[:, sl], cache, chunk_size=L, rope_theta=rope_theta
         )
         outs.append(y)
         t += m
@@ -47,7 +55,7 @@ def test_cache_grows_and_holds_rotated_states(L):
     states of the full forward, the output equals the float64 reference."""
     B, T, H, D = 2, 40, 2, 8
     q, k, v, g = make(B, T, H, D, F64)
-    cache = RATCache.empty(B, H, D, dtype=F64)
+    cache = empty_cache(B, H, D, dtype=F64)
     y, cache = decode_all(q, k, v, g, cache, L)
     torch.testing.assert_close(y, rat_attn_reference(q, k, v, g, chunk_size=L))
     C = T // L
@@ -74,7 +82,7 @@ def test_clone_branches_and_in_place_update():
     B, T, H, D, L = 1, 20, 2, 8, 4
     q, k, v, g = make(B, T, H, D, F64)
     q2, k2, v2, g2 = make(B, T, H, D, F64)
-    cache = RATCache.empty(B, H, D, dtype=F64)
+    cache = empty_cache(B, H, D, dtype=F64)
     _, cache = decode_all(q[:, :9], k[:, :9], v[:, :9], g[:, :9], cache, L, steps=[5, 4])
     branch = cache.clone()
     y1, out = decode_all(q[:, 9:], k[:, 9:], v[:, 9:], g[:, 9:], cache, L)
@@ -91,7 +99,7 @@ def test_clone_branches_and_in_place_update():
 def test_cache_of_another_dtype_is_cast_once():
     B, T, H, D, L = 1, 7, 2, 8, 2
     q, k, v, g = make(B, T, H, D, F64)
-    cache = RATCache.empty(B, H, D)  # float32 default, used by a float64 caller
+    cache = empty_cache(B, H, D)  # float32 default, used by a float64 caller
     y, cache = decode_all(q, k, v, g, cache, L)
     assert cache.k_store.dtype == F64 and cache.k_run.dtype == F64
     torch.testing.assert_close(y, rat_attn_reference(q, k, v, g, chunk_size=L))
@@ -100,7 +108,7 @@ def test_cache_of_another_dtype_is_cast_once():
 def test_cache_with_another_chunk_size_is_rejected():
     B, H, D = 1, 2, 8
     q, k, v, g = make(B, 5, H, D, F64)
-    _, cache = decode_all(q, k, v, g, RATCache.empty(B, H, D, dtype=F64), 4)
+    _, cache = decode_all(q, k, v, g, empty_cache(B, H, D, dtype=F64), 4)
     with pytest.raises(ValueError, match="chunk_size"):
         rat_continue(q[:, :1], k[:, :1], v[:, :1], g[:, :1], cache, chunk_size=2)
 
@@ -108,7 +116,7 @@ def test_cache_with_another_chunk_size_is_rejected():
 def test_rat_decode_op_is_cuda_only():
     B, H, D = 1, 2, 8
     q, k, v, g = make(B, 1, H, D, F32)
-    cache = RATCache.empty(B, H, D)
+    cache = empty_cache(B, H, D)
     with pytest.raises(ValueError, match="CUDA tensors only"):
         rat_decode(
             q, k, v, g, cache.k_run, cache.v_run, cache.k_store, cache.v_store, 0, 4, 0.3, None
@@ -142,7 +150,7 @@ def test_cuda_decode_steps_equal_full_forward(dtype, D, L, BH):
     B, H = BH
     T = 40
     q, k, v, g = make(B, T, H, D, dtype, "cuda")
-    cache = RATCache.empty(B, H, D, dtype=dtype, device="cuda")
+    cache = empty_cache(B, H, D, dtype=dtype, device="cuda")
     y, cache = decode_all(q, k, v, g, cache, L)
     yr = rat_attn_reference(*(t.cpu().double() for t in (q, k, v, g)), chunk_size=L)
     check("y", y, yr, dtype)
@@ -155,7 +163,7 @@ def test_cuda_prefill_then_decode(dtype):
     """Fused prefill, fused one-token steps and PyTorch prefill chunks mixed."""
     B, T, H, D, L = 2, 150, 2, 64, 16
     q, k, v, g = make(B, T, H, D, dtype, "cuda")
-    cache = RATCache.empty(B, H, D, dtype=dtype, device="cuda")
+    cache = empty_cache(B, H, D, dtype=dtype, device="cuda")
     steps = [37, 1, 1, 9, 1, 1, 1, 1, 1, 1, 1, 1, 30] + [1] * 64
     y, cache = decode_all(q, k, v, g, cache, L, steps=steps)
     yr = rat_attn_reference(*(t.cpu().double() for t in (q, k, v, g)), chunk_size=L)
@@ -163,7 +171,7 @@ def test_cuda_prefill_then_decode(dtype):
 
 
 def random_cache(B, H, D, C, seen, dtype, device):
-    cache = RATCache.empty(B, H, D, dtype=dtype, device=device, capacity=_capacity_for(C + 1))
+    cache = empty_cache(B, H, D, dtype=dtype, device=device, capacity=_capacity_for(C + 1))
     cache.k_store[:, :, :C] = torch.randn(B, H, C, D, device=device).to(dtype)
     cache.v_store[:, :, :C] = torch.randn(B, H, C, D, device=device).to(dtype)
     cache.k_run.copy_(torch.randn(B, H, D, device=device))
@@ -197,9 +205,9 @@ def test_cuda_decode_step_matches_pytorch_path(dtype, D, rope, C, offset, BH):
     cache = random_cache(B, H, D, C, C * L + offset, dtype, "cuda")
     ref = as_f64_cpu(cache)
     q, k, v, g = make(B, 1, H, D, dtype, "cuda")
-    y, cache = rat_continue(q, k, v, g, cache, chunk_size=L, rope_base=rope)
+    y, cache = rat_continue(q, k, v, g, cache, chunk_size=L, rope_theta=rope)
     yr, ref = rat_continue(
-        *(t.cpu().double() for t in (q, k, v, g)), ref, chunk_size=L, rope_base=rope
+        *(t.cpu().double() for t in (q, k, v, g)), ref, chunk_size=L, rope_theta=rope
     )
     check("y", y, yr, dtype)
     tol_run = 1e-6 if dtype == F32 else 1e-2

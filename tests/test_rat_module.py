@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from harness import F64, cuda_only
-from longattn.nn.rat import RATAttention, RATCache
+from longattn.nn.rat import RATAttention
 from longattn.reference.rat import rat_attn_reference
 
 
@@ -64,7 +64,7 @@ def test_decode_from_empty_cache_equals_full_forward(L):
     m = module(L)
     x = torch.randn(2, 13, 64, dtype=F64)
     full, _ = m(x)
-    cache = RATCache.empty(2, 4, 16, dtype=F64)
+    cache = m.init_cache(2)
     outs = []
     for t in range(13):
         y, cache = m(x[:, t : t + 1], cache=cache, use_cache=True)

@@ -169,7 +169,7 @@ def test_slopes_match_reference(H):
     "layer_idx,num_layers", [(0, 1), (1, 2), (0, 4), (1, 4), (3, 4), (7, 80), (79, 80), (0, 0)]
 )
 def test_slopes_layer_scaling_match_reference(H, layer_idx, num_layers):
-    s = longattn.lightning_slopes(H, layer_idx, num_layers)
+    s = longattn.lightning_slopes(H, layer_idx=layer_idx, num_layers=num_layers)
     ref = lightning_slopes_reference(H, layer_idx, num_layers)
     assert s.shape == (H,) and s.dtype == torch.float32
     torch.testing.assert_close(s, ref, rtol=1e-6, atol=0)

@@ -96,7 +96,9 @@ def _compressed_attn(device, dtype, B, T, ks=32, kd=16):
     kc = la.nsa_compress(k, kernel_size=ks, kernel_stride=kd)[0]
     vc = la.nsa_compress(v, kernel_size=ks, kernel_stride=kd)[0]
     return (
-        lambda q, kc, vc: la.nsa_compressed_attn(q, kc, vc, kernel_size=ks, kernel_stride=kd)
+        lambda q, kc, vc: la.nsa_compressed_attn(
+            q, kc, vc, kernel_size=ks, kernel_stride=kd, return_lse=True
+        )
     ), [q, kc, vc]
 
 

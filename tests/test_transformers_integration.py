@@ -227,7 +227,7 @@ def test_landmark_layout_in_generation():
     """insert_landmarks prompts + LandmarkLogitsProcessor keep the landmark layout."""
     bs, lm = 8, VOCAB - 1
     model = build(make_config("qwen2", longattn_landmark_block_size=bs), "longattn_landmark")
-    prompt = insert_landmarks(ids(length=12) % lm, lm, bs)
+    prompt = insert_landmarks(ids(length=12) % lm, landmark_id=lm, block_size=bs)
     procs = transformers.LogitsProcessorList([lt.LandmarkLogitsProcessor(lm, bs)])
     out = greedy(model, prompt, new=19, logits_processor=procs)
     pos = torch.arange(out.shape[1])

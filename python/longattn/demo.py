@@ -135,9 +135,9 @@ def _prepare(family: str, cfg: DemoConfig, ids: torch.Tensor, targets: torch.Ten
     if family != "landmark":
         return ids, targets
     landmark_id = 2 * cfg.num_keys + 1
-    ids = insert_landmarks(ids, landmark_id, cfg.landmark_block)
+    ids = insert_landmarks(ids, landmark_id=landmark_id, block_size=cfg.landmark_block)
     # Landmark positions carry no target: insert IGNORE where the ids got a landmark.
-    targets = insert_landmarks(targets, IGNORE, cfg.landmark_block)
+    targets = insert_landmarks(targets, landmark_id=IGNORE, block_size=cfg.landmark_block)
     return ids, targets
 
 

@@ -50,7 +50,7 @@ landmark rotate q/k with the model's own rotary embedding (:class:`ModelRotary`:
 computes the ``position_embeddings`` the decoder layers receive, so rope scaling such as llama3
 or yarn applies), at every position they need (also NSA's compressed keys at their window starts
 and landmark's remapped retrieval positions); rat's RoPE runs over chunk indices inside its fused
-kernel, with the model's ``rope_theta`` as base unless ``rope_base=`` is given (no scaling);
+kernel, with the model's ``rope_theta`` as base unless ``rope_theta=`` is given (no scaling);
 lightning has no RoPE.
 
 Caches: with a ``transformers`` cache (``generate()``, or ``use_cache=True``), the swapped layer's
@@ -125,6 +125,10 @@ _DERIVED = {
     "lightning": {"hidden_size", "num_heads", "head_dim", "layer_idx", "num_layers", "bias"},
     "rat": {"hidden_size", "num_heads", "norm_and_residual", "bias"},
 }
+
+# options renamed since (old -> new): accepted with a DeprecationWarning by swap_attention, and
+# silently in the swaps that an older config.json records (from_pretrained)
+_RENAMED_OPTIONS = {"rope_base": "rope_theta"}
 
 DEFAULT_WINDOW_SIZE = 512
 DEFAULT_LANDMARK_BLOCK_SIZE = 64
@@ -908,7 +912,7 @@ def _build(kind: str, attn: nn.Module, idx: int, info: dict, options: dict):
             f"kind='rat': RATAttention needs num_heads * head_dim == hidden_size to reuse v_proj "
             f"and o_proj, got {Hq} * {D} != {hidden}"
         )
-    options.setdefault("rope_base", info["rope_theta"])
+    options.setdefault("rope_theta", info["rope_theta"])
     options.setdefault("eps", info["eps"])
     mod = cls(hidden, Hq, norm_and_residual=False, bias=bias, **factory, **options)
     W = mod.in_proj.weight  # rows [z | v | g | q | k]
@@ -966,7 +970,8 @@ def swap_attention(
             swaps all of them. The others keep their attention (hybrid models).
         **config: options of the module's constructor, e.g. ``block_size``, ``topk``,
             ``window_size``, ``kernel_size``, ``kernel_stride``, ``compress`` (nsa);
-            ``block_size``, ``topk`` (landmark); ``chunk_size``, ``ngroups``, ``rope_base`` (rat);
+            ``block_size``, ``topk`` (landmark); ``chunk_size``, ``ngroups``, ``rope_theta`` (rat;
+            ``rope_base`` is its deprecated alias);
             ``eps`` (lightning, rat). Sizes and RoPE come from the model and cannot be set.
 
     The swap is appended to ``model.config.longattn_swaps`` (a list of ``{"kind", "layers",
@@ -977,6 +982,7 @@ def swap_attention(
         ValueError: unknown kind or option, bad layer index, a layer already swapped, a layer
             without the expected projections, or sizes the module does not support.
     """
+    config = _renamed_options(config, warn=True)
     idxs = _swap(model, kind, layers, config)
     cfg = getattr(model, "config", None)
     if cfg is None:
@@ -985,6 +991,25 @@ def swap_attention(
         record = {"kind": kind, "layers": idxs, "options": dict(config)}
         cfg.longattn_swaps = [*(getattr(cfg, "longattn_swaps", None) or []), record]
     return model
+
+
+def _renamed_options(config: dict, *, warn: bool) -> dict:
+    """config with the renamed options under their new names (both given: a ValueError)."""
+    out = dict(config)
+    for old, new in _RENAMED_OPTIONS.items():
+        if old not in out:
+            continue
+        if new in out:
+            raise ValueError(f"options: got both {new}= and its deprecated alias {old}=")
+        if warn:
+            warnings.warn(
+                f"swap_attention: {old}= is deprecated and will be removed in the next release; "
+                f"pass {new}=",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+        out[new] = out.pop(old)
+    return out
 
 
 @torch.no_grad()
@@ -1082,7 +1107,8 @@ def apply_recorded_swaps(model: nn.Module) -> nn.Module:
             )
         with warnings.catch_warnings():  # warned once already, when the swap was made
             warnings.simplefilter("ignore", UserWarning)
-            _swap(model, rec["kind"], rec.get("layers"), dict(rec.get("options") or {}))
+            options = _renamed_options(dict(rec.get("options") or {}), warn=False)
+            _swap(model, rec["kind"], rec.get("layers"), options)
     return model
 
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .._deprecation import warn
 from .._runtime import state_dtype
 from ..ops.landmark import landmark_attn
 from .nsa import _positions, apply_rotary
@@ -55,6 +56,16 @@ class LandmarkCache:
 
     @classmethod
     def empty(cls, batch_size, num_kv_heads, head_dim, dtype=torch.float32, device=None):
+        """Deprecated: use :meth:`LandmarkAttention.init_cache` (the one cache constructor of every
+        module)."""
+        warn(
+            "LandmarkCache.empty is deprecated and will be removed in the next release; use "
+            "LandmarkAttention.init_cache(batch_size, device=..., dtype=...)"
+        )
+        return cls._zeros(batch_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+
+    @classmethod
+    def _zeros(cls, batch_size, num_kv_heads, head_dim, *, dtype, device):
         z = torch.zeros(batch_size, 0, num_kv_heads, head_dim, dtype=dtype, device=device)
         return cls(z, z.clone(), 0)
 
@@ -76,7 +87,8 @@ class LandmarkAttention(nn.Module):
         scale: softmax scale (default D ** -0.5).
         bias: bias in the q/k/v/o projections.
 
-    ``forward(x, cache=None, use_cache=False, cu_seqlens=None) -> (y, new_cache)``.
+    ``forward(x, cache=None, use_cache=False, cu_seqlens=None) -> (y, new_cache)``; an empty
+    cache: :meth:`init_cache`.
     """
 
     def __init__(
@@ -116,6 +128,19 @@ class LandmarkAttention(nn.Module):
         self.k_proj = nn.Linear(hidden_size, Hkv * D, bias=bias, **factory)
         self.v_proj = nn.Linear(hidden_size, Hkv * D, bias=bias, **factory)
         self.o_proj = nn.Linear(H * D, hidden_size, bias=bias, **factory)
+
+    def init_cache(self, batch_size: int, *, device=None, dtype: torch.dtype | None = None):
+        """An empty :class:`LandmarkCache` for ``batch_size`` sequences (before their first token).
+        ``device`` and ``dtype`` (the dtype of the activations the cache will see) default to
+        the module's."""
+        w = self.o_proj.weight
+        return LandmarkCache._zeros(
+            batch_size,
+            self.num_kv_heads,
+            self.head_dim,
+            dtype=w.dtype if dtype is None else dtype,
+            device=w.device if device is None else device,
+        )
 
     def rotate(self, x: Tensor, pos: Tensor) -> Tensor:
         """RoPE of x ``[B, T, H, D]`` at integer positions pos (``[T]``, ``[B, T]`` or

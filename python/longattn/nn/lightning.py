@@ -23,6 +23,9 @@ from torch import nn
 
 import longattn
 
+from .._deprecation import keyword_only_options
+from .._runtime import state_dtype
+
 __all__ = ["LightningAttention", "LightningCache"]
 
 
@@ -55,7 +58,8 @@ class LightningAttention(nn.Module):
 
     ``forward(x, cache=None, use_cache=False, cu_seqlens=None) -> (y, new_cache)`` with
     ``x: [B, T, hidden_size]`` (B == 1 with ``cu_seqlens``). ``new_cache`` is a
-    :class:`LightningCache` when ``use_cache`` is true, else ``None``.
+    :class:`LightningCache` when ``use_cache`` is true, else ``None``; an empty cache:
+    :meth:`init_cache`.
     """
 
     def __init__(
@@ -97,7 +101,9 @@ class LightningAttention(nn.Module):
         self.register_buffer("slopes", self._make_slopes(device), persistent=False)
 
     def _make_slopes(self, device) -> torch.Tensor:
-        slopes = longattn.lightning_slopes(self.num_heads, self.layer_idx, self.num_layers)
+        slopes = longattn.lightning_slopes(
+            self.num_heads, layer_idx=self.layer_idx, num_layers=self.num_layers
+        )
         return slopes.to(device=device, dtype=torch.float32)
 
     def _apply(self, fn, *args, **kwargs):
@@ -145,11 +151,19 @@ class LightningAttention(nn.Module):
         new_cache = LightningCache(final_state) if use_cache else None
         return y, new_cache
 
-    def init_cache(self, batch_size: int, device=None, dtype=torch.float32) -> LightningCache:
-        """An empty (all-zero) cache, equivalent to starting without one."""
-        device = device if device is not None else self.qkv_proj.weight.device
+    @keyword_only_options
+    def init_cache(
+        self, batch_size: int, *, device=None, dtype: torch.dtype | None = None
+    ) -> LightningCache:
+        """An empty (all-zero) cache for ``batch_size`` sequences, equivalent to starting
+        without one. ``device`` and ``dtype`` (the dtype of the activations the cache will see)
+        default to the module's; the state is float32 (float64 for float64). Passing
+        ``device``/``dtype`` positionally is deprecated."""
+        w = self.qkv_proj.weight
+        device = device if device is not None else w.device
+        sdt = state_dtype(w.dtype if dtype is None else dtype)
         D = self.head_dim
-        state = torch.zeros(batch_size, self.num_heads, D, D, device=device, dtype=dtype)
+        state = torch.zeros(batch_size, self.num_heads, D, D, device=device, dtype=sdt)
         return LightningCache(state)
 
     def extra_repr(self) -> str:

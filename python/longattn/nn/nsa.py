@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .._deprecation import warn
 from .._runtime import state_dtype
 from ..ops.nsa import nsa_attn, nsa_compress
 
@@ -90,6 +91,16 @@ class NSACache:
 
     @classmethod
     def empty(cls, batch_size, num_kv_heads, head_dim, dtype=torch.float32, device=None):
+        """Deprecated: use :meth:`NativeSparseAttention.init_cache` (the one cache constructor
+        of every module)."""
+        warn(
+            "NSACache.empty is deprecated and will be removed in the next release; use "
+            "NativeSparseAttention.init_cache(batch_size, device=..., dtype=...)"
+        )
+        return cls._zeros(batch_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+
+    @classmethod
+    def _zeros(cls, batch_size, num_kv_heads, head_dim, *, dtype, device):
         z = torch.zeros(batch_size, 0, num_kv_heads, head_dim, dtype=dtype, device=device)
         return cls(z, z.clone(), z.clone(), z.clone(), z.clone(), 0)
 
@@ -129,7 +140,8 @@ class NativeSparseAttention(nn.Module):
         scale: softmax scale (default D ** -0.5).
         bias: bias in the q/k/v/o and gate projections.
 
-    ``forward(x, cache=None, use_cache=False, cu_seqlens=None) -> (y, new_cache)``.
+    ``forward(x, cache=None, use_cache=False, cu_seqlens=None) -> (y, new_cache)``; an empty
+    cache: :meth:`init_cache`.
     """
 
     def __init__(
@@ -216,6 +228,19 @@ class NativeSparseAttention(nn.Module):
         self.k_cmp_pe.zero_()
 
     # ------------------------------------------------------------------ pieces
+
+    def init_cache(self, batch_size: int, *, device=None, dtype: torch.dtype | None = None):
+        """An empty :class:`NSACache` for ``batch_size`` sequences (before their first token).
+        ``device`` and ``dtype`` (the dtype of the activations the cache will see) default to
+        the module's."""
+        w = self.o_proj.weight
+        return NSACache._zeros(
+            batch_size,
+            self.num_kv_heads,
+            self.head_dim,
+            dtype=w.dtype if dtype is None else dtype,
+            device=w.device if device is None else device,
+        )
 
     def rotate(self, x: Tensor, pos: Tensor) -> Tensor:
         """RoPE of x ``[B, T, H, D]`` at integer positions pos (:func:`apply_rotary`'s shapes):

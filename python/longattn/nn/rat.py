@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .._deprecation import DEPRECATED, renamed, warn
 from .._runtime import state_dtype, unit_last_stride
 from ..ops.rat import rat_attn, rat_attn_with_states, rat_decode
 
@@ -95,20 +96,44 @@ class RATCache:
 
     @classmethod
     def empty(cls, B, H, D, dtype=torch.float32, device=None, capacity=_MIN_CAPACITY) -> RATCache:
-        """A cache before the first token; ``dtype`` is the module (q) dtype."""
+        """Deprecated: use :meth:`RATAttention.init_cache` (the one cache constructor of every
+        module). A cache before the first token; ``dtype`` is the module (q) dtype."""
+        warn(
+            "RATCache.empty is deprecated and will be removed in the next release; use "
+            "RATAttention.init_cache(batch_size, device=..., dtype=...)"
+        )
+        return cls._zeros(B, H, D, dtype=dtype, device=device, capacity=capacity)
+
+    @classmethod
+    def _zeros(cls, B, H, D, *, dtype, device, capacity=_MIN_CAPACITY) -> RATCache:
         store = torch.zeros(B, H, capacity, D, dtype=dtype, device=device)
         run = torch.zeros(B, H, D, dtype=state_dtype(dtype), device=device)
         return cls(store, store.clone(), run, run.clone(), 0, 0)
 
     @classmethod
-    def from_states(cls, k_states, v_states, k_run, v_run, seen, *, dtype, rope_base) -> RATCache:
+    def from_states(
+        cls,
+        k_states,
+        v_states,
+        k_run,
+        v_run,
+        seen,
+        *,
+        dtype,
+        rope_theta: float | None = 10000.0,
+        rope_base: float | None = DEPRECATED,
+    ) -> RATCache:
         """A cache from un-rotated chunk-final states ``[B, C, H, D]`` (as returned by
-        :func:`~longattn.ops.rat.rat_attn_with_states`) and the running state ``[B, H, D]``."""
+        :func:`~longattn.ops.rat.rat_attn_with_states`) and the running state ``[B, H, D]``.
+        ``rope_base``: deprecated alias of ``rope_theta``."""
+        rope_theta = renamed(
+            "RATCache.from_states", "rope_base", rope_base, "rope_theta", rope_theta, 10000.0
+        )
         B, C, H, D = k_states.shape
         cap = _capacity_for(C + 1)
-        cache = cls.empty(B, H, D, dtype=dtype, device=k_states.device, capacity=cap)
+        cache = cls._zeros(B, H, D, dtype=dtype, device=k_states.device, capacity=cap)
         j = torch.arange(C, device=k_states.device)
-        cache.k_store[:, :, :C] = _chunk_rope(k_states, j, rope_base).transpose(1, 2)
+        cache.k_store[:, :, :C] = _chunk_rope(k_states, j, rope_theta).transpose(1, 2)
         cache.v_store[:, :, :C] = v_states.transpose(1, 2)
         cache.k_run.copy_(k_run)
         cache.v_run.copy_(v_run)
@@ -181,10 +206,23 @@ def _fused_decode(q: torch.Tensor) -> bool:
     )
 
 
-def rat_continue(q, k, v, g, cache: RATCache, *, chunk_size, scale=None, rope_base=10000.0):
+def rat_continue(
+    q,
+    k,
+    v,
+    g,
+    cache: RATCache,
+    *,
+    chunk_size,
+    scale=None,
+    rope_theta: float | None = 10000.0,
+    rope_base: float | None = DEPRECATED,
+):
     """RAT attention of M new tokens ``[B, M, H, D]`` continuing from ``cache``; returns
     ``(y, cache)`` with the cache updated in place. One token on CUDA: the fused ``rat_decode``
-    kernel (no gradient); otherwise plain PyTorch, O(M·(C + M/L)) scores."""
+    kernel (no gradient); otherwise plain PyTorch, O(M·(C + M/L)) scores. ``rope_base``:
+    deprecated alias of ``rope_theta``."""
+    rope_theta = renamed("rat_continue", "rope_base", rope_base, "rope_theta", rope_theta, 10000.0)
     B, M, H, D = q.shape
     L = chunk_size
     s = D**-0.5 if scale is None else float(scale)
@@ -210,7 +248,7 @@ def rat_continue(q, k, v, g, cache: RATCache, *, chunk_size, scale=None, rope_ba
             P,
             L,
             s,
-            None if rope_base is None else float(rope_base),
+            None if rope_theta is None else float(rope_theta),
         )
         cache.seen, cache.num_chunks = P + 1, (P + 1) // L
         return y, cache
@@ -237,12 +275,12 @@ def rat_continue(q, k, v, g, cache: RATCache, *, chunk_size, scale=None, rope_ba
         n = new_k.shape[1]
         cache.reserve(C + n)
         j_new = torch.arange(C, C + n, device=q.device)
-        cache.k_store[:, :, C : C + n] = _chunk_rope(new_k, j_new, rope_base).transpose(1, 2)
+        cache.k_store[:, :, C : C + n] = _chunk_rope(new_k, j_new, rope_theta).transpose(1, 2)
         cache.v_store[:, :, C : C + n] = new_v.transpose(1, 2)
         C += n
     ks, vs = cache.k_store[:, :, :C].to(cd), cache.v_store[:, :, :C].to(cd)
     j = torch.arange(C, device=q.device)
-    qr = _chunk_rope(qc, c, rope_base)
+    qr = _chunk_rope(qc, c, rope_theta)
     prev = torch.einsum("bthd,bhjd->bthj", qr, ks) * s
     prev = prev.masked_fill(~(j[None, :] < c[:, None])[None, :, None, :], float("-inf"))
     own = (qc * kt).sum(-1, keepdim=True) * s
@@ -262,12 +300,13 @@ class RATAttention(nn.Module):
         num_heads: heads H (head_dim D = hidden_size // H).
         chunk_size: L.
         ngroups: G query/key groups shared across heads by tiling (head h uses group h mod G).
-        rope_base: chunk-RoPE base, or None.
+        rope_theta: chunk-RoPE base, or None (``rope_base``: its deprecated alias).
         norm_and_residual: RMSNorm before the projection and the residual inside (the official
             layer); False for a drop-in replacement of a transformers attention module.
         bias: bias in the input and output projections (the gate always has its own bias b_g).
 
-    ``forward(x, cache=None, use_cache=False, cu_seqlens=None) -> (y, new_cache)``.
+    ``forward(x, cache=None, use_cache=False, cu_seqlens=None) -> (y, new_cache)``; an empty
+    cache: :meth:`init_cache`.
     """
 
     def __init__(
@@ -276,14 +315,19 @@ class RATAttention(nn.Module):
         num_heads: int,
         chunk_size: int = 16,
         ngroups: int = 2,
-        rope_base: float | None = 10000.0,
+        rope_theta: float | None = 10000.0,
         norm_and_residual: bool = False,
         bias: bool = False,
         eps: float = 1e-6,
         device=None,
         dtype=None,
+        *,
+        rope_base: float | None = DEPRECATED,
     ):
         super().__init__()
+        rope_theta = renamed(
+            "RATAttention", "rope_base", rope_base, "rope_theta", rope_theta, 10000.0
+        )
         if num_heads < 1 or hidden_size % num_heads:
             raise ValueError(f"num_heads: must divide hidden_size ({hidden_size}), got {num_heads}")
         if ngroups < 1 or num_heads % ngroups:
@@ -293,7 +337,7 @@ class RATAttention(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.hidden_size, self.num_heads, self.ngroups = hidden_size, num_heads, ngroups
         self.head_dim = hidden_size // num_heads
-        self.chunk_size, self.rope_base = chunk_size, rope_base
+        self.chunk_size, self.rope_theta = chunk_size, rope_theta
         self.norm_and_residual = norm_and_residual
         gd = ngroups * self.head_dim
         self.in_proj = nn.Linear(hidden_size, 3 * hidden_size + 2 * gd, bias=bias, **factory)
@@ -301,6 +345,33 @@ class RATAttention(nn.Module):
         self.out_proj = nn.Linear(hidden_size, hidden_size, bias=bias, **factory)
         self.norm = nn.RMSNorm(hidden_size, eps=eps, **factory) if norm_and_residual else None
         self.reset_gate_bias()
+
+    @property
+    def rope_base(self) -> float | None:
+        """Deprecated alias of :attr:`rope_theta`."""
+        warn("RATAttention.rope_base is deprecated; read rope_theta", stacklevel=3)
+        return self.rope_theta
+
+    def init_cache(
+        self,
+        batch_size: int,
+        *,
+        device=None,
+        dtype: torch.dtype | None = None,
+        capacity: int = _MIN_CAPACITY,
+    ) -> RATCache:
+        """An empty cache for ``batch_size`` sequences (before their first token). ``device`` and
+        ``dtype`` (the dtype of the activations the cache will see) default to the module's;
+        ``capacity``: chunk-state slots allocated up front (the cache grows past them)."""
+        w = self.out_proj.weight
+        return RATCache._zeros(
+            batch_size,
+            self.num_heads,
+            self.head_dim,
+            dtype=w.dtype if dtype is None else dtype,
+            device=w.device if device is None else device,
+            capacity=capacity,
+        )
 
     @torch.no_grad()
     def reset_gate_bias(self) -> None:
@@ -348,9 +419,11 @@ class RATAttention(nn.Module):
         z, q, k, v, g = self.project(h)
         new_cache = None
         if cache is not None:
-            y, new_cache = rat_continue(q, k, v, g, cache, chunk_size=L, rope_base=self.rope_base)
+            y, new_cache = rat_continue(q, k, v, g, cache, chunk_size=L, rope_theta=self.rope_theta)
         elif use_cache:
-            y, _, ks, vs = rat_attn_with_states(q, k, v, g, chunk_size=L, rope_base=self.rope_base)
+            y, _, ks, vs = rat_attn_with_states(
+                q, k, v, g, chunk_size=L, rope_theta=self.rope_theta
+            )
             full = T // L
             if T % L:
                 k_run, v_run = ks[:, -1], vs[:, -1]
@@ -358,10 +431,18 @@ class RATAttention(nn.Module):
                 k_run = torch.zeros(B, H, D, dtype=ks.dtype, device=x.device)
                 v_run = torch.zeros_like(k_run)
             new_cache = RATCache.from_states(
-                ks[:, :full], vs[:, :full], k_run, v_run, T, dtype=q.dtype, rope_base=self.rope_base
+                ks[:, :full],
+                vs[:, :full],
+                k_run,
+                v_run,
+                T,
+                dtype=q.dtype,
+                rope_theta=self.rope_theta,
             )
         else:
-            y = rat_attn(q, k, v, g, chunk_size=L, rope_base=self.rope_base, cu_seqlens=cu_seqlens)
+            y = rat_attn(
+                q, k, v, g, chunk_size=L, rope_theta=self.rope_theta, cu_seqlens=cu_seqlens
+            )
         y = y.reshape(B, T, self.hidden_size) * torch.sigmoid(z)
         out = self.out_proj(y)
         if self.norm_and_residual:
@@ -373,6 +454,6 @@ class RATAttention(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, "
-            f"chunk_size={self.chunk_size}, ngroups={self.ngroups}, rope_base={self.rope_base}, "
+            f"chunk_size={self.chunk_size}, ngroups={self.ngroups}, rope_theta={self.rope_theta}, "
             f"norm_and_residual={self.norm_and_residual}"
         )

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import _native
+from .._deprecation import keyword_only_options
 from .._runtime import (
     check_cu_seqlens,
     check_rank,
@@ -189,7 +190,8 @@ def landmark_attn(
     scale: float | None = None,
     cu_seqlens: Tensor | None = None,
     block_indices: Tensor | None = None,
-) -> Tensor:
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Causal landmark attention (grouped softmax over landmark-gated blocks).
 
     Position p with ``p % block_size == block_size − 1`` holds a landmark token; query i attends
@@ -203,27 +205,43 @@ def landmark_attn(
         block_size: landmark block length ≥ 2 (the landmark included), any T.
         scale: score scale, default ``D ** -0.5``.
         cu_seqlens: int32/int64 ``[N + 1]`` cumulative starts of packed sequences (B = 1, Tq = Tk).
-        block_indices: int32 ``[B, Tq, Hkv, n]`` (retrieval mode): only the listed earlier blocks
-            take part; −1 and blocks that are not earlier are skipped; the current block always
-            takes part. No gradient.
+        block_indices: int32 or int64 ``[B, Tq, Hkv, n]`` (retrieval mode): only the listed
+            earlier blocks take part; −1 and blocks that are not earlier are skipped; the
+            current block always takes part. No gradient.
+        return_lse: also return the log-sum-exp of the grouped softmax.
 
     Returns:
-        o ``[B, Tq, Hq, E]`` in q's dtype.
+        o ``[B, Tq, Hq, E]`` in q's dtype, or ``(o, lse)`` with ``return_lse=True``: lse
+        ``[B, Tq, Hq]`` float32 (float64 for float64), the log of the row's normaliser over the
+        effective logits (no gradient).
     """
     _check_common(q, k, v, block_size, cu_seqlens)
     if block_indices is not None:
         check_rank(block_indices, "block_indices", 4, "[B, Tq, Hkv, n]")
-        if block_indices.dtype != torch.int32:
-            raise TypeError(f"block_indices: expected dtype int32, got {block_indices.dtype}")
-        block_indices = block_indices.detach()
+        block_indices = _int32_indices(block_indices.detach())
     if scale is None:
         scale = q.shape[-1] ** -0.5
     q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
     with_out_lo = wants_out_lo(q, k, v)
-    out, _, _ = landmark_fwd(
+    out, lse, _ = landmark_fwd(
         q, k, v, block_indices, int(block_size), float(scale), cu_seqlens, with_out_lo
     )
-    return out
+    return (out, lse) if return_lse else out
+
+
+_INT32_MAX = 2**31 - 1
+
+
+def _int32_indices(block_indices: Tensor) -> Tensor:
+    """The kernels read int32 block indices. int64 ones convert without wrapping: an entry
+    outside [0, 2^31) can never name an earlier block, and the kernels skip it like −1, so it
+    becomes −1 (a plain cast would wrap 2^32 + 1 to block 1)."""
+    if block_indices.dtype == torch.int32:
+        return block_indices
+    if block_indices.dtype != torch.int64:
+        raise TypeError(f"block_indices: expected dtype int32 or int64, got {block_indices.dtype}")
+    ok = (block_indices >= 0) & (block_indices <= _INT32_MAX)
+    return torch.where(ok, block_indices, -1).to(torch.int32)
 
 
 def landmark_topk_blocks(
@@ -249,10 +267,11 @@ def landmark_topk_blocks(
     return landmark_topk(q, k, int(block_size), int(topk), float(scale), cu_seqlens)
 
 
-def insert_landmarks(input_ids: Tensor, landmark_id: int, block_size: int) -> Tensor:
+@keyword_only_options
+def insert_landmarks(input_ids: Tensor, *, landmark_id: int, block_size: int) -> Tensor:
     """``[B, N]`` token ids -> ``[B, N + N // (block_size − 1)]``: a ``landmark_id`` after every
     ``block_size − 1`` ordinary tokens (so position p is a landmark iff p % block_size ==
-    block_size − 1)."""
+    block_size − 1). Passing ``landmark_id``/``block_size`` positionally is deprecated."""
     check_rank(input_ids, "input_ids", 2, "[B, N]")
     if block_size < 2:
         raise ValueError(f"block_size: must be at least 2, got {block_size}")
@@ -267,9 +286,11 @@ def insert_landmarks(input_ids: Tensor, landmark_id: int, block_size: int) -> Te
     return out
 
 
-def remove_landmarks(x: Tensor, block_size: int, dim: int = 1) -> Tensor:
+@keyword_only_options
+def remove_landmarks(x: Tensor, *, block_size: int, dim: int = 1) -> Tensor:
     """Inverse of ``insert_landmarks`` along ``dim`` (logits, labels, hidden states): drops every
-    position p with ``p % block_size == block_size − 1``."""
+    position p with ``p % block_size == block_size − 1``. Passing ``block_size``/``dim``
+    positionally is deprecated."""
     if block_size < 2:
         raise ValueError(f"block_size: must be at least 2, got {block_size}")
     pos = torch.arange(x.shape[dim], device=x.device)

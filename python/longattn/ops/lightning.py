@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import _native
+from .._deprecation import keyword_only_options
 from .._runtime import check_cu_seqlens, check_rank, native_call, state_dtype, unit_last_stride
 
 __all__ = ["lightning_attn", "lightning_slopes"]
@@ -185,6 +186,10 @@ def lightning_attn(
 ) -> tuple[Tensor, Tensor | None]:
     """Causal linear attention with per-head exponential decay λ_h = exp(−slopes[h]).
 
+    Linear attention has no softmax and so no lse: unlike the softmax ops (``return_lse``), its
+    second output is the recurrent state ``S``, the one thing a caller needs to continue a
+    sequence (``initial_state``); it is None unless ``output_final_state``.
+
     ``S_t = λ S_{t−1} + k_t v_tᵀ`` (``S_{−1}`` = ``initial_state`` or 0) and
     ``o_t = scale · q_tᵀ S_t``.
 
@@ -214,10 +219,12 @@ def lightning_attn(
     return out, (final_state if output_final_state else None)
 
 
+@keyword_only_options
 def lightning_slopes(
-    num_heads: int, layer_idx: int | None = None, num_layers: int | None = None
+    num_heads: int, *, layer_idx: int | None = None, num_layers: int | None = None
 ) -> Tensor:
-    """ALiBi-style decay slopes per head, optionally scaled per layer (TransNormerLLM/MiniMax)."""
+    """ALiBi-style decay slopes per head, optionally scaled per layer (TransNormerLLM/MiniMax).
+    Passing ``layer_idx``/``num_layers`` positionally is deprecated."""
     if num_heads < 1:
         raise ValueError(f"num_heads: must be at least 1, got {num_heads}")
 

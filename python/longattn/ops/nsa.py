@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import _native
+from .._deprecation import warn
 from .._runtime import (
     check_cu_seqlens,
     check_rank,
@@ -378,25 +379,37 @@ def nsa_compressed_attn(
     kernel_stride: int = 16,
     scale: float | None = None,
     cu_seqlens: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
+    return_lse: bool | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Attention of q_t over the compressed windows i it can see (t ≥ i·d + l − 1).
 
     Args:
         q: ``[B, T, Hq, D]``; k_cmp, v_cmp: ``[B, C, Hkv, D]`` (packed per sequence with
             cu_seqlens, B = 1; C = Σ ⌊(T_s − l)/d⌋ + 1 over sequences with T_s ≥ l).
         scale: default ``D ** -0.5``.
+        return_lse: also return the log-sum-exp (the input of :func:`nsa_topk_blocks`). Not
+            passing it returns ``(o, lse)`` as before with a DeprecationWarning: the default
+            becomes False (o only), like every other softmax op, in the next release.
 
     Returns:
-        ``(o, lse)``: o ``[B, T, Hq, Dv]``; lse ``[B, T, Hq]`` float32 (float64 for float64),
-        −inf (and o = 0) for rows that see no window. lse carries no gradient.
+        o ``[B, T, Hq, Dv]``, or ``(o, lse)`` with ``return_lse=True``: lse ``[B, T, Hq]``
+        float32 (float64 for float64), −inf (and o = 0) for rows that see no window. lse
+        carries no gradient.
     """
+    if return_lse is None:
+        warn(
+            "nsa_compressed_attn will return only o by default in the next release; pass "
+            "return_lse=True to keep (o, lse) (or return_lse=False for o alone)"
+        )
+        return_lse = True
     q, k_cmp, v_cmp = _check_qkv(q, k_cmp, v_cmp, "k_cmp", "v_cmp")
     check_cu_seqlens(cu_seqlens)
     _check_positive(kernel_size=kernel_size, kernel_stride=kernel_stride)
-    return _branch(
+    o, lse = _branch(
         q, k_cmp, v_cmp, None, None, "compressed", -1, int(kernel_size), int(kernel_stride),
         _scale(scale, q), cu_seqlens,
     )  # fmt: skip
+    return (o, lse) if return_lse else o
 
 
 def nsa_selected_attn(
@@ -410,7 +423,7 @@ def nsa_selected_attn(
     scale: float | None = None,
     cu_seqlens: Tensor | None = None,
     return_lse: bool = False,
-):
+) -> Tensor | tuple[Tensor, Tensor]:
     """Attention of q_t over the union of its kv group's selected blocks.
 
     Block j covers positions ``[j·B_K, (j+1)·B_K)`` of the sequence, of which those ≤ t are
@@ -422,6 +435,9 @@ def nsa_selected_attn(
         block_counts: int or ``[B, T, Hkv]`` int tensor: only the first count entries of a
             row are used.
         return_lse: also return the log-sum-exp ``[B, T, Hq]`` (float32, float64 for float64).
+
+    Returns:
+        o ``[B, T, Hq, Dv]``, or ``(o, lse)`` with ``return_lse=True`` (lse: no gradient).
     """
     q, k, v = _check_qkv(q, k, v)
     check_rank(block_indices, "block_indices", 4, "[B, T, Hkv, n]")
@@ -448,19 +464,21 @@ def sliding_window_attn(
     window_size: int = 512,
     scale: float | None = None,
     cu_seqlens: Tensor | None = None,
-) -> Tensor:
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Causal softmax attention of q_t over keys ``max(0, t − W + 1) … t``.
 
     W keys including t itself (fla's convention; some references use W + 1 keys).
-    q ``[B, T, Hq, D]``, k/v ``[B, T, Hkv, D]``.
+    q ``[B, T, Hq, D]``, k/v ``[B, T, Hkv, D]``. Returns o ``[B, T, Hq, Dv]``, or ``(o, lse)``
+    with ``return_lse=True`` (lse ``[B, T, Hq]`` float32, float64 for float64; no gradient).
     """
     q, k, v = _check_qkv(q, k, v)
     check_cu_seqlens(cu_seqlens)
     _check_positive(window_size=window_size)
-    o, _ = _branch(
+    o, lse = _branch(
         q, k, v, None, None, "window", -1, int(window_size), 0, _scale(scale, q), cu_seqlens
     )
-    return o
+    return (o, lse) if return_lse else o
 
 
 # ----------------------------------------------------------------------------- selection
@@ -741,6 +759,9 @@ def nsa_attn(
 ) -> Tensor:
     """``o = g_cmp·o_cmp + g_slc·o_slc + g_swa·o_swa`` per query head (gates ``[B, T, Hq]``).
 
+    Not a single softmax (a gated sum of three, each with its own normaliser), so there is no
+    one lse to return and no ``return_lse``: call the branch ops for their lse.
+
     Runs compressed attention, block selection (unless ``block_indices`` is given, which then
     replaces it), selected attention and the sliding window. Gradients flow to q, k, v, the
     gates and k_cmp/v_cmp (not through the selection).
@@ -752,7 +773,7 @@ def nsa_attn(
             raise ValueError(f"{name}: expected shape {tuple(q.shape[:3])}, got {tuple(g.shape)}")
     o_cmp, lse = nsa_compressed_attn(
         q, k_cmp, v_cmp, kernel_size=kernel_size, kernel_stride=kernel_stride, scale=scale,
-        cu_seqlens=cu_seqlens,
+        cu_seqlens=cu_seqlens, return_lse=True,
     )  # fmt: skip
     if block_indices is None:
         block_indices = nsa_topk_blocks(

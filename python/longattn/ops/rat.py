@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import _native
+from .._deprecation import DEPRECATED, renamed
 from .._runtime import (
     check_cu_seqlens,
     check_rank,
@@ -79,7 +80,7 @@ def rat_fwd(
     g: Tensor,
     chunk_size: int,
     scale: float,
-    rope_base: float | None,
+    rope_theta: float | None,
     cu_seqlens: Tensor | None,
     with_out_lo: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -107,7 +108,7 @@ def rat_fwd(
             v_states,
             chunk_size,
             scale,
-            rope_base,
+            rope_theta,
             cu_seqlens,
             stream,
             scratch,
@@ -116,7 +117,7 @@ def rat_fwd(
 
 
 @rat_fwd.register_fake
-def _(q, k, v, g, chunk_size, scale, rope_base, cu_seqlens, with_out_lo=False):
+def _(q, k, v, g, chunk_size, scale, rope_theta, cu_seqlens, with_out_lo=False):
     sdt = state_dtype(q.dtype)
     shape = _state_shape(q, chunk_size, cu_seqlens)
     return (
@@ -148,7 +149,7 @@ def rat_bwd(
     grad_out: Tensor,
     chunk_size: int,
     scale: float,
-    rope_base: float | None,
+    rope_theta: float | None,
     cu_seqlens: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -175,7 +176,7 @@ def rat_bwd(
             dg,
             chunk_size,
             scale,
-            rope_base,
+            rope_theta,
             cu_seqlens,
             stream,
             scratch,
@@ -184,7 +185,9 @@ def rat_bwd(
 
 
 @rat_bwd.register_fake
-def _(q, k, v, g, out, out_lo, lse, k_states, v_states, grad_out, chunk_size, scale, rope_base, cu):
+def _(
+    q, k, v, g, out, out_lo, lse, k_states, v_states, grad_out, chunk_size, scale, rope_theta, cu
+):
     return (
         torch.empty_like(q),
         q.new_empty(k.shape),
@@ -194,11 +197,11 @@ def _(q, k, v, g, out, out_lo, lse, k_states, v_states, grad_out, chunk_size, sc
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, g, chunk_size, scale, rope_base, cu_seqlens, *_ = inputs
+    q, k, v, g, chunk_size, scale, rope_theta, cu_seqlens, *_ = inputs
     out, lse, k_states, v_states, out_lo = output
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(lse, k_states, v_states, out_lo)
-    ctx.chunk_size, ctx.scale, ctx.rope_base = chunk_size, scale, rope_base
+    ctx.chunk_size, ctx.scale, ctx.rope_theta = chunk_size, scale, rope_theta
     ctx.save_for_backward(q, k, v, g, out, out_lo, lse, k_states, v_states, cu_seqlens)
 
 
@@ -219,7 +222,7 @@ def _backward(ctx, grad_out, _grad_lse, _grad_ks, _grad_vs, _grad_out_lo):
         grad_out,
         ctx.chunk_size,
         ctx.scale,
-        ctx.rope_base,
+        ctx.rope_theta,
         cu_seqlens,
     )
     return dq, dk, dv, dg, None, None, None, None, None
@@ -228,7 +231,7 @@ def _backward(ctx, grad_out, _grad_lse, _grad_ks, _grad_vs, _grad_out_lo):
 rat_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _prepare(q, k, v, g, chunk_size, scale, rope_base, cu_seqlens):
+def _prepare(q, k, v, g, chunk_size, scale, rope_theta, cu_seqlens):
     for t, name in ((q, "q"), (k, "k"), (v, "v"), (g, "g")):
         check_rank(t, name, 4, "[B, T, H, D]")
     check_cu_seqlens(cu_seqlens)
@@ -236,13 +239,19 @@ def _prepare(q, k, v, g, chunk_size, scale, rope_base, cu_seqlens):
         raise TypeError(f"chunk_size: expected an int, got {type(chunk_size).__name__}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size: must be at least 1, got {chunk_size}")
-    if rope_base is not None:
-        rope_base = float(rope_base)
-        if not rope_base > 0:
-            raise ValueError(f"rope_base: must be a positive number or None, got {rope_base}")
+    if rope_theta is not None:
+        rope_theta = float(rope_theta)
+        if not rope_theta > 0:
+            raise ValueError(f"rope_theta: must be a positive number or None, got {rope_theta}")
+        if q.shape[-1] % 2:
+            # checked here as well as in the kernels, so that the message uses the Python name
+            raise ValueError(
+                f"q: RoPE (rope_theta set) needs an even head dim, got {q.shape[-1]}; "
+                "pass rope_theta=None"
+            )
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v, g = (unit_last_stride(t) for t in (q, k, v, g))
-    return q, k, v, g, chunk_size, scale, rope_base
+    return q, k, v, g, chunk_size, scale, rope_theta
 
 
 def rat_attn(
@@ -253,16 +262,18 @@ def rat_attn(
     *,
     chunk_size: int = 16,
     scale: float | None = None,
-    rope_base: float | None = 10000.0,
+    rope_theta: float | None = 10000.0,
     cu_seqlens: Tensor | None = None,
-) -> Tensor:
+    return_lse: bool = False,
+    rope_base: float | None = DEPRECATED,
+) -> Tensor | tuple[Tensor, Tensor]:
     """RAT chunked attention (math and API: docs/api/rat.md).
 
     Inside every chunk of ``chunk_size`` tokens the keys and values run the gated recurrence
     ``k~_t = g_t * k~_{t-1} + (1 - g_t) * k_t`` (same for v; reset at each chunk start); query t
     then attends, with one softmax, to the final states of all earlier chunks of its sequence
     and to its own partial state. q and the states are rotated by the chunk RoPE
-    (``rope_base=None`` disables it).
+    (``rope_theta=None`` disables it).
 
     Args:
         q, k, v: ``[B, T, H, D]``, same dtype (float64 on CPU, float32, float16, bfloat16);
@@ -270,18 +281,23 @@ def rat_attn(
         g: ``[B, T, H, D]`` forget gate in (0, 1), float32 or the input dtype.
         chunk_size: L >= 1; T need not be a multiple of it.
         scale: score scale, default ``D ** -0.5``.
-        rope_base: chunk-RoPE base (rotate_half over all D dims, D even), or None.
+        rope_theta: chunk-RoPE base (rotate_half over all D dims, D even), or None.
         cu_seqlens: int32/int64 ``[N + 1]`` cumulative sequence starts of a packed batch (B = 1);
             chunks restart at every sequence start.
+        return_lse: also return the log-sum-exp of every query's softmax.
+        rope_base: deprecated alias of ``rope_theta`` (one release, DeprecationWarning).
 
     Returns:
-        y ``[B, T, H, D]`` in q's dtype. Gradients flow to q, k, v and g.
+        y ``[B, T, H, D]`` in q's dtype, or ``(y, lse)`` with ``return_lse=True``: lse
+        ``[B, T, H]`` float32 (float64 for float64), no gradient. Gradients flow to q, k, v, g.
     """
-    q, k, v, g, chunk_size, scale, rope_base = _prepare(
-        q, k, v, g, chunk_size, scale, rope_base, cu_seqlens
+    rope_theta = renamed("rat_attn", "rope_base", rope_base, "rope_theta", rope_theta, 10000.0)
+    q, k, v, g, chunk_size, scale, rope_theta = _prepare(
+        q, k, v, g, chunk_size, scale, rope_theta, cu_seqlens
     )
     with_out_lo = wants_out_lo(q, k, v, g)
-    return rat_fwd(q, k, v, g, chunk_size, scale, rope_base, cu_seqlens, with_out_lo)[0]
+    y, lse = rat_fwd(q, k, v, g, chunk_size, scale, rope_theta, cu_seqlens, with_out_lo)[:2]
+    return (y, lse) if return_lse else y
 
 
 def rat_attn_with_states(
@@ -292,17 +308,22 @@ def rat_attn_with_states(
     *,
     chunk_size: int = 16,
     scale: float | None = None,
-    rope_base: float | None = 10000.0,
+    rope_theta: float | None = 10000.0,
     cu_seqlens: Tensor | None = None,
+    rope_base: float | None = DEPRECATED,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """:func:`rat_attn` that also returns ``(lse, k_states, v_states)`` (no gradient through
     them): the chunk-final states, un-rotated, ``[B, C, H, D]`` (see :func:`rat_state_chunks`;
-    the last slot of a sequence holds its running state when T is not a multiple of L)."""
-    q, k, v, g, chunk_size, scale, rope_base = _prepare(
-        q, k, v, g, chunk_size, scale, rope_base, cu_seqlens
+    the last slot of a sequence holds its running state when T is not a multiple of L). For the
+    lse alone use ``rat_attn(..., return_lse=True)``."""
+    rope_theta = renamed(
+        "rat_attn_with_states", "rope_base", rope_base, "rope_theta", rope_theta, 10000.0
+    )
+    q, k, v, g, chunk_size, scale, rope_theta = _prepare(
+        q, k, v, g, chunk_size, scale, rope_theta, cu_seqlens
     )
     with_out_lo = wants_out_lo(q, k, v, g)
-    return rat_fwd(q, k, v, g, chunk_size, scale, rope_base, cu_seqlens, with_out_lo)[:4]
+    return rat_fwd(q, k, v, g, chunk_size, scale, rope_theta, cu_seqlens, with_out_lo)[:4]
 
 
 # ----------------------------------------------------------------------------- decode
@@ -339,7 +360,7 @@ def rat_decode(
     seen: int,
     chunk_size: int,
     scale: float,
-    rope_base: float | None,
+    rope_theta: float | None,
 ) -> Tensor:
     """One-token RAT decode step on CUDA (the fused ``rat_decode`` kernel); returns y
     ``[B, 1, H, D]`` in q's dtype. The CPU decodes in PyTorch (:func:`longattn.nn.rat.rat_continue`)
@@ -377,12 +398,12 @@ def rat_decode(
             seen,
             chunk_size,
             scale,
-            rope_base,
+            rope_theta,
             stream,
         )
     return out
 
 
 @rat_decode.register_fake
-def _(q, k, v, g, k_run, v_run, k_states, v_states, seen, chunk_size, scale, rope_base):
+def _(q, k, v, g, k_run, v_run, k_states, v_states, seen, chunk_size, scale, rope_theta):
     return q.new_empty(q.shape)

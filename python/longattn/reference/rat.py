@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from .._deprecation import DEPRECATED, renamed
+
 __all__ = ["rat_attn_reference", "rat_attn_chunked", "rat_rope"]
 
 
@@ -45,21 +47,21 @@ def _seqs(B: int, T: int, cu_seqlens) -> list[tuple[int, int, int]]:
     return [(0, a, e) for a, e in zip(cu[:-1], cu[1:], strict=True)]
 
 
-def _check(q, k, v, g, chunk_size, rope_base):
+def _check(q, k, v, g, chunk_size, rope_theta):
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape or g.shape != q.shape:
         raise ValueError("q, k, v, g must all be [B, T, H, D]")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if rope_base is not None and q.shape[-1] % 2:
+    if rope_theta is not None and q.shape[-1] % 2:
         raise ValueError("RoPE needs an even head dim")
 
 
-def _attend(qs, ks_t, vs_t, L, scale, rope_base):
+def _attend(qs, ks_t, vs_t, L, scale, rope_theta):
     """One sequence: qs, ks_t, vs_t [n, H, D] (own states k~, v~, un-rotated)."""
     n = qs.shape[0]
     c = torch.arange(n, device=qs.device) // L
-    qr = rat_rope(qs, c, rope_base)
-    kr = rat_rope(ks_t, c, rope_base)
+    qr = rat_rope(qs, c, rope_theta)
+    kr = rat_rope(ks_t, c, rope_theta)
     own = (qr * kr).sum(-1, keepdim=True) * scale  # [n, H, 1]
     finals = torch.arange(L - 1, max(n, L - 1), L, device=qs.device)  # last offsets of full chunks
     kf, vf = kr[finals], vs_t[finals]  # [C, H, D] (kf rotated by its own chunk index)
@@ -84,14 +86,18 @@ def rat_attn_reference(
     *,
     chunk_size: int = 16,
     scale: float | None = None,
-    rope_base: float | None = 10000.0,
+    rope_theta: float | None = 10000.0,
     cu_seqlens: torch.Tensor | None = None,
     return_lse: bool = False,
+    rope_base: float | None = DEPRECATED,
 ):
     """Per-token RAT reference. q, k, v, g: ``[B, T, H, D]``; computes in the promoted dtype of
     the inputs (pass float64 tensors for the oracle). Returns y ``[B, T, H, D]`` (and the lse
-    ``[B, T, H]`` with ``return_lse``)."""
-    _check(q, k, v, g, chunk_size, rope_base)
+    ``[B, T, H]`` with ``return_lse``). ``rope_base``: deprecated alias of ``rope_theta``."""
+    rope_theta = renamed(
+        "rat_attn_reference", "rope_base", rope_base, "rope_theta", rope_theta, 10000.0
+    )
+    _check(q, k, v, g, chunk_size, rope_theta)
     B, T, H, D = q.shape
     L = chunk_size
     s = D**-0.5 if scale is None else scale
@@ -114,7 +120,7 @@ def rat_attn_reference(
             vt.append(hv)
         if e == a:
             continue
-        y, lse = _attend(qs, torch.stack(kt), torch.stack(vt), L, s, rope_base)
+        y, lse = _attend(qs, torch.stack(kt), torch.stack(vt), L, s, rope_theta)
         rows_y.append((b, a, e, y))
         rows_l.append((b, a, e, lse))
     # assemble without in-place writes into a leaf-dependent tensor (keeps autograd simple)
@@ -155,11 +161,16 @@ def rat_attn_chunked(
     *,
     chunk_size: int = 16,
     scale: float | None = None,
-    rope_base: float | None = 10000.0,
+    rope_theta: float | None = 10000.0,
+    rope_base: float | None = DEPRECATED,
 ) -> torch.Tensor:
     """The same math in torch eager without a token loop (no cu_seqlens), in q's dtype
-    (g cast to it). Dense [T, T/L] scores per head: O(T^2/L) memory."""
-    _check(q, k, v, g, chunk_size, rope_base)
+    (g cast to it). Dense [T, T/L] scores per head: O(T^2/L) memory. ``rope_base``: deprecated
+    alias of ``rope_theta``."""
+    rope_theta = renamed(
+        "rat_attn_chunked", "rope_base", rope_base, "rope_theta", rope_theta, 10000.0
+    )
+    _check(q, k, v, g, chunk_size, rope_theta)
     B, T, H, D = q.shape
     L = chunk_size
     s = D**-0.5 if scale is None else scale
@@ -167,8 +178,8 @@ def rat_attn_chunked(
     kt = _scan_chunks(k, g, L)
     vt = _scan_chunks(v, g, L)
     c = torch.arange(T, device=q.device) // L
-    qr = rat_rope(q, c, rope_base)
-    kr = rat_rope(kt, c, rope_base)
+    qr = rat_rope(q, c, rope_theta)
+    kr = rat_rope(kt, c, rope_theta)
     own = (qr * kr).sum(-1) * s  # [B, T, H]
     finals = torch.arange(L - 1, max(T, L - 1), L, device=q.device)
     kf = kr[:, finals].transpose(1, 2)  # [B, H, C, D]
