@@ -31,6 +31,9 @@
 #   BENCH_RESUME_FROM  a previous bench_lightning.json (copied into the tree): the bench copies it
 #                      to $OUT and measures only what it lacks or skipped (--resume)
 #   PACK_TRITON_CACHE  0 to skip writing triton-cache.tgz
+#   LONGATTN_NVRTC     12 or 13: the NVRTC major version that compiles the kernels (default:
+#                      torch's); 12 beside a CUDA 13 torch needs the nvidia-cuda-nvrtc-cu12 wheel
+#                      carried in .whl
 #
 # A first full run (fla autotuning, NVRTC compiles) can exceed one call: run `tests sanitize` and
 # `bench` as two calls, or rerun `bench` with the cache from the first.
@@ -126,6 +129,11 @@ try:
     why = getattr(longattn, "cuda_unavailable_reason", lambda: None)()
     print("longattn", getattr(longattn, "__version__", "?"), longattn.__file__,
           "| CUDA kernels:", why or "available")
+    try:
+        from longattn import _runtime
+        print("NVRTC %s %d.%d" % _runtime.nvrtc_library())
+    except Exception as e:
+        print("NVRTC:", type(e).__name__, e)
 except Exception as e:
     print("longattn import failed:", type(e).__name__, e)
 EOF

@@ -112,6 +112,42 @@ fn cuda_unavailable_reason() -> Option<String> {
     cuda::ensure_libraries().err()
 }
 
+/// Opens NVRTC from the first of `candidates` (files or sonames) that is an NVRTC of one of
+/// `majors`; returns (name, major, minor). The first NVRTC opened stays for the process. On
+/// failure the RuntimeError (and every later use of CUDA) names each candidate tried, then `hint`.
+#[pyfunction]
+fn load_nvrtc(
+    candidates: Vec<String>,
+    majors: Vec<i32>,
+    hint: &str,
+) -> PyResult<(String, i32, i32)> {
+    cuda::nvrtc::open(&candidates, &majors, hint)
+        .map(|n| (n.name.clone(), n.version.0, n.version.1))
+        .map_err(pyo3::exceptions::PyRuntimeError::new_err)
+}
+
+/// Compiles one self-contained source for `arch` with the NVRTC in use (tests: the binding
+/// without a GPU); returns the CUBIN and the program log, or raises ValueError with the log.
+#[pyfunction]
+fn nvrtc_compile<'py>(
+    py: Python<'py>,
+    name: &str,
+    src: &str,
+    arch: &str,
+) -> PyResult<(Bound<'py, pyo3::types::PyBytes>, String)> {
+    let (cubin, log) =
+        cuda::compile_with_log(name, src, &[], arch, &[]).map_err(ops::value_error)?;
+    Ok((pyo3::types::PyBytes::new(py, &cubin), log))
+}
+
+/// The NVRTC in use: (name it was opened by, major, minor); opens one by soname when none was.
+#[pyfunction]
+fn nvrtc_library() -> PyResult<(String, i32, i32)> {
+    cuda::nvrtc::get()
+        .map(|n| (n.name.clone(), n.version.0, n.version.1))
+        .map_err(pyo3::exceptions::PyRuntimeError::new_err)
+}
+
 /// Hopper-engine kernel launches so far in this process.
 #[pyfunction]
 fn sm90_launch_count() -> u64 {
@@ -122,6 +158,9 @@ fn sm90_launch_count() -> u64 {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(compile_all_kernels, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_unavailable_reason, m)?)?;
+    m.add_function(wrap_pyfunction!(load_nvrtc, m)?)?;
+    m.add_function(wrap_pyfunction!(nvrtc_library, m)?)?;
+    m.add_function(wrap_pyfunction!(nvrtc_compile, m)?)?;
     m.add_function(wrap_pyfunction!(sm90_launch_count, m)?)?;
     m.add_function(wrap_pyfunction!(sm90_machine_code, m)?)?;
     py::register(m)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import glob
 import os
 import sys
@@ -15,25 +14,94 @@ from . import _native
 
 _nvrtc_loaded = False
 
+# NVRTC: CUDA 13's or CUDA 12's, the major version torch was built with (torch's CUDA wheels
+# install it), or the one LONGATTN_NVRTC names. The native side opens the file found here.
+NVRTC_ENV = "LONGATTN_NVRTC"
+NVRTC_MAJORS = (13, 12)
+# where pip puts torch's NVRTC, under a folder of sys.path (site-packages)
+NVRTC_WHEEL_FILES = {
+    13: ("nvidia/cu13/lib/libnvrtc.so.13*", "nvidia/cuda_nvrtc/lib/libnvrtc.so.13*"),
+    12: ("nvidia/cuda_nvrtc/lib/libnvrtc.so.12*",),
+}
+NVRTC_PACKAGES = {13: "'nvidia-cuda-nvrtc==13.*'", 12: "nvidia-cuda-nvrtc-cu12"}
+# CUDA toolkit folders looked at after $CUDA_HOME and $CUDA_PATH
+TOOLKIT_HOMES = ("/usr/local/cuda",)
+
+
+def nvrtc_majors() -> tuple[int, ...]:
+    """The NVRTC major versions to look for, in order: the one ``LONGATTN_NVRTC`` names, else
+    the CUDA major version of torch's build, else (a CPU build of torch) 13, then 12.
+
+    Raises ValueError when ``LONGATTN_NVRTC`` is set to anything but 12 or 13."""
+    env = os.environ.get(NVRTC_ENV, "").strip()
+    if env:
+        if env not in {str(m) for m in NVRTC_MAJORS}:
+            raise ValueError(f"{NVRTC_ENV}={env!r}: expected 12 or 13")
+        return (int(env),)
+    cuda = torch.version.cuda
+    if cuda:
+        major = int(cuda.split(".")[0])
+        if major in NVRTC_MAJORS:
+            return (major,)
+    return NVRTC_MAJORS
+
+
+def nvrtc_candidates(majors: tuple[int, ...]) -> list[str]:
+    """NVRTC libraries to try, per major version in order: the files of NVRTC's pip wheels on
+    ``sys.path``, ``libnvrtc.so.<major>`` in a CUDA toolkit (``$CUDA_HOME/lib64``,
+    ``$CUDA_PATH/lib64``, ``TOOLKIT_HOMES``) or a folder of ``$LD_LIBRARY_PATH``, then the
+    soname itself (the loader's search: ldconfig's cache)."""
+    found: list[str] = []
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), *TOOLKIT_HOMES]
+    toolkit_dirs = [os.path.join(h, "lib64") for h in homes if h]
+    toolkit_dirs += [d for d in os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep) if d]
+    for major in majors:
+        for root in sys.path:
+            for pattern in NVRTC_WHEEL_FILES[major]:
+                for path in sorted(glob.glob(os.path.join(root or ".", pattern))):
+                    if "builtins" not in os.path.basename(path) and os.path.isfile(path):
+                        found.append(path)
+        for folder in toolkit_dirs:
+            path = os.path.join(folder, f"libnvrtc.so.{major}")
+            if os.path.isfile(path):
+                found.append(path)
+        found.append(f"libnvrtc.so.{major}")
+    return list(dict.fromkeys(found))
+
+
+def nvrtc_install_hint(majors: tuple[int, ...]) -> str:
+    """What to install when no NVRTC of ``majors`` was found."""
+    torch_build = f"torch {torch.__version__} is built with CUDA {torch.version.cuda}; "
+    options = " or ".join(f"pip install {NVRTC_PACKAGES[m]} (CUDA {m})" for m in majors)
+    return (
+        (torch_build if torch.version.cuda else "")
+        + options
+        + f", or put a CUDA {'/'.join(map(str, majors))} toolkit's lib64 folder on "
+        + f"LD_LIBRARY_PATH ({NVRTC_ENV}=12 or 13 picks the major version)"
+    )
+
 
 def _preload_nvrtc() -> None:
-    """Make libnvrtc.so.13 from torch's pip dependencies visible to the Rust loader.
-
-    cudarc opens NVRTC by soname; a library already loaded by soname is found even when its
-    folder is not on the loader path.
-    """
+    """Opens NVRTC (CUDA 13 or 12: ``nvrtc_majors``) from the first of ``nvrtc_candidates`` that
+    loads. Once per process; a failure is kept by the native side, which reports it from
+    ``cuda_unavailable_reason`` and from every CUDA call (naming what to install)."""
     global _nvrtc_loaded
     if _nvrtc_loaded:
         return
     _nvrtc_loaded = True
-    for root in sys.path:
-        for pattern in ("nvidia/cu13/lib/libnvrtc.so.13*", "nvidia/cuda_nvrtc/lib/libnvrtc.so.13*"):
-            for path in sorted(glob.glob(os.path.join(root, pattern))):
-                if "builtins" in path:
-                    continue
-                with contextlib.suppress(OSError):
-                    ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-                    return
+    try:
+        majors = nvrtc_majors()
+    except ValueError:
+        return  # the native side rejects the same LONGATTN_NVRTC value when CUDA is used
+    with contextlib.suppress(RuntimeError):
+        _native.load_nvrtc(nvrtc_candidates(majors), list(majors), nvrtc_install_hint(majors))
+
+
+def nvrtc_library() -> tuple[str, int, int]:
+    """The NVRTC that compiles the CUDA kernels: (the file or soname it was opened by, major,
+    minor). Raises RuntimeError, naming what to install, when none could be opened."""
+    _preload_nvrtc()
+    return _native.nvrtc_library()
 
 
 def cuda_unavailable_reason() -> str | None:

@@ -3,7 +3,6 @@
 //! caller's (torch's current) stream without any host synchronisation.
 
 use cudarc::driver::{result as drv, sys as dsys, CudaContext, CudaFunction, CudaModule};
-use cudarc::nvrtc::{result as nvr, sys as nsys};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::ffi::{c_void, CStr, CString};
@@ -11,6 +10,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, LazyLock, Mutex};
 
 use crate::tensor::{DType, View};
+
+pub mod nvrtc;
 
 pub type CudaResult<T> = Result<T, String>;
 
@@ -294,17 +295,9 @@ pub fn int_kind(t: Option<&View>) -> i32 {
     t.map_or(-1, |t| if t.dtype == DType::I64 { 1 } else { 0 })
 }
 
-/// Checks that NVRTC can be opened (cudarc panics otherwise).
+/// Checks that NVRTC can be opened: CUDA 13's or CUDA 12's (`nvrtc`).
 fn ensure_nvrtc() -> CudaResult<()> {
-    // SAFETY: only probes dlopen.
-    if unsafe { nsys::is_culib_present() } {
-        return Ok(());
-    }
-    Err(
-        "the NVRTC library (libnvrtc.so.13) was not found; install torch's CUDA wheels \
-         (nvidia-cuda-nvrtc) or put a CUDA 13 toolkit on the loader path"
-            .into(),
-    )
+    nvrtc::get().map(|_| ())
 }
 
 /// Checks that the driver and NVRTC libraries can be opened (cudarc panics otherwise).
@@ -317,14 +310,7 @@ pub fn ensure_libraries() -> CudaResult<()> {
 }
 
 pub fn nvrtc_version() -> CudaResult<(i32, i32)> {
-    ensure_nvrtc()?;
-    let (mut major, mut minor) = (0, 0);
-    // SAFETY: plain out-parameters.
-    let rc = unsafe { nsys::nvrtcVersion(&mut major, &mut minor) };
-    if rc != nsys::nvrtcResult::NVRTC_SUCCESS {
-        return Err(format!("nvrtcVersion failed: {rc:?}"));
-    }
-    Ok((major, minor))
+    nvrtc::get().map(|n| n.version)
 }
 
 /// Compiles one translation unit to a CUBIN for `arch` (e.g. "sm_90a").
@@ -346,10 +332,9 @@ pub fn compile_with_log(
     arch: &str,
     extra: &[&str],
 ) -> CudaResult<(Vec<u8>, String)> {
-    ensure_nvrtc()?;
+    let lib = nvrtc::get()?;
     let csrc = CString::new(src).map_err(|e| e.to_string())?;
     let cname = CString::new(name).map_err(|e| e.to_string())?;
-    let prog = nvr::create_program(&csrc, Some(&cname)).map_err(|e| format!("nvrtc: {e:?}"))?;
     let mut options = vec![
         format!("--gpu-architecture={arch}"),
         "-std=c++17".to_string(),
@@ -357,38 +342,21 @@ pub fn compile_with_log(
     ];
     options.extend(defines.iter().map(|(k, v)| format!("-D{k}={v}")));
     options.extend(extra.iter().map(|o| o.to_string()));
-    // SAFETY: prog is a live program; destroyed below on every path.
-    let result = unsafe { nvr::compile_program(prog, &options) };
-    let log = unsafe { nvr::get_program_log(prog) }
-        .map(|l| {
-            unsafe { CStr::from_ptr(l.as_ptr()) }
-                .to_string_lossy()
-                .into_owned()
-        })
-        .unwrap_or_default();
-    let out = match result {
-        Ok(()) => unsafe { get_cubin(prog) }.map(|c| (c, log)),
+    let coptions = options
+        .iter()
+        .map(|o| CString::new(o.as_str()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    let refs: Vec<&CStr> = coptions.iter().map(|o| o.as_c_str()).collect();
+    let (cubin, log) = lib.compile_cubin(&cname, &csrc, &refs)?;
+    match cubin {
+        Ok(c) if !c.is_empty() => Ok((c, log)),
+        Ok(_) => Err(format!("NVRTC returned an empty CUBIN for {name}")),
         Err(e) => Err(format!(
-            "NVRTC failed to compile {name} ({e:?}) with {options:?}:\n{log}"
+            "NVRTC {}.{} failed to compile {name} ({e}) with {options:?}:\n{log}",
+            lib.version.0, lib.version.1
         )),
-    };
-    // SAFETY: prog is not used after this.
-    let _ = unsafe { nvr::destroy_program(prog) };
-    out
-}
-
-unsafe fn get_cubin(prog: nsys::nvrtcProgram) -> CudaResult<Vec<u8>> {
-    let mut size = 0usize;
-    let rc = unsafe { nsys::nvrtcGetCUBINSize(prog, &mut size) };
-    if rc != nsys::nvrtcResult::NVRTC_SUCCESS || size == 0 {
-        return Err(format!("nvrtcGetCUBINSize failed: {rc:?}"));
     }
-    let mut buf = vec![0u8; size];
-    let rc = unsafe { nsys::nvrtcGetCUBIN(prog, buf.as_mut_ptr() as *mut _) };
-    if rc != nsys::nvrtcResult::NVRTC_SUCCESS {
-        return Err(format!("nvrtcGetCUBIN failed: {rc:?}"));
-    }
-    Ok(buf)
 }
 
 /// On-disk cache folder: `$LONGATTN_CACHE_DIR` (empty or "off" disables it), else
