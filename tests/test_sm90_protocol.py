@@ -39,8 +39,14 @@ class Barrier:
         return (self.phases & 1) != parity
 
 
-def run_agents(rnd, producer, consumer, copies, land, work, seed) -> None:
-    """Runs the producer, two consumers and the TMA unit (landing one copy in flight) in a random
+def wait(bar, parity):
+    while not bar.done(parity):
+        yield
+
+
+def run_agents(rnd, producer, consumer, copies, work, seed) -> None:
+    """Runs the producer, two consumers and the TMA unit (landing one copy in flight: barrier,
+    buffer, slot, content) in a random
     order until all are done; each consumer must log every (work tile, tile) in order."""
     logs = [[], []]
     agents = [producer(), consumer(logs[0]), consumer(logs[1])]
@@ -51,7 +57,9 @@ def run_agents(rnd, producer, consumer, copies, land, work, seed) -> None:
         choices = [i for i in range(3) if alive[i]] + (["tma"] if copies else [])
         pick = rnd.choice(choices)
         if pick == "tma":
-            land(copies.pop(rnd.randrange(len(copies))))
+            bar, where, s, what = copies.pop(rnd.randrange(len(copies)))
+            where[s] = what  # the TMA unit lands a copy in flight
+            bar.complete_tx(1)
         else:
             try:
                 next(agents[pick])
@@ -73,17 +81,13 @@ def simulate(work: list[int], seed: int, sentinel_waits_v: bool = True) -> None:
     q_tile, k_smem, v_smem, tile_k0 = [None], [None] * STAGES, [None] * STAGES, [None] * STAGES
     copies = []  # TMA loads in flight: (barrier, where, what)
 
-    def wait(bar, parity):
-        while not bar.done(parity):
-            yield
-
     def producer():
         it = 0
         for w, n in enumerate(work):
             if w > 0:
                 yield from wait(q_empty, (w - 1) & 1)
             q_full.arrive(tx=1)
-            copies.append((q_full, ("Q", 0), w))
+            copies.append((q_full, q_tile, 0, w))
             for j in [*range(n), -1]:  # -1: the end-of-tile sentinel
                 s, parity = it % STAGES, ((it // STAGES) - 1) & 1
                 if it >= STAGES:
@@ -93,7 +97,7 @@ def simulate(work: list[int], seed: int, sentinel_waits_v: bool = True) -> None:
                     k_full[s].arrive()
                 else:
                     k_full[s].arrive(tx=1)
-                    copies.append((k_full[s], ("K", s), (w, j)))
+                    copies.append((k_full[s], k_smem, s, (w, j)))
                 yield
                 if it >= STAGES:
                     yield from wait(v_empty[s], parity)
@@ -101,7 +105,7 @@ def simulate(work: list[int], seed: int, sentinel_waits_v: bool = True) -> None:
                     v_full[s].arrive()
                 else:
                     v_full[s].arrive(tx=1)
-                    copies.append((v_full[s], ("V", s), (w, j)))
+                    copies.append((v_full[s], v_smem, s, (w, j)))
                 yield
                 it += 1
 
@@ -156,20 +160,17 @@ def simulate(work: list[int], seed: int, sentinel_waits_v: bool = True) -> None:
                 yield from release_sentinel(s, it)
             it += 1
 
-    def land(copy):
-        bar, (kind, s), what = copy
-        {"Q": q_tile, "K": k_smem, "V": v_smem}[kind][s] = what
-        bar.complete_tx(1)
-
-    run_agents(rnd, producer, consumer, copies, land, work, seed)
+    run_agents(rnd, producer, consumer, copies, work, seed)
 
 
 @pytest.mark.parametrize("seed", range(8))
-def test_engine_barrier_protocol(seed):
+@pytest.mark.parametrize("model", ["forward", "backward"])
+def test_engine_barrier_protocol(model, seed):
+    run = simulate if model == "forward" else simulate_bwd
     rnd = random.Random(seed)
     for trial in range(250):
         work = [rnd.choice([0, 1, 1, 2, 3, 5]) for _ in range(rnd.randint(1, 6))]
-        simulate(work, seed * 1000 + trial)
+        run(work, seed * 1000 + trial)
 
 
 def test_model_finds_the_double_completion_deadlock():
@@ -188,10 +189,6 @@ def simulate_bwd(work: list[int], seed: int) -> None:
     full, empty = [Barrier(1) for _ in range(STAGES)], [Barrier(2) for _ in range(STAGES)]
     fixed, stream, step = [None], [None] * STAGES, [None] * STAGES
     copies = []
-
-    def wait(bar, parity):
-        while not bar.done(parity):
-            yield
 
     def producer():
         it = 0
@@ -236,17 +233,4 @@ def simulate_bwd(work: list[int], seed: int) -> None:
             fix_empty.arrive()
             yield
 
-    def land(copy):
-        bar, where, s, what = copy
-        where[s] = what
-        bar.complete_tx(1)
-
-    run_agents(rnd, producer, consumer, copies, land, work, seed)
-
-
-@pytest.mark.parametrize("seed", range(8))
-def test_backward_barrier_protocol(seed):
-    rnd = random.Random(seed)
-    for trial in range(250):
-        work = [rnd.choice([0, 1, 1, 2, 3, 5]) for _ in range(rnd.randint(1, 6))]
-        simulate_bwd(work, seed * 1000 + trial)
+    run_agents(rnd, producer, consumer, copies, work, seed)
