@@ -265,6 +265,51 @@ def test_positional_options_are_deprecated(fn, args, kwargs):
     assert torch.equal(got, want)
 
 
+# the sizes a module constructor takes positionally; everything else is an option
+MODULE_SIZES = {
+    "NativeSparseAttention": ("hidden_size", "num_heads", "num_kv_heads", "head_dim"),
+    "LandmarkAttention": ("hidden_size", "num_heads", "num_kv_heads", "head_dim"),
+    "RATAttention": ("hidden_size", "num_heads"),
+    "LightningAttention": ("hidden_size", "num_heads"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_module_options_are_keyword_only(name):
+    params = list(inspect.signature(getattr(lnn, name)).parameters.values())
+    assert tuple(p.name for p in params if p.kind in POSITIONAL) == MODULE_SIZES[name]
+    assert all(p.kind is KW_ONLY for p in params[len(MODULE_SIZES[name]) :])
+
+
+@pytest.mark.parametrize(
+    ("name", "sizes", "options"),
+    [
+        ("RATAttention", (32, 4), {"chunk_size": 4, "ngroups": 1}),
+        ("LightningAttention", (32, 4), {"head_dim": 16, "layer_idx": 2}),
+        (
+            "NativeSparseAttention",
+            (32, 4, 2, 8),
+            {"compress": "linear", "kernel_size": 16, "kernel_stride": 8},
+        ),
+        ("LandmarkAttention", (32, 4, 2, 8), {"block_size": 4, "rope_theta": 500.0}),
+    ],
+)
+def test_module_positional_options_are_deprecated(name, sizes, options):
+    cls = getattr(lnn, name)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        want = cls(*sizes, **options)
+    torch.manual_seed(0)
+    with pytest.warns(DeprecationWarning, match="positionally is deprecated"):
+        got = cls(*sizes, *options.values())
+    assert repr(got) == repr(want)
+    for key, value in options.items():
+        assert getattr(got, key, value) == value
+    for (k, a), (_, b) in zip(got.state_dict().items(), want.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+
+
 def test_lightning_slopes_positional_layer_is_deprecated():
     want = longattn.lightning_slopes(8, layer_idx=3, num_layers=8)
     with pytest.warns(DeprecationWarning, match="layer_idx, num_layers"):

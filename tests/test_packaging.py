@@ -106,6 +106,10 @@ def test_wheel_metadata():
     assert meta["Name"] == "longattn"
     assert meta["Version"] == CARGO["version"]
     assert meta["License-Expression"] == "Apache-2.0"
+    assert meta["License-File"] == "LICENSE"
+    with zipfile.ZipFile(wheel) as zf:
+        (license_member,) = [n for n in zf.namelist() if n.endswith(".dist-info/licenses/LICENSE")]
+        assert "Apache License" in zf.read(license_member).decode()
     requires = meta.get_all("Requires-Dist") or []
     assert any(r.startswith("torch") for r in requires)
     assert not [r for r in requires if r.startswith("numpy")], requires

@@ -56,7 +56,7 @@ def rat_fwd(
     v_states: Any,
     chunk_size: int,
     scale: float,
-    rope_base: float | None,
+    rope_theta: float | None,
     cu_seqlens: Any | None,
     stream: int,
     scratch: tuple[Any, ...] | None = None,
@@ -75,7 +75,7 @@ def rat_decode(
     seen: int,
     chunk_size: int,
     scale: float,
-    rope_base: float | None,
+    rope_theta: float | None,
     stream: int,
 ) -> None: ...
 def rat_bwd(
@@ -94,7 +94,7 @@ def rat_bwd(
     dg: Any,
     chunk_size: int,
     scale: float,
-    rope_base: float | None,
+    rope_theta: float | None,
     cu_seqlens: Any | None,
     stream: int,
     scratch: tuple[Any, ...] | None = None,

@@ -57,7 +57,7 @@ pub struct RatArgs<'a> {
     pub seqs: &'a [Seq],
     pub chunk: usize,
     pub scale: f64,
-    pub rope_base: Option<f64>,
+    pub rope_theta: Option<f64>,
 }
 
 /// Gradients written by the backward.
@@ -493,7 +493,7 @@ fn forward_on<A: Acc>(p: &RatArgs) {
     if p.seqs.is_empty() || heads == 0 || d == 0 {
         return;
     }
-    let rope = Rope::<A>::new(p.rope_base, d, max_chunks(p));
+    let rope = Rope::<A>::new(p.rope_theta, d, max_chunks(p));
     let pairs: Vec<(usize, usize)> = (0..p.seqs.len())
         .flat_map(|n| (0..heads).map(move |h| (n, h)))
         .collect();
@@ -669,7 +669,7 @@ fn backward_on<A: Acc>(p: &RatArgs, gr: &RatGrads) {
     if p.seqs.is_empty() || heads == 0 || d == 0 {
         return;
     }
-    let rope = Rope::<A>::new(p.rope_base, d, max_chunks(p));
+    let rope = Rope::<A>::new(p.rope_theta, d, max_chunks(p));
     let sc = A::of(p.scale);
     let pairs: Vec<(usize, usize)> = (0..p.seqs.len())
         .flat_map(|n| (0..heads).map(move |h| (n, h)))
@@ -1149,7 +1149,7 @@ mod tests {
             seqs: &seqs,
             chunk: l,
             scale: 1.0 / (d as f64).sqrt(),
-            rope_base: rope,
+            rope_theta: rope,
         });
         out
     }
@@ -1232,7 +1232,7 @@ mod tests {
                 seqs: &seqs,
                 chunk: l,
                 scale: 1.0 / (d as f64).sqrt(),
-                rope_base: rope,
+                rope_theta: rope,
             };
             forward(&args);
             let dov = view(&mut dout, &shape);

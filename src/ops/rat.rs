@@ -45,7 +45,7 @@ fn check(
     g: &View,
     chunk: i64,
     scale: f64,
-    rope_base: Option<f64>,
+    rope_theta: Option<f64>,
     cu: Option<&View>,
 ) -> Result<Problem, PyErr> {
     if q.ndim() != 4 {
@@ -93,15 +93,15 @@ fn check(
             "scale: must be a finite number, got {scale}"
         )));
     }
-    if let Some(base) = rope_base {
+    if let Some(base) = rope_theta {
         if !(base.is_finite() && base > 0.0) {
             return Err(value_error(format!(
-                "rope_base: must be a positive number or None, got {base}"
+                "rope_theta: must be a positive number or None, got {base}"
             )));
         }
         if d % 2 != 0 {
             return Err(value_error(format!(
-                "q: RoPE (rope_base set) needs an even head dim, got {d}; pass rope_base=None"
+                "q: RoPE (rope_theta set) needs an even head dim, got {d}; pass rope_theta=None"
             )));
         }
     }
@@ -241,12 +241,12 @@ pub fn forward(
     vs: &View,
     chunk: i64,
     scale: f64,
-    rope_base: Option<f64>,
+    rope_theta: Option<f64>,
     cu: Option<&View>,
     scratch: Option<&Scratch>,
     stream: usize,
 ) -> Result<(), PyErr> {
-    let p = check(q, k, v, g, chunk, scale, rope_base, cu)?;
+    let p = check(q, k, v, g, chunk, scale, rope_theta, cu)?;
     p.expect_saved(out, lse, ks, vs)?;
     expect_out_lo(out_lo, out)?;
     let args = RatArgs {
@@ -262,7 +262,7 @@ pub fn forward(
         seqs: &p.seqs,
         chunk: chunk as usize,
         scale,
-        rope_base,
+        rope_theta,
     };
     match p.device {
         Device::Cpu => {
@@ -296,12 +296,12 @@ pub fn backward(
     dg: &View,
     chunk: i64,
     scale: f64,
-    rope_base: Option<f64>,
+    rope_theta: Option<f64>,
     cu: Option<&View>,
     scratch: Option<&Scratch>,
     stream: usize,
 ) -> Result<(), PyErr> {
-    let p = check(q, k, v, g, chunk, scale, rope_base, cu)?;
+    let p = check(q, k, v, g, chunk, scale, rope_theta, cu)?;
     p.expect_saved(out, lse, ks, vs)?;
     expect_out_lo(out_lo, out)?;
     let tok = p.tokens();
@@ -323,7 +323,7 @@ pub fn backward(
         seqs: &p.seqs,
         chunk: chunk as usize,
         scale,
-        rope_base,
+        rope_theta,
     };
     let grads = RatGrads {
         dout,
@@ -628,8 +628,8 @@ fn launch(
         sdg: cuda::opt_strides(grads.map(|g| g.dg)),
         srot: cuda::strides(sc.kr),
         scar: cuda::strides(sc.carry_k),
-        log2_base: a.rope_base.map_or(0.0, f64::log2),
-        rope: a.rope_base.is_some() as i32,
+        log2_base: a.rope_theta.map_or(0.0, f64::log2),
+        rope: a.rope_theta.is_some() as i32,
         t: p.t as i32,
         h: p.h as i32,
         d: p.d as i32,
@@ -778,10 +778,10 @@ pub fn decode(
     seen: i64,
     chunk: i64,
     scale: f64,
-    rope_base: Option<f64>,
+    rope_theta: Option<f64>,
     stream: usize,
 ) -> Result<(), PyErr> {
-    let p = check(q, k, v, g, chunk, scale, rope_base, None)?;
+    let p = check(q, k, v, g, chunk, scale, rope_theta, None)?;
     let Device::Cuda(ordinal) = p.device else {
         return Err(value_error(
             "rat_decode: CUDA tensors only (the CPU decodes in PyTorch: longattn.nn.rat.rat_continue)",
@@ -876,8 +876,8 @@ pub fn decode(
         svr: bh(v_run, 1),
         sks: cuda::strides(ks),
         svs: cuda::strides(vs),
-        log2_base: rope_base.map_or(0.0, f64::log2),
-        rope: rope_base.is_some() as i32,
+        log2_base: rope_theta.map_or(0.0, f64::log2),
+        rope: rope_theta.is_some() as i32,
         h: p.h as i32,
         d: p.d as i32,
         chunks: chunks as i32,

@@ -7,7 +7,7 @@ use pyo3::prelude::*;
 /// and the chunk-final `k_states`/`v_states`.
 #[pyfunction]
 #[pyo3(signature = (q, k, v, g, out, out_lo, lse, k_states, v_states, chunk_size, scale,
-                    rope_base, cu_seqlens, stream, scratch=None))]
+                    rope_theta, cu_seqlens, stream, scratch=None))]
 #[allow(clippy::too_many_arguments)]
 fn rat_fwd(
     py: Python<'_>,
@@ -22,7 +22,7 @@ fn rat_fwd(
     v_states: &Bound<'_, PyAny>,
     chunk_size: i64,
     scale: f64,
-    rope_base: Option<f64>,
+    rope_theta: Option<f64>,
     cu_seqlens: Option<&Bound<'_, PyAny>>,
     stream: usize,
     scratch: Option<&Bound<'_, PyAny>>,
@@ -43,7 +43,7 @@ fn rat_fwd(
             v_states,
             chunk_size,
             scale,
-            rope_base,
+            rope_theta,
             cu_seqlens,
             sc.as_ref(),
             stream,
@@ -54,7 +54,7 @@ fn rat_fwd(
 /// Backward of RAT attention: writes dq, dk, dv, dg (Δ from out + out_lo when out_lo is given).
 #[pyfunction]
 #[pyo3(signature = (q, k, v, g, out, out_lo, lse, k_states, v_states, grad_out, dq, dk, dv, dg,
-                    chunk_size, scale, rope_base, cu_seqlens, stream, scratch=None))]
+                    chunk_size, scale, rope_theta, cu_seqlens, stream, scratch=None))]
 #[allow(clippy::too_many_arguments)]
 fn rat_bwd(
     py: Python<'_>,
@@ -74,7 +74,7 @@ fn rat_bwd(
     dg: &Bound<'_, PyAny>,
     chunk_size: i64,
     scale: f64,
-    rope_base: Option<f64>,
+    rope_theta: Option<f64>,
     cu_seqlens: Option<&Bound<'_, PyAny>>,
     stream: usize,
     scratch: Option<&Bound<'_, PyAny>>,
@@ -101,7 +101,7 @@ fn rat_bwd(
             dg,
             chunk_size,
             scale,
-            rope_base,
+            rope_theta,
             cu_seqlens,
             sc.as_ref(),
             stream,
@@ -114,7 +114,7 @@ fn rat_bwd(
 /// `k_states`/`v_states` at slot `seen // chunk_size`.
 #[pyfunction]
 #[pyo3(signature = (q, k, v, g, out, k_run, v_run, k_states, v_states, partial, seen,
-                    chunk_size, scale, rope_base, stream))]
+                    chunk_size, scale, rope_theta, stream))]
 #[allow(clippy::too_many_arguments)]
 fn rat_decode(
     py: Python<'_>,
@@ -131,14 +131,14 @@ fn rat_decode(
     seen: i64,
     chunk_size: i64,
     scale: f64,
-    rope_base: Option<f64>,
+    rope_theta: Option<f64>,
     stream: usize,
 ) -> PyResult<()> {
     tensors!(stream; q, k, v, g, out, k_run, v_run, k_states, v_states, partial?);
     py.detach(|| {
         ops::rat::decode(
             q, k, v, g, out, k_run, v_run, k_states, v_states, partial, seen, chunk_size, scale,
-            rope_base, stream,
+            rope_theta, stream,
         )
     })
 }

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .._deprecation import warn
+from .._deprecation import keyword_only_options, warn
 from .._runtime import state_dtype
 from ..ops.landmark import landmark_attn
 from .nsa import _positions, apply_rotary
@@ -91,12 +91,14 @@ class LandmarkAttention(nn.Module):
     cache: :meth:`init_cache`.
     """
 
+    @keyword_only_options
     def __init__(
         self,
         hidden_size: int,
         num_heads: int,
         num_kv_heads: int,
         head_dim: int,
+        *,
         block_size: int = 64,
         rope_theta: float = 10000.0,
         topk: int | None = None,

@@ -62,10 +62,12 @@ class LightningAttention(nn.Module):
     :meth:`init_cache`.
     """
 
+    @keyword_only_options
     def __init__(
         self,
         hidden_size: int,
         num_heads: int,
+        *,
         head_dim: int | None = None,
         layer_idx: int = 0,
         num_layers: int = 1,

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .._deprecation import warn
+from .._deprecation import keyword_only_options, warn
 from .._runtime import state_dtype
 from ..ops.nsa import nsa_attn, nsa_compress
 
@@ -144,12 +144,14 @@ class NativeSparseAttention(nn.Module):
     cache: :meth:`init_cache`.
     """
 
+    @keyword_only_options
     def __init__(
         self,
         hidden_size: int,
         num_heads: int,
         num_kv_heads: int,
         head_dim: int,
+        *,
         compress: str = "linear",
         kernel_size: int = 32,
         kernel_stride: int = 16,

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .._deprecation import DEPRECATED, renamed, warn
+from .._deprecation import DEPRECATED, keyword_only_options, renamed, warn
 from .._runtime import state_dtype, unit_last_stride
 from ..ops.rat import rat_attn, rat_attn_with_states, rat_decode
 
@@ -309,10 +309,12 @@ class RATAttention(nn.Module):
     cache: :meth:`init_cache`.
     """
 
+    @keyword_only_options
     def __init__(
         self,
         hidden_size: int,
         num_heads: int,
+        *,
         chunk_size: int = 16,
         ngroups: int = 2,
         rope_theta: float | None = 10000.0,
@@ -321,7 +323,6 @@ class RATAttention(nn.Module):
         eps: float = 1e-6,
         device=None,
         dtype=None,
-        *,
         rope_base: float | None = DEPRECATED,
     ):
         super().__init__()
