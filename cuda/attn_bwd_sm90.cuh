@@ -31,10 +31,11 @@
 #pragma once
 #include "sm90.cuh"
 
+// From the launch side (cuda::sm90_common_defines), which sizes the TMA boxes and the row table
+// with the same numbers: SM90_BWD_FIXED (rows of the fixed tile, 64 per consumer warpgroup),
+// SM90_BWD_STREAM (rows of a streamed tile), SM90_ROWINFO_PLANES (lse·log2(e), Δ and the visible
+// key range lo, hi per row).
 #define SM90_BWD_STAGES 2
-#define SM90_BWD_FIXED 128  // rows of the fixed tile (64 per consumer warpgroup)
-#define SM90_BWD_STREAM 64  // rows of a streamed tile
-#define SM90_ROWINFO_PLANES 4 // lse·log2(e), Δ and the visible key range lo, hi per row
 #define SM90_BWD_PRODUCER_REGS 24
 #define SM90_BWD_CONSUMER_REGS 240
 

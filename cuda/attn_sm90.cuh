@@ -29,8 +29,8 @@
 #pragma once
 #include "sm90.cuh"
 
-#define SM90_BM 128
-#define SM90_THREADS 384
+// SM90_BM (query rows per CTA) and SM90_THREADS come from the launch side
+// (cuda::sm90_common_defines), which sizes grids and tiles with the same numbers.
 #define SM90_STAGES 2
 #define SM90_PRODUCER_REGS 40
 #define SM90_CONSUMER_REGS 232

@@ -1,6 +1,7 @@
-// Header-free helpers shared by every longattn kernel: element conversions, tensor-core MMA
-// fragments (mma.sync m16n8k16 for f16/bf16, m16n8k8 3xTF32 for f32), exp2. NVRTC needs no
-// include path for any of this.
+// Header-free helpers shared by every longattn kernel: element conversions, constants, quad and
+// warp reductions, sequence offsets (cu_seqlens), ldmatrix fragment loads, tensor-core MMA
+// fragments (mma.sync m16n8k16 for f16/bf16, m16n8k8 3xTF32 for f32), cp.async tile loads,
+// exp2. NVRTC needs no include path for any of this.
 #pragma once
 
 typedef unsigned short u16;
@@ -103,6 +104,104 @@ __device__ __forceinline__ u32 smem_addr(const void *p) {
   return r;
 }
 
+// Softmax runs in base 2 (exp2): scores are scaled by log2(e), a base-2 lse times ln 2 is the
+// natural one.
+#define LOG2E 1.4426950408889634f
+#define LN2 0.6931471805599453f
+#define NEG_INF __int_as_float(0xff800000)
+#define FULL_MASK 0xffffffffu
+
+// Reductions over a quad (the 4 lanes that hold one row of an MMA accumulator) and a warp.
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(FULL_MASK, x, 1));
+  return fmaxf(x, __shfl_xor_sync(FULL_MASK, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(FULL_MASK, x, 1);
+  return x + __shfl_xor_sync(FULL_MASK, x, 2);
+}
+template <class X> __device__ __forceinline__ X warp_sum(X x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(FULL_MASK, x, o);
+  return x;
+}
+
+// Δ = dO · (O + O_lo) of one softmax row of n columns, one warp per row (every lane gets it).
+// O_lo, the output's rounding residual (null when not stored): with 16-bit outputs the rounding
+// of O alone would dominate dP − Δ where attention is nearly one-hot.
+template <int ELEM>
+__device__ __forceinline__ float row_delta(const typename Elem<ELEM>::T *o,
+                                           const typename Elem<ELEM>::T *o_lo,
+                                           const typename Elem<ELEM>::T *dout, int n) {
+  float acc = 0.f;
+  for (int col = threadIdx.x & 31; col < n; col += 32) {
+    const float x = load_f32<ELEM>(o + col) + (o_lo != nullptr ? load_f32<ELEM>(o_lo + col) : 0.f);
+    acc += x * load_f32<ELEM>(dout + col);
+  }
+  return warp_sum(acc);
+}
+
+// A kernel parameter struct has one size on both sides: the launch side passes <S>_BYTES, the
+// size of its #[repr(C)] mirror, so a field added, dropped or resized on one side only fails to
+// compile.
+#define CHECK_MIRROR(S) static_assert(sizeof(S) == S##_BYTES, #S " differs from its Rust mirror")
+
+// Entry i of an int32 (kind 0) or int64 (kind 1) index array: cu_seqlens, block indices.
+__device__ __forceinline__ i64 read_index(const void *p, int kind, i64 i) {
+  return kind == 1 ? ((const i64 *)p)[i] : (i64)((const int *)p)[i];
+}
+
+// Sequence offsets are not validated on the GPU (that would need a host synchronisation), so
+// every reader clamps them into [0, T]: no offset, however wrong, reads outside the tensors.
+__device__ __forceinline__ i64 clamped_offset(const void *cu, int kind, i64 i, i64 T) {
+  const i64 x = read_index(cu, kind, i);
+  return x < 0 ? 0 : (x > T ? T : x);
+}
+
+// Tokens [start, end) of sequence n, clamped into [0, T] with start <= end.
+__device__ __forceinline__ void sequence_span(const void *cu, int kind, int n, i64 T, i64 &start,
+                                              i64 &end) {
+  start = clamped_offset(cu, kind, n, T);
+  end = read_index(cu, kind, n + 1);
+  end = end < start ? start : (end > T ? T : end);
+}
+
+// The sequence holding token t: the largest s in [0, n) with cu[s] <= t (cu has n + 1 entries).
+__device__ __forceinline__ int sequence_containing(const void *cu, int kind, int n, i64 t) {
+  int lo = 0, hi = n;
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) >> 1;
+    if (read_index(cu, kind, mid) <= t)
+      lo = mid;
+    else
+      hi = mid;
+  }
+  return lo;
+}
+
+// 16-bit fragment loads (ldmatrix) from a 32-bit shared address; x4 loads fill an A fragment or
+// the B fragments of two n-tiles, x2 one B fragment. "_t": transposed.
+__device__ __forceinline__ void ldsm_x4(u32 *r, u32 addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_t(u32 *r, u32 addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x2(u32 *r, u32 addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x2_t(u32 *r, u32 addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(addr));
+}
+
 // D += A·B on one 16x8 tile. a: 4 registers, b: 2 registers, c: 4 floats.
 template <int ELEM> __device__ __forceinline__ void mma(float *c, const u32 *a, const u32 *b);
 template <> __device__ __forceinline__ void mma<ELEM_BF16>(float *c, const u32 *a, const u32 *b) {
@@ -158,30 +257,22 @@ template <int ELEM> struct Frag {
   static __device__ __forceinline__ void A_mk(u32 *a, const T *s, int ld, int m0, int k0) {
     const int lane = threadIdx.x & 31;
     const T *p = s + (m0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + k0 + (lane >> 4) * 8;
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
-                 : "r"(smem_addr(p)));
+    ldsm_x4(a, smem_addr(p));
   }
   static __device__ __forceinline__ void A_km(u32 *a, const T *s, int ld, int m0, int k0) {
     const int lane = threadIdx.x & 31;
     const T *p = s + (k0 + (lane & 7) + (lane >> 4) * 8) * ld + m0 + ((lane >> 3) & 1) * 8;
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
-                 : "r"(smem_addr(p)));
+    ldsm_x4_t(a, smem_addr(p));
   }
   static __device__ __forceinline__ void B_nk(u32 *b, const T *s, int ld, int k0, int n0) {
     const int lane = threadIdx.x & 31;
     const T *p = s + (n0 + (lane & 7)) * ld + k0 + ((lane >> 3) & 1) * 8;
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];"
-                 : "=r"(b[0]), "=r"(b[1])
-                 : "r"(smem_addr(p)));
+    ldsm_x2(b, smem_addr(p));
   }
   static __device__ __forceinline__ void B_kn(u32 *b, const T *s, int ld, int k0, int n0) {
     const int lane = threadIdx.x & 31;
     const T *p = s + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + n0;
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];"
-                 : "=r"(b[0]), "=r"(b[1])
-                 : "r"(smem_addr(p)));
+    ldsm_x2_t(b, smem_addr(p));
   }
   // Multiplies the A fragment's columns k by w[k] (k relative to the fragment's k0).
   static __device__ __forceinline__ void scale_A_cols(u32 *a, const float *w) {
@@ -241,16 +332,16 @@ template <> struct Frag<ELEM_F32> {
     const int lane = threadIdx.x & 31, t = lane & 3;
     const int src0 = (lane & ~3) | (t >> 1), src1 = (lane & ~3) | (2 + (t >> 1));
     const bool odd = t & 1;
-    float x0 = __shfl_sync(0xffffffffu, c[kk][0], src0);
-    float x1 = __shfl_sync(0xffffffffu, c[kk][1], src0);
-    float y0 = __shfl_sync(0xffffffffu, c[kk][2], src0);
-    float y1 = __shfl_sync(0xffffffffu, c[kk][3], src0);
+    float x0 = __shfl_sync(FULL_MASK, c[kk][0], src0);
+    float x1 = __shfl_sync(FULL_MASK, c[kk][1], src0);
+    float y0 = __shfl_sync(FULL_MASK, c[kk][2], src0);
+    float y1 = __shfl_sync(FULL_MASK, c[kk][3], src0);
     a[0] = __float_as_uint(odd ? x1 : x0);
     a[1] = __float_as_uint(odd ? y1 : y0);
-    x0 = __shfl_sync(0xffffffffu, c[kk][0], src1);
-    x1 = __shfl_sync(0xffffffffu, c[kk][1], src1);
-    y0 = __shfl_sync(0xffffffffu, c[kk][2], src1);
-    y1 = __shfl_sync(0xffffffffu, c[kk][3], src1);
+    x0 = __shfl_sync(FULL_MASK, c[kk][0], src1);
+    x1 = __shfl_sync(FULL_MASK, c[kk][1], src1);
+    y0 = __shfl_sync(FULL_MASK, c[kk][2], src1);
+    y1 = __shfl_sync(FULL_MASK, c[kk][3], src1);
     a[2] = __float_as_uint(odd ? x1 : x0);
     a[3] = __float_as_uint(odd ? y1 : y0);
   }

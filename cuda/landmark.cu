@@ -55,8 +55,6 @@
 #define LM_BQ 64
 #define LM_BIG 0x7fffffff
 #define TOPK_THREADS 128
-#define LM_FULL 0xffffffffu
-#define LM_NINF __int_as_float(0xff800000)
 
 #define K_SKIP 0
 #define K_CUR 1
@@ -82,6 +80,7 @@ struct LmParams {
   int vec_q, vec_k, vec_v, vec_do;
   float scale, scale_log2;
 };
+CHECK_MIRROR(LmParams);
 
 struct LmSeq {
   int b;
@@ -89,12 +88,7 @@ struct LmSeq {
   int ql, kl; // queries, keys
 };
 
-__device__ __forceinline__ i64 cu_at(const LmParams &p, int i) {
-  return p.cu_kind == 1 ? ((const i64 *)p.cu_seqlens)[i] : (i64)((const int *)p.cu_seqlens)[i];
-}
-
-// Sequence n. cu_seqlens are clamped to [0, Tq] so that no index, however wrong, reads outside
-// the tensors (values are not validated on the GPU: that would need a host synchronisation).
+// Sequence n (queries and keys share the offsets).
 __device__ __forceinline__ LmSeq seq_of(const LmParams &p, int n) {
   LmSeq s;
   if (p.cu_kind < 0) {
@@ -105,9 +99,8 @@ __device__ __forceinline__ LmSeq seq_of(const LmParams &p, int n) {
     s.kl = p.Tk;
     return s;
   }
-  i64 s0 = cu_at(p, n), s1 = cu_at(p, n + 1);
-  s0 = s0 < 0 ? 0 : (s0 > p.Tq ? p.Tq : s0);
-  s1 = s1 < s0 ? s0 : (s1 > p.Tq ? p.Tq : s1);
+  i64 s0, s1;
+  sequence_span(p.cu_seqlens, p.cu_kind, n, p.Tq, s0, s1);
   s.b = 0;
   s.qs = s0;
   s.ks = s0;
@@ -137,15 +130,6 @@ __device__ __forceinline__ void make_rows(const LmParams &p, const LmSeq &s, int
   }
 }
 
-__device__ __forceinline__ float qmax(float x) {
-  x = fmaxf(x, __shfl_xor_sync(LM_FULL, x, 1));
-  return fmaxf(x, __shfl_xor_sync(LM_FULL, x, 2));
-}
-__device__ __forceinline__ float qsum(float x) {
-  x += __shfl_xor_sync(LM_FULL, x, 1);
-  return x + __shfl_xor_sync(LM_FULL, x, 2);
-}
-
 // Bit jb set: block j0 + jb (jb < nbt ≤ 32) is an earlier block the row attends to. Called by
 // all lanes (the quad splits the index list and ORs its findings).
 __device__ __forceinline__ u32 early_mask(const LmParams &p, const Rows &R, int rr, int j0, int nbt,
@@ -155,7 +139,7 @@ __device__ __forceinline__ u32 early_mask(const LmParams &p, const Rows &R, int 
     const int hi = min(R.c[rr], j0 + nbt);
     if (hi > j0) {
       if (p.bidx == nullptr) {
-        if (t4 == 0) m = (hi - j0 >= 32) ? LM_FULL : ((1u << (hi - j0)) - 1u);
+        if (t4 == 0) m = (hi - j0 >= 32) ? FULL_MASK : ((1u << (hi - j0)) - 1u);
       } else {
         for (int x = t4; x < p.nidx; x += 4) {
           const int j = R.bi[rr][x * p.sbi[3]];
@@ -164,8 +148,8 @@ __device__ __forceinline__ u32 early_mask(const LmParams &p, const Rows &R, int 
       }
     }
   }
-  m |= __shfl_xor_sync(LM_FULL, m, 1);
-  m |= __shfl_xor_sync(LM_FULL, m, 2);
+  m |= __shfl_xor_sync(FULL_MASK, m, 1);
+  m |= __shfl_xor_sync(FULL_MASK, m, 2);
   return m;
 }
 
@@ -193,14 +177,14 @@ __device__ __forceinline__ int next_block(const LmParams &p, const Rows &R, int 
       }
     }
   }
-  best = min(best, __shfl_xor_sync(LM_FULL, best, 1));
-  return min(best, __shfl_xor_sync(LM_FULL, best, 2));
+  best = min(best, __shfl_xor_sync(FULL_MASK, best, 1));
+  return min(best, __shfl_xor_sync(FULL_MASK, best, 2));
 }
 
 __device__ __forceinline__ int cta_min(int v, int *red) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = min(v, __shfl_xor_sync(LM_FULL, v, o));
+  for (int o = 16; o > 0; o >>= 1) v = min(v, __shfl_xor_sync(FULL_MASK, v, o));
   if (lane == 0) red[warp] = v;
   __syncthreads();
   int r = red[0];
@@ -221,7 +205,7 @@ __device__ __forceinline__ void fwd_probs(float (*S)[4], const Rows &R, const u3
                                           int nbt, int k0, int nk, int bs, float *m, float *mu,
                                           float *alpha) {
   const int t4 = threadIdx.x & 3;
-  float mb[2] = {LM_NINF, LM_NINF};
+  float mb[2] = {NEG_INF, NEG_INF};
   for (int jb = 0; jb < nbt; ++jb) {
     const int lo = jb * bs, lm = lo + bs - 1;
     if (lo >= nk) break;
@@ -245,9 +229,9 @@ __device__ __forceinline__ void fwd_probs(float (*S)[4], const Rows &R, const u3
   }
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
-    const float bound = qmax(mb[rr]);
+    const float bound = quad_max(mb[rr]);
     const float m_new = fmaxf(m[rr], bound);
-    mu[rr] = m_new == LM_NINF ? 0.f : m_new;
+    mu[rr] = m_new == NEG_INF ? 0.f : m_new;
     alpha[rr] = fast_exp2(m[rr] - mu[rr]); // 0 when m was −∞
     m[rr] = m_new;
   }
@@ -263,7 +247,7 @@ __device__ __forceinline__ void fwd_probs(float (*S)[4], const Rows &R, const u3
     int kd[2];
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) kd[rr] = kind_of(R, rr, em[rr], j0, jb);
-    float mx[2] = {LM_NINF, LM_NINF}, gl[2] = {LM_NINF, LM_NINF};
+    float mx[2] = {NEG_INF, NEG_INF}, gl[2] = {NEG_INF, NEG_INF};
 #pragma unroll
     for (int f = 0; f < NF; ++f)
 #pragma unroll
@@ -279,8 +263,8 @@ __device__ __forceinline__ void fwd_probs(float (*S)[4], const Rows &R, const u3
     float sm[2] = {0.f, 0.f};
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
-      mx[rr] = qmax(mx[rr]);
-      gl[rr] = qmax(gl[rr]);
+      mx[rr] = quad_max(mx[rr]);
+      gl[rr] = quad_max(gl[rr]);
     }
 #pragma unroll
     for (int f = 0; f < NF; ++f)
@@ -308,7 +292,7 @@ __device__ __forceinline__ void fwd_probs(float (*S)[4], const Rows &R, const u3
     float fac[2];
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
-      sm[rr] = qsum(sm[rr]);
+      sm[rr] = quad_sum(sm[rr]);
       fac[rr] = kd[rr] == K_EARLY ? fast_exp2(gl[rr] - mu[rr]) / sm[rr] : 1.f;
     }
 #pragma unroll
@@ -368,11 +352,11 @@ __device__ __forceinline__ void fwd_probs_fixed(float (*S)[4], const Rows &R, co
 #pragma unroll
     for (int jb = 0; jb < NB; ++jb) {
       const int lc = jb * BS + BS - 1;
-      gl[jb] = __shfl_sync(LM_FULL, S[lc >> 3][2 * rr + (lc & 1)], (lane & ~3) | ((lc & 7) >> 1));
+      gl[jb] = __shfl_sync(FULL_MASK, S[lc >> 3][2 * rr + (lc & 1)], (lane & ~3) | ((lc & 7) >> 1));
     }
     float mx[NB];
 #pragma unroll
-    for (int jb = 0; jb < NB; ++jb) mx[jb] = LM_NINF;
+    for (int jb = 0; jb < NB; ++jb) mx[jb] = NEG_INF;
 #pragma unroll
     for (int f = 0; f < NF; ++f)
 #pragma unroll
@@ -381,11 +365,11 @@ __device__ __forceinline__ void fwd_probs_fixed(float (*S)[4], const Rows &R, co
         const int a = FB::lo(f, e), b = FB::hi(f, e);
         float &x = S[f][2 * rr + e];
         if (a == b) {
-          x = col < lim[a] ? x : LM_NINF;
+          x = col < lim[a] ? x : NEG_INF;
           if (a < NB) mx[a] = fmaxf(mx[a], x);
         } else {
           const bool up = col >= b * BS;
-          x = col < (up ? lim[b] : lim[a]) ? x : LM_NINF;
+          x = col < (up ? lim[b] : lim[a]) ? x : NEG_INF;
           if (up) {
             if (b < NB) mx[b] = fmaxf(mx[b], x);
           } else {
@@ -394,14 +378,14 @@ __device__ __forceinline__ void fwd_probs_fixed(float (*S)[4], const Rows &R, co
         }
       }
     // the row bound M: landmark logits of earlier blocks, visible logits of the current one
-    float bound = LM_NINF;
+    float bound = NEG_INF;
 #pragma unroll
     for (int jb = 0; jb < NB; ++jb) {
-      mx[jb] = qmax(mx[jb]);
+      mx[jb] = quad_max(mx[jb]);
       bound = fmaxf(bound, early[jb] ? gl[jb] : mx[jb]);
     }
     const float m_new = fmaxf(m[rr], bound);
-    const float mu = m_new == LM_NINF ? 0.f : m_new;
+    const float mu = m_new == NEG_INF ? 0.f : m_new;
     alpha[rr] = fast_exp2(m[rr] - mu); // 0 when m was −∞
     m[rr] = m_new;
     float ref[NB + 1], sum[NB];
@@ -429,7 +413,7 @@ __device__ __forceinline__ void fwd_probs_fixed(float (*S)[4], const Rows &R, co
     float fac[NB + 1];
 #pragma unroll
     for (int jb = 0; jb < NB; ++jb) {
-      const float total = qsum(sum[jb]); // every lane shuffles, whatever its rows' kinds
+      const float total = quad_sum(sum[jb]); // every lane shuffles, whatever its rows' kinds
       fac[jb] = early[jb] ? fast_exp2(gl[jb] - mu) / total : 1.f;
     }
     fac[NB] = 0.f;
@@ -453,15 +437,17 @@ __device__ __forceinline__ void fwd_probs_fixed(float (*S)[4], const Rows &R, co
 // whole tile is of one kind, so each score needs one masked max, one exp2 and one multiply.
 // S holds raw scores (scaled here). Columns: ordinary keys col < lim (lim = bs − 1 for an
 // earlier block, clipped by the causal bound and nk for the current one), landmark col == lm.
-// Earlier block: π = exp2(s − mx) / Σ, P = π · exp2(s_ℓ − M); current: P = exp2(s − M).
-// Returns alpha (rescale of l and O) and ps (this thread's partial row sum of P).
+// One block per tile (fwd_probs1, bwd_probs1): the scores in log2 units with the columns a row
+// does not attend at −∞, each row's kind (kd), this lane's part of the row's ordinary maximum
+// (mx) and landmark score (gl), to be reduced over the quad, and the landmark column relative to
+// this lane's (lmr; −1 when outside the tile).
 template <int NF>
-__device__ __forceinline__ void fwd_probs1(float (*S)[4], const Rows &R, const u32 *em, int j0,
-                                           int k0, int nk, int bs, float scale_log2, float *m,
-                                           float *alpha, float *ps) {
+__device__ __forceinline__ void one_block_scores(float (*S)[4], const Rows &R, const u32 *em,
+                                                 int j0, int k0, int nk, int bs, float scale_log2,
+                                                 int *kd, float *mx, float *gl, int &lmr) {
   const int t4 = threadIdx.x & 3;
   const int lm = bs - 1;
-  int kd[2], lim[2];
+  int lim[2];
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
     kd[rr] = kind_of(R, rr, em[rr], j0, 0);
@@ -471,8 +457,9 @@ __device__ __forceinline__ void fwd_probs1(float (*S)[4], const Rows &R, const u
                                 : 0;
     lim[rr] -= 2 * t4; // compared with the compile-time part 8f + e of the column
   }
-  const int lmr = lm < nk ? lm - 2 * t4 : -1; // the landmark column, relative likewise
-  float mx[2] = {LM_NINF, LM_NINF}, gl[2] = {LM_NINF, LM_NINF};
+  lmr = lm < nk ? lm - 2 * t4 : -1; // the landmark column, relative likewise
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) mx[rr] = gl[rr] = NEG_INF;
 #pragma unroll
   for (int f = 0; f < NF; ++f)
 #pragma unroll
@@ -483,25 +470,35 @@ __device__ __forceinline__ void fwd_probs1(float (*S)[4], const Rows &R, const u
       for (int rr = 0; rr < 2; ++rr) {
         float x = S[f][2 * rr + e] * scale_log2;
         if (is_lm) gl[rr] = x;
-        x = cc < lim[rr] ? x : LM_NINF;
+        x = cc < lim[rr] ? x : NEG_INF;
         mx[rr] = fmaxf(mx[rr], x);
         S[f][2 * rr + e] = x;
       }
     }
-  float ref[2];
+}
+
+// Earlier block: π = exp2(s − mx) / Σ, P = π · exp2(s_ℓ − M); current: P = exp2(s − M).
+// Returns alpha (rescale of l and O) and ps (this thread's partial row sum of P).
+template <int NF>
+__device__ __forceinline__ void fwd_probs1(float (*S)[4], const Rows &R, const u32 *em, int j0,
+                                           int k0, int nk, int bs, float scale_log2, float *m,
+                                           float *alpha, float *ps) {
+  int kd[2], lmr;
+  float mx[2], gl[2], ref[2];
+  one_block_scores<NF>(S, R, em, j0, k0, nk, bs, scale_log2, kd, mx, gl, lmr);
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
-    mx[rr] = qmax(mx[rr]);
-    gl[rr] = qmax(gl[rr]);
+    mx[rr] = quad_max(mx[rr]);
+    gl[rr] = quad_max(gl[rr]);
     const bool early = kd[rr] == K_EARLY;
     const float bound = early ? gl[rr] : mx[rr];
     const float m_new = fmaxf(m[rr], bound);
-    const float mu = m_new == LM_NINF ? 0.f : m_new;
+    const float mu = m_new == NEG_INF ? 0.f : m_new;
     alpha[rr] = fast_exp2(m[rr] - mu); // 0 when m was −∞
     m[rr] = m_new;
     // earlier block: exponents relative to the block's ordinary maximum (finite: bs − 1 ≥ 1
     // ordinary keys); otherwise relative to the running maximum
-    ref[rr] = early ? (mx[rr] == LM_NINF ? 0.f : mx[rr]) : mu;
+    ref[rr] = early ? (mx[rr] == NEG_INF ? 0.f : mx[rr]) : mu;
     gl[rr] = early ? fast_exp2(gl[rr] - mu) : 1.f; // exp2(s_ℓ − M): the block's total weight
   }
   float sm[2] = {0.f, 0.f};
@@ -517,7 +514,7 @@ __device__ __forceinline__ void fwd_probs1(float (*S)[4], const Rows &R, const u
       }
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
-    const float tot = qsum(sm[rr]);
+    const float tot = quad_sum(sm[rr]);
     const float fac = kd[rr] == K_EARLY ? gl[rr] / tot : 1.f;
     ps[rr] = sm[rr] * fac;
 #pragma unroll
@@ -546,7 +543,7 @@ __device__ __forceinline__ void bwd_probs(float (*S)[4], float (*dP)[4], const R
     int kd[2];
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) kd[rr] = kind_of(R, rr, em[rr], j0, jb);
-    float mx[2] = {LM_NINF, LM_NINF}, gl[2] = {LM_NINF, LM_NINF};
+    float mx[2] = {NEG_INF, NEG_INF}, gl[2] = {NEG_INF, NEG_INF};
 #pragma unroll
     for (int f = 0; f < NF; ++f)
 #pragma unroll
@@ -562,8 +559,8 @@ __device__ __forceinline__ void bwd_probs(float (*S)[4], float (*dP)[4], const R
     float sm[2] = {0.f, 0.f}, cs[2] = {0.f, 0.f};
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
-      mx[rr] = qmax(mx[rr]);
-      gl[rr] = qmax(gl[rr]);
+      mx[rr] = quad_max(mx[rr]);
+      gl[rr] = quad_max(gl[rr]);
     }
 #pragma unroll
     for (int f = 0; f < NF; ++f)
@@ -584,8 +581,8 @@ __device__ __forceinline__ void bwd_probs(float (*S)[4], float (*dP)[4], const R
     float G[2], c[2], gs[2];
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
-      sm[rr] = qsum(sm[rr]);
-      cs[rr] = qsum(cs[rr]);
+      sm[rr] = quad_sum(sm[rr]);
+      cs[rr] = quad_sum(cs[rr]);
       const bool early = kd[rr] == K_EARLY;
       G[rr] = early ? fast_exp2(gl[rr] - lse2[rr]) : 0.f;
       c[rr] = early ? cs[rr] / sm[rr] : 0.f;
@@ -632,41 +629,14 @@ template <int NF>
 __device__ __forceinline__ void bwd_probs1(float (*S)[4], float (*dP)[4], const Rows &R,
                                            const u32 *em, int j0, int k0, int nk, int bs,
                                            float scale_log2, const float *lse2, const float *dl) {
-  const int t4 = threadIdx.x & 3;
-  const int lm = bs - 1;
-  int kd[2], lim[2];
+  int kd[2], lmr;
+  float mx[2], gl[2], ref[2];
+  one_block_scores<NF>(S, R, em, j0, k0, nk, bs, scale_log2, kd, mx, gl, lmr);
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
-    kd[rr] = kind_of(R, rr, em[rr], j0, 0);
-    const int ord = min(lm, nk);
-    lim[rr] = kd[rr] == K_EARLY ? ord
-              : kd[rr] == K_CUR ? min(ord, R.pos[rr] - k0 + 1)
-                                : 0;
-    lim[rr] -= 2 * t4; // compared with the compile-time part 8f + e of the column
-  }
-  const int lmr = lm < nk ? lm - 2 * t4 : -1; // the landmark column, relative likewise
-  float mx[2] = {LM_NINF, LM_NINF}, gl[2] = {LM_NINF, LM_NINF};
-#pragma unroll
-  for (int f = 0; f < NF; ++f)
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const int cc = 8 * f + e; // column 8f + 2·t4 + e
-      const bool is_lm = cc == lmr;
-#pragma unroll
-      for (int rr = 0; rr < 2; ++rr) {
-        float x = S[f][2 * rr + e] * scale_log2;
-        if (is_lm) gl[rr] = x;
-        x = cc < lim[rr] ? x : LM_NINF;
-        mx[rr] = fmaxf(mx[rr], x);
-        S[f][2 * rr + e] = x;
-      }
-    }
-  float ref[2];
-#pragma unroll
-  for (int rr = 0; rr < 2; ++rr) {
-    mx[rr] = qmax(mx[rr]);
-    gl[rr] = qmax(gl[rr]);
-    ref[rr] = kd[rr] == K_EARLY ? (mx[rr] == LM_NINF ? 0.f : mx[rr]) : lse2[rr];
+    mx[rr] = quad_max(mx[rr]);
+    gl[rr] = quad_max(gl[rr]);
+    ref[rr] = kd[rr] == K_EARLY ? (mx[rr] == NEG_INF ? 0.f : mx[rr]) : lse2[rr];
   }
   float sm[2] = {0.f, 0.f}, cs[2] = {0.f, 0.f};
 #pragma unroll
@@ -684,7 +654,7 @@ __device__ __forceinline__ void bwd_probs1(float (*S)[4], float (*dP)[4], const 
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
     const bool early = kd[rr] == K_EARLY;
-    const float smt = qsum(sm[rr]), cst = qsum(cs[rr]);
+    const float smt = quad_sum(sm[rr]), cst = quad_sum(cs[rr]);
     G[rr] = early ? fast_exp2(gl[rr] - lse2[rr]) : 0.f;
     gs[rr] = early ? G[rr] / smt : 1.f;
     cc[rr] = early ? cst / smt : dl[rr];
@@ -705,20 +675,10 @@ __device__ __forceinline__ void bwd_probs1(float (*S)[4], float (*dP)[4], const 
     }
 }
 
-// 16-bit fragment loads from 32-bit shared addresses: the per-lane part of the address is
-// computed once per GEMM and every fragment adds a compile-time offset (no 64-bit generic
-// pointer per fragment, which the compiler would otherwise hoist out of the key loop and keep,
-// or spill, as 64 live address registers). x4 loads fetch the B fragments of two n-tiles.
-__device__ __forceinline__ void ldsm_x4(u32 *r, u32 addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ void ldsm_x4_t(u32 *r, u32 addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
+// The GEMMs below load 16-bit fragments from 32-bit shared addresses (ldsm_x4): the per-lane
+// part of the address is computed once per GEMM and every fragment adds a compile-time offset
+// (no 64-bit generic pointer per fragment, which the compiler would otherwise hoist out of the
+// key loop and keep, or spill, as 64 live address registers).
 
 // C[16 x 8·NF] += A(rows m0.., smem row-major, ld) · B(smem [n][k] row-major, ld), k over KD.
 // Every column tile is computed (no data-dependent branch between the fragment loads and the
@@ -819,7 +779,7 @@ __device__ __forceinline__ void fwd_store(const LmParams &p, const LmSeq &s, int
   T *olb = p.out_lo ? (T *)p.out_lo + off : nullptr;
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
-    const float lt = qsum(l[rr]);
+    const float lt = quad_sum(l[rr]);
     const int r = 16 * warp + g + 8 * rr;
     if (r < rows) {
       const float inv = 1.f / lt;
@@ -842,9 +802,9 @@ __device__ __forceinline__ void fwd_store(const LmParams &p, const LmSeq &s, int
             if (col < p.E) olb[(i64)r * p.so[1] + col] = lo;
           }
       if (t4 == 0) {
-        const float mm = m[rr] == LM_NINF ? 0.f : m[rr];
+        const float mm = m[rr] == NEG_INF ? 0.f : m[rr];
         p.lse[s.b * p.slse[0] + (s.qs + i0 + r) * p.slse[1] + h * p.slse[2]] =
-            (mm + __log2f(lt)) * 0.6931471805599453f;
+            (mm + __log2f(lt)) * LN2;
       }
     }
   }
@@ -927,7 +887,7 @@ template <int ELEM, int DP, int KT> __device__ __forceinline__ void lm_fwd_impl(
   float O[NO][4];
 #pragma unroll
   for (int f = 0; f < NO; ++f) O[f][0] = O[f][1] = O[f][2] = O[f][3] = 0.f;
-  float m[2] = {LM_NINF, LM_NINF}, l[2] = {0.f, 0.f};
+  float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
 
   // Key tiles: without block_indices every tile from 0 to the one holding the current block
   // of the CTA's last row (the largest position); with them, the next tile one of the rows
@@ -1015,7 +975,7 @@ __device__ __forceinline__ void load_row_stats(const LmParams &p, const LmSeq &s
     const int r = 16 * warp + g + 8 * rr;
     if (R.valid[rr]) {
       const i64 t = s.qs + i0 + r;
-      lse2[rr] = p.lse[s.b * p.slse[0] + t * p.slse[1] + h * p.slse[2]] * 1.4426950408889634f;
+      lse2[rr] = p.lse[s.b * p.slse[0] + t * p.slse[1] + h * p.slse[2]] * LOG2E;
       dl[rr] = p.delta[s.b * p.sdl[0] + t * p.sdl[1] + h * p.sdl[2]];
     } else {
       lse2[rr] = 0.f;
@@ -1319,7 +1279,7 @@ struct LmStats {
 __device__ __forceinline__ void stats_init(LmStats &st) {
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
-    st.mx[rr] = st.gl[rr] = LM_NINF;
+    st.mx[rr] = st.gl[rr] = NEG_INF;
     st.y[rr] = st.cs[rr] = 0.f;
   }
 }
@@ -1338,7 +1298,7 @@ __device__ __forceinline__ void mask_cols(float (*S)[4], const Rows &R, const in
               : kd[rr] == K_CUR ? min(x.nord, R.pos[rr] - x.k0 + 1)
                                 : 0;
     lim[rr] -= 2 * t4; // compared with the compile-time part 8f + e of the column
-    tm[rr] = LM_NINF;
+    tm[rr] = NEG_INF;
   }
 #pragma unroll
   for (int f = 0; f < NF; ++f)
@@ -1346,7 +1306,7 @@ __device__ __forceinline__ void mask_cols(float (*S)[4], const Rows &R, const in
     for (int e = 0; e < 2; ++e)
 #pragma unroll
       for (int rr = 0; rr < 2; ++rr) {
-        const float v = 8 * f + e < lim[rr] ? S[f][2 * rr + e] : LM_NINF;
+        const float v = 8 * f + e < lim[rr] ? S[f][2 * rr + e] : NEG_INF;
         S[f][2 * rr + e] = v;
         tm[rr] = fmaxf(tm[rr], v);
       }
@@ -1359,7 +1319,7 @@ __device__ __forceinline__ void stats_tile(const float (*S)[4], const float (*dP
                                            const LmTile &x, LmStats &st) {
   const int t4 = threadIdx.x & 3;
   const int lim = x.nord - 2 * t4, lmr = x.lmc - 2 * t4; // lmc = −1: lmr < 0, never a column
-  float tm[2] = {LM_NINF, LM_NINF}, gl[2] = {LM_NINF, LM_NINF};
+  float tm[2] = {NEG_INF, NEG_INF}, gl[2] = {NEG_INF, NEG_INF};
 #pragma unroll
   for (int f = 0; f < NF; ++f)
 #pragma unroll
@@ -1373,11 +1333,11 @@ __device__ __forceinline__ void stats_tile(const float (*S)[4], const float (*dP
   float ref[2], resc[2];
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
-    const float mnew = fmaxf(st.mx[rr], qmax(tm[rr]));
-    ref[rr] = mnew == LM_NINF ? 0.f : mnew;
+    const float mnew = fmaxf(st.mx[rr], quad_max(tm[rr]));
+    ref[rr] = mnew == NEG_INF ? 0.f : mnew;
     resc[rr] = fast_exp2(st.mx[rr] - ref[rr]); // 0 while mx was −∞
     st.mx[rr] = mnew;
-    st.gl[rr] = fmaxf(st.gl[rr], qmax(gl[rr]));
+    st.gl[rr] = fmaxf(st.gl[rr], quad_max(gl[rr]));
   }
   float sy[2] = {0.f, 0.f}, sc[2] = {0.f, 0.f};
 #pragma unroll
@@ -1392,8 +1352,8 @@ __device__ __forceinline__ void stats_tile(const float (*S)[4], const float (*dP
       }
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
-    st.y[rr] = st.y[rr] * resc[rr] + qsum(sy[rr]);
-    if constexpr (WITH_DP) st.cs[rr] = st.cs[rr] * resc[rr] + qsum(sc[rr]);
+    st.y[rr] = st.y[rr] * resc[rr] + quad_sum(sy[rr]);
+    if constexpr (WITH_DP) st.cs[rr] = st.cs[rr] * resc[rr] + quad_sum(sc[rr]);
   }
 }
 
@@ -1409,10 +1369,10 @@ __device__ __forceinline__ void fwd_probs_multi(float (*S)[4], const Rows &R, co
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
     const bool early = kd[rr] == K_EARLY;
-    const float tmax = qmax(tm[rr]); // all lanes shuffle, whatever the row's kind
+    const float tmax = quad_max(tm[rr]); // all lanes shuffle, whatever the row's kind
     const float bound = early ? st.gl[rr] : tmax;
     const float m_new = fmaxf(m[rr], bound);
-    const float mu = m_new == LM_NINF ? 0.f : m_new;
+    const float mu = m_new == NEG_INF ? 0.f : m_new;
     alpha[rr] = fast_exp2(m[rr] - mu); // 0 when m was −∞
     m[rr] = m_new;
     // earlier block: mx is finite (bs − 1 ≥ KT ordinary keys) and Y ≥ 1
@@ -1558,7 +1518,7 @@ __device__ __forceinline__ void lm_qtile_multi(const LmParams &p) {
   float acc[NO][4]; // O (forward) or dQ
 #pragma unroll
   for (int f = 0; f < NO; ++f) acc[f][0] = acc[f][1] = acc[f][2] = acc[f][3] = 0.f;
-  float m[2] = {LM_NINF, LM_NINF}, l[2] = {0.f, 0.f}; // forward: running max, partial row sum
+  float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f}; // forward: running max, partial row sum
 
   const int pmax = i0 + rows - 1 + (s.kl - s.ql); // position of the last row
   const int cmax = pmax / bs;
@@ -1711,13 +1671,7 @@ template <int ELEM> __device__ __forceinline__ void lm_topk_impl(const LmParams 
   i64 qs = 0, ks = 0;
   bool inside = true;
   if (p.cu_kind >= 0) {
-    int lo = 0, hi = p.nseq - 1; // largest n with cu[n] <= i
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) >> 1;
-      if (cu_at(p, mid) <= i) lo = mid;
-      else hi = mid - 1;
-    }
-    const LmSeq s = seq_of(p, lo);
+    const LmSeq s = seq_of(p, sequence_containing(p.cu_seqlens, p.cu_kind, p.nseq, i));
     b = 0;
     qs = s.qs;
     ks = s.ks;
@@ -1758,8 +1712,7 @@ template <int ELEM> __device__ __forceinline__ void lm_topk_impl(const LmParams 
         const int d = lane + 32 * u;
         if (d < p.D) dot += qsm[gi * p.D + d] * kv[u];
       }
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(LM_FULL, dot, o);
+      dot = warp_sum(dot);
       best = fmax(best, dot * (double)p.scale); // NaN scores are ignored (rank as −∞)
     }
     if (lane == 0) keys[j] = order_key(best);
@@ -1778,8 +1731,8 @@ template <int ELEM> __device__ __forceinline__ void lm_topk_impl(const LmParams 
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
-      const unsigned long long ok = __shfl_xor_sync(LM_FULL, bk, o);
-      const int oj = __shfl_xor_sync(LM_FULL, bj, o);
+      const unsigned long long ok = __shfl_xor_sync(FULL_MASK, bk, o);
+      const int oj = __shfl_xor_sync(FULL_MASK, bj, o);
       if (ok > bk || (ok == bk && oj < bj)) {
         bk = ok;
         bj = oj;
@@ -1807,7 +1760,7 @@ template <int ELEM> __device__ __forceinline__ void lm_topk_impl(const LmParams 
     for (int base = 0; base < cand; base += 32) {
       const int j = base + lane;
       const bool sel = j < cand && keys[j] == 0;
-      const u32 bal = __ballot_sync(LM_FULL, sel);
+      const u32 bal = __ballot_sync(FULL_MASK, sel);
       if (sel) {
         const int at = written + __popc(bal & ((1u << lane) - 1u));
         if (at < K) out[at * p.stk[3]] = j;
@@ -1889,7 +1842,7 @@ struct LmSm90 {
     } else {
       int v = row_next(p, c, jlo);
 #pragma unroll
-      for (int o = 16; o > 0; o >>= 1) v = min(v, __shfl_xor_sync(LM_FULL, v, o));
+      for (int o = 16; o > 0; o >>= 1) v = min(v, __shfl_xor_sync(FULL_MASK, v, o));
       if ((threadIdx.x & 31) == 0) sh.red[threadIdx.x >> 5] = v;
       named_sync(1, 128);
       jn = min(min(sh.red[0], sh.red[1]), min(sh.red[2], sh.red[3]));
@@ -1906,7 +1859,7 @@ struct LmSm90 {
 
   static __device__ __forceinline__ void init_rows(const LmParams &p, const Cta &c, int warp, Rows &r) {
     make_rows(p, c.s, c.hk, c.i0, c.rows, warp, (threadIdx.x & 31) >> 2, r.R);
-    r.m[0] = r.m[1] = LM_NINF;
+    r.m[0] = r.m[1] = NEG_INF;
     r.l[0] = r.l[1] = 0.f;
   }
   static __device__ __forceinline__ void probs(const LmParams &p, const Cta &c, Rows &r, float (*S)[4],
@@ -1930,6 +1883,7 @@ struct LmSm90Args {
   Sm90Maps maps;
   LmParams p;
 };
+CHECK_MIRROR(LmSm90Args);
 
 extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) lm_fwd_sm90(const __grid_constant__ LmSm90Args a) {
   sm90_attn_fwd<LmSm90>(a.p, a.maps);

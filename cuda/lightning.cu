@@ -42,10 +42,9 @@ struct LaParams {
   int vec_q, vec_k, vec_v, vec_x;
   float scale_out, scale_kv;
 };
+CHECK_MIRROR(LaParams);
 
-// Sequence n's batch row, first token and length. cu_seqlens are clamped to [0, T] so that
-// no index, however wrong, reads outside the tensors (values are not validated on the GPU,
-// which would need a host synchronisation).
+// Sequence n's batch row, first token and length.
 __device__ __forceinline__ void sequence_of(const LaParams &p, int n, int &b, i64 &start, int &len) {
   if (p.cu_kind < 0) {
     b = n;
@@ -53,19 +52,10 @@ __device__ __forceinline__ void sequence_of(const LaParams &p, int n, int &b, i6
     len = p.T;
     return;
   }
-  i64 s0, s1;
-  if (p.cu_kind == 1) {
-    s0 = ((const i64 *)p.cu_seqlens)[n];
-    s1 = ((const i64 *)p.cu_seqlens)[n + 1];
-  } else {
-    s0 = ((const int *)p.cu_seqlens)[n];
-    s1 = ((const int *)p.cu_seqlens)[n + 1];
-  }
-  s0 = s0 < 0 ? 0 : (s0 > p.T ? p.T : s0);
-  s1 = s1 < s0 ? s0 : (s1 > p.T ? p.T : s1);
+  i64 end;
+  sequence_span(p.cu_seqlens, p.cu_kind, n, p.T, start, end);
   b = 0;
-  start = s0;
-  len = (int)(s1 - s0);
+  len = (int)(end - start);
 }
 
 template <int ELEM, int DK, int DVT, bool REVERSE, int STAGES>
@@ -97,7 +87,7 @@ __device__ __forceinline__ void la_pass_impl(const LaParams &p) {
   int b, L;
   i64 start;
   sequence_of(p, n, b, start, L);
-  const float nl2 = -p.slopes[h] * 1.4426950408889634f; // log2 λ
+  const float nl2 = -p.slopes[h] * LOG2E; // log2 λ
   const float gb = p.scale_out * p.scale_kv;
 
   const T *qb = (const T *)p.q + b * p.sq[0] + start * p.sq[1] + h * p.sq[2];
@@ -292,8 +282,7 @@ __device__ __forceinline__ void la_pass_impl(const LaParams &p) {
         }
   }
   if (p.has_dot) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) dot_acc += __shfl_xor_sync(0xffffffffu, dot_acc, o);
+    dot_acc = warp_sum(dot_acc);
     if (lane == 0) red[warp] = dot_acc;
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -323,7 +312,7 @@ template <int ELEM> __device__ __forceinline__ void la_decode_impl(const LaParam
   __syncthreads();
   float acc = 0.f;
   if (e < p.E) {
-    const float lam = fast_exp2(-p.slopes[h] * 1.4426950408889634f);
+    const float lam = fast_exp2(-p.slopes[h] * LOG2E);
     const float bv = p.scale_kv * load_f32<ELEM>((const T *)p.v + n * p.sv[0] + h * p.sv[2] + e);
     const float *si = p.state_in + n * p.ssi[0] + h * p.ssi[1] + e * p.ssi[3];
     float *so = p.state_out + n * p.sso[0] + h * p.sso[1] + e * p.sso[3];

@@ -34,9 +34,6 @@
 
 #define NSA_BN 64
 #define NSA_LDS (NSA_BN + 8) // row stride of the dSᵀ tile in shared memory (keys x queries)
-#define NSA_LOG2E 1.4426950408889634f
-#define NSA_LN2 0.6931471805599453f
-#define NSA_NEG_INF (-__int_as_float(0x7f800000))
 
 struct NsaParams {
   const void *q, *k, *v, *o, *dout;
@@ -61,19 +58,19 @@ struct NsaParams {
   i64 sq[3], sk[3], sv[3], so[3], sdo[3], sdq[3], sdk[3], sdv[3], slo[3], slse[3], sidx[4], scnt[3];
   int B, T, S, Hq, Hkv, G, D, DV, n;
   int N, cu_kind, idx_kind, cnt_kind, count_const;
-  int a, b;        // window: a = W; compressed: a = l, b = d; selected: a = block size
+  int window;                // window branch: W
+  int cmp_size, cmp_stride;  // compressed branch: kernel size l, stride d
+  int block;                 // selected branch: block size
   int NL, chunk_tokens, key_tiles;
   int vec_q, vec_k, vec_v, vec_o, vec_do;
   int Tp; // rowinfo's tokens per plane: T rounded up to 64
   float scale;
 };
+CHECK_MIRROR(NsaParams);
 
 // ----------------------------------------------------------------------------- small helpers
 
-__device__ __forceinline__ i64 nsa_cu(const NsaParams &p, int s) {
-  i64 x = p.cu_kind == 1 ? ((const i64 *)p.cu)[s] : (i64)((const int *)p.cu)[s];
-  return x < 0 ? 0 : (x > p.T ? p.T : x);
-}
+__device__ __forceinline__ i64 nsa_cu(const NsaParams &p, int s) { return clamped_offset(p.cu, p.cu_kind, s, p.T); }
 
 // Start and end (exclusive) of the sequence holding token t of batch row b.
 __device__ __forceinline__ void nsa_seq_of(const NsaParams &p, int t, int &s, int &start, int &end) {
@@ -83,16 +80,15 @@ __device__ __forceinline__ void nsa_seq_of(const NsaParams &p, int t, int &s, in
     end = p.T;
     return;
   }
-  int lo = 0, hi = p.N - 1; // largest s in [0, N) with cu[s] <= t
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (nsa_cu(p, mid) <= t) lo = mid;
-    else hi = mid - 1;
-  }
-  s = lo;
-  start = (int)nsa_cu(p, lo);
-  end = (int)nsa_cu(p, lo + 1);
+  s = sequence_containing(p.cu, p.cu_kind, p.N, t);
+  start = (int)nsa_cu(p, s);
+  end = (int)nsa_cu(p, s + 1);
   if (end < start) end = start;
+}
+
+// The sequence holding compressed row k (varlen compressed keys).
+__device__ __forceinline__ int nsa_cmp_seq(const NsaParams &p, int k) {
+  return sequence_containing(p.cmp_off, 1, p.N, k);
 }
 
 __device__ __forceinline__ int nsa_nvis(int tl, int l, int d) {
@@ -121,16 +117,16 @@ __device__ __forceinline__ void nsa_range(const NsaParams &p, int t, int &lo, in
   int s, start, end;
   nsa_seq_of(p, t, s, start, end);
   if (KIND == 0) {
-    lo = max(start, t - p.a + 1);
+    lo = max(start, t - p.window + 1);
     hi = t + 1;
   } else {
     i64 cst = 0;
     int clen = p.S;
     if (p.cu_kind >= 0) {
       cst = p.cmp_off[s];
-      clen = nsa_nwin(end - start, p.a, p.b);
+      clen = nsa_nwin(end - start, p.cmp_size, p.cmp_stride);
     }
-    const int nv = min(nsa_nvis(t - start, p.a, p.b), clen);
+    const int nv = min(nsa_nvis(t - start, p.cmp_size, p.cmp_stride), clen);
     i64 l0 = cst < 0 ? 0 : (cst > p.S ? p.S : cst);
     i64 h0 = cst + nv;
     h0 = h0 > p.S ? p.S : (h0 < l0 ? l0 : h0);
@@ -208,21 +204,20 @@ __device__ __forceinline__ void nsa_fwd_tile(const typename Elem<ELEM>::T *Qs,
   for (int rr = 0; rr < 2; ++rr) {
     const int r = row0 + g + 8 * rr;
     const int lo = rlo[r], hi = rhi[r];
-    float mx = NSA_NEG_INF;
+    float mx = NEG_INF;
 #pragma unroll
     for (int j = 0; j < NT; ++j)
 #pragma unroll
       for (int cc = 0; cc < 2; ++cc) {
         const int col = col0 + 8 * j + 2 * tq + cc, key = k0 + col;
         const bool ok = col < nk && key >= lo && key < hi;
-        const float s = ok ? S[j][2 * rr + cc] * sl2 : NSA_NEG_INF;
+        const float s = ok ? S[j][2 * rr + cc] * sl2 : NEG_INF;
         S[j][2 * rr + cc] = s;
         mx = fmaxf(mx, s);
       }
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    mx = quad_max(mx);
     const float mnew = fmaxf(m[rr], mx);
-    const float muse = mnew == NSA_NEG_INF ? 0.f : mnew;
+    const float muse = mnew == NEG_INF ? 0.f : mnew;
     const float corr = fast_exp2(m[rr] - muse);
     float sum = 0.f;
 #pragma unroll
@@ -459,7 +454,7 @@ __device__ __forceinline__ void nsa_row_range(const NsaParams &p, Rows<M> &R, in
   R.qo[r] = t >= 0 ? b * p.sq[0] + t * p.sq[1] + h * p.sq[2] : -1;
   R.oo[r] = t >= 0 ? b * p.sdo[0] + t * p.sdo[1] + h * p.sdo[2] : -1;
   if (with_bwd) {
-    R.lse2[r] = t >= 0 ? p.lse[b * p.slse[0] + t * p.slse[1] + h * p.slse[2]] * NSA_LOG2E : 0.f;
+    R.lse2[r] = t >= 0 ? p.lse[b * p.slse[0] + t * p.slse[1] + h * p.slse[2]] * LOG2E : 0.f;
     R.dl[r] = t >= 0 ? p.delta[((i64)b * p.T + t) * p.Hq + h] : 0.f;
   }
 }
@@ -486,7 +481,7 @@ __device__ __forceinline__ void nsa_row_entry(const NsaParams &p, Rows<M> &R, in
   R.qo[r] = t >= 0 ? b * p.sq[0] + t * p.sq[1] + h * p.sq[2] : -1;
   R.oo[r] = t >= 0 ? b * p.sdo[0] + t * p.sdo[1] + h * p.sdo[2] : -1;
   if (with_bwd) {
-    R.lse2[r] = t >= 0 ? p.lse[b * p.slse[0] + t * p.slse[1] + h * p.slse[2]] * NSA_LOG2E : 0.f;
+    R.lse2[r] = t >= 0 ? p.lse[b * p.slse[0] + t * p.slse[1] + h * p.slse[2]] * LOG2E : 0.f;
     R.dl[r] = t >= 0 ? p.delta[((i64)b * p.T + t) * p.Hq + h] : 0.f;
   }
 }
@@ -531,15 +526,14 @@ __device__ __forceinline__ void nsa_fwd_store(const NsaParams &p, const Rows<M> 
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
     float lt = l[rr];
-    lt += __shfl_xor_sync(0xffffffffu, lt, 1);
-    lt += __shfl_xor_sync(0xffffffffu, lt, 2);
+    lt = quad_sum(lt);
     const int r = row0 + g + 8 * rr;
     const int t = R.t[r];
     if (t < 0) continue;
     const int b = R.b[r], h = R.h[r];
     const bool any = lt > 0.f;
     const float inv = any ? 1.f / lt : 0.f;
-    const float lse = any ? m[rr] * NSA_LN2 + logf(lt) : NSA_NEG_INF;
+    const float lse = any ? m[rr] * LN2 + logf(lt) : NEG_INF;
     if (partial) {
       const i64 pi = (((i64)b * p.T + t) * p.Hq + h) * p.n + R.slot[r];
       float *po = p.part_o + pi * p.DV;
@@ -568,6 +562,18 @@ __device__ __forceinline__ void nsa_fwd_store(const NsaParams &p, const Rows<M> 
 
 // ----------------------------------------------------------------------------- forward
 
+// The union of the key ranges of a tile's rows that see any key (one thread; empty: lo > hi).
+template <int M> __device__ __forceinline__ void nsa_tile_key_range(const Rows<M> &R, int &klo, int &khi) {
+  int lo = 0x7fffffff, hi = 0;
+  for (int r = 0; r < M; ++r)
+    if (R.t[r] >= 0 && R.hi[r] > R.lo[r]) {
+      lo = min(lo, R.lo[r]);
+      hi = max(hi, R.hi[r]);
+    }
+  klo = lo;
+  khi = hi;
+}
+
 // KIND 0 window, 1 compressed (grid: row tiles of 64, Hkv, B).
 template <int ELEM, int DK, int DV, int KIND>
 __device__ __forceinline__ void nsa_fwd_impl(const NsaParams &p) {
@@ -582,25 +588,16 @@ __device__ __forceinline__ void nsa_fwd_impl(const NsaParams &p) {
   __shared__ int s_klo, s_khi;
   const int g = blockIdx.y, b = blockIdx.z, warp = threadIdx.x >> 5;
   const int row0 = 16 * warp;
-  const float sl2 = p.scale * NSA_LOG2E;
+  const float sl2 = p.scale * LOG2E;
   if (threadIdx.x < M)
     nsa_row_range<KIND, M>(p, R, threadIdx.x, b, g, (i64)blockIdx.x * M + threadIdx.x, false);
   __syncthreads();
   if (R.t[0] < 0) return; // valid rows form a prefix: an empty tile has nothing to do
-  if (threadIdx.x == 0) {
-    int lo = 0x7fffffff, hi = 0;
-    for (int r = 0; r < M; ++r)
-      if (R.t[r] >= 0 && R.hi[r] > R.lo[r]) {
-        lo = min(lo, R.lo[r]);
-        hi = max(hi, R.hi[r]);
-      }
-    s_klo = lo;
-    s_khi = hi;
-  }
+  if (threadIdx.x == 0) nsa_tile_key_range(R, s_klo, s_khi);
   nsa_load_rows<ELEM, M, DK, THREADS>(Qs, LDK, (const T *)p.q, R.qo, p.D, p.vec_q);
   cp_async_commit();
 
-  float O[DV / 8][4], m[2] = {NSA_NEG_INF, NSA_NEG_INF}, l[2] = {0.f, 0.f};
+  float O[DV / 8][4], m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
 #pragma unroll
   for (int j = 0; j < DV / 8; ++j) O[j][0] = O[j][1] = O[j][2] = O[j][3] = 0.f;
   const bool active = R.t[row0] >= 0;
@@ -650,15 +647,15 @@ __device__ __forceinline__ void nsa_fwd_kv_impl(const NsaParams &p) {
   int s, start, end;
   nsa_seq_of(p, t0, s, start, end);
   const i64 j = nsa_idx(p, b, t0, g, slot0);
-  const int blo = start + (int)j * p.a;
-  const int bhi = min(blo + p.a, end);
+  const int blo = start + (int)j * p.block;
+  const int bhi = min(blo + p.block, end);
   const int nkb = bhi - blo;
   if (j < 0 || nkb <= 0) return;
   for (int kt = 0; kt < KT; ++kt)
     nsa_load_kv<ELEM, DK, DV, THREADS>(p, Ks + kt * NSA_BN * LDK, Vs + kt * NSA_BN * LDV, b, g,
                                        blo + kt * NSA_BN, min(NSA_BN, nkb - kt * NSA_BN));
   cp_async_commit();
-  const float sl2 = p.scale * NSA_LOG2E;
+  const float sl2 = p.scale * LOG2E;
   const int rows = (ee - eb) * p.G;
   for (int r0 = 0; r0 < rows; r0 += M) {
     __syncthreads(); // previous tile's reads of R and Qs are done
@@ -672,7 +669,7 @@ __device__ __forceinline__ void nsa_fwd_kv_impl(const NsaParams &p) {
     cp_async_wait<0>();
     __syncthreads();
     if (R.t[row0] >= 0) {
-      float O[DV / 8][4], m[2] = {NSA_NEG_INF, NSA_NEG_INF}, l[2] = {0.f, 0.f};
+      float O[DV / 8][4], m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
 #pragma unroll
       for (int jj = 0; jj < DV / 8; ++jj) O[jj][0] = O[jj][1] = O[jj][2] = O[jj][3] = 0.f;
 #pragma unroll
@@ -702,7 +699,7 @@ __device__ __forceinline__ bool nsa_warp_row(const NsaParams &p, NsaWarpRow &w) 
   w.g = w.h / p.G;
   int s;
   nsa_seq_of(p, w.t, s, w.start, w.end);
-  w.last = (w.t - w.start) / p.a;
+  w.last = (w.t - w.start) / p.block;
   w.cnt = nsa_count(p, w.b, w.t, w.g);
   return true;
 }
@@ -716,18 +713,18 @@ template <int ELEM> __device__ __forceinline__ void nsa_combine_impl(const NsaPa
   const i64 row = w.row;
   const int b = w.b, t = w.t, h = w.h, g = w.g, last = w.last, cnt = w.cnt;
   const float *pl = p.part_lse + row * p.n;
-  float mx = NSA_NEG_INF;
+  float mx = NEG_INF;
   for (int slot = 0; slot < cnt; ++slot) {
     const i64 j = nsa_idx(p, b, t, g, slot);
     if (j >= 0 && j <= last) mx = fmaxf(mx, pl[slot]);
   }
-  const float muse = mx == NSA_NEG_INF ? 0.f : mx;
+  const float muse = mx == NEG_INF ? 0.f : mx;
   float sum = 0.f;
   for (int slot = 0; slot < cnt; ++slot) {
     const i64 j = nsa_idx(p, b, t, g, slot);
     if (j >= 0 && j <= last) sum += __expf(pl[slot] - muse);
   }
-  const float lse = sum > 0.f ? muse + logf(sum) : NSA_NEG_INF;
+  const float lse = sum > 0.f ? muse + logf(sum) : NEG_INF;
   T *ob = (T *)p.out + b * p.so[0] + (i64)t * p.so[1] + h * p.so[2];
   T *olo = nsa_out_lo<ELEM>(p, b, t, h);
   for (int col = lane; col < p.DV; col += 32) {
@@ -743,23 +740,12 @@ template <int ELEM> __device__ __forceinline__ void nsa_combine_impl(const NsaPa
 
 // ----------------------------------------------------------------------------- backward
 
-// Δ = rowsum(dO ∘ (O + O_lo)), one warp per row: with 16-bit outputs the rounding of O alone
-// would dominate dP − Δ where attention is nearly one-hot.
-// Δ = dO · (O + O_lo) of row (b, t, h), reduced over the warp (every lane gets it).
+// Δ of row (b, t, h) (row_delta), every lane of the warp gets it.
 template <int ELEM> __device__ __forceinline__ float nsa_row_delta(const NsaParams &p, int b, int t, int h) {
   typedef typename Elem<ELEM>::T T;
-  const int lane = threadIdx.x & 31;
   const T *ob = (const T *)p.o + b * p.so[0] + (i64)t * p.so[1] + h * p.so[2];
   const T *db = (const T *)p.dout + b * p.sdo[0] + (i64)t * p.sdo[1] + h * p.sdo[2];
-  const T *olo = nsa_out_lo<ELEM>(p, b, t, h);
-  float acc = 0.f;
-  for (int col = lane; col < p.DV; col += 32) {
-    const float o = load_f32<ELEM>(ob + col) + (olo != nullptr ? load_f32<ELEM>(olo + col) : 0.f);
-    acc += o * load_f32<ELEM>(db + col);
-  }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-  return acc;
+  return row_delta<ELEM>(ob, nsa_out_lo<ELEM>(p, b, t, h), db, p.DV);
 }
 
 template <int ELEM> __device__ __forceinline__ void nsa_delta_impl(const NsaParams &p) {
@@ -807,21 +793,12 @@ __device__ __forceinline__ void nsa_dq_impl(const NsaParams &p) {
   __shared__ int s_klo, s_khi;
   const int g = blockIdx.y, b = blockIdx.z, warp = threadIdx.x >> 5;
   const int row0 = 16 * warp;
-  const float sl2 = p.scale * NSA_LOG2E;
+  const float sl2 = p.scale * LOG2E;
   if (threadIdx.x < M)
     nsa_row_range<KIND, M>(p, R, threadIdx.x, b, g, (i64)blockIdx.x * M + threadIdx.x, true);
   __syncthreads();
   if (R.t[0] < 0) return;
-  if (threadIdx.x == 0) {
-    int lo = 0x7fffffff, hi = 0;
-    for (int r = 0; r < M; ++r)
-      if (R.t[r] >= 0 && R.hi[r] > R.lo[r]) {
-        lo = min(lo, R.lo[r]);
-        hi = max(hi, R.hi[r]);
-      }
-    s_klo = lo;
-    s_khi = hi;
-  }
+  if (threadIdx.x == 0) nsa_tile_key_range(R, s_klo, s_khi);
   nsa_load_rows<ELEM, M, DK, THREADS>(Qs, LDK, (const T *)p.q, R.qo, p.D, p.vec_q);
   nsa_load_rows<ELEM, M, DV, THREADS>(dOs, LDV, (const T *)p.dout, R.oo, p.DV, p.vec_do);
   cp_async_commit();
@@ -881,8 +858,8 @@ struct NsaSelCursor {
     while (++slot < cnt) {
       const i64 j = nsa_idx(p, b, tok, g, slot);
       if (j < 0 || j > last) continue;
-      k0 = start + (int)j * p.a;
-      bhi = min(k0 + p.a, tok + 1);
+      k0 = start + (int)j * p.block;
+      bhi = min(k0 + p.block, tok + 1);
       if (k0 < bhi) return true; // (empty only for a token before its sequence's start)
     }
     return false;
@@ -911,7 +888,7 @@ __device__ __forceinline__ bool nsa_sel_setup(const NsaParams &p, Rows<16> &R, N
     R.qo[r] = ok ? b * p.sq[0] + (i64)tok * p.sq[1] + h * p.sq[2] : -1;
     R.oo[r] = ok && with_bwd ? b * p.sdo[0] + (i64)tok * p.sdo[1] + h * p.sdo[2] : -1;
     if (with_bwd) {
-      R.lse2[r] = ok ? p.lse[b * p.slse[0] + tok * p.slse[1] + h * p.slse[2]] * NSA_LOG2E : 0.f;
+      R.lse2[r] = ok ? p.lse[b * p.slse[0] + tok * p.slse[1] + h * p.slse[2]] * LOG2E : 0.f;
       R.dl[r] = ok ? p.delta[((i64)b * p.T + tok) * p.Hq + h] : 0.f;
     }
   }
@@ -919,7 +896,7 @@ __device__ __forceinline__ bool nsa_sel_setup(const NsaParams &p, Rows<16> &R, N
   cur.g = g;
   cur.tok = tok;
   cur.start = start;
-  cur.last = (tok - start) / p.a;
+  cur.last = (tok - start) / p.block;
   cur.cnt = nsa_count(p, b, tok, g);
   cur.slot = -1;
   cur.k0 = cur.bhi = 0;
@@ -984,8 +961,8 @@ __device__ __forceinline__ void nsa_fwd_selq_impl(const NsaParams &p) {
   if (!nsa_sel_setup(p, R, cur, false)) return;
   nsa_load_rows<ELEM, 16, DK, 128>(Qs, S::LDK, (const T *)p.q, R.qo, p.D, p.vec_q);
   cp_async_commit();
-  const float sl2 = p.scale * NSA_LOG2E;
-  float O[DV / 8][4], m[2] = {NSA_NEG_INF, NSA_NEG_INF}, l[2] = {0.f, 0.f};
+  const float sl2 = p.scale * LOG2E;
+  float O[DV / 8][4], m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
 #pragma unroll
   for (int j = 0; j < DV / 8; ++j) O[j][0] = O[j][1] = O[j][2] = O[j][3] = 0.f;
   nsa_sel_tiles<ELEM, DK, DV>(p, cur, kv, [&](const T *Ks, const T *Vs, int k0, int nk) {
@@ -998,8 +975,7 @@ __device__ __forceinline__ void nsa_fwd_selq_impl(const NsaParams &p) {
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
     float lt = l[rr];
-    lt += __shfl_xor_sync(0xffffffffu, lt, 1);
-    lt += __shfl_xor_sync(0xffffffffu, lt, 2);
+    lt = quad_sum(lt);
     if (tq == 0) {
       s_m[warp][gq + 8 * rr] = m[rr];
       s_l[warp][gq + 8 * rr] = lt;
@@ -1016,10 +992,10 @@ __device__ __forceinline__ void nsa_fwd_selq_impl(const NsaParams &p) {
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
     const int r = gq + 8 * rr;
-    float mx = NSA_NEG_INF;
+    float mx = NEG_INF;
 #pragma unroll
     for (int w = 0; w < 4; ++w) mx = fmaxf(mx, s_m[w][r]);
-    const float muse = mx == NSA_NEG_INF ? 0.f : mx;
+    const float muse = mx == NEG_INF ? 0.f : mx;
     float f[4], lt = 0.f;
 #pragma unroll
     for (int w = 0; w < 4; ++w) {
@@ -1058,7 +1034,7 @@ __device__ __forceinline__ void nsa_dq_selq_impl(const NsaParams &p) {
   nsa_load_rows<ELEM, 16, DK, 128>(Qs, S::LDK, (const T *)p.q, R.qo, p.D, p.vec_q);
   nsa_load_rows<ELEM, 16, DV, 128>(dOs, S::LDV, (const T *)p.dout, R.oo, p.DV, p.vec_do);
   cp_async_commit();
-  const float sl2 = p.scale * NSA_LOG2E;
+  const float sl2 = p.scale * LOG2E;
   float dQ[DK / 8][4];
 #pragma unroll
   for (int j = 0; j < DK / 8; ++j) dQ[j][0] = dQ[j][1] = dQ[j][2] = dQ[j][3] = 0.f;
@@ -1100,7 +1076,7 @@ __device__ __forceinline__ void nsa_dkdv_impl(const NsaParams &p) {
   T *Vs = Ks + NSA_BN * LDK;
   __shared__ Rows<M> R;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, key0 = 16 * warp;
-  const float sl2 = p.scale * NSA_LOG2E;
+  const float sl2 = p.scale * LOG2E;
   int b, g, k0, nk;
   i64 R0 = 0, R1 = 0; // flattened rows (range kinds) or list rows (selected)
   int eb = 0, L = 0, c = 0, nch = 1;
@@ -1113,18 +1089,13 @@ __device__ __forceinline__ void nsa_dkdv_impl(const NsaParams &p) {
     i64 tlo, thi;
     if (KIND == 0) {
       tlo = k0;
-      thi = min((i64)p.T - 1, (i64)k0 + nk - 1 + p.a - 1);
+      thi = min((i64)p.T - 1, (i64)k0 + nk - 1 + p.window - 1);
     } else {
       if (p.cu_kind < 0) {
-        tlo = (i64)k0 * p.b + p.a - 1;
+        tlo = (i64)k0 * p.cmp_stride + p.cmp_size - 1;
       } else {
-        int lo = 0, hi = p.N - 1; // sequence of compressed row k0
-        while (lo < hi) {
-          const int mid = (lo + hi + 1) >> 1;
-          if (p.cmp_off[mid] <= k0) lo = mid;
-          else hi = mid - 1;
-        }
-        tlo = nsa_cu(p, lo) + (i64)(k0 - p.cmp_off[lo]) * p.b + p.a - 1;
+        const int lo = nsa_cmp_seq(p, k0);
+        tlo = nsa_cu(p, lo) + (i64)(k0 - p.cmp_off[lo]) * p.cmp_stride + p.cmp_size - 1;
       }
       thi = p.T - 1;
     }
@@ -1152,8 +1123,8 @@ __device__ __forceinline__ void nsa_dkdv_impl(const NsaParams &p) {
     nsa_seq_of(p, t0, s, start, end);
     const i64 j = nsa_idx(p, b, t0, g, slot0);
     if (j < 0) return;
-    const int blo = start + (int)j * p.a;
-    const int bhi = min(blo + p.a, end);
+    const int blo = start + (int)j * p.block;
+    const int bhi = min(blo + p.block, end);
     k0 = blo + blockIdx.y * NSA_BN;
     nk = min(NSA_BN, bhi - k0);
     if (nk <= 0) return;
@@ -1256,8 +1227,8 @@ template <int ELEM> __device__ __forceinline__ void nsa_dkdv_reduce_impl(const N
   nsa_seq_of(p, t0, s, start, end);
   const i64 j = nsa_idx(p, b, t0, g, slot0);
   if (j < 0) return;
-  const int blo = start + (int)j * p.a;
-  const int bhi = min(blo + p.a, end);
+  const int blo = start + (int)j * p.block;
+  const int bhi = min(blo + p.block, end);
   const int k0 = blo + blockIdx.y * NSA_BN;
   const int nk = min(NSA_BN, bhi - k0);
   if (nk <= 0) return;
@@ -1292,7 +1263,7 @@ template <int ELEM> __device__ __forceinline__ void nsa_dq_reduce_impl(const Nsa
     for (int slot = 0; slot < cnt; ++slot) {
       const i64 j = nsa_idx(p, b, t, g, slot);
       if (j < 0 || j > last) continue;
-      const int blo = start + (int)j * p.a, bhi = min(blo + p.a, end);
+      const int blo = start + (int)j * p.block, bhi = min(blo + p.block, end);
       const float *src = p.part_dq + (row * p.n + slot) * p.key_tiles * (i64)p.D + col;
       for (int kt = 0; kt < p.key_tiles && blo + kt * NSA_BN < bhi; ++kt) acc += src[(i64)kt * p.D];
     }
@@ -1368,7 +1339,7 @@ template <int KIND> struct RangeSm90 {
       r.lo[rr] = 0;
       r.hi[rr] = 0;
       if (r.valid[rr]) nsa_range<KIND>(p, c.t0 + row, r.lo[rr], r.hi[rr]);
-      r.m[rr] = NSA_NEG_INF;
+      r.m[rr] = NEG_INF;
       r.l[rr] = 0.f;
     }
   }
@@ -1376,13 +1347,13 @@ template <int KIND> struct RangeSm90 {
                                                int k0, float *alpha, float *ps) {
     constexpr int NF = BN / 8;
     const int t4 = threadIdx.x & 3;
-    const float sl2 = p.scale * NSA_LOG2E;
+    const float sl2 = p.scale * LOG2E;
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
       // visible columns: lo − k0 <= col < hi − k0
       const int a = r.lo[rr] - k0 - 2 * t4, z = r.hi[rr] - 1 - k0 - 2 * t4;
-      float bound = NSA_NEG_INF;
-      if (__all_sync(0xffffffffu, a <= -2 * t4 && z >= BN - 1 - 2 * t4)) { // inside the range
+      float bound = NEG_INF;
+      if (__all_sync(FULL_MASK, a <= -2 * t4 && z >= BN - 1 - 2 * t4)) { // inside the range
 #pragma unroll
         for (int f = 0; f < NF; ++f)
 #pragma unroll
@@ -1398,14 +1369,13 @@ template <int KIND> struct RangeSm90 {
           for (int e = 0; e < 2; ++e) {
             const int col = 8 * f + e; // minus 2·t4, folded into a and z
             float &x = S[f][2 * rr + e];
-            x = (col >= a && col <= z) ? x * sl2 : NSA_NEG_INF;
+            x = (col >= a && col <= z) ? x * sl2 : NEG_INF;
             bound = fmaxf(bound, x);
           }
       }
-      bound = fmaxf(bound, __shfl_xor_sync(0xffffffffu, bound, 1));
-      bound = fmaxf(bound, __shfl_xor_sync(0xffffffffu, bound, 2));
+      bound = quad_max(bound);
       const float m_new = fmaxf(r.m[rr], bound);
-      const float mu = m_new == NSA_NEG_INF ? 0.f : m_new;
+      const float mu = m_new == NEG_INF ? 0.f : m_new;
       alpha[rr] = fast_exp2(r.m[rr] - mu); // 0 when m was −∞
       r.m[rr] = m_new;
       float sum = 0.f;
@@ -1427,8 +1397,7 @@ template <int KIND> struct RangeSm90 {
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
       float lt = r.l[rr];
-      lt += __shfl_xor_sync(0xffffffffu, lt, 1);
-      lt += __shfl_xor_sync(0xffffffffu, lt, 2);
+      lt = quad_sum(lt);
       if (!r.valid[rr]) continue;
       const int t = c.t0 + 16 * warp + ((threadIdx.x & 31) >> 2) + 8 * rr;
       const bool any = lt > 0.f;
@@ -1444,7 +1413,7 @@ template <int KIND> struct RangeSm90 {
         }
       if (t4 == 0)
         p.lse[c.b * p.slse[0] + t * p.slse[1] + c.h * p.slse[2]] =
-            any ? r.m[rr] * NSA_LN2 + logf(lt) : NSA_NEG_INF;
+            any ? r.m[rr] * LN2 + logf(lt) : NEG_INF;
     }
   }
 };
@@ -1453,6 +1422,7 @@ struct RangeSm90Args {
   Sm90Maps maps;
   NsaParams p;
 };
+CHECK_MIRROR(RangeSm90Args);
 
 // ---------------------------------------------------------------- backward
 // The row table, one warp per (batch, head, token < Tp) row, planes: lse·log2(e) (+∞ for a row
@@ -1467,7 +1437,7 @@ template <int KIND> __device__ __forceinline__ void nsa_rowinfo_impl(const NsaPa
   if (t < p.T) {
     d = nsa_row_delta<NSA_ELEM>(p, b, t, h);
     const float l = p.lse[b * p.slse[0] + (i64)t * p.slse[1] + h * p.slse[2]];
-    lse2 = l == NSA_NEG_INF ? -NSA_NEG_INF : l * NSA_LOG2E;
+    lse2 = l == NEG_INF ? -NEG_INF : l * LOG2E;
     nsa_range<KIND>(p, t, lo, hi);
   }
   if ((threadIdx.x & 31) == 0) {
@@ -1520,12 +1490,12 @@ template <int KIND> struct RangeDqSm90 : RangeSm90<KIND> {
                                                   float (*dP)[4], int k0) {
     constexpr int NF = SM90_BWD_STREAM / 8;
     const int t4 = threadIdx.x & 3;
-    const float sl2 = p.scale * NSA_LOG2E;
+    const float sl2 = p.scale * LOG2E;
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
       // visible columns: lo − k0 <= col < hi − k0
       const int a = r.lo[rr] - k0 - 2 * t4, z = r.hi[rr] - 1 - k0 - 2 * t4;
-      const bool inside = __all_sync(0xffffffffu, a <= -2 * t4 && z >= SM90_BWD_STREAM - 1 - 2 * t4);
+      const bool inside = __all_sync(FULL_MASK, a <= -2 * t4 && z >= SM90_BWD_STREAM - 1 - 2 * t4);
 #pragma unroll
       for (int f = 0; f < NF; ++f)
 #pragma unroll
@@ -1556,28 +1526,17 @@ template <int KIND> struct RangeDqSm90 : RangeSm90<KIND> {
   }
 };
 
-// Sequence of compressed row k (varlen).
-__device__ __forceinline__ int nsa_cmp_seq(const NsaParams &p, int k) {
-  int lo = 0, hi = p.N - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (p.cmp_off[mid] <= k) lo = mid;
-    else hi = mid - 1;
-  }
-  return lo;
-}
-
 // The tokens whose ranges can reach key k: from the first (T if none) to the end of k's
 // sequence (window: the W tokens from k). A compressed row k of sequence s is first seen by the
 // token that completes its window.
 template <int KIND> __device__ __forceinline__ int nsa_first_query(const NsaParams &p, int k) {
   if (KIND == 0) return k;
-  if (p.cu_kind < 0) return (int)min((i64)p.T, (i64)k * p.b + p.a - 1);
+  if (p.cu_kind < 0) return (int)min((i64)p.T, (i64)k * p.cmp_stride + p.cmp_size - 1);
   const int s = nsa_cmp_seq(p, k);
-  return (int)min((i64)p.T, nsa_cu(p, s) + (i64)(k - p.cmp_off[s]) * p.b + p.a - 1);
+  return (int)min((i64)p.T, nsa_cu(p, s) + (i64)(k - p.cmp_off[s]) * p.cmp_stride + p.cmp_size - 1);
 }
 template <int KIND> __device__ __forceinline__ int nsa_query_end(const NsaParams &p, int k) {
-  if (KIND == 0) return (int)min((i64)p.T, (i64)k + p.a);
+  if (KIND == 0) return (int)min((i64)p.T, (i64)k + p.window);
   return p.cu_kind < 0 ? p.T : (int)nsa_cu(p, nsa_cmp_seq(p, k) + 1);
 }
 
@@ -1633,7 +1592,7 @@ template <int KIND> struct RangeDkdvSm90 {
                                                     float (*S)[4], float (*dP)[4], int, const float *info) {
     constexpr int NF = SM90_BWD_STREAM / 8, BQ = SM90_BWD_STREAM;
     const int lane = threadIdx.x & 31, t4 = lane & 3;
-    const float sl2 = p.scale * NSA_LOG2E;
+    const float sl2 = p.scale * LOG2E;
     const int kw = c.k0 + 64 * wg + 16 * warp; // the warp's first key
     const int *lo = (const int *)(info + 2 * BQ), *hi = (const int *)(info + 3 * BQ);
     // every key of the warp is in every query's range (lo, hi nondecreasing; padding: empty)
@@ -1686,6 +1645,7 @@ struct RangeBwdSm90Args {
   Sm90BwdMaps maps;
   NsaParams p;
 };
+CHECK_MIRROR(RangeBwdSm90Args);
 
 #define NSA_SM90_KERNELS(NAME, KIND)                                                                  \
   extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1)                                     \

@@ -41,29 +41,6 @@
 
 // ------------------------------------------------------------------------------ shared helpers
 
-__device__ __forceinline__ i64 read_idx(const void *p, int kind, i64 i) {
-  return kind == 1 ? ((const i64 *)p)[i] : (i64)((const int *)p)[i];
-}
-
-// cu[i] clamped to [0, T] (values are not validated on the device).
-__device__ __forceinline__ i64 cu_at(const void *cu, int kind, i64 i, i64 T) {
-  i64 v = read_idx(cu, kind, i);
-  return v < 0 ? 0 : (v > T ? T : v);
-}
-
-// Largest s in [0, n) with arr[s] <= val (arr has n + 1 entries).
-__device__ __forceinline__ int seq_of(const void *arr, int kind, int n, i64 val) {
-  int lo = 0, hi = n;
-  while (hi - lo > 1) {
-    const int mid = (lo + hi) >> 1;
-    if (read_idx(arr, kind, mid) <= val)
-      lo = mid;
-    else
-      hi = mid;
-  }
-  return lo;
-}
-
 __device__ __forceinline__ i64 num_windows(i64 len, int L, int S) {
   return len >= L ? (len - L) / S + 1 : 0;
 }
@@ -80,6 +57,7 @@ struct CmpParams {
   i64 sp[2], sdp[2];        // pe / dpe strides: head, r
   int B, T, H, D, Dout, L, S, R, n_seq, cu_kind, has_pe;
 };
+CHECK_MIRROR(CmpParams);
 
 // First (packed) token of compressed row r of batch row b, or -1 if the row has no full window.
 __device__ __forceinline__ i64 row_base(const CmpParams &p, int r) {
@@ -88,10 +66,10 @@ __device__ __forceinline__ i64 row_base(const CmpParams &p, int r) {
     const i64 base = (i64)r * p.S;
     return base + p.L <= p.T ? base : -1;
   }
-  const int s = seq_of(p.cu_cmp, p.cu_kind, p.n_seq, r);
-  const i64 c0 = read_idx(p.cu_cmp, p.cu_kind, s), c1 = read_idx(p.cu_cmp, p.cu_kind, s + 1);
+  const int s = sequence_containing(p.cu_cmp, p.cu_kind, p.n_seq, r);
+  const i64 c0 = read_index(p.cu_cmp, p.cu_kind, s), c1 = read_index(p.cu_cmp, p.cu_kind, s + 1);
   if (r < c0 || r >= c1) return -1;
-  const i64 st = cu_at(p.cu, p.cu_kind, s, p.T), en = cu_at(p.cu, p.cu_kind, s + 1, p.T);
+  const i64 st = clamped_offset(p.cu, p.cu_kind, s, p.T), en = clamped_offset(p.cu, p.cu_kind, s + 1, p.T);
   const i64 i = r - c0;
   if (i * p.S + p.L > en - st) return -1;
   return st + i * p.S;
@@ -264,10 +242,10 @@ template <int ELEM> __device__ void cmp_dx_impl(const CmpParams &p, bool linear)
     if (t < p.T) {
       i64 st = 0, len = p.T, nw;
       if (p.cu_kind >= 0) {
-        const int s = seq_of(p.cu, p.cu_kind, p.n_seq, t);
-        st = cu_at(p.cu, p.cu_kind, s, p.T);
-        len = cu_at(p.cu, p.cu_kind, s + 1, p.T) - st;
-        cs = read_idx(p.cu_cmp, p.cu_kind, s);
+        const int s = sequence_containing(p.cu, p.cu_kind, p.n_seq, t);
+        st = clamped_offset(p.cu, p.cu_kind, s, p.T);
+        len = clamped_offset(p.cu, p.cu_kind, s + 1, p.T) - st;
+        cs = read_index(p.cu_cmp, p.cu_kind, s);
         nw = num_windows(len, p.L, p.S);
       } else {
         nw = num_windows(p.T, p.L, p.S);
@@ -424,6 +402,7 @@ struct TopkParams {
   int vec_q, vec_k;
   float scale_log2; // scale · log2(e)
 };
+CHECK_MIRROR(TopkParams);
 
 // Shared-memory layout of nsa_topk (the host computes the same size in src/ops/nsa/select.rs).
 template <int ELEM, int DP, int NW> struct TopkSmem {
@@ -488,7 +467,7 @@ template <int ELEM, int DP, int NW> __device__ void nsa_topk_impl(const TopkPara
       float v = 0.f;
       if (r < BT * G && t0 + tok < t_end)
         v = p.lse[b * p.sl[0] + (t0 + tok) * p.sl[1] + (i64)(kvh * G + hh) * p.sl[2]] *
-            1.4426950408889634f;
+            LOG2E;
       sm.lse2[r] = v;
     }
     for (int i = threadIdx.x; i < BT; i += THREADS) sm.cnt[i] = 0;
@@ -498,16 +477,15 @@ template <int ELEM, int DP, int NW> __device__ void nsa_topk_impl(const TopkPara
   int s_first = 0, s_last = 0;
   i64 cs = 0;
   if (p.cu_kind >= 0) {
-    s_first = seq_of(p.cu, p.cu_kind, p.n_seq, t0);
-    s_last = seq_of(p.cu, p.cu_kind, p.n_seq, t_end - 1);
+    s_first = sequence_containing(p.cu, p.cu_kind, p.n_seq, t0);
+    s_last = sequence_containing(p.cu, p.cu_kind, p.n_seq, t_end - 1);
     // compressed offset of s_first: Σ_{s < s_first} num_windows(len_s), reduced over the CTA
     i64 part = 0;
     for (int s = threadIdx.x; s < s_first; s += THREADS)
-      part += num_windows(cu_at(p.cu, p.cu_kind, s + 1, p.T) - cu_at(p.cu, p.cu_kind, s, p.T),
+      part += num_windows(clamped_offset(p.cu, p.cu_kind, s + 1, p.T) - clamped_offset(p.cu, p.cu_kind, s, p.T),
                           p.L, p.S);
     // partial sums fit in int: rows of k_cmp are addressed with int64 below
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
+    part = warp_sum(part);
     if (lane == 0) red[warp] = (int)part;
     __syncthreads();
     for (int w = 0; w < NW; ++w) cs += red[w];
@@ -520,8 +498,8 @@ template <int ELEM, int DP, int NW> __device__ void nsa_topk_impl(const TopkPara
   for (int s = s_first; s <= s_last; ++s) {
     i64 st = 0, len = p.T, clen = p.C;
     if (p.cu_kind >= 0) {
-      st = cu_at(p.cu, p.cu_kind, s, p.T);
-      len = cu_at(p.cu, p.cu_kind, s + 1, p.T) - st;
+      st = clamped_offset(p.cu, p.cu_kind, s, p.T);
+      len = clamped_offset(p.cu, p.cu_kind, s + 1, p.T) - st;
       if (len < 0) len = 0;
       clen = num_windows(len, p.L, p.S);
     }
@@ -623,14 +601,14 @@ template <int ELEM, int DP, int NW> __device__ void nsa_topk_impl(const TopkPara
                           : 0.f;
             if (p.gmode == 16) {
               float x = v[0] + v[1];
-              x += __shfl_xor_sync(0xffffffffu, x, 4);
-              x += __shfl_xor_sync(0xffffffffu, x, 8);
-              x += __shfl_xor_sync(0xffffffffu, x, 16);
+              x += __shfl_xor_sync(FULL_MASK, x, 4);
+              x += __shfl_xor_sync(FULL_MASK, x, 8);
+              x += __shfl_xor_sync(FULL_MASK, x, 16);
               if (g == 0) sm.P[warp * LDP + col] = x;
             } else if (p.gmode > 0) {
               for (int o = 4; o < 4 * p.gmode; o <<= 1) {
-                v[0] += __shfl_xor_sync(0xffffffffu, v[0], o);
-                v[1] += __shfl_xor_sync(0xffffffffu, v[1], o);
+                v[0] += __shfl_xor_sync(FULL_MASK, v[0], o);
+                v[1] += __shfl_xor_sync(FULL_MASK, v[1], o);
               }
               if (g % p.gmode == 0) {
                 sm.P[rtok[0] * LDP + col] = v[0];

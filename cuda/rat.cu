@@ -27,8 +27,6 @@
 
 #define RAT_THREADS 128
 #define RAT_U 8 // rows whose scan inputs are loaded ahead of use
-#define LOG2E 1.4426950408889634f
-#define RAT_INF __int_as_float(0x7f800000)
 
 struct RatParams {
   const void *q, *k, *v, *g;
@@ -59,6 +57,7 @@ struct RatParams {
   int vec_q;         // q rows are 16-byte aligned (cp.async tile loads)
   float scale;
 };
+CHECK_MIRROR(RatParams);
 
 struct Seq {
   int b;
@@ -77,15 +76,7 @@ __device__ __forceinline__ Seq seq_of(const RatParams &p, int n) {
     return s;
   }
   i64 s0, s1;
-  if (p.cu_kind == 1) {
-    s0 = ((const i64 *)p.cu_seqlens)[n];
-    s1 = ((const i64 *)p.cu_seqlens)[n + 1];
-  } else {
-    s0 = ((const int *)p.cu_seqlens)[n];
-    s1 = ((const int *)p.cu_seqlens)[n + 1];
-  }
-  s0 = s0 < 0 ? 0 : (s0 > p.T ? p.T : s0);
-  s1 = s1 < s0 ? s0 : (s1 > p.T ? p.T : s1);
+  sequence_span(p.cu_seqlens, p.cu_kind, n, p.T, s0, s1);
   s.b = 0;
   s.start = s0;
   s.len = (int)(s1 - s0);
@@ -135,10 +126,31 @@ __device__ __forceinline__ void cs_of(double theta, i64 c, float &co, float &si)
   __sincosf((float)a, &si, &co);
 }
 
-__device__ __forceinline__ float warp_sum(float x) {
+// Gates and inputs of the scan rows lb .. lb + RAT_U − 1 of the tile at t0 (m rows), channels ch0
+// and ch1 (when has1), loaded ahead of their use; zero past the tile or for inactive lanes.
+template <int ELEM>
+__device__ __forceinline__ void load_scan_rows(const RatParams &p, const Seq &s, int h, int t0, int lb,
+                                               int m, bool act, int ch0, int ch1, bool has1, float *G0,
+                                               float *G1, float *XK0, float *XK1, float *XV0, float *XV1) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
+  for (int u = 0; u < RAT_U; ++u) {
+    G0[u] = G1[u] = XK0[u] = XK1[u] = XV0[u] = XV1[u] = 0.f;
+    const int l = lb + u;
+    if (l < m && act) {
+      const i64 tok = s.start + t0 + l;
+      const i64 og = s.b * p.sg[0] + tok * p.sg[1] + h * p.sg[2];
+      const i64 ok = s.b * p.sk[0] + tok * p.sk[1] + h * p.sk[2];
+      const i64 ov = s.b * p.sv[0] + tok * p.sv[1] + h * p.sv[2];
+      G0[u] = ld_g(p, og + ch0);
+      XK0[u] = ld<ELEM>(p.k, ok + ch0);
+      XV0[u] = ld<ELEM>(p.v, ov + ch0);
+      if (has1) {
+        G1[u] = ld_g(p, og + ch1);
+        XK1[u] = ld<ELEM>(p.k, ok + ch1);
+        XV1[u] = ld<ELEM>(p.v, ov + ch1);
+      }
+    }
+  }
 }
 
 // ------------------------------------------------------------------------------- states
@@ -270,25 +282,7 @@ template <int ELEM, int DK> __device__ void fwd_impl(const RatParams &p) {
     }
     for (int lb = 0; lb < 64; lb += RAT_U) {
       float G0[RAT_U], G1[RAT_U], XK0[RAT_U], XK1[RAT_U], XV0[RAT_U], XV1[RAT_U];
-#pragma unroll
-      for (int u = 0; u < RAT_U; ++u) {
-        G0[u] = G1[u] = XK0[u] = XK1[u] = XV0[u] = XV1[u] = 0.f;
-        const int l = lb + u;
-        if (l < m && act) {
-          const i64 tok = s.start + t0 + l;
-          const i64 og = s.b * p.sg[0] + tok * p.sg[1] + h * p.sg[2];
-          const i64 ok = s.b * p.sk[0] + tok * p.sk[1] + h * p.sk[2];
-          const i64 ov = s.b * p.sv[0] + tok * p.sv[1] + h * p.sv[2];
-          G0[u] = ld_g(p, og + ch0);
-          XK0[u] = ld<ELEM>(p.k, ok + ch0);
-          XV0[u] = ld<ELEM>(p.v, ov + ch0);
-          if (has1) {
-            G1[u] = ld_g(p, og + ch1);
-            XK1[u] = ld<ELEM>(p.k, ok + ch1);
-            XV1[u] = ld<ELEM>(p.v, ov + ch1);
-          }
-        }
-      }
+      load_scan_rows<ELEM>(p, s, h, t0, lb, m, act, ch0, ch1, has1, G0, G1, XK0, XK1, XV0, XV1);
 #pragma unroll
       for (int u = 0; u < RAT_U; ++u) {
         const int l = lb + u;
@@ -377,18 +371,17 @@ template <int ELEM, int DK> __device__ void fwd_impl(const RatParams &p) {
     }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      float mx = -RAT_INF;
+      float mx = NEG_INF;
 #pragma unroll
       for (int j = 0; j < 8; ++j)
 #pragma unroll
         for (int cc = 0; cc < 2; ++cc) {
           const int col = jb + 8 * j + 2 * tq + cc;
-          float v = col < crow[r] ? S[j][2 * r + cc] * sl2 : -RAT_INF;
+          float v = col < crow[r] ? S[j][2 * r + cc] * sl2 : NEG_INF;
           S[j][2 * r + cc] = v;
           mx = fmaxf(mx, v);
         }
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      mx = quad_max(mx);
       const float mnew = fmaxf(mrow[r], mx);
       const float alpha = (mnew == mrow[r]) ? 1.f : fast_exp2(mrow[r] - mnew);
       mrow[r] = mnew;
@@ -404,7 +397,7 @@ template <int ELEM, int DK> __device__ void fwd_impl(const RatParams &p) {
 #pragma unroll
         for (int cc = 0; cc < 2; ++cc) {
           const float v = S[j][2 * r + cc];
-          const float pr = v == -RAT_INF ? 0.f : fast_exp2(v - mnew);
+          const float pr = v == NEG_INF ? 0.f : fast_exp2(v - mnew);
           S[j][2 * r + cc] = pr;
           ls += pr;
         }
@@ -426,8 +419,7 @@ template <int ELEM, int DK> __device__ void fwd_impl(const RatParams &p) {
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float l = lrow[r];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    l = quad_sum(l);
     const int row = r0 + g + 8 * r;
     if (row < m) {
       const i64 tok = s.start + t0 + row;
@@ -440,7 +432,7 @@ template <int ELEM, int DK> __device__ void fwd_impl(const RatParams &p) {
           const int col = 8 * j + 2 * tq + cc;
           if (col < p.D) st_split<ELEM>(p.out, p.out_lo, oo + col, O[j][2 * r + cc] * inv);
         }
-      if (tq == 0) p.lse[s.b * p.slse[0] + tok * p.slse[1] + h * p.slse[2]] = (mrow[r] + __log2f(l)) * 0.6931471805599453f;
+      if (tq == 0) p.lse[s.b * p.slse[0] + tok * p.slse[1] + h * p.slse[2]] = (mrow[r] + __log2f(l)) * LN2;
     }
   }
 }
@@ -454,16 +446,12 @@ template <int ELEM> __device__ void delta_impl(const RatParams &p) {
   const int b = blockIdx.y;
   if (rowid >= (i64)p.T * p.H) return;
   const i64 t = rowid / p.H, h = rowid % p.H;
+  typedef typename Elem<ELEM>::T T;
   const i64 oy = b * p.so[0] + t * p.so[1] + h * p.so[2];
   const i64 od = b * p.sdo[0] + t * p.sdo[1] + h * p.sdo[2];
   // y + y_lo when the forward kept y's rounding residual: Δ then carries the unrounded output
-  const bool has_lo = p.out_lo != nullptr;
-  float acc = 0.f;
-  for (int d = lane; d < p.D; d += 32) {
-    const float y = ld<ELEM>(p.out, oy + d) + (has_lo ? ld<ELEM>(p.out_lo, oy + d) : 0.f);
-    acc += y * ld<ELEM>(p.dout, od + d);
-  }
-  acc = warp_sum(acc);
+  const T *y_lo = p.out_lo != nullptr ? (const T *)p.out_lo + oy : nullptr;
+  const float acc = row_delta<ELEM>((const T *)p.out + oy, y_lo, (const T *)p.dout + od, p.D);
   if (lane == 0) p.delta[((i64)b * p.T + t) * p.H + h] = acc;
 }
 
@@ -690,25 +678,7 @@ template <int ELEM, int DK> __device__ void bwd_q_impl(const RatParams &p) {
       float k0 = ck0, k1 = ck1, v0 = cv0, v1 = cv1;
       for (int lb = 0; lb < 64; lb += RAT_U) {
         float G0[RAT_U], G1[RAT_U], XK0[RAT_U], XK1[RAT_U], XV0[RAT_U], XV1[RAT_U];
-#pragma unroll
-        for (int u = 0; u < RAT_U; ++u) {
-          G0[u] = G1[u] = XK0[u] = XK1[u] = XV0[u] = XV1[u] = 0.f;
-          const int l = lb + u;
-          if (l < m && act) {
-            const i64 tok = s.start + t0 + l;
-            const i64 og = s.b * p.sg[0] + tok * p.sg[1] + h * p.sg[2];
-            const i64 ok = s.b * p.sk[0] + tok * p.sk[1] + h * p.sk[2];
-            const i64 ov = s.b * p.sv[0] + tok * p.sv[1] + h * p.sv[2];
-            G0[u] = ld_g(p, og + ch0);
-            XK0[u] = ld<ELEM>(p.k, ok + ch0);
-            XV0[u] = ld<ELEM>(p.v, ov + ch0);
-            if (has1) {
-              G1[u] = ld_g(p, og + ch1);
-              XK1[u] = ld<ELEM>(p.k, ok + ch1);
-              XV1[u] = ld<ELEM>(p.v, ov + ch1);
-            }
-          }
-        }
+        load_scan_rows<ELEM>(p, s, h, t0, lb, m, act, ch0, ch1, has1, G0, G1, XK0, XK1, XV0, XV1);
 #pragma unroll
         for (int u = 0; u < RAT_U; ++u) {
           const int l = lb + u;
@@ -962,6 +932,7 @@ struct RatDecodeParams {
   int split_len; // states per split
   float scale;
 };
+CHECK_MIRROR(RatDecodeParams);
 
 // V = 16 / sizeof(T) elements of 16 bytes as floats (element 0 at the lowest address).
 template <int ELEM> struct Vec16 {
@@ -1082,7 +1053,7 @@ template <int ELEM, int DK> __device__ void decode_impl(const RatDecodeParams &p
     qv[e] = qs[col + e];
     O[e] = 0.f;
   }
-  float m = -RAT_INF, l = 0.f;
+  float m = NEG_INF, l = 0.f;
   const T *kb = (const T *)p.ks + b * p.sks[0] + h * p.sks[1];
   const T *vb = (const T *)p.vs + b * p.svs[0] + h * p.svs[1];
   for (int j0 = lo; j0 < hi; j0 += NG * U) { // uniform over the CTA: the shuffles see every lane
@@ -1106,8 +1077,8 @@ template <int ELEM, int DK> __device__ void decode_impl(const RatDecodeParams &p
 #pragma unroll
       for (int e = 0; e < V; ++e) dot += qv[e] * x[e];
 #pragma unroll
-      for (int o = LPR / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-      sc[u] = j0 + u * NG + gid < hi ? dot * sl2 : -RAT_INF;
+      for (int o = LPR / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(FULL_MASK, dot, o);
+      sc[u] = j0 + u * NG + gid < hi ? dot * sl2 : NEG_INF;
       mx = fmaxf(mx, sc[u]);
     }
     const float alpha = mx == m ? 1.f : fast_exp2(m - mx);
@@ -1117,7 +1088,7 @@ template <int ELEM, int DK> __device__ void decode_impl(const RatDecodeParams &p
     for (int e = 0; e < V; ++e) O[e] *= alpha;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const float pr = sc[u] == -RAT_INF ? 0.f : fast_exp2(sc[u] - m);
+      const float pr = sc[u] == NEG_INF ? 0.f : fast_exp2(sc[u] - m);
       float x[V];
       Vec16<ELEM>::unpack(vr[u], x);
       l += pr;
@@ -1138,10 +1109,10 @@ template <int ELEM, int DK> __device__ void decode_impl(const RatDecodeParams &p
 #pragma unroll
   for (int w = 0; w < NW; ++w) own_logit += red[w];
   own_logit *= sl2;
-  float mt = own ? own_logit : -RAT_INF;
+  float mt = own ? own_logit : NEG_INF;
   for (int gi = 0; gi < NG; ++gi) mt = fmaxf(mt, gm[gi]);
   __syncthreads(); // every thread has read gm: it now becomes the group weight
-  if (tid < NG) gm[tid] = gm[tid] == -RAT_INF ? 0.f : fast_exp2(gm[tid] - mt);
+  if (tid < NG) gm[tid] = gm[tid] == NEG_INF ? 0.f : fast_exp2(gm[tid] - mt);
   __syncthreads();
   const float w_own = own ? fast_exp2(own_logit - mt) : 0.f;
   float lt = w_own;
@@ -1165,18 +1136,18 @@ template <int ELEM, int DK> __device__ void decode_impl(const RatDecodeParams &p
 template <int ELEM> __device__ void decode_combine_impl(const RatDecodeParams &p) {
   const int h = blockIdx.x, b = blockIdx.y, W = p.D + 2;
   const float *part = p.partial + ((i64)b * p.H + h) * p.splits * W;
-  float mt = -RAT_INF;
+  float mt = NEG_INF;
   for (int s = 0; s < p.splits; ++s) mt = fmaxf(mt, part[s * W + p.D]);
   float lt = 0.f;
   for (int s = 0; s < p.splits; ++s) {
     const float ms = part[s * W + p.D];
-    if (ms != -RAT_INF) lt += fast_exp2(ms - mt) * part[s * W + p.D + 1];
+    if (ms != NEG_INF) lt += fast_exp2(ms - mt) * part[s * W + p.D + 1];
   }
   for (int d = threadIdx.x; d < p.D; d += RAT_THREADS) {
     float o = 0.f;
     for (int s = 0; s < p.splits; ++s) {
       const float ms = part[s * W + p.D];
-      if (ms != -RAT_INF) o += fast_exp2(ms - mt) * part[s * W + d];
+      if (ms != NEG_INF) o += fast_exp2(ms - mt) * part[s * W + d];
     }
     st<ELEM>(p.out, b * p.so[0] + h * p.so[1] + d, o / lt);
   }

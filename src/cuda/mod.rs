@@ -80,9 +80,21 @@ pub fn sm90_pingpong() -> bool {
     std::env::var("LONGATTN_SM90_PINGPONG").is_ok_and(|v| v == "1")
 }
 
-/// The defines every Hopper-engine module gets beside its family's own.
+/// The defines every Hopper-engine module gets beside its family's own: the schedule, and the
+/// tile and thread counts that this side sizes grids, TMA boxes and row tables with (the kernels
+/// take them from here, so the two sides agree by construction).
 pub fn sm90_common_defines() -> Vec<(String, String)> {
-    vec![("SM90_PINGPONG".into(), (sm90_pingpong() as u8).to_string())]
+    [
+        ("SM90_PINGPONG", sm90_pingpong() as usize),
+        ("SM90_BM", SM90_BM),
+        ("SM90_THREADS", SM90_THREADS as usize),
+        ("SM90_BWD_FIXED", SM90_BWD_FIXED),
+        ("SM90_BWD_STREAM", SM90_BWD_STREAM),
+        ("SM90_ROWINFO_PLANES", SM90_ROWINFO_PLANES),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
 }
 
 /// Dynamic shared memory a CTA may use, by architecture (the opt-in maximum).
@@ -94,6 +106,16 @@ pub fn smem_limit(arch: &str) -> usize {
     } else {
         99 * 1024
     }
+}
+
+/// `<name>_BYTES`, the size of a `#[repr(C)]` kernel parameter struct, as a define for its kernel
+/// source, which checks its own struct against it (`CHECK_MIRROR` in cuda/common.cuh): a field
+/// added, dropped or resized on one side only fails to compile.
+pub fn mirror_size<P>(name: &str) -> (String, String) {
+    (
+        format!("{name}_BYTES"),
+        std::mem::size_of::<P>().to_string(),
+    )
 }
 
 /// A TMA descriptor (the driver's CUtensorMap), passed by value inside kernel parameters.

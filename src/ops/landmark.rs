@@ -2,8 +2,9 @@
 //! (src/cpu/landmark.rs) or the CUDA kernels (cuda/landmark.cu).
 
 use super::{
-    accumulator_dtype, check_cu_seqlens, expect_device, expect_dtype, expect_out_lo, expect_shape,
-    expect_tensor, expect_unit_last_stride, read_cu_seqlens, value_error,
+    accumulator_dtype, check_cu_seqlens, expect_device, expect_dtype, expect_out_lo, expect_rank,
+    expect_shape, expect_tensor, expect_unit_last_stride, float_dtypes, read_cu_seqlens,
+    value_error,
 };
 use crate::cpu::landmark::{self as kernels, LmArgs, LmBwd, LmFwd, LmSeq, LmTopk};
 use crate::cuda;
@@ -42,21 +43,12 @@ fn check(
 ) -> Result<Problem, PyErr> {
     for (t, name) in [(Some(q), "q"), (Some(k), "k"), (v, "v")] {
         if let Some(t) = t {
-            if t.ndim() != 4 {
-                return Err(value_error(format!(
-                    "{name}: expected rank 4 [B, T, H, D], got shape {:?}",
-                    t.shape
-                )));
-            }
+            expect_rank(t, name, 4, "[B, T, H, D]")?;
         }
     }
     let (b, tq, hq, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
     let device = q.device;
-    let floats: &[DType] = match device {
-        Device::Cpu => &[DType::F64, DType::F32, DType::F16, DType::BF16],
-        Device::Cuda(_) => &[DType::F32, DType::F16, DType::BF16],
-    };
-    expect_dtype(q, "q", floats)?;
+    expect_dtype(q, "q", float_dtypes(device))?;
     let dtype = q.dtype;
     let state_dtype = accumulator_dtype(dtype);
     expect_shape(
@@ -486,6 +478,7 @@ impl Variant {
             ("LM_KT".into(), KT.to_string()),
             ("LM_ONE".into(), (self.one as u32).to_string()),
             ("LM_MULTI".into(), (self.multi as u32).to_string()),
+            cuda::mirror_size::<LmParams>("LmParams"),
         ]
     }
 
@@ -578,6 +571,7 @@ impl Sm90Variant {
         d.extend(cuda::sm90_common_defines());
         d.push(("LM_BS".into(), self.bs.to_string()));
         d.push(("LM_BN".into(), self.tile().to_string()));
+        d.push(cuda::mirror_size::<cuda::Sm90Args<LmParams>>("LmSm90Args"));
         d
     }
 

@@ -3,8 +3,8 @@
 //! computed"), each with the same kernel.
 
 use super::{
-    accumulator_dtype, check_cu_seqlens, expect_device, expect_dtype, expect_shape, expect_tensor,
-    expect_unit_last_stride, read_cu_seqlens, value_error,
+    accumulator_dtype, check_cu_seqlens, expect_device, expect_dtype, expect_rank, expect_shape,
+    expect_tensor, expect_unit_last_stride, float_dtypes, read_cu_seqlens, value_error,
 };
 use crate::cpu::lightning::{la_pass, LaPass, Seq, DOT_SLOTS};
 use crate::cuda;
@@ -31,19 +31,10 @@ struct Problem {
 }
 
 fn check(q: &View, k: &View, v: &View, slopes: &View, cu: Option<&View>) -> Result<Problem, PyErr> {
-    if q.ndim() != 4 {
-        return Err(value_error(format!(
-            "q: expected rank 4 [B, T, H, D], got shape {:?}",
-            q.shape
-        )));
-    }
+    expect_rank(q, "q", 4, "[B, T, H, D]")?;
     let (b, t, h, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
     let device = q.device;
-    let floats: &[DType] = match device {
-        Device::Cpu => &[DType::F64, DType::F32, DType::F16, DType::BF16],
-        Device::Cuda(_) => &[DType::F32, DType::F16, DType::BF16],
-    };
-    expect_dtype(q, "q", floats)?;
+    expect_dtype(q, "q", float_dtypes(device))?;
     let dtype = q.dtype;
     let state_dtype = accumulator_dtype(dtype);
     expect_shape(k, "k", &[b, t, h, d], "same as q")?;
@@ -449,6 +440,7 @@ impl Variant {
             ("LA_DVT".into(), self.dvt.to_string()),
             ("LA_REVERSE".into(), (self.reverse as u32).to_string()),
             ("LA_STAGES".into(), self.stages.to_string()),
+            cuda::mirror_size::<LaParams>("LaParams"),
         ]
     }
 

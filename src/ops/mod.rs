@@ -79,6 +79,25 @@ pub fn expect_tensor(
     expect_device(t, name, device)
 }
 
+/// Rank `rank`; `layout` names the dims in the error ("[B, T, H, D]").
+pub fn expect_rank(t: &View, name: &str, rank: usize, layout: &str) -> Result<(), PyErr> {
+    if t.ndim() == rank {
+        return Ok(());
+    }
+    Err(value_error(format!(
+        "{name}: expected rank {rank} {layout}, got shape {:?}",
+        t.shape
+    )))
+}
+
+/// The float dtypes a kernel input may have on `device`: float64 on the CPU only.
+pub fn float_dtypes(device: Device) -> &'static [DType] {
+    match device {
+        Device::Cpu => &[DType::F64, DType::F32, DType::F16, DType::BF16],
+        Device::Cuda(_) => &[DType::F32, DType::F16, DType::BF16],
+    }
+}
+
 pub fn expect_dtype(t: &View, name: &str, allowed: &[DType]) -> Result<(), PyErr> {
     if allowed.contains(&t.dtype) {
         return Ok(());

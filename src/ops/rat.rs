@@ -2,8 +2,9 @@
 //! the CUDA kernels of cuda/rat.cu (scratch buffers allocated by python/longattn/ops/rat.py).
 
 use super::{
-    accumulator_dtype, check_cu_seqlens, expect_device, expect_dtype, expect_out_lo, expect_shape,
-    expect_tensor, expect_unit_last_stride, read_cu_seqlens, value_error,
+    accumulator_dtype, check_cu_seqlens, expect_device, expect_dtype, expect_out_lo, expect_rank,
+    expect_shape, expect_tensor, expect_unit_last_stride, float_dtypes, read_cu_seqlens,
+    value_error,
 };
 use crate::cpu::rat::{RatArgs, RatGrads, Seq};
 use crate::cuda;
@@ -48,19 +49,10 @@ fn check(
     rope_theta: Option<f64>,
     cu: Option<&View>,
 ) -> Result<Problem, PyErr> {
-    if q.ndim() != 4 {
-        return Err(value_error(format!(
-            "q: expected rank 4 [B, T, H, D], got shape {:?}",
-            q.shape
-        )));
-    }
+    expect_rank(q, "q", 4, "[B, T, H, D]")?;
     let (b, t, h, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
     let device = q.device;
-    let floats: &[DType] = match device {
-        Device::Cpu => &[DType::F64, DType::F32, DType::F16, DType::BF16],
-        Device::Cuda(_) => &[DType::F32, DType::F16, DType::BF16],
-    };
-    expect_dtype(q, "q", floats)?;
+    expect_dtype(q, "q", float_dtypes(device))?;
     let dtype = q.dtype;
     let state_dtype = accumulator_dtype(dtype);
     for (t_, name) in [(k, "k"), (v, "v"), (g, "g")] {
@@ -517,6 +509,8 @@ impl Variant {
         vec![
             ("RAT_ELEM".into(), self.elem.to_string()),
             ("RAT_DK".into(), self.dk.to_string()),
+            cuda::mirror_size::<RatParams>("RatParams"),
+            cuda::mirror_size::<RatDecodeParams>("RatDecodeParams"),
         ]
     }
 
@@ -802,12 +796,7 @@ pub fn decode(
     let run = [p.b, p.h, p.d];
     p.expect(k_run, "k_run", &run, "[B, H, D]", p.state_dtype)?;
     p.expect(v_run, "v_run", &run, "[B, H, D]", p.state_dtype)?;
-    if ks.ndim() != 4 {
-        return Err(value_error(format!(
-            "k_states: expected rank 4 [B, H, capacity, D], got shape {:?}",
-            ks.shape
-        )));
-    }
+    expect_rank(ks, "k_states", 4, "[B, H, capacity, D]")?;
     let capacity = ks.shape[2];
     let st = [p.b, p.h, capacity, p.d];
     p.expect(ks, "k_states", &st, "[B, H, capacity, D]", p.dtype)?;

@@ -64,8 +64,13 @@ struct NsaParams {
     idx_kind: i32,
     cnt_kind: i32,
     count_const: i32,
-    a: i32,
-    bb: i32,
+    /// window branch: W
+    window: i32,
+    /// compressed branch: kernel size and stride
+    cmp_size: i32,
+    cmp_stride: i32,
+    /// selected branch: block size
+    block: i32,
     nl: i32,
     chunk_tokens: i32,
     key_tiles: i32,
@@ -146,6 +151,7 @@ impl Variant {
             ("NSA_ELEM".into(), self.elem.to_string()),
             ("NSA_DK".into(), self.dk.to_string()),
             ("NSA_DV".into(), self.dv.to_string()),
+            cuda::mirror_size::<NsaParams>("NsaParams"),
         ]
     }
 
@@ -176,6 +182,12 @@ impl Variant {
         let mut d = self.defines();
         d.push(("NSA_SM90".into(), "1".into()));
         d.extend(cuda::sm90_common_defines());
+        d.push(cuda::mirror_size::<cuda::Sm90Args<NsaParams>>(
+            "RangeSm90Args",
+        ));
+        d.push(cuda::mirror_size::<cuda::Sm90BwdArgs<NsaParams>>(
+            "RangeBwdSm90Args",
+        ));
         d
     }
 
@@ -364,8 +376,22 @@ fn base_params(
         idx_kind: cuda::int_kind(idx),
         cnt_kind: cuda::int_kind(counts),
         count_const: count_const.min(i32::MAX as i64) as i32,
-        a: br.a as i32,
-        bb: br.b as i32,
+        window: if br.kind == "window" { br.a as i32 } else { 0 },
+        cmp_size: if br.kind == "compressed" {
+            br.a as i32
+        } else {
+            0
+        },
+        cmp_stride: if br.kind == "compressed" {
+            br.b as i32
+        } else {
+            0
+        },
+        block: if br.kind == "selected" {
+            br.a as i32
+        } else {
+            0
+        },
         nl: 0,
         chunk_tokens: aux.chunk_tokens.max(1) as i32,
         key_tiles: br.a.div_ceil(KEY_TILE) as i32,

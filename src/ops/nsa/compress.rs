@@ -41,6 +41,11 @@ fn expect_cu_cmp<'a>(
     }
 }
 
+/// The size define of `CmpParams` for cuda/nsa_select.cu's layout check.
+pub(super) fn params_mirror_size() -> (String, String) {
+    cuda::mirror_size::<CmpParams>("CmpParams")
+}
+
 /// Parameters of the compression kernels, laid out exactly like `CmpParams`.
 #[repr(C)]
 struct CmpParams {

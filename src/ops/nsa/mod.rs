@@ -12,8 +12,9 @@ pub use compress::{compress_backward, compress_forward};
 pub use select::{compile_sel_variant, topk, SelVariant, Selection};
 
 use super::{
-    accumulator_dtype, check_cu_seqlens, expect_device, expect_dtype, expect_out_lo, expect_shape,
-    expect_tensor, expect_unit_last_stride, read_cu_seqlens, value_error,
+    accumulator_dtype, check_cu_seqlens, expect_device, expect_dtype, expect_out_lo, expect_rank,
+    expect_shape, expect_tensor, expect_unit_last_stride, float_dtypes, read_cu_seqlens,
+    value_error,
 };
 use crate::cpu::nsa::{
     attn_bwd, attn_fwd, compress_bwd, compress_fwd, num_windows, topk_blocks, AttnBwd, AttnFwd,
@@ -27,22 +28,12 @@ pub const MAX_HEAD_DIM: usize = 256;
 /// Largest q·k and value head dims of the CUDA attention kernels.
 pub const CUDA_MAX_HEAD_DIM: usize = 128;
 const ANY: usize = usize::MAX;
-const FLOATS: &[DType] = &[DType::F64, DType::F32, DType::F16, DType::BF16];
 const INTS: &[DType] = &[DType::I32, DType::I64];
 
 /// Rank 4, a float dtype of its device (float64 on the CPU only), unit last stride.
 fn expect_attn_tensor(t: &View, name: &str, layout: &str) -> Result<(), PyErr> {
-    if t.ndim() != 4 {
-        return Err(value_error(format!(
-            "{name}: expected rank 4 {layout}, got shape {:?}",
-            t.shape
-        )));
-    }
-    let floats: &[DType] = match t.device {
-        Device::Cpu => FLOATS,
-        Device::Cuda(_) => &[DType::F32, DType::F16, DType::BF16],
-    };
-    expect_dtype(t, name, floats)?;
+    expect_rank(t, name, 4, layout)?;
+    expect_dtype(t, name, float_dtypes(t.device))?;
     expect_unit_last_stride(t, name)
 }
 

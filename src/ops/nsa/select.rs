@@ -153,6 +153,8 @@ impl SelVariant {
             ("NS_ELEM".into(), self.elem.to_string()),
             ("NS_DP".into(), self.dp.to_string()),
             ("NS_NW".into(), self.nw.to_string()),
+            cuda::mirror_size::<TopkParams>("TopkParams"),
+            super::compress::params_mirror_size(),
         ]
     }
 
