@@ -15,22 +15,13 @@ from __future__ import annotations
 
 import os
 import sys
-import traceback
 
-# One cudaMalloc per tensor, so memcheck sees the true bounds of every tensor.
-os.environ.setdefault("PYTORCH_NO_CUDA_MEMORY_CACHING", "1")
+import torch
+from sanitize_common import Cases, rel
+
 os.environ["LONGATTN_FORCE_SM80"] = "0"
 os.environ["LONGATTN_SM90"] = "1"  # the engine (off by default until run on a GPU)
 os.environ["LONGATTN_LANDMARK_SM90"] = "1"  # the engine's landmark policy is opt-in
-
-import torch  # noqa: E402
-
-
-def rel(a, b):
-    a, b = a.detach().double().cpu(), b.detach().double().cpu()
-    if not bool(torch.isfinite(a).all()):
-        return float("nan")
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def main() -> int:
@@ -43,20 +34,18 @@ def main() -> int:
 
     torch.manual_seed(0)
     hopper = torch.cuda.get_device_capability() == (9, 0)
-    failures = []
+    cases = Cases(torch.device("cuda"))
 
     def check(name, run):
+        """run() returns the largest relative error; on a Hopper GPU the engine must have run."""
         before = _native.sm90_launch_count()
-        try:
+
+        def errors():
             err = run()
-            engine = _native.sm90_launch_count() > before
-            ok = err < 2e-2 and (engine or not hopper)
-            print(f"case {name}: rel err {err:.2e}, engine {engine}: {'ok' if ok else 'FAIL'}")
-            if not ok:
-                failures.append(name)
-        except Exception:
-            traceback.print_exc()
-            failures.append(name)
+            off_engine = hopper and _native.sm90_launch_count() == before
+            return {"rel": err, "off_engine": float(off_engine)}
+
+        cases.check(name, errors, 2e-2, off_engine=0.0)
 
     def lm(B, Tq, Tk, Hq, Hkv, D, bs, dtype, idx=False, cu=None):
         q = torch.randn(B, Tq, Hq, D).to("cuda", dtype)
@@ -110,9 +99,7 @@ def main() -> int:
     for pingpong in ("0", "1"):  # the forward's two consumer schedules
         os.environ["LONGATTN_SM90_PINGPONG"] = pingpong
         run_cases(check, lm, win, cmp, bf16, f16)
-    torch.cuda.synchronize()
-    print(f"sanitize_engine: {len(failures)} failing: {failures}")
-    return 1 if failures else 0
+    return cases.exit_status()
 
 
 def run_cases(check, lm, win, cmp, bf16, f16):

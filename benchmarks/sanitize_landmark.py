@@ -16,21 +16,10 @@ cases on the CPU (a check of this script, no sanitizer).
 
 from __future__ import annotations
 
-import os
 import sys
-import traceback
 
-# One cudaMalloc per tensor, so memcheck sees the true bounds of every tensor.
-os.environ.setdefault("PYTORCH_NO_CUDA_MEMORY_CACHING", "1")
-
-import torch  # noqa: E402
-
-
-def rel(a, b):
-    a, b = a.detach().double().cpu(), b.detach().double().cpu()
-    if not bool(torch.isfinite(a).all()):
-        return float("nan")
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+import torch
+from sanitize_common import Cases, rel, workload_device
 
 
 def main() -> int:
@@ -40,9 +29,9 @@ def main() -> int:
         landmark_topk_blocks_reference,
     )
 
-    dev = torch.device("cpu" if "--cpu" in sys.argv else "cuda")
+    dev = workload_device()
+    cases = Cases(dev)
     torch.manual_seed(0)
-    failures = []
 
     def attn_case(name, B, Tq, Tk, Hq, Hkv, D, bs, dtype, idx=False, cu=None, grad=True):
         def run():
@@ -70,7 +59,7 @@ def main() -> int:
             return errs
 
         tol = 2e-5 if dtype == torch.float32 else 2.5e-2
-        case(name, run, tol)
+        cases.check(name, run, tol)
 
     def topk_case(name, dtype):
         def run():
@@ -86,7 +75,7 @@ def main() -> int:
             bad = int((got.cpu() != ref).sum()) + int((got2.cpu() != ref2).sum())
             return {"mismatches": float(bad)}
 
-        case(name, run, 0.5)
+        cases.check(name, run, 0.5)
 
     def decode_case(name, dtype):
         def run():
@@ -102,22 +91,7 @@ def main() -> int:
             )  # fmt: skip
             return {"o": rel(o, ref)}
 
-        case(name, run, 2e-5 if dtype == torch.float32 else 2e-2)
-
-    def case(name, fn, tol):
-        try:
-            errs = fn()
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            bad = {k: e for k, e in errs.items() if not e <= tol}
-            status = "FAIL" if bad else "ok"
-            print(f"{status:4s} {name}: " + ", ".join(f"{k}={e:.2e}" for k, e in errs.items()))
-            if bad:
-                failures.append(name)
-        except Exception:
-            traceback.print_exc()
-            print(f"FAIL {name}: raised")
-            failures.append(name)
+        cases.check(name, run, 2e-5 if dtype == torch.float32 else 2e-2)
 
     bf16, f32, f16 = torch.bfloat16, torch.float32, torch.float16
     for dt, tag in ((bf16, "bf16"), (f32, "f32")):
@@ -134,8 +108,7 @@ def main() -> int:
         decode_case(f"{tag} retrieval decode", dt)
     attn_case("f16 bs5", 1, 60, 60, 2, 1, 64, 5, f16)
     attn_case("bf16 bs128 varlen", 1, 420, 420, 2, 1, 32, 128, bf16, cu=[0, 50, 50, 320, 420])
-    print(f"{len(failures)} failure(s)" + (f": {failures}" if failures else ""))
-    return 1 if failures else 0
+    return cases.exit_status()
 
 
 if __name__ == "__main__":

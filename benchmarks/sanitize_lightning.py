@@ -13,14 +13,10 @@ case raised or missed its tolerance; the sanitizer's own verdict is its 'ERROR S
 
 from __future__ import annotations
 
-import os
 import sys
-import traceback
 
 import torch
-
-# One cudaMalloc per tensor, so memcheck sees the true bounds of every tensor.
-os.environ.setdefault("PYTORCH_NO_CUDA_MEMORY_CACHING", "1")
+from sanitize_common import Cases, rel, workload_device
 
 
 def reference(q, k, v, s, scale, h0):
@@ -37,37 +33,15 @@ def reference(q, k, v, s, scale, h0):
     return o, S
 
 
-def rel(a, b):
-    a, b = a.detach().double().cpu(), b.detach().double().cpu()
-    if not bool(torch.isfinite(a).all()):
-        return float("nan")
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
 def main():
     import longattn
 
-    dev = torch.device("cpu" if "--cpu" in sys.argv else "cuda")
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    dev = workload_device()
+    cases = Cases(dev)
     torch.manual_seed(0)
     B, T, H, D, E = 1, 200, 2, 64, 32
     slopes = longattn.lightning_slopes(H).to(dev, torch.float32)
     scale = D**-0.5
-    failures = []
-
-    def case(name, fn, tol):
-        try:
-            errs = fn()
-            sync()
-            bad = {k: e for k, e in errs.items() if not e <= tol}
-            status = "ok" if not bad else "WRONG"
-            print(f"case {name}: {status} " + " ".join(f"{k}={e:.2e}" for k, e in errs.items()))
-            if bad:
-                failures.append(name)
-        except Exception as e:  # noqa: BLE001
-            print(f"case {name}: ERROR {type(e).__name__}: {e}")
-            traceback.print_exc()
-            failures.append(name)
 
     for dtype in (torch.bfloat16, torch.float32):
         tol = 2e-2 if dtype == torch.bfloat16 else 2e-3
@@ -131,14 +105,12 @@ def main():
                 o_ref, s_ref = reference(q, k, v, slopes, scale, h0)
                 return {"o": rel(o, o_ref), "final_state": rel(sT, s_ref)}
 
-        case(f"{dn} fwd+bwd T={T} no state", lambda: train(False), tol)
-        case(f"{dn} fwd+bwd T={T} with state", lambda: train(True), tol)
-        case(f"{dn} varlen cu_seqlens=[0,37,200]", varlen, tol)
-        case(f"{dn} decode T=1", decode, tol)
+        cases.check(f"{dn} fwd+bwd T={T} no state", lambda: train(False), tol)
+        cases.check(f"{dn} fwd+bwd T={T} with state", lambda: train(True), tol)
+        cases.check(f"{dn} varlen cu_seqlens=[0,37,200]", varlen, tol)
+        cases.check(f"{dn} decode T=1", decode, tol)
 
-    sync()
-    print(f"sanitize_lightning: {'FAILED ' + ', '.join(failures) if failures else 'all cases ok'}")
-    return 1 if failures else 0
+    return cases.exit_status()
 
 
 if __name__ == "__main__":

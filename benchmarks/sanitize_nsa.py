@@ -15,27 +15,18 @@ from __future__ import annotations
 
 import os
 import sys
-import traceback
 
-os.environ.setdefault("PYTORCH_NO_CUDA_MEMORY_CACHING", "1")
-
-import torch  # noqa: E402
-
-
-def rel(a, b):
-    a, b = a.detach().double().cpu(), b.detach().double().cpu()
-    if not bool(torch.isfinite(a).all()):
-        return float("nan")
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+import torch
+from sanitize_common import Cases, rel, workload_device
 
 
 def main():
     from longattn.ops import nsa as N
     from longattn.reference import nsa as R
 
-    dev = torch.device("cpu" if "--cpu" in sys.argv else "cuda")
+    dev = workload_device()
+    cases = Cases(dev)
     torch.manual_seed(0)
-    failures = []
 
     def indices(B, T, Hkv, n, bs):
         out = torch.full((B, T, Hkv, n), -1, dtype=torch.int32)
@@ -54,25 +45,22 @@ def main():
         if only not in name:
             return
         tol = 1e-5 if dtype == torch.float32 else 2e-2
-        try:
+
+        def errors():
             lo = [x.detach().to(dev, dtype).clone().requires_grad_() for x in inputs]
             hi = [x.detach().double().clone().requires_grad_() for x in inputs]
             o, o2 = fn_ker(*lo), fn_ref(*hi)
             do = torch.randn(o2.shape, dtype=torch.float64)
             o.backward(do.to(dev, dtype))
             o2.backward(do)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            errs = [rel(o, o2)] + [rel(a.grad, b.grad) for a, b in zip(lo, hi, strict=True)]
-            # float32 gradients sum over G heads on 3xTF32 tensor cores (see tests/test_nsa.py)
-            grad_tol = 5e-5 if dtype == torch.float32 else tol
-            ok = errs[0] <= tol and all(e <= grad_tol for e in errs[1:])
-            print(f"{'ok  ' if ok else 'FAIL'} {name} {dtype}: {[f'{e:.1e}' for e in errs]}")
-            if not ok:
-                failures.append(name)
-        except Exception:
-            traceback.print_exc()
-            failures.append(name)
+            errs = {"o": rel(o, o2)}
+            for n, a, b in zip("qkv", lo, hi, strict=True):
+                errs["d" + n] = rel(a.grad, b.grad)
+            return errs
+
+        # float32 gradients sum over G heads on 3xTF32 tensor cores (see tests/test_nsa.py)
+        grad_tol = 5e-5 if dtype == torch.float32 else tol
+        cases.check(f"{name} {str(dtype).removeprefix('torch.')}", errors, grad_tol, o=tol)
 
     for dtype in (torch.bfloat16, torch.float32):
         B, T, Hkv = 1, 150, 2
@@ -150,8 +138,7 @@ def main():
             (q, kcv, torch.randn_like(kcv)),
             dtype,
         )
-    print("failures:", failures)
-    return 1 if failures else 0
+    return cases.exit_status()
 
 
 if __name__ == "__main__":

@@ -14,14 +14,11 @@ tolerance. `--cpu` runs the same cases on the CPU (a check of this script).
 
 from __future__ import annotations
 
-import os
 import sys
-import traceback
 from pathlib import Path
 
-os.environ.setdefault("PYTORCH_NO_CUDA_MEMORY_CACHING", "1")
-
-import torch  # noqa: E402
+import torch
+from sanitize_common import Cases, rel, workload_device
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
@@ -31,31 +28,9 @@ def main() -> int:
     from longattn.reference import nsa as R
     from test_nsa_selection import compressed_lse, topk_fast
 
-    dev = "cpu" if "--cpu" in sys.argv else "cuda"
-    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    dev = workload_device()
+    cases = Cases(dev)
     torch.manual_seed(0)
-    failures: list[str] = []
-
-    def rel(a, b):
-        a, b = a.detach().double().cpu(), b.detach().double().cpu()
-        if not bool(torch.isfinite(a).all()):
-            return float("nan")
-        den = b.norm().item()
-        return (a - b).norm().item() / den if den > 0 else (a - b).norm().item()
-
-    def case(name, fn, tol):
-        try:
-            errs = fn()
-            sync()
-            bad = {k: e for k, e in errs.items() if not e <= tol}
-            print(f"case {name}: {'ok' if not bad else 'WRONG'} "
-                  + " ".join(f"{k}={e:.2e}" for k, e in errs.items()))  # fmt: skip
-            if bad:
-                failures.append(name)
-        except Exception as e:  # noqa: BLE001
-            print(f"case {name}: ERROR {type(e).__name__}: {e}")
-            traceback.print_exc()
-            failures.append(name)
 
     for dtype in (torch.bfloat16, torch.float32):
         dn = str(dtype).removeprefix("torch.")
@@ -109,16 +84,14 @@ def main() -> int:
 
         cu = torch.tensor([0, 7, 7, 90, 150], dtype=torch.int32)
         for mode in ("mean", "linear", "linear_pe"):
-            case(f"{dn} compress {mode} batched", lambda m=mode: compress(m, None), tol)
-            case(f"{dn} compress {mode} varlen", lambda m=mode, cu=cu: compress(m, cu), tol)
+            cases.check(f"{dn} compress {mode} batched", lambda m=mode: compress(m, None), tol)
+            cases.check(f"{dn} compress {mode} varlen", lambda m=mode, cu=cu: compress(m, cu), tol)
         cu2 = torch.tensor([0, 3, 70, 200, 260], dtype=torch.int64)
         for G in (1, 3, 4, 16):
-            case(f"{dn} topk G={G} batched", lambda G=G: topk(G, None), 0.0)
-            case(f"{dn} topk G={G} varlen", lambda G=G, cu2=cu2: topk(G, cu2), 0.0)
+            cases.check(f"{dn} topk G={G} batched", lambda G=G: topk(G, None), 0.0)
+            cases.check(f"{dn} topk G={G} varlen", lambda G=G, cu2=cu2: topk(G, cu2), 0.0)
 
-    sync()
-    print(f"sanitize_nsa_selection: {'FAILED ' + ', '.join(failures) if failures else 'all ok'}")
-    return 1 if failures else 0
+    return cases.exit_status()
 
 
 if __name__ == "__main__":

@@ -19,35 +19,25 @@ on the CPU (a check of this script, no sanitizer).
 
 from __future__ import annotations
 
-import os
 import sys
-import traceback
 
-# One cudaMalloc per tensor, so memcheck sees the true bounds of every tensor.
-os.environ.setdefault("PYTORCH_NO_CUDA_MEMORY_CACHING", "1")
-
-import torch  # noqa: E402
-
-
-def rel(a, b):
-    a, b = a.detach().double().cpu(), b.detach().double().cpu()
-    if not bool(torch.isfinite(a).all()):
-        return float("nan")
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+import torch
+from sanitize_common import Cases, rel, workload_device
 
 
 def main() -> int:
     from longattn import rat_attn
     from longattn.reference.rat import rat_attn_reference
 
-    dev = torch.device("cpu" if "--cpu" in sys.argv else "cuda")
+    dev = workload_device()
+    cases = Cases(dev)
     torch.manual_seed(0)
-    failures = []
 
     def run(name, B, T, H, D, L, dtype, g_dtype=torch.float32, rope=10000.0, cu=None, group=0):
         tol_y = 1e-5 if dtype == torch.float32 else 2e-2
         tol_g = 1e-4 if dtype == torch.float32 else 2e-2
-        try:
+
+        def errors():
             q = torch.randn(B, T, H, D, device=dev).to(dtype).requires_grad_()
             hk = group or H
             k0 = torch.randn(B, T, hk, D, device=dev).to(dtype).requires_grad_()
@@ -63,23 +53,17 @@ def main() -> int:
             k64 = d64[1].expand(B, T, H, D) if group else d64[1]
             yr = rat_attn_reference(d64[0], k64, d64[2], d64[3], **kw)
             grads_r = torch.autograd.grad(yr, d64, dy.double())
-            errs = {"y": (rel(y, yr), tol_y)}
+            errs = {"y": rel(y, yr)}
             for n, a, b in zip("qkvg", grads, grads_r, strict=True):
-                errs["d" + n] = (rel(a, b), tol_g)
-            bad = {k: e for k, (e, tol) in errs.items() if not e <= tol}
-            status = "FAIL" if bad else "ok"
-            print(f"{status:4s} {name}: " + ", ".join(f"{k} {e:.2e}" for k, (e, _) in errs.items()))
-            if bad:
-                failures.append(name)
-        except Exception:  # noqa: BLE001
-            traceback.print_exc()
-            failures.append(name)
+                errs["d" + n] = rel(a, b)
+            return errs
+
+        cases.check(name, errors, tol_g, y=tol_y)
 
     def run_decode(name, B, H, D, L, C, offset, dtype):
         from longattn.nn.rat import RATCache, rat_continue
 
-        tol = 1e-5 if dtype == torch.float32 else 2e-2
-        try:
+        def errors():
             cap = max(C + (offset == L - 1), 1)
             cache = RATCache._zeros(B, H, D, dtype=dtype, device=dev, capacity=cap)
             cache.k_store.copy_(torch.randn(B, H, cap, D, device=dev))
@@ -100,14 +84,9 @@ def main() -> int:
             errs = {"y": rel(y, yr), "k_run": rel(cache.k_run, ref.k_run)}
             if offset == L - 1:
                 errs["appended"] = rel(cache.k_store[:, :, C], ref.k_store[:, :, C])
-            bad = {k: e for k, e in errs.items() if not e <= tol}
-            status = "FAIL" if bad else "ok"
-            print(f"{status:4s} {name}: " + ", ".join(f"{k} {e:.2e}" for k, e in errs.items()))
-            if bad:
-                failures.append(name)
-        except Exception:  # noqa: BLE001
-            traceback.print_exc()
-            failures.append(name)
+            return errs
+
+        cases.check(name, errors, 1e-5 if dtype == torch.float32 else 2e-2)
 
     bf16, f32 = torch.bfloat16, torch.float32
     run("bf16 L16 D64", 2, 150, 2, 64, 16, bf16)
@@ -125,10 +104,7 @@ def main() -> int:
     run_decode("decode f32 C300 split completing", 1, 2, 128, 16, 300, 15, f32)
     run_decode("decode bf16 C300 split mid-chunk", 1, 2, 128, 16, 300, 3, bf16)
     run_decode("decode bf16 L1 C40 D36", 2, 2, 36, 1, 40, 0, bf16)
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    print("FAILED: " + ", ".join(failures) if failures else "all cases passed")
-    return 1 if failures else 0
+    return cases.exit_status()
 
 
 if __name__ == "__main__":
