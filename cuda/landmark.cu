@@ -1127,7 +1127,7 @@ template <int ELEM, int DP, int KT>
 __device__ __forceinline__ void lm_bwd_dkdv_impl(const LmParams &p) {
   typedef typename Elem<ELEM>::T T;
   constexpr int BQ = LM_BQ, PAD = Elem<ELEM>::PAD, LD = DP + PAD, LDP = KT + PAD;
-  constexpr int NF = KT / 8, NO = DP / 8, KS = Elem<ELEM>::KS;
+  constexpr int NF = KT / 8, NO = DP / 8;
   static_assert(KT == 16 * LM_NW, "one warp per 16 keys of the tile");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T *Ks = reinterpret_cast<T *>(smem_raw);
