@@ -621,3 +621,38 @@ impl Device {
         .map_err(|e| format!("kernel launch failed: {e:?}"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn defines(stages: &str) -> Vec<(String, String)> {
+        vec![
+            ("LA_DK".into(), "64".into()),
+            ("LA_STAGES".into(), stages.into()),
+        ]
+    }
+
+    #[test]
+    fn a_module_key_matches_only_its_own_arguments() {
+        let functions = [("la_pass", 1024u32), ("la_decode", 0)];
+        let key = ModuleKey {
+            name: "lightning.cu".into(),
+            defines: defines("1"),
+            functions: functions.iter().map(|&(f, s)| (f.to_string(), s)).collect(),
+        };
+        assert!(key.matches("lightning.cu", &defines("1"), &functions));
+        assert_eq!(
+            module_hash("lightning.cu", &defines("1"), &functions),
+            module_hash("lightning.cu", &defines("1"), &functions)
+        );
+        assert!(!key.matches("rat.cu", &defines("1"), &functions));
+        assert!(!key.matches("lightning.cu", &defines("2"), &functions));
+        assert!(!key.matches(
+            "lightning.cu",
+            &defines("1"),
+            &[("la_pass", 2048), ("la_decode", 0)]
+        ));
+        assert!(!key.matches("lightning.cu", &defines("1"), &functions[..1]));
+    }
+}
