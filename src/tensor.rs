@@ -121,6 +121,18 @@ unsafe impl DlpackStream for ConsumerStream {
             Ok(stream::none())
         }
     }
+
+    /// Accepts the producer's stream (torch's C exchange API: no Python call per tensor) when
+    /// nothing needs ordering: CPU memory, or a CUDA tensor whose producer stream is the one
+    /// the kernels launch on (`native_call` passes torch's current stream). Any other stream
+    /// declines, and the import falls back to `__dlpack__(stream=...)`, which orders the two.
+    unsafe fn wait_for_producer(&self, device: DLDevice, producer: *mut c_void) -> PyResult<bool> {
+        Ok(match device.device_type {
+            DLDeviceType::CPU => true,
+            DLDeviceType::CUDA => producer as usize == self.0,
+            _ => false,
+        })
+    }
 }
 
 fn dtype_of(code: DLDataTypeCode, bits: u8, lanes: u16) -> Option<DType> {

@@ -122,13 +122,17 @@ def test_property_example_window_bf16_seed194(device):
 def test_residual_only_when_a_backward_follows(monkeypatch):
     """out_lo is stored for 16-bit inputs when a backward will follow, and only then."""
     residual = []
-    real = N.nsa_branch_fwd
 
-    def spy(*args):
-        residual.append(args[-1])
-        return real(*args)
+    def spy(real):
+        def call(*args):
+            residual.append(args[-1])
+            return real(*args)
 
-    monkeypatch.setattr(N, "nsa_branch_fwd", spy)
+        return call
+
+    # the op, and its implementation that eager calls without a backward run directly
+    monkeypatch.setattr(N, "nsa_branch_fwd", spy(N.nsa_branch_fwd))
+    monkeypatch.setattr(N, "_nsa_branch_fwd", spy(N._nsa_branch_fwd))
     x = torch.randn(1, 5, 2, 8)
     for dtype, grad, enabled, want in [
         (BF16, True, True, True),

@@ -109,15 +109,52 @@ def cuda_unavailable_reason() -> str | None:
     return _native.cuda_unavailable_reason()
 
 
-@contextlib.contextmanager
-def native_call(t: torch.Tensor) -> Iterator[int]:
+# CPU kernels take no stream; one reusable context serves every CPU call.
+_NO_STREAM = contextlib.nullcontext(0)
+
+
+def native_call(t: torch.Tensor) -> contextlib.AbstractContextManager[int]:
     """Device guard for DLPack export plus the stream handle the kernels launch on."""
-    if t.device.type == "cuda":
-        _preload_nvrtc()
-        with torch.cuda.device(t.device):
-            yield torch.cuda.current_stream(t.device).cuda_stream
-    else:
-        yield 0
+    return _cuda_call(t) if t.is_cuda else _NO_STREAM
+
+
+@contextlib.contextmanager
+def _cuda_call(t: torch.Tensor) -> Iterator[int]:
+    _preload_nvrtc()
+    with torch.cuda.device(t.device):
+        # torch's current stream of t's device as a raw handle (no Stream object per call)
+        yield torch._C._cuda_getCurrentRawStream(t.device.index)
+
+
+# Dispatch keys that mean something watches op calls: a dispatch mode (FakeTensorMode,
+# FlopCounterMode, ...) or a functorch transform.
+_WATCHED_KEYS = 0
+for _key in ("Python", "PythonTLSSnapshot", "FuncTorchDynamicLayerFrontMode"):
+    _WATCHED_KEYS |= torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, _key)).raw_repr()
+del _key
+
+
+def direct_call(*tensors: torch.Tensor | None) -> bool:
+    """Whether an op may run its implementation directly rather than through torch's dispatcher
+    and autograd wrapper (several Python layers per call): plain eager tensors on cpu or cuda,
+    no gradient to record, and nothing that watches op calls (torch.compile, dispatch modes,
+    functorch transforms, the JIT tracer, the profiler). Results are the same either way."""
+    if (
+        torch.compiler.is_compiling()
+        or torch._C._dispatch_tls_local_include_set().raw_repr() & _WATCHED_KEYS
+        or torch._C._autograd._profiler_enabled()
+        or torch._C._get_tracing_state() is not None
+    ):
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) is not torch.Tensor or not (t.is_cpu or t.is_cuda):
+            return False
+        if grad and t.requires_grad:
+            return False
+    return True
 
 
 def unit_last_stride(t: torch.Tensor) -> torch.Tensor:

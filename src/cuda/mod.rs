@@ -324,9 +324,15 @@ fn ensure_nvrtc() -> CudaResult<()> {
 
 /// Checks that the driver and NVRTC libraries can be opened (cudarc panics otherwise).
 pub fn ensure_libraries() -> CudaResult<()> {
-    // SAFETY: only probes dlopen.
-    if !unsafe { dsys::is_culib_present() } {
-        return Err("the CUDA driver library (libcuda.so) was not found".into());
+    // The probe opens and closes libcuda (dlopen): once found it stays found, so every launch
+    // after the first skips it.
+    static DRIVER_FOUND: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !DRIVER_FOUND.load(std::sync::atomic::Ordering::Relaxed) {
+        // SAFETY: only probes dlopen.
+        if !unsafe { dsys::is_culib_present() } {
+            return Err("the CUDA driver library (libcuda.so) was not found".into());
+        }
+        DRIVER_FOUND.store(true, std::sync::atomic::Ordering::Relaxed);
     }
     ensure_nvrtc()
 }
@@ -455,11 +461,43 @@ impl Kernels {
     }
 }
 
+/// What identifies a loaded module: source name, defines, and the functions loaded from it with
+/// their shared-memory caps.
+struct ModuleKey {
+    name: String,
+    defines: Vec<(String, String)>,
+    functions: Vec<(String, u32)>,
+}
+
+impl ModuleKey {
+    fn matches(&self, name: &str, defines: &[(String, String)], functions: &[(&str, u32)]) -> bool {
+        self.name == name
+            && self.defines == defines
+            && self.functions.len() == functions.len()
+            && self
+                .functions
+                .iter()
+                .zip(functions)
+                .all(|((f, s), (g, t))| f == g && s == t)
+    }
+}
+
+/// The hash of a module's key, computed from the borrowed arguments (no allocation per launch).
+fn module_hash(name: &str, defines: &[(String, String)], functions: &[(&str, u32)]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (name, defines, functions).hash(&mut h);
+    h.finish()
+}
+
+/// Loaded modules by `module_hash`; a bucket holds every key of that hash.
+type ModuleMap = HashMap<u64, Vec<(ModuleKey, Arc<Kernels>)>>;
+
 pub struct Device {
     pub ctx: Arc<CudaContext>,
     pub arch: String,
     pub sm_count: u32,
-    modules: Mutex<HashMap<String, Arc<Kernels>>>,
+    modules: Mutex<ModuleMap>,
 }
 
 static DEVICES: LazyLock<Mutex<HashMap<i32, Arc<Device>>>> = LazyLock::new(Default::default);
@@ -511,15 +549,13 @@ impl Device {
     ) -> CudaResult<Arc<Kernels>> {
         // Callers may load different kernels of one module (and different shared-memory caps):
         // each list gets its own loaded module.
-        let mut key = name.to_string();
-        for (k, v) in defines {
-            key.push_str(&format!(" {k}={v}"));
-        }
-        for (f, smem) in functions {
-            key.push_str(&format!(" {f}:{smem}"));
-        }
+        let hash = module_hash(name, defines, functions);
         let mut modules = self.modules.lock().map_err(|e| e.to_string())?;
-        if let Some(k) = modules.get(&key) {
+        let bucket = modules.entry(hash).or_default();
+        if let Some((_, k)) = bucket
+            .iter()
+            .find(|(key, _)| key.matches(name, defines, functions))
+        {
             return Ok(k.clone());
         }
         let cubin = cached_cubin(name, &source(body), defines, &self.arch)?;
@@ -544,7 +580,12 @@ impl Device {
             _module: module,
             functions: map,
         });
-        modules.insert(key, k.clone());
+        let key = ModuleKey {
+            name: name.to_string(),
+            defines: defines.to_vec(),
+            functions: functions.iter().map(|&(f, s)| (f.to_string(), s)).collect(),
+        };
+        bucket.push((key, k.clone()));
         Ok(k)
     }
 
@@ -600,5 +641,40 @@ impl Device {
             )
         }
         .map_err(|e| format!("kernel launch failed: {e:?}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn defines(stages: &str) -> Vec<(String, String)> {
+        vec![
+            ("LA_DK".into(), "64".into()),
+            ("LA_STAGES".into(), stages.into()),
+        ]
+    }
+
+    #[test]
+    fn a_module_key_matches_only_its_own_arguments() {
+        let functions = [("la_pass", 1024u32), ("la_decode", 0)];
+        let key = ModuleKey {
+            name: "lightning.cu".into(),
+            defines: defines("1"),
+            functions: functions.iter().map(|&(f, s)| (f.to_string(), s)).collect(),
+        };
+        assert!(key.matches("lightning.cu", &defines("1"), &functions));
+        assert_eq!(
+            module_hash("lightning.cu", &defines("1"), &functions),
+            module_hash("lightning.cu", &defines("1"), &functions)
+        );
+        assert!(!key.matches("rat.cu", &defines("1"), &functions));
+        assert!(!key.matches("lightning.cu", &defines("2"), &functions));
+        assert!(!key.matches(
+            "lightning.cu",
+            &defines("1"),
+            &[("la_pass", 2048), ("la_decode", 0)]
+        ));
+        assert!(!key.matches("lightning.cu", &defines("1"), &functions[..1]));
     }
 }

@@ -20,6 +20,7 @@ from .._deprecation import keyword_only_options
 from .._runtime import (
     check_cu_seqlens,
     check_rank,
+    direct_call,
     native_call,
     state_dtype,
     unit_last_stride,
@@ -37,8 +38,7 @@ def _empty(shape, like: Tensor, dtype, packed: bool) -> Tensor:
     return torch.empty(shape, dtype=dtype, device=like.device)
 
 
-@torch.library.custom_op("longattn::landmark_fwd", mutates_args=(), device_types=("cpu", "cuda"))
-def landmark_fwd(
+def _landmark_fwd(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -67,6 +67,12 @@ def landmark_fwd(
             stream,
         )
     return out, lse, out_lo
+
+
+# eager calls that need no dispatcher run _landmark_fwd directly (direct_call)
+landmark_fwd = torch.library.custom_op(
+    "longattn::landmark_fwd", _landmark_fwd, mutates_args=(), device_types=("cpu", "cuda")
+)
 
 
 @landmark_fwd.register_fake
@@ -149,8 +155,7 @@ def _backward(ctx, grad_out, grad_lse, grad_out_lo):
 landmark_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("longattn::landmark_topk", mutates_args=(), device_types=("cpu", "cuda"))
-def landmark_topk(
+def _landmark_topk(
     q: Tensor, k: Tensor, block_size: int, topk: int, scale: float, cu_seqlens: Tensor | None
 ) -> Tensor:
     if cu_seqlens is not None and q.device.type == "cuda":
@@ -160,6 +165,12 @@ def landmark_topk(
     with native_call(q) as stream:
         _native.landmark_topk(q, k, out, block_size, scale, cu_seqlens, stream)
     return out
+
+
+# eager calls that need no dispatcher run _landmark_topk directly (direct_call)
+landmark_topk = torch.library.custom_op(
+    "longattn::landmark_topk", _landmark_topk, mutates_args=(), device_types=("cpu", "cuda")
+)
 
 
 @landmark_topk.register_fake
@@ -223,7 +234,8 @@ def landmark_attn(
         scale = q.shape[-1] ** -0.5
     q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
     with_out_lo = wants_out_lo(q, k, v)
-    out, lse, _ = landmark_fwd(
+    fwd = _landmark_fwd if direct_call(q, k, v, block_indices, cu_seqlens) else landmark_fwd
+    out, lse, _ = fwd(
         q, k, v, block_indices, int(block_size), float(scale), cu_seqlens, with_out_lo
     )
     return (out, lse) if return_lse else out
@@ -264,7 +276,8 @@ def landmark_topk_blocks(
     if scale is None:
         scale = q.shape[-1] ** -0.5
     q, k = unit_last_stride(q.detach()), unit_last_stride(k.detach())
-    return landmark_topk(q, k, int(block_size), int(topk), float(scale), cu_seqlens)
+    topk_op = _landmark_topk if direct_call(q, k, cu_seqlens) else landmark_topk
+    return topk_op(q, k, int(block_size), int(topk), float(scale), cu_seqlens)
 
 
 @keyword_only_options

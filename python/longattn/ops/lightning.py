@@ -14,7 +14,14 @@ from torch import Tensor
 
 from .. import _native
 from .._deprecation import keyword_only_options
-from .._runtime import check_cu_seqlens, check_rank, native_call, state_dtype, unit_last_stride
+from .._runtime import (
+    check_cu_seqlens,
+    check_rank,
+    direct_call,
+    native_call,
+    state_dtype,
+    unit_last_stride,
+)
 
 __all__ = ["lightning_attn", "lightning_slopes"]
 
@@ -27,8 +34,7 @@ def _state_shape(q: Tensor, v: Tensor, cu_seqlens: Tensor | None) -> tuple[int, 
     return (_num_seqs(q, cu_seqlens), q.shape[2], q.shape[3], v.shape[3])
 
 
-@torch.library.custom_op("longattn::lightning_fwd", mutates_args=(), device_types=("cpu", "cuda"))
-def lightning_fwd(
+def _lightning_fwd(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -55,6 +61,12 @@ def lightning_fwd(
             stream,
         )
     return out, final_state
+
+
+# eager calls that need no dispatcher run _lightning_fwd directly (direct_call)
+lightning_fwd = torch.library.custom_op(
+    "longattn::lightning_fwd", _lightning_fwd, mutates_args=(), device_types=("cpu", "cuda")
+)
 
 
 @lightning_fwd.register_fake
@@ -215,7 +227,10 @@ def lightning_attn(
     if slopes.is_floating_point():
         slopes = slopes.to(state_dtype(q.dtype))
     q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
-    out, final_state = lightning_fwd(q, k, v, slopes, initial_state, float(scale), cu_seqlens)
+    fwd = (
+        _lightning_fwd if direct_call(q, k, v, slopes, initial_state, cu_seqlens) else lightning_fwd
+    )
+    out, final_state = fwd(q, k, v, slopes, initial_state, float(scale), cu_seqlens)
     return out, (final_state if output_final_state else None)
 
 

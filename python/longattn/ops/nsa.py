@@ -22,6 +22,7 @@ from .._deprecation import warn
 from .._runtime import (
     check_cu_seqlens,
     check_rank,
+    direct_call,
     native_call,
     state_dtype,
     unit_last_stride,
@@ -150,8 +151,7 @@ def _kv_outer(q: Tensor, k: Tensor, block_size: int) -> bool:
 # ----------------------------------------------------------------------------- attention branches
 
 
-@torch.library.custom_op("longattn::nsa_branch_fwd", mutates_args=(), device_types=("cpu", "cuda"))
-def nsa_branch_fwd(
+def _nsa_branch_fwd(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -258,6 +258,12 @@ def _cuda_bwd_aux(q, k, v, block_indices, block_counts, kind, count, a, b, cu_se
     return aux
 
 
+# eager calls that need no dispatcher run _nsa_branch_fwd directly (direct_call)
+nsa_branch_fwd = torch.library.custom_op(
+    "longattn::nsa_branch_fwd", _nsa_branch_fwd, mutates_args=(), device_types=("cpu", "cuda")
+)
+
+
 @nsa_branch_fwd.register_fake
 def _(q, k, v, block_indices, block_counts, kind, count, a, b, scale, cu_seqlens, residual):
     out = q.new_empty((*q.shape[:3], v.shape[3]))
@@ -347,7 +353,8 @@ def _branch(q, k, v, block_indices, block_counts, kind, count, a, b, scale, cu_s
     rounding residual (one more o-sized tensor saved): where attention is nearly one-hot,
     dP − Δ is tiny and Δ = rowsum(dO ∘ o) from the rounded o alone would be wrong by far more."""
     residual = wants_out_lo(q, k, v)
-    o, lse, _ = nsa_branch_fwd(
+    direct = direct_call(q, k, v, block_indices, block_counts, cu_seqlens)
+    o, lse, _ = (_nsa_branch_fwd if direct else nsa_branch_fwd)(
         q, k, v, block_indices, block_counts, kind, count, a, b, scale, cu_seqlens, residual
     )
     return o, lse
@@ -484,8 +491,7 @@ def sliding_window_attn(
 # ----------------------------------------------------------------------------- selection
 
 
-@torch.library.custom_op("longattn::nsa_topk_blocks", mutates_args=(), device_types=("cpu", "cuda"))
-def nsa_topk_blocks_op(
+def _nsa_topk_blocks(
     q: Tensor,
     k_cmp: Tensor,
     lse: Tensor,
@@ -505,6 +511,12 @@ def nsa_topk_blocks_op(
             block_size, topk, init_blocks, local_blocks, scale, cu_seqlens, stream,
         )  # fmt: skip
     return out
+
+
+# eager calls that need no dispatcher run _nsa_topk_blocks directly (direct_call)
+nsa_topk_blocks_op = torch.library.custom_op(
+    "longattn::nsa_topk_blocks", _nsa_topk_blocks, mutates_args=(), device_types=("cpu", "cuda")
+)
 
 
 @nsa_topk_blocks_op.register_fake
@@ -549,7 +561,8 @@ def nsa_topk_blocks(
         lse = lse.to(state_dtype(q.dtype))
     q, k_cmp = unit_last_stride(q), unit_last_stride(k_cmp)
     with torch.no_grad():
-        return nsa_topk_blocks_op(
+        topk_op = _nsa_topk_blocks if direct_call(q, k_cmp, lse, cu_seqlens) else nsa_topk_blocks_op
+        return topk_op(
             q, k_cmp, lse.detach(), int(kernel_size), int(kernel_stride), int(block_size),
             int(topk), int(init_blocks), int(local_blocks), _scale(scale, q), cu_seqlens,
         )  # fmt: skip
@@ -558,10 +571,7 @@ def nsa_topk_blocks(
 # ----------------------------------------------------------------------------- compression
 
 
-@torch.library.custom_op(
-    "longattn::nsa_compress_fwd", mutates_args=(), device_types=("cpu", "cuda")
-)
-def nsa_compress_fwd(
+def _nsa_compress_fwd(
     x: Tensor,
     weight: Tensor | None,
     pe: Tensor | None,
@@ -586,6 +596,12 @@ def nsa_compress_fwd(
             stream,
         )
     return out
+
+
+# eager calls that need no dispatcher run _nsa_compress_fwd directly (direct_call)
+nsa_compress_fwd = torch.library.custom_op(
+    "longattn::nsa_compress_fwd", _nsa_compress_fwd, mutates_args=(), device_types=("cpu", "cuda")
+)
 
 
 @nsa_compress_fwd.register_fake
@@ -727,7 +743,8 @@ def nsa_compress(
         cu_cmp = _compressed_offsets(cu_seqlens, kernel_size, kernel_stride)
         # the output shape is data-dependent: the one host read of this op (API-imposed)
         rows = max(0, int(cu_cmp[-1]))
-    out = nsa_compress_fwd(
+    direct = direct_call(x, weight, pe, cu_seqlens, cu_cmp)
+    out = (_nsa_compress_fwd if direct else nsa_compress_fwd)(
         x, weight, pe, int(kernel_size), int(kernel_stride), int(rows), cu_seqlens, cu_cmp
     )
     return out, cu_cmp

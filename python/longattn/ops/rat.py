@@ -11,6 +11,8 @@ scratch buffers here with torch (O(B·T/L·H·D), plus Δ [B, T, H] in the backw
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -19,6 +21,7 @@ from .._deprecation import DEPRECATED, renamed
 from .._runtime import (
     check_cu_seqlens,
     check_rank,
+    direct_call,
     native_call,
     state_dtype,
     unit_last_stride,
@@ -72,8 +75,7 @@ def _cuda_scratch(q: Tensor, shape: tuple[int, ...], chunk_size: int, backward: 
     return (kr, ve, carry_k, carry_v, delta, dks, dvs)
 
 
-@torch.library.custom_op("longattn::rat_fwd", mutates_args=(), device_types=("cpu", "cuda"))
-def rat_fwd(
+def _rat_fwd(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -114,6 +116,12 @@ def rat_fwd(
             scratch,
         )
     return out, lse, k_states, v_states, out_lo
+
+
+# eager calls that need no dispatcher run _rat_fwd directly (direct_call)
+rat_fwd = torch.library.custom_op(
+    "longattn::rat_fwd", _rat_fwd, mutates_args=(), device_types=("cpu", "cuda")
+)
 
 
 @rat_fwd.register_fake
@@ -296,7 +304,8 @@ def rat_attn(
         q, k, v, g, chunk_size, scale, rope_theta, cu_seqlens
     )
     with_out_lo = wants_out_lo(q, k, v, g)
-    y, lse = rat_fwd(q, k, v, g, chunk_size, scale, rope_theta, cu_seqlens, with_out_lo)[:2]
+    fwd = _rat_fwd if direct_call(q, k, v, g, cu_seqlens) else rat_fwd
+    y, lse = fwd(q, k, v, g, chunk_size, scale, rope_theta, cu_seqlens, with_out_lo)[:2]
     return (y, lse) if return_lse else y
 
 
@@ -323,7 +332,8 @@ def rat_attn_with_states(
         q, k, v, g, chunk_size, scale, rope_theta, cu_seqlens
     )
     with_out_lo = wants_out_lo(q, k, v, g)
-    return rat_fwd(q, k, v, g, chunk_size, scale, rope_theta, cu_seqlens, with_out_lo)[:4]
+    fwd = _rat_fwd if direct_call(q, k, v, g, cu_seqlens) else rat_fwd
+    return fwd(q, k, v, g, chunk_size, scale, rope_theta, cu_seqlens, with_out_lo)[:4]
 
 
 # ----------------------------------------------------------------------------- decode
@@ -341,6 +351,12 @@ def rat_decode_splits(rows: int, chunks: int, sm_count: int) -> int:
         return 1
     per = -(-chunks // splits)
     return -(-chunks // per)
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    """Streaming multiprocessors of a GPU (fixed per process; the property lookup is not free)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 @torch.library.custom_op(
@@ -379,7 +395,7 @@ def rat_decode(
     partial = None
     if q.device.type == "cuda":
         B, _, H, D = q.shape
-        sm_count = torch.cuda.get_device_properties(q.device).multi_processor_count
+        sm_count = _sm_count(q.device.index)
         splits = rat_decode_splits(B * H, seen // chunk_size, sm_count)
         if splits > 1:
             partial = torch.empty(B, H, splits, D + 2, dtype=torch.float32, device=q.device)
