@@ -376,6 +376,23 @@ impl<A: Acc> Scratch<A> {
     }
 }
 
+/// The scaled scores scale·Q·Kᵀ of the loaded tiles (q, kt) into `w.s` (rows × n).
+#[inline(always)]
+fn tile_scores<A: Acc>(w: &mut Scratch<A>, rows: usize, n: usize, d: usize, scale: A) {
+    let sbuf = &mut w.s[..rows * n];
+    gemm(
+        rows,
+        n,
+        d,
+        Mat::rows(&w.q, d),
+        Mat::rows(&w.kt, n),
+        sbuf,
+        n,
+        None,
+    );
+    sbuf.iter_mut().for_each(|x| *x = *x * scale);
+}
+
 /// Loads key rows [k0, k0 + n) of (sequence, kv head): K transposed (d × n) and/or row-major.
 #[allow(clippy::too_many_arguments)]
 unsafe fn load_keys<I: Input>(
@@ -478,18 +495,8 @@ fn fwd_item<I: Input>(a: &LmArgs, f: &LmFwd, si: usize, h: usize, t: usize) {
                 load_keys::<I>(a.k, s, hk, k0, n, Some(&mut w.kt[..d * n]), None);
                 load_keys::<I>(a.v, s, hk, k0, n, None, Some(&mut w.vr[..n * ev]));
             }
+            tile_scores(&mut w, rows, n, d, scale);
             let sbuf = &mut w.s[..rows * n];
-            gemm(
-                rows,
-                n,
-                d,
-                Mat::rows(&w.q, d),
-                Mat::rows(&w.kt, n),
-                sbuf,
-                n,
-                None,
-            );
-            sbuf.iter_mut().for_each(|x| *x = *x * scale);
             scores_pass1(
                 &qt,
                 k0,
@@ -637,18 +644,8 @@ fn tile_grads<A: Acc>(
     w: &mut Scratch<A>,
 ) {
     let rows = qt.rows;
+    tile_scores(w, rows, n, d, scale);
     let sbuf = &mut w.s[..rows * n];
-    gemm(
-        rows,
-        n,
-        d,
-        Mat::rows(&w.q, d),
-        Mat::rows(&w.kt, n),
-        sbuf,
-        n,
-        None,
-    );
-    sbuf.iter_mut().for_each(|x| *x = *x * scale);
     // P = exp(E − lse); π overwrites s on earlier blocks
     scores_pass1(
         qt,

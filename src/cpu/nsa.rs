@@ -429,18 +429,19 @@ impl<A: Acc> Work<A> {
         }
     }
 
-    /// Loads keys c0..c0 + n of (sequence, kv head g) into kb, vb; whether all are finite.
-    #[allow(clippy::too_many_arguments)]
-    fn load_keys<E: Input>(
+    /// Selects the rows of chunk `ci` of the tile and loads its keys of (sequence, kv head g)
+    /// into kb, vb: (first key, keys, whether all are finite).
+    fn chunk<E: Input>(
         &mut self,
-        k: &View,
-        v: &View,
+        ci: usize,
+        rows: usize,
+        (k, v): (&View, &View),
         s: &NsaSeq,
-        base: usize,
-        g: usize,
-        c0: usize,
-        n: usize,
-    ) -> bool {
+        (base, g): (usize, usize),
+    ) -> (usize, usize, bool) {
+        let (c0, c1) = self.tile.chunks[ci];
+        let n = c1 - c0;
+        self.tile.select(rows, c0, c1);
         let (d, dv) = (k.shape[3], v.shape[3]);
         for j in 0..n {
             let key = [s.batch, base + c0 + j, g];
@@ -450,7 +451,8 @@ impl<A: Acc> Work<A> {
                 load_row::<E, A>(v, key, &mut self.vb[j * dv..][..dv], A::ONE);
             }
         }
-        all_finite(&self.kb[..n * d]) && all_finite(&self.vb[..n * dv])
+        let finite = all_finite(&self.kb[..n * d]) && all_finite(&self.vb[..n * dv]);
+        (c0, n, finite)
     }
 }
 
@@ -517,10 +519,7 @@ fn fwd_tile<E: Input, A: Acc>(p: &AttnFwd, w: &mut Work<A>, si: usize, g: usize,
     w.rows_v[..mr * dv].fill(A::ZERO);
     w.tile.set(&p.keys, s, g, t0, rows);
     for ci in 0..w.tile.chunks.len() {
-        let (c0, c1) = w.tile.chunks[ci];
-        let n = c1 - c0;
-        w.tile.select(rows, c0, c1);
-        let finite = w.load_keys::<E>(p.k, p.v, s, base, g, c0, n);
+        let (_, n, finite) = w.chunk::<E>(ci, rows, (p.k, p.v), s, (base, g));
         let ma = w.tile.act.len() * grp;
         gather(&w.q, &w.tile.act, grp * d, &mut w.qa);
         let kt = Mat::transposed(&w.kb, d);
@@ -750,10 +749,8 @@ fn bwd_tile<E: Input, A: Acc>(
     w.dq[..mr * d].fill(A::ZERO);
     w.tile.set(&p.keys, s, g, t0, rows);
     for ci in 0..w.tile.chunks.len() {
-        let (c0, c1) = w.tile.chunks[ci];
-        let n = c1 - c0;
-        w.tile.select(rows, c0, c1);
-        let finite = w.load_keys::<E>(p.k, p.v, s, base, g, c0, n) && tile_finite;
+        let (c0, n, finite) = w.chunk::<E>(ci, rows, (p.k, p.v), s, (base, g));
+        let finite = finite && tile_finite;
         let ma = w.tile.act.len() * grp;
         gather(&w.q, &w.tile.act, grp * d, &mut w.qa);
         gather(&w.rows_v, &w.tile.act, grp * dv, &mut w.doa);
