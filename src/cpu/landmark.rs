@@ -22,7 +22,8 @@
 //! query tiles are BQ rows. Work items: forward and dQ over (sequence, query head, query tile),
 //! dK/dV over (sequence, kv head, key tile); f32 accumulation (f64 for f64), scores in f32.
 
-use crate::cpu::num::{by_dtype, Acc, Input};
+use crate::cpu::gemm::{gemm, Mat};
+use crate::cpu::num::{by_dtype, vmax, vsum, Acc, Input};
 use crate::cpu::POOL;
 use crate::tensor::View;
 use rayon::prelude::*;
@@ -149,94 +150,6 @@ unsafe fn at3<T: Copy>(v: &View, b: usize, t: usize, h: usize) -> *mut T {
 }
 
 // ---------------------------------------------------------------------------------------------
-// GEMM: C[m×n] += op(A)[m×k] · B[k×n], B row-major (ldb), A row-major (lda) or, with AT, A
-// stored transposed (a(r, p) = a[p·lda + r]). Register-blocked 4 × 16.
-
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn gemm<A: Acc, const F: bool, const AT: bool>(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[A],
-    lda: usize,
-    b: &[A],
-    ldb: usize,
-    c: &mut [A],
-    ldc: usize,
-) {
-    const MR: usize = 4;
-    const NR: usize = 16;
-    if m == 0 || n == 0 || k == 0 {
-        return;
-    }
-    let a_len = if AT {
-        (k - 1) * lda + m
-    } else {
-        (m - 1) * lda + k
-    };
-    assert!(a.len() >= a_len && b.len() >= (k - 1) * ldb + n && c.len() >= (m - 1) * ldc + n);
-    let aix = |r: usize, p: usize| if AT { p * lda + r } else { r * lda + p };
-    let mut i = 0;
-    while i + MR <= m {
-        let mut j = 0;
-        while j + NR <= n {
-            let mut acc = [[A::ZERO; NR]; MR];
-            for p in 0..k {
-                // SAFETY: bounds asserted above.
-                let bp = unsafe { &*(b.as_ptr().add(p * ldb + j) as *const [A; NR]) };
-                for (r, accr) in acc.iter_mut().enumerate() {
-                    let av = unsafe { *a.get_unchecked(aix(i + r, p)) };
-                    for x in 0..NR {
-                        accr[x] = A::fma::<F>(av, bp[x], accr[x]);
-                    }
-                }
-            }
-            for (r, accr) in acc.iter().enumerate() {
-                let cr = &mut c[(i + r) * ldc + j..(i + r) * ldc + j + NR];
-                for x in 0..NR {
-                    cr[x] += accr[x];
-                }
-            }
-            j += NR;
-        }
-        if j < n {
-            for r in i..i + MR {
-                gemm_row::<A, F, AT>(r, j, n, k, a, lda, b, ldb, c, ldc);
-            }
-        }
-        i += MR;
-    }
-    for r in i..m {
-        gemm_row::<A, F, AT>(r, 0, n, k, a, lda, b, ldb, c, ldc);
-    }
-}
-
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn gemm_row<A: Acc, const F: bool, const AT: bool>(
-    r: usize,
-    j0: usize,
-    n: usize,
-    k: usize,
-    a: &[A],
-    lda: usize,
-    b: &[A],
-    ldb: usize,
-    c: &mut [A],
-    ldc: usize,
-) {
-    let cr = &mut c[r * ldc + j0..r * ldc + n];
-    for p in 0..k {
-        let av = if AT { a[p * lda + r] } else { a[r * lda + p] };
-        let bp = &b[p * ldb + j0..p * ldb + n];
-        cr.iter_mut()
-            .zip(bp)
-            .for_each(|(cv, &bv)| *cv = A::fma::<F>(av, bv, *cv));
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // tiles
 
 /// Keys per key tile for a block size: whole blocks, about BK keys.
@@ -326,46 +239,6 @@ impl QTile {
         let (j0, j1) = (k0 / block, (k0 + n).div_ceil(block));
         (0..self.rows).any(|r| (j0..j1).any(|j| self.kind(r, j, block) != Kind::Skip))
     }
-}
-
-/// Σ x with 8 independent lanes (vectorises).
-#[inline(always)]
-fn vsum<A: Acc>(x: &[A]) -> A {
-    let mut acc = [A::ZERO; 8];
-    let mut it = x.chunks_exact(8);
-    for c in &mut it {
-        for l in 0..8 {
-            acc[l] += c[l];
-        }
-    }
-    let mut s = A::ZERO;
-    for &v in it.remainder() {
-        s += v;
-    }
-    for a in acc {
-        s += a;
-    }
-    s
-}
-
-/// max x (−∞ for an empty slice; NaN ignored) with 8 lanes.
-#[inline(always)]
-fn vmax<A: Acc>(x: &[A]) -> A {
-    let mut acc = [A::NEG_INF; 8];
-    let mut it = x.chunks_exact(8);
-    for c in &mut it {
-        for l in 0..8 {
-            acc[l] = acc[l].maxf(c[l]);
-        }
-    }
-    let mut m = A::NEG_INF;
-    for &v in it.remainder() {
-        m = m.maxf(v);
-    }
-    for a in acc {
-        m = m.maxf(a);
-    }
-    m
 }
 
 /// Pass 1 over scaled scores `s` (rows × n, ld n): per (row, block of the tile) the kind and,
@@ -503,6 +376,23 @@ impl<A: Acc> Scratch<A> {
     }
 }
 
+/// The scaled scores scale·Q·Kᵀ of the loaded tiles (q, kt) into `w.s` (rows × n).
+#[inline(always)]
+fn tile_scores<A: Acc>(w: &mut Scratch<A>, rows: usize, n: usize, d: usize, scale: A) {
+    let sbuf = &mut w.s[..rows * n];
+    gemm(
+        rows,
+        n,
+        d,
+        Mat::rows(&w.q, d),
+        Mat::rows(&w.kt, n),
+        sbuf,
+        n,
+        None,
+    );
+    sbuf.iter_mut().for_each(|x| *x = *x * scale);
+}
+
 /// Loads key rows [k0, k0 + n) of (sequence, kv head): K transposed (d × n) and/or row-major.
 #[allow(clippy::too_many_arguments)]
 unsafe fn load_keys<I: Input>(
@@ -566,7 +456,7 @@ fn forward_t<I: Input>(a: &LmArgs, f: &LmFwd) {
                 return;
             }
             let _ = fma;
-            fwd_item::<I, false>(a, f, si, h, t);
+            fwd_item::<I>(a, f, si, h, t);
         })
     });
 }
@@ -574,11 +464,11 @@ fn forward_t<I: Input>(a: &LmArgs, f: &LmFwd) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn fwd_item_fma<I: Input>(a: &LmArgs, f: &LmFwd, si: usize, h: usize, t: usize) {
-    fwd_item::<I, true>(a, f, si, h, t)
+    fwd_item::<I>(a, f, si, h, t)
 }
 
 #[inline(always)]
-fn fwd_item<I: Input, const F: bool>(a: &LmArgs, f: &LmFwd, si: usize, h: usize, t: usize) {
+fn fwd_item<I: Input>(a: &LmArgs, f: &LmFwd, si: usize, h: usize, t: usize) {
     let s = &a.seqs[si];
     let (d, ev, bs) = (a.q.shape[3], a.v.shape[3], a.block);
     let hk = h / (a.hq / a.hkv);
@@ -605,10 +495,8 @@ fn fwd_item<I: Input, const F: bool>(a: &LmArgs, f: &LmFwd, si: usize, h: usize,
                 load_keys::<I>(a.k, s, hk, k0, n, Some(&mut w.kt[..d * n]), None);
                 load_keys::<I>(a.v, s, hk, k0, n, None, Some(&mut w.vr[..n * ev]));
             }
+            tile_scores(&mut w, rows, n, d, scale);
             let sbuf = &mut w.s[..rows * n];
-            sbuf.fill(I::A::ZERO);
-            gemm::<I::A, F, false>(rows, n, d, &w.q, d, &w.kt, n, sbuf, n);
-            sbuf.iter_mut().for_each(|x| *x = *x * scale);
             scores_pass1(
                 &qt,
                 k0,
@@ -647,7 +535,8 @@ fn fwd_item<I: Input, const F: bool>(a: &LmArgs, f: &LmFwd, si: usize, h: usize,
                         .for_each(|x| *x = *x * a_r);
                 }
             }
-            gemm::<I::A, F, false>(rows, ev, n, &w.e, n, &w.vr, ev, &mut acc, ev);
+            let (e, vr) = (Mat::rows(&w.e, n), Mat::rows(&w.vr, ev));
+            gemm(rows, ev, n, e, vr, &mut acc, ev, Some(I::A::ONE));
         }
         k0 += tk;
     }
@@ -694,7 +583,7 @@ fn backward_t<I: Input>(a: &LmArgs, g: &LmBwd) {
                 return;
             }
             let _ = fma;
-            dq_item::<I, false>(a, g, si, h, t);
+            dq_item::<I>(a, g, si, h, t);
         });
         ki.par_iter().for_each(|&(si, h, t)| {
             #[cfg(target_arch = "x86_64")]
@@ -703,7 +592,7 @@ fn backward_t<I: Input>(a: &LmArgs, g: &LmBwd) {
                 unsafe { dkv_item_fma::<I>(a, g, si, h, t) };
                 return;
             }
-            dkv_item::<I, false>(a, g, si, h, t);
+            dkv_item::<I>(a, g, si, h, t);
         });
     });
 }
@@ -711,13 +600,13 @@ fn backward_t<I: Input>(a: &LmArgs, g: &LmBwd) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dq_item_fma<I: Input>(a: &LmArgs, g: &LmBwd, si: usize, h: usize, t: usize) {
-    dq_item::<I, true>(a, g, si, h, t)
+    dq_item::<I>(a, g, si, h, t)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dkv_item_fma<I: Input>(a: &LmArgs, g: &LmBwd, si: usize, h: usize, t: usize) {
-    dkv_item::<I, true>(a, g, si, h, t)
+    dkv_item::<I>(a, g, si, h, t)
 }
 
 /// Loads q, do, lse and delta of a query tile into the scratch.
@@ -744,7 +633,7 @@ fn load_q_tile<I: Input>(a: &LmArgs, g: &LmBwd, qt: &QTile, h: usize, w: &mut Sc
 /// in `dp`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn tile_grads<A: Acc, const F: bool>(
+fn tile_grads<A: Acc>(
     qt: &QTile,
     k0: usize,
     n: usize,
@@ -755,10 +644,8 @@ fn tile_grads<A: Acc, const F: bool>(
     w: &mut Scratch<A>,
 ) {
     let rows = qt.rows;
+    tile_scores(w, rows, n, d, scale);
     let sbuf = &mut w.s[..rows * n];
-    sbuf.fill(A::ZERO);
-    gemm::<A, F, false>(rows, n, d, &w.q, d, &w.kt, n, sbuf, n);
-    sbuf.iter_mut().for_each(|x| *x = *x * scale);
     // P = exp(E − lse); π overwrites s on earlier blocks
     scores_pass1(
         qt,
@@ -774,8 +661,16 @@ fn tile_grads<A: Acc, const F: bool>(
     );
     scores_pass2(rows, n, bs, &mut w.e, &w.kinds, &w.bmax, &w.lse);
     let dp = &mut w.dp[..rows * n];
-    dp.fill(A::ZERO);
-    gemm::<A, F, false>(rows, n, ev, &w.dout, ev, &w.vt, n, dp, n);
+    gemm(
+        rows,
+        n,
+        ev,
+        Mat::rows(&w.dout, ev),
+        Mat::rows(&w.vt, n),
+        dp,
+        n,
+        None,
+    );
     let nbt = n.div_ceil(bs);
     for r in 0..rows {
         let er = &w.e[r * n..(r + 1) * n];
@@ -805,7 +700,7 @@ fn tile_grads<A: Acc, const F: bool>(
 }
 
 #[inline(always)]
-fn dq_item<I: Input, const F: bool>(a: &LmArgs, g: &LmBwd, si: usize, h: usize, t: usize) {
+fn dq_item<I: Input>(a: &LmArgs, g: &LmBwd, si: usize, h: usize, t: usize) {
     let s = &a.seqs[si];
     let (d, ev, bs) = (a.q.shape[3], a.v.shape[3], a.block);
     let hk = h / (a.hq / a.hkv);
@@ -834,8 +729,9 @@ fn dq_item<I: Input, const F: bool>(a: &LmArgs, g: &LmBwd, si: usize, h: usize, 
                 );
                 load_keys::<I>(a.v, s, hk, k0, n, Some(&mut w.vt[..ev * n]), None);
             }
-            tile_grads::<I::A, F>(&qt, k0, n, bs, d, ev, scale, &mut w);
-            gemm::<I::A, F, false>(rows, d, n, &w.dp, n, &w.kr, d, &mut dq, d);
+            tile_grads::<I::A>(&qt, k0, n, bs, d, ev, scale, &mut w);
+            let (ds, kr) = (Mat::rows(&w.dp, n), Mat::rows(&w.kr, d));
+            gemm(rows, d, n, ds, kr, &mut dq, d, Some(I::A::ONE));
         }
         k0 += tk;
     }
@@ -847,7 +743,7 @@ fn dq_item<I: Input, const F: bool>(a: &LmArgs, g: &LmBwd, si: usize, h: usize, 
 }
 
 #[inline(always)]
-fn dkv_item<I: Input, const F: bool>(a: &LmArgs, g: &LmBwd, si: usize, hk: usize, t: usize) {
+fn dkv_item<I: Input>(a: &LmArgs, g: &LmBwd, si: usize, hk: usize, t: usize) {
     let s = &a.seqs[si];
     let (d, ev, bs) = (a.q.shape[3], a.v.shape[3], a.block);
     let groups = a.hq / a.hkv;
@@ -872,10 +768,29 @@ fn dkv_item<I: Input, const F: bool>(a: &LmArgs, g: &LmBwd, si: usize, hk: usize
             let qt = QTile::new(a, s, hk, i0, rows);
             if qt.needs(k0, n, bs) {
                 load_q_tile::<I>(a, g, &qt, h, &mut w);
-                tile_grads::<I::A, F>(&qt, k0, n, bs, d, ev, scale, &mut w);
+                tile_grads::<I::A>(&qt, k0, n, bs, d, ev, scale, &mut w);
                 // dV += Pᵀ dO, dK += dSᵀ Q
-                gemm::<I::A, F, true>(n, ev, rows, &w.e, n, &w.dout, ev, &mut dv, ev);
-                gemm::<I::A, F, true>(n, d, rows, &w.dp, n, &w.q, d, &mut dk, d);
+                let (pt, dst) = (Mat::transposed(&w.e, n), Mat::transposed(&w.dp, n));
+                gemm(
+                    n,
+                    ev,
+                    rows,
+                    pt,
+                    Mat::rows(&w.dout, ev),
+                    &mut dv,
+                    ev,
+                    Some(I::A::ONE),
+                );
+                gemm(
+                    n,
+                    d,
+                    rows,
+                    dst,
+                    Mat::rows(&w.q, d),
+                    &mut dk,
+                    d,
+                    Some(I::A::ONE),
+                );
             }
             i0 += BQ;
         }
@@ -1023,30 +938,6 @@ mod tests {
         for bs in [2, 4, 5, 51, 64, 100, 1000] {
             let t = key_tile(bs);
             assert!(t % bs == 0 && t >= BK.min(bs));
-        }
-    }
-
-    #[test]
-    fn landmark_gemm_matches_naive() {
-        let (m, n, k) = (7, 19, 5);
-        let a: Vec<f64> = (0..m * k).map(|i| (i as f64 * 0.37).sin()).collect();
-        let b: Vec<f64> = (0..k * n).map(|i| (i as f64 * 0.11).cos()).collect();
-        let mut c = vec![0.0; m * n];
-        gemm::<f64, false, false>(m, n, k, &a, k, &b, n, &mut c, n);
-        let mut at = vec![0.0; k * m];
-        for r in 0..m {
-            for p in 0..k {
-                at[p * m + r] = a[r * k + p];
-            }
-        }
-        let mut c2 = vec![0.0; m * n];
-        gemm::<f64, true, true>(m, n, k, &at, m, &b, n, &mut c2, n);
-        for r in 0..m {
-            for x in 0..n {
-                let want: f64 = (0..k).map(|p| a[r * k + p] * b[p * n + x]).sum();
-                assert!((c[r * n + x] - want).abs() < 1e-12);
-                assert!((c2[r * n + x] - want).abs() < 1e-12);
-            }
         }
     }
 }

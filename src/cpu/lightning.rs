@@ -20,15 +20,19 @@
 //! so every power of λ has a non-negative exponent and nothing overflows for any slope ≥ 0.
 //! Work items are (sequence, head, group of 32-column value tiles): state columns are
 //! independent, and a group spans several tiles when there are enough (sequence, head) pairs
-//! to fill the pool, so that Q Kᵀ is computed once for all of them. Tile products run in a
-//! register-blocked micro-kernel, with AVX2+FMA vectors where the CPU has them.
+//! to fill the pool, so that Q Kᵀ is computed once for all of them. Tile products run in the
+//! GEMM core's micro-kernel (`cpu::gemm`), on buffers padded to whole register blocks, called
+//! directly because the causal products skip the blocks above the diagonal.
 
+#[cfg(target_arch = "x86_64")]
+use crate::cpu::gemm::MR_AVX2;
+use crate::cpu::gemm::{tile_acc, tile_store, Plain, Vector, MR_BASE};
 use crate::cpu::num::{by_dtype, Acc, Input};
 use crate::cpu::POOL;
 use crate::tensor::View;
 use rayon::prelude::*;
 #[cfg(target_arch = "x86_64")]
-use std::arch::x86_64::*;
+use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
 
 /// One sequence of a (possibly packed) batch: batch row, first token, length.
 #[derive(Clone, Copy, Debug)]
@@ -69,9 +73,6 @@ pub const DOT_SLOTS: usize = 8;
 const BK: usize = 64;
 /// Value columns per dot slot.
 const TILE: usize = 32;
-#[cfg(target_arch = "x86_64")]
-const MR_AVX2: usize = 6;
-const MR_BASE: usize = 4;
 /// Row capacity of the chunk buffers: BK rounded up to any micro-kernel height.
 const ROWS: usize = BK + 8;
 
@@ -81,123 +82,6 @@ pub fn la_pass(p: &LaPass) {
 
 fn la_pass_on(p: &LaPass, isa: Isa) {
     by_dtype!(p.q.dtype, "la_pass", I => run::<I>(p, isa))
-}
-
-/// The accumulators' AVX2 vector (f32 or f64 lanes).
-trait Lanes: Acc {
-    #[cfg(target_arch = "x86_64")]
-    type V256: Vector<Self>;
-}
-
-impl Lanes for f32 {
-    #[cfg(target_arch = "x86_64")]
-    type V256 = __m256;
-}
-
-impl Lanes for f64 {
-    #[cfg(target_arch = "x86_64")]
-    type V256 = __m256d;
-}
-
-/// One SIMD register of `W` accumulators. Explicit vectors, because LLVM's auto-vectoriser
-/// produced shuffle-laden micro-kernels for some operand layouts.
-///
-/// # Safety
-/// Methods may only run where the vector's target features are available.
-trait Vector<A>: Copy {
-    const W: usize;
-    unsafe fn zero() -> Self;
-    unsafe fn splat(x: A) -> Self;
-    unsafe fn load(p: *const A) -> Self;
-    unsafe fn store(self, p: *mut A);
-    /// self·b + c
-    unsafe fn fma(self, b: Self, c: Self) -> Self;
-}
-
-macro_rules! x86_vector {
-    ($v:ty, $a:ty, $w:expr, $feat:literal, $zero:ident, $splat:ident, $load:ident, $store:ident, $fma:ident) => {
-        #[cfg(target_arch = "x86_64")]
-        impl Vector<$a> for $v {
-            const W: usize = $w;
-            #[inline]
-            #[target_feature(enable = $feat)]
-            unsafe fn zero() -> Self {
-                $zero()
-            }
-            #[inline]
-            #[target_feature(enable = $feat)]
-            unsafe fn splat(x: $a) -> Self {
-                $splat(x)
-            }
-            #[inline]
-            #[target_feature(enable = $feat)]
-            unsafe fn load(p: *const $a) -> Self {
-                unsafe { $load(p) }
-            }
-            #[inline]
-            #[target_feature(enable = $feat)]
-            unsafe fn store(self, p: *mut $a) {
-                unsafe { $store(p, self) }
-            }
-            #[inline]
-            #[target_feature(enable = $feat)]
-            unsafe fn fma(self, b: Self, c: Self) -> Self {
-                $fma(self, b, c)
-            }
-        }
-    };
-}
-
-x86_vector!(
-    __m256,
-    f32,
-    8,
-    "avx,fma",
-    _mm256_setzero_ps,
-    _mm256_set1_ps,
-    _mm256_loadu_ps,
-    _mm256_storeu_ps,
-    _mm256_fmadd_ps
-);
-x86_vector!(
-    __m256d,
-    f64,
-    4,
-    "avx,fma",
-    _mm256_setzero_pd,
-    _mm256_set1_pd,
-    _mm256_loadu_pd,
-    _mm256_storeu_pd,
-    _mm256_fmadd_pd
-);
-
-/// Portable fallback: four lanes the compiler vectorises for the baseline target (no FMA,
-/// whose `mul_add` would call libm there).
-#[derive(Clone, Copy)]
-struct Plain<A>([A; 4]);
-
-impl<A: Acc> Vector<A> for Plain<A> {
-    const W: usize = 4;
-    #[inline(always)]
-    unsafe fn zero() -> Self {
-        Plain([A::ZERO; 4])
-    }
-    #[inline(always)]
-    unsafe fn splat(x: A) -> Self {
-        Plain([x; 4])
-    }
-    #[inline(always)]
-    unsafe fn load(p: *const A) -> Self {
-        Plain(unsafe { p.cast::<[A; 4]>().read_unaligned() })
-    }
-    #[inline(always)]
-    unsafe fn store(self, p: *mut A) {
-        unsafe { p.cast::<[A; 4]>().write_unaligned(self.0) }
-    }
-    #[inline(always)]
-    unsafe fn fma(self, b: Self, c: Self) -> Self {
-        Plain(std::array::from_fn(|i| self.0[i] * b.0[i] + c.0[i]))
-    }
 }
 
 /// A strided 2-D window of a tensor, element strides.
@@ -366,8 +250,7 @@ impl Isa {
         Isa::Base
     }
 
-    /// Micro-kernel rows: 6 × two ymm accumulators plus three operands fill AVX2's 16
-    /// registers; the baseline's four-lane pairs take two SSE registers each.
+    /// Micro-kernel rows of the GEMM core's vectors.
     fn mr(self) -> usize {
         match self {
             #[cfg(target_arch = "x86_64")]
@@ -377,7 +260,7 @@ impl Isa {
     }
 
     /// Micro-kernel columns: two vectors.
-    fn nr<A: Lanes>(self) -> usize {
+    fn nr<A: Acc>(self) -> usize {
         2 * match self {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => A::V256::W,
@@ -433,7 +316,7 @@ impl<A: Acc> Scratch<A> {
     }
 }
 
-fn run<I: Input<A: Lanes>>(p: &LaPass, isa: Isa) {
+fn run<I: Input>(p: &LaPass, isa: Isa) {
     let dk = p.q.shape[3];
     let dv = p.v.shape[3];
     let heads = p.q.shape[2];
@@ -490,67 +373,8 @@ fn run<I: Input<A: Lanes>>(p: &LaPass, isa: Isa) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn item_avx2<I: Input<A: Lanes>>(p: &LaPass, it: &Item, sc: &mut Scratch<I::A>) {
-    unsafe { item::<I, <I::A as Lanes>::V256, MR_AVX2>(p, it, sc) }
-}
-
-/// acc += a[0..MR, 0..kc] · b[0..kc, 0..2W], with a(i, k) = `a[i·ra + k·ka]` and b row-major
-/// with leading dim `ldb`. Callers pass constant `ra`, `ka`, so the inlined loop keeps no
-/// strides in registers.
-///
-/// # Safety
-/// Only where `V`'s target features are available.
-#[inline(always)]
-unsafe fn mk_acc<A: Acc, V: Vector<A>, const MR: usize>(
-    acc: &mut [[V; 2]; MR],
-    (a, ra, ka): (&[A], usize, usize),
-    b: &[A],
-    ldb: usize,
-    kc: usize,
-) {
-    if kc == 0 {
-        return;
-    }
-    assert!(a.len() > (MR - 1) * ra + (kc - 1) * ka && b.len() >= (kc - 1) * ldb + 2 * V::W);
-    for k in 0..kc {
-        // SAFETY: in bounds by the assert above.
-        unsafe {
-            let bp = b.as_ptr().add(k * ldb);
-            let (b0, b1) = (V::load(bp), V::load(bp.add(V::W)));
-            for (i, row) in acc.iter_mut().enumerate() {
-                let ai = V::splat(*a.get_unchecked(i * ra + k * ka));
-                row[0] = ai.fma(b0, row[0]);
-                row[1] = ai.fma(b1, row[1]);
-            }
-        }
-    }
-}
-
-/// c[0..MR, 0..2W] = keep·c + acc (`None`: c = acc, so that stale values never matter).
-///
-/// # Safety
-/// As for `mk_acc`.
-#[inline(always)]
-unsafe fn mk_store<A: Acc, V: Vector<A>, const MR: usize>(
-    acc: &[[V; 2]; MR],
-    c: &mut [A],
-    ldc: usize,
-    keep: Option<A>,
-) {
-    assert!(c.len() >= (MR - 1) * ldc + 2 * V::W);
-    for (i, row) in acc.iter().enumerate() {
-        for (half, &x) in row.iter().enumerate() {
-            // SAFETY: in bounds by the assert above.
-            unsafe {
-                let p = c.as_mut_ptr().add(i * ldc + half * V::W);
-                let y = match keep {
-                    Some(f) => V::load(p).fma(V::splat(f), x),
-                    None => x,
-                };
-                y.store(p);
-            }
-        }
-    }
+unsafe fn item_avx2<I: Input>(p: &LaPass, it: &Item, sc: &mut Scratch<I::A>) {
+    unsafe { item::<I, <I::A as Acc>::V256, MR_AVX2>(p, it, sc) }
 }
 
 /// One (sequence, head, column group) of the pass.
@@ -674,8 +498,8 @@ unsafe fn item<I: Input, V: Vector<I::A>, const MR: usize>(
                 let jend = (i + MR).min(m);
                 for j in (0..jend).step_by(nr) {
                     let mut acc = [[unsafe { V::zero() }; 2]; MR];
-                    mk_acc::<_, V, MR>(&mut acc, (&qt[i..], 1, ROWS), &kt[j..], BK, dk);
-                    mk_store(&acc, &mut ab[i * BK + j..], BK, None);
+                    tile_acc::<_, V, MR>(&mut acc, (&qt[i..], 1, ROWS), &kt[j..], BK, dk);
+                    tile_store(&acc, &mut ab[i * BK + j..], BK, None);
                 }
                 // Pad rows (≥ m) hold zeros: Q's pad rows are zero.
                 for r in i..(i + MR).min(m) {
@@ -698,9 +522,9 @@ unsafe fn item<I: Input, V: Vector<I::A>, const MR: usize>(
                     ahead.step();
                     let mut acc = [[unsafe { V::zero() }; 2]; MR];
                     // Columns before the row block only: every row of the block sees them.
-                    mk_acc::<_, V, MR>(&mut acc, (&ab[i * BK..], BK, 1), &vb[j..], ep, i);
-                    mk_acc::<_, V, MR>(&mut acc, (&qt[i..], 1, ROWS), &s[j..], ep, dk);
-                    mk_store(&acc, &mut ob[i * ep + j..], ep, None);
+                    tile_acc::<_, V, MR>(&mut acc, (&ab[i * BK..], BK, 1), &vb[j..], ep, i);
+                    tile_acc::<_, V, MR>(&mut acc, (&qt[i..], 1, ROWS), &s[j..], ep, dk);
+                    tile_store(&acc, &mut ob[i * ep + j..], ep, None);
                 }
                 // The diagonal block row by row, causal columns only: a masked (zero) weight
                 // times a NaN/Inf value of a later token would leak it back in time.
@@ -741,8 +565,8 @@ unsafe fn item<I: Input, V: Vector<I::A>, const MR: usize>(
                 for j in (0..ep).step_by(nr) {
                     ahead.step();
                     let mut acc = [[unsafe { V::zero() }; 2]; MR];
-                    mk_acc::<_, V, MR>(&mut acc, (&kt[i * BK..], BK, 1), &vb[j..], ep, m);
-                    mk_store(&acc, &mut s[i * ep + j..], ep, Some(keep));
+                    tile_acc::<_, V, MR>(&mut acc, (&kt[i * BK..], BK, 1), &vb[j..], ep, m);
+                    tile_store(&acc, &mut s[i * ep + j..], ep, Some(keep));
                 }
             }
             e = 1;

@@ -1,6 +1,7 @@
 //! CPU kernels: rayon over independent (sequence, head, tile) work items, f32 accumulation
 //! (f64 for f64 inputs), f16/bf16 upcast per tile.
 
+pub mod gemm;
 pub mod landmark;
 pub mod lightning;
 pub mod nsa;

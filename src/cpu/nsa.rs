@@ -11,8 +11,9 @@
 //! Work items: forward (sequence, kv head, query tile); backward (sequence, kv head, query
 //! part); selection (sequence, kv head, query tile); compression (sequence, head).
 
-use crate::cpu::num::{by_dtype, Acc, Input};
-use crate::cpu::POOL;
+use crate::cpu::gemm::{gemm, Mat};
+use crate::cpu::num::{by_dtype, vmax, vsum, Acc, Input};
+use crate::cpu::{has_avx2_fma, POOL};
 use crate::tensor::{DType, View};
 use rayon::prelude::*;
 
@@ -203,8 +204,13 @@ unsafe fn store_row_split<E: Input, A: Acc>(
 
 /// Keys per chunk of the online softmax.
 const CHUNK: usize = 64;
-/// Queries per forward / selection work item.
+/// Query rows per attention tile; with the G heads of their kv group they are the GEMM rows.
+const TQ: usize = 16;
+/// Queries per selection work item.
 const TILE: usize = 16;
+/// Backward work items to aim for, whatever the thread count: the query parts, and with them
+/// the summation order of dk and dv, depend on the problem only.
+const BWD_ITEMS: usize = 16;
 
 /// Arguments of the attention forward. `o` [B, T, Hq, Dv] and `lse` [B, T, Hq] are written.
 pub struct AttnFwd<'a> {
@@ -268,112 +274,353 @@ fn tiles(seqs: &[NsaSeq], hkv: usize, tile: usize) -> Vec<(usize, usize, usize)>
     items
 }
 
+/// Whether every element is finite (x·0 is 0 only for finite x); eight lanes, so that it
+/// vectorises.
+fn all_finite<A: Acc>(x: &[A]) -> bool {
+    let mut acc = [A::ZERO; 8];
+    let mut it = x.chunks_exact(8);
+    for c in &mut it {
+        for l in 0..8 {
+            acc[l] += c[l] * A::ZERO;
+        }
+    }
+    let tail = it.remainder().iter().fold(A::ZERO, |s, &v| s + v * A::ZERO);
+    acc.iter().fold(tail, |s, &v| s + v) == A::ZERO
+}
+
+/// The key structure of one query tile: the rows t0..t0 + rows of (sequence, kv head), their
+/// key ranges, the key chunks covering their union and, per chunk, the rows that see some of
+/// it with their visible segments.
+struct Tile {
+    ranges: Vec<Vec<(usize, usize)>>,
+    chunks: Vec<(usize, usize)>,
+    /// rows of the current chunk that see any of its keys
+    act: Vec<usize>,
+    /// segments [lo, hi) (local to the chunk) of act[x]: segs[seg_at[x]..seg_at[x + 1]]
+    seg_at: Vec<usize>,
+    segs: Vec<(usize, usize)>,
+}
+
+impl Tile {
+    fn new() -> Self {
+        Tile {
+            ranges: vec![Vec::new(); TQ],
+            chunks: Vec::new(),
+            act: Vec::new(),
+            seg_at: Vec::new(),
+            segs: Vec::new(),
+        }
+    }
+
+    /// Ranges of rows t0..t0 + rows and the chunks (≤ CHUNK keys) of their union.
+    fn set(&mut self, keys: &KeySet, s: &NsaSeq, g: usize, t0: usize, rows: usize) {
+        let mut all = Vec::new();
+        for r in 0..rows {
+            keys.ranges(s, t0 + r, g, &mut self.ranges[r]);
+            all.extend_from_slice(&self.ranges[r]);
+        }
+        all.sort_unstable();
+        self.chunks.clear();
+        let mut cur: Option<(usize, usize)> = None;
+        for (lo, hi) in all.into_iter().chain([(usize::MAX, usize::MAX)]) {
+            match cur {
+                Some((a, b)) if lo <= b => cur = Some((a, b.max(hi))),
+                _ => {
+                    if let Some((a, b)) = cur {
+                        let mut c0 = a;
+                        while c0 < b {
+                            let c1 = (c0 + CHUNK).min(b);
+                            self.chunks.push((c0, c1));
+                            c0 = c1;
+                        }
+                    }
+                    cur = Some((lo, hi));
+                }
+            }
+        }
+    }
+
+    /// The rows of chunk [c0, c1) and their visible segments, merged (a key listed twice
+    /// counts once).
+    fn select(&mut self, rows: usize, c0: usize, c1: usize) {
+        self.act.clear();
+        self.segs.clear();
+        self.seg_at.clear();
+        self.seg_at.push(0);
+        for r in 0..rows {
+            let first = self.segs.len();
+            for &(lo, hi) in &self.ranges[r] {
+                let (lo, hi) = (lo.max(c0), hi.min(c1));
+                if lo < hi {
+                    self.segs.push((lo - c0, hi - c0));
+                }
+            }
+            if self.segs.len() == first {
+                continue;
+            }
+            let row = &mut self.segs[first..];
+            row.sort_unstable();
+            let mut k = first;
+            for x in first + 1..self.segs.len() {
+                let (lo, hi) = self.segs[x];
+                if lo <= self.segs[k].1 {
+                    self.segs[k].1 = self.segs[k].1.max(hi);
+                } else {
+                    k += 1;
+                    self.segs[k] = (lo, hi);
+                }
+            }
+            self.segs.truncate(k + 1);
+            self.act.push(r);
+            self.seg_at.push(self.segs.len());
+        }
+    }
+
+    fn row_segs(&self, x: usize) -> &[(usize, usize)] {
+        &self.segs[self.seg_at[x]..self.seg_at[x + 1]]
+    }
+}
+
+/// Per-thread buffers of the attention kernels: tile rows are stacked (row, head of the
+/// group), `compact` buffers hold the active rows of a chunk only.
+struct Work<A> {
+    tile: Tile,
+    /// scaled q of the tile rows, [TQ·G, D]
+    q: Vec<A>,
+    /// forward: output accumulators [TQ·G, Dv]; backward: dO [TQ·G, Dv]
+    rows_v: Vec<A>,
+    /// backward: dq accumulators [TQ·G, D]
+    dq: Vec<A>,
+    /// forward: running max, sum; backward: lse, Δ (per stacked row)
+    m: Vec<A>,
+    l: Vec<A>,
+    kb: Vec<A>,
+    vb: Vec<A>,
+    /// active rows of q (and dO) gathered
+    qa: Vec<A>,
+    doa: Vec<A>,
+    /// scores, then P (forward and backward)
+    s: Vec<A>,
+    /// forward: rescale factor per compact row; backward: dP, then dE
+    dp: Vec<A>,
+    corr: Vec<A>,
+    /// product rows before scattering into the tile
+    o: Vec<A>,
+}
+
+impl<A: Acc> Work<A> {
+    fn new(grp: usize, d: usize, dv: usize) -> Self {
+        let mr = TQ * grp;
+        Work {
+            tile: Tile::new(),
+            q: vec![A::ZERO; mr * d],
+            rows_v: vec![A::ZERO; mr * dv],
+            dq: vec![A::ZERO; mr * d],
+            m: vec![A::ZERO; mr],
+            l: vec![A::ZERO; mr],
+            kb: vec![A::ZERO; CHUNK * d],
+            vb: vec![A::ZERO; CHUNK * dv],
+            qa: vec![A::ZERO; mr * d],
+            doa: vec![A::ZERO; mr * dv],
+            s: vec![A::ZERO; mr * CHUNK],
+            dp: vec![A::ZERO; mr * CHUNK],
+            corr: vec![A::ZERO; mr],
+            o: vec![A::ZERO; mr * d.max(dv)],
+        }
+    }
+
+    /// Selects the rows of chunk `ci` of the tile and loads its keys of (sequence, kv head g)
+    /// into kb, vb: (first key, keys, whether all are finite).
+    fn chunk<E: Input>(
+        &mut self,
+        ci: usize,
+        rows: usize,
+        (k, v): (&View, &View),
+        s: &NsaSeq,
+        (base, g): (usize, usize),
+    ) -> (usize, usize, bool) {
+        let (c0, c1) = self.tile.chunks[ci];
+        let n = c1 - c0;
+        self.tile.select(rows, c0, c1);
+        let (d, dv) = (k.shape[3], v.shape[3]);
+        for j in 0..n {
+            let key = [s.batch, base + c0 + j, g];
+            // SAFETY: validated shapes; the key is inside the sequence's keys.
+            unsafe {
+                load_row::<E, A>(k, key, &mut self.kb[j * d..][..d], A::ONE);
+                load_row::<E, A>(v, key, &mut self.vb[j * dv..][..dv], A::ONE);
+            }
+        }
+        let finite = all_finite(&self.kb[..n * d]) && all_finite(&self.vb[..n * dv]);
+        (c0, n, finite)
+    }
+}
+
+/// dst = the `width`-long blocks of `src` at the indices `act`, in order.
+fn gather<A: Copy>(src: &[A], act: &[usize], width: usize, dst: &mut [A]) {
+    for (x, &r) in act.iter().enumerate() {
+        dst[x * width..][..width].copy_from_slice(&src[r * width..][..width]);
+    }
+}
+
 fn attn_fwd_t<E: Input, A: Acc>(p: &AttnFwd) {
     let (hq, d) = (p.q.shape[2], p.q.shape[3]);
     let (hkv, dv) = (p.k.shape[2], p.v.shape[3]);
     let grp = hq / hkv;
-    let scale = A::of(p.scale);
-    let items = tiles(p.seqs, hkv, TILE);
+    let items = tiles(p.seqs, hkv, TQ);
     POOL.install(|| {
-        items.par_iter().for_each(|&(si, g, t0)| {
-            let s = &p.seqs[si];
-            let base = p.keys.base(s);
-            let mut ranges = Vec::new();
-            let mut qb = vec![A::ZERO; grp * d];
-            let mut acc = vec![A::ZERO; grp * dv];
-            let mut kb = vec![A::ZERO; CHUNK * d];
-            let mut vb = vec![A::ZERO; CHUNK * dv];
-            let mut sc = [A::ZERO; CHUNK];
-            let mut m = vec![A::NEG_INF; grp];
-            let mut l = vec![A::ZERO; grp];
-            for t in t0..(t0 + TILE).min(s.len) {
-                let row = s.start + t;
-                for h in 0..grp {
-                    // SAFETY: validated shapes; t < len, head < Hq.
-                    unsafe {
-                        load_row::<E, A>(
-                            p.q,
-                            [s.batch, row, g * grp + h],
-                            &mut qb[h * d..][..d],
-                            scale,
-                        )
-                    };
+        items.par_iter().for_each_init(
+            || Work::<A>::new(grp, d, dv),
+            |w, &(si, g, t0)| {
+                #[cfg(target_arch = "x86_64")]
+                if has_avx2_fma() {
+                    // SAFETY: the CPU has AVX2 and FMA.
+                    return unsafe { fwd_tile_avx2::<E, A>(p, w, si, g, t0) };
                 }
-                acc.fill(A::ZERO);
-                m.fill(A::NEG_INF);
-                l.fill(A::ZERO);
-                p.keys.ranges(s, t, g, &mut ranges);
-                for &(lo, hi) in &ranges {
-                    let mut c0 = lo;
-                    while c0 < hi {
-                        let n = (hi - c0).min(CHUNK);
-                        for j in 0..n {
-                            let key = [s.batch, base + c0 + j, g];
-                            unsafe {
-                                load_row::<E, A>(p.k, key, &mut kb[j * d..][..d], A::of(1.0));
-                                load_row::<E, A>(p.v, key, &mut vb[j * dv..][..dv], A::of(1.0));
-                            }
-                        }
-                        for h in 0..grp {
-                            let qh = &qb[h * d..][..d];
-                            let mut mx = A::NEG_INF;
-                            for j in 0..n {
-                                sc[j] = dot(qh, &kb[j * d..][..d]);
-                                mx = mx.max(sc[j]);
-                            }
-                            // No early exit when m_new = −∞: every score here belongs to a real
-                            // key, so that only comes from NaN/−∞ data, and the NaN of
-                            // exp(−∞ − −∞) must reach l and o like in the reference.
-                            let m_new = m[h].max(mx);
-                            let corr = (m[h] - m_new).exp();
-                            let ah = &mut acc[h * dv..][..dv];
-                            if corr != A::of(1.0) {
-                                for x in ah.iter_mut() {
-                                    *x = *x * corr;
-                                }
-                            }
-                            let mut sum = A::ZERO;
-                            for j in 0..n {
-                                let pj = (sc[j] - m_new).exp();
-                                sum += pj;
-                                axpy(ah, pj, &vb[j * dv..][..dv]);
-                            }
-                            l[h] = l[h] * corr + sum;
-                            m[h] = m_new;
-                        }
-                        c0 += n;
-                    }
+                fwd_tile::<E, A>(p, w, si, g, t0)
+            },
+        )
+    });
+}
+
+/// `fwd_tile` compiled for AVX2+FMA, so that its softmax loops vectorise 8 wide.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fwd_tile_avx2<E: Input, A: Acc>(
+    p: &AttnFwd,
+    w: &mut Work<A>,
+    si: usize,
+    g: usize,
+    t0: usize,
+) {
+    fwd_tile::<E, A>(p, w, si, g, t0)
+}
+
+/// One query tile of the forward: an online softmax over its key chunks.
+#[inline(always)]
+fn fwd_tile<E: Input, A: Acc>(p: &AttnFwd, w: &mut Work<A>, si: usize, g: usize, t0: usize) {
+    let (hq, d) = (p.q.shape[2], p.q.shape[3]);
+    let (hkv, dv) = (p.k.shape[2], p.v.shape[3]);
+    let grp = hq / hkv;
+    let s = &p.seqs[si];
+    let rows = TQ.min(s.len - t0);
+    let mr = rows * grp;
+    let base = p.keys.base(s);
+    for r in 0..rows {
+        for h in 0..grp {
+            let dst = &mut w.q[(r * grp + h) * d..][..d];
+            let idx = [s.batch, s.start + t0 + r, g * grp + h];
+            // SAFETY: validated shapes; t < len, head < Hq.
+            unsafe { load_row::<E, A>(p.q, idx, dst, A::of(p.scale)) };
+        }
+    }
+    w.m[..mr].fill(A::NEG_INF);
+    w.l[..mr].fill(A::ZERO);
+    w.rows_v[..mr * dv].fill(A::ZERO);
+    w.tile.set(&p.keys, s, g, t0, rows);
+    for ci in 0..w.tile.chunks.len() {
+        let (_, n, finite) = w.chunk::<E>(ci, rows, (p.k, p.v), s, (base, g));
+        let ma = w.tile.act.len() * grp;
+        gather(&w.q, &w.tile.act, grp * d, &mut w.qa);
+        let kt = Mat::transposed(&w.kb, d);
+        gemm(ma, n, d, Mat::rows(&w.qa, d), kt, &mut w.s, n, None);
+        // P over the visible keys only, with the true running maxima.
+        for (x, &r) in w.tile.act.iter().enumerate() {
+            let segs = w.tile.row_segs(x);
+            for h in 0..grp {
+                let (i, ti) = (x * grp + h, r * grp + h);
+                let srow = &mut w.s[i * n..][..n];
+                let mx = segs
+                    .iter()
+                    .fold(A::NEG_INF, |m, &(lo, hi)| m.maxf(vmax(&srow[lo..hi])));
+                // No early exit when m_new = −∞: every score here belongs to a visible key, so
+                // that only comes from NaN/−∞ data, and the NaN of exp(−∞ − −∞) must reach l
+                // and o like in the reference.
+                let m_new = w.m[ti].max(mx);
+                let corr = (w.m[ti] - m_new).exp();
+                let mut sum = A::ZERO;
+                let mut prev = 0;
+                for &(lo, hi) in segs {
+                    srow[prev..lo].fill(A::ZERO);
+                    let pr = &mut srow[lo..hi];
+                    pr.iter_mut().for_each(|v| *v = (*v - m_new).fexp());
+                    sum += vsum(pr);
+                    prev = hi;
                 }
-                for h in 0..grp {
-                    let head = g * grp + h;
-                    // l is 0 only for a row without keys; NaN (from NaN/Inf data) propagates
-                    let (inv, lse) = if l[h] != A::ZERO {
-                        (A::of(1.0) / l[h], m[h] + l[h].ln())
-                    } else {
-                        (A::ZERO, A::NEG_INF)
-                    };
-                    unsafe {
-                        let idx = [s.batch, row, head];
-                        store_row_split::<E, A>(p.o, p.o_lo, idx, &acc[h * dv..][..dv], inv);
-                        *p.lse.at::<A>(&[s.batch, row, head]) = lse;
+                srow[prev..].fill(A::ZERO);
+                w.l[ti] = w.l[ti] * corr + sum;
+                w.m[ti] = m_new;
+                w.corr[i] = corr;
+            }
+        }
+        // O = P·V; with a non-finite key or value, over the visible segments only (a masked
+        // zero times Inf/NaN would leak into rows that never see it).
+        if finite {
+            gemm(
+                ma,
+                dv,
+                n,
+                Mat::rows(&w.s, n),
+                Mat::rows(&w.vb, dv),
+                &mut w.o,
+                dv,
+                None,
+            );
+        } else {
+            w.o[..ma * dv].fill(A::ZERO);
+            for x in 0..w.tile.act.len() {
+                for &(lo, hi) in w.tile.row_segs(x) {
+                    for i in x * grp..(x + 1) * grp {
+                        let (pr, vr) = (
+                            Mat::rows(&w.s[i * n + lo..], n),
+                            Mat::rows(&w.vb[lo * dv..], dv),
+                        );
+                        gemm(1, dv, hi - lo, pr, vr, &mut w.o[i * dv..], dv, Some(A::ONE));
                     }
                 }
             }
-        })
-    });
+        }
+        for (x, &r) in w.tile.act.iter().enumerate() {
+            for h in 0..grp {
+                let (i, ti) = (x * grp + h, r * grp + h);
+                let corr = w.corr[i];
+                let acc = &mut w.rows_v[ti * dv..][..dv];
+                for (a, &o) in acc.iter_mut().zip(&w.o[i * dv..][..dv]) {
+                    *a = *a * corr + o;
+                }
+            }
+        }
+    }
+    for r in 0..rows {
+        for h in 0..grp {
+            let ti = r * grp + h;
+            let (m, l) = (w.m[ti], w.l[ti]);
+            // l is 0 only for a row without keys; NaN (from NaN/Inf data) propagates
+            let (inv, lse) = if l != A::ZERO {
+                (A::ONE / l, m + l.ln())
+            } else {
+                (A::ZERO, A::NEG_INF)
+            };
+            let idx = [s.batch, s.start + t0 + r, g * grp + h];
+            let acc = &w.rows_v[ti * dv..][..dv];
+            // SAFETY: validated shapes; this tile's rows are written by this item only.
+            unsafe {
+                store_row_split::<E, A>(p.o, p.o_lo, idx, acc, inv);
+                *p.lse.at::<A>(&idx) = lse;
+            }
+        }
+    }
 }
 
 fn attn_bwd_t<E: Input, A: Acc>(p: &AttnBwd) {
     let (hq, d) = (p.q.shape[2], p.q.shape[3]);
     let (hkv, dv) = (p.k.shape[2], p.v.shape[3]);
     let grp = hq / hkv;
-    let scale = A::of(p.scale);
-    let one = A::of(1.0);
+    let one = A::ONE;
     // Split long sequences into query parts when there are too few (sequence, kv head) pairs
-    // to fill the pool; each part has its own dk/dv buffer.
+    // for BWD_ITEMS work items; each part has its own dk/dv buffer.
     let pairs = (p.seqs.len() * hkv).max(1);
-    let threads = POOL.current_num_threads();
-    let want = (2 * threads).div_ceil(pairs).clamp(1, 8);
+    let want = BWD_ITEMS.div_ceil(pairs).clamp(1, 8);
     let mut items = Vec::new();
     for (si, s) in p.seqs.iter().enumerate() {
         let parts = want.min(s.len.div_ceil(128)).max(1);
@@ -388,83 +635,29 @@ fn attn_bwd_t<E: Input, A: Acc>(p: &AttnBwd) {
     let partials: Vec<(usize, usize, Vec<A>, Vec<A>)> = POOL.install(|| {
         items
             .par_iter()
-            .map(|&(si, g, tlo, thi)| {
-                let s = &p.seqs[si];
-                let base = p.keys.base(s);
-                let klen = p.keys.key_len(s);
-                let mut dkb = vec![A::ZERO; klen * d];
-                let mut dvb = vec![A::ZERO; klen * dv];
-                let mut ranges = Vec::new();
-                let mut qb = vec![A::ZERO; grp * d];
-                let mut dob = vec![A::ZERO; grp * dv];
-                let mut ob = vec![A::ZERO; dv];
-                let mut ob_lo = vec![A::ZERO; dv];
-                let mut dqb = vec![A::ZERO; grp * d];
-                let mut delta = vec![A::ZERO; grp];
-                let mut lse = vec![A::ZERO; grp];
-                let mut kb = vec![A::ZERO; CHUNK * d];
-                let mut vb = vec![A::ZERO; CHUNK * dv];
-                for t in tlo..thi {
-                    let row = s.start + t;
-                    for h in 0..grp {
-                        let idx = [s.batch, row, g * grp + h];
-                        unsafe {
-                            load_row::<E, A>(p.q, idx, &mut qb[h * d..][..d], one);
-                            load_row::<E, A>(p.dout, idx, &mut dob[h * dv..][..dv], one);
-                            load_row::<E, A>(p.o, idx, &mut ob, one);
-                            lse[h] = *p.lse.at::<A>(&idx);
-                            if let Some(o_lo) = p.o_lo {
-                                load_row::<E, A>(o_lo, idx, &mut ob_lo, one);
-                                for (x, y) in ob.iter_mut().zip(&ob_lo) {
-                                    *x += *y;
-                                }
-                            }
+            .map_init(
+                || Work::<A>::new(grp, d, dv),
+                |w, &(si, g, tlo, thi)| {
+                    let klen = p.keys.key_len(&p.seqs[si]);
+                    let mut dkb = vec![A::ZERO; klen * d];
+                    let mut dvb = vec![A::ZERO; klen * dv];
+                    let mut t0 = tlo;
+                    while t0 < thi {
+                        let rows = TQ.min(thi - t0);
+                        let at = (si, g, t0, rows);
+                        #[cfg(target_arch = "x86_64")]
+                        if has_avx2_fma() {
+                            // SAFETY: the CPU has AVX2 and FMA.
+                            unsafe { bwd_tile_avx2::<E, A>(p, w, at, &mut dkb, &mut dvb) };
+                            t0 += rows;
+                            continue;
                         }
-                        delta[h] = dot(&dob[h * dv..][..dv], &ob);
+                        bwd_tile::<E, A>(p, w, at, &mut dkb, &mut dvb);
+                        t0 += rows;
                     }
-                    dqb.fill(A::ZERO);
-                    p.keys.ranges(s, t, g, &mut ranges);
-                    for &(lo, hi) in &ranges {
-                        let mut c0 = lo;
-                        while c0 < hi {
-                            let n = (hi - c0).min(CHUNK);
-                            for j in 0..n {
-                                let key = [s.batch, base + c0 + j, g];
-                                unsafe {
-                                    load_row::<E, A>(p.k, key, &mut kb[j * d..][..d], one);
-                                    load_row::<E, A>(p.v, key, &mut vb[j * dv..][..dv], one);
-                                }
-                            }
-                            for h in 0..grp {
-                                let qh = &qb[h * d..][..d];
-                                let doh = &dob[h * dv..][..dv];
-                                for j in 0..n {
-                                    let kj = &kb[j * d..][..d];
-                                    let pj = (dot(qh, kj) * scale - lse[h]).exp();
-                                    let key = c0 + j;
-                                    axpy(&mut dvb[key * dv..][..dv], pj, doh);
-                                    let dp = dot(doh, &vb[j * dv..][..dv]);
-                                    let ds = pj * (dp - delta[h]) * scale;
-                                    axpy(&mut dqb[h * d..][..d], ds, kj);
-                                    axpy(&mut dkb[key * d..][..d], ds, qh);
-                                }
-                            }
-                            c0 += n;
-                        }
-                    }
-                    for h in 0..grp {
-                        unsafe {
-                            store_row::<E, A>(
-                                p.dq,
-                                [s.batch, row, g * grp + h],
-                                &dqb[h * d..][..d],
-                                one,
-                            )
-                        };
-                    }
-                }
-                (si, g, dkb, dvb)
-            })
+                    (si, g, dkb, dvb)
+                },
+            )
             .collect()
     });
     // Sum the parts of every (sequence, kv head) and write dk, dv.
@@ -497,6 +690,160 @@ fn attn_bwd_t<E: Input, A: Acc>(p: &AttnBwd) {
             }
         })
     });
+}
+
+/// `bwd_tile` compiled for AVX2+FMA, so that its softmax loops vectorise 8 wide.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn bwd_tile_avx2<E: Input, A: Acc>(
+    p: &AttnBwd,
+    w: &mut Work<A>,
+    at: (usize, usize, usize, usize),
+    dkb: &mut [A],
+    dvb: &mut [A],
+) {
+    bwd_tile::<E, A>(p, w, at, dkb, dvb)
+}
+
+/// One query tile (sequence, kv head, first row, rows) of the backward: writes its dq rows and
+/// accumulates dk, dv of the keys it sees into `dkb`, `dvb` (local key rows).
+#[inline(always)]
+fn bwd_tile<E: Input, A: Acc>(
+    p: &AttnBwd,
+    w: &mut Work<A>,
+    (si, g, t0, rows): (usize, usize, usize, usize),
+    dkb: &mut [A],
+    dvb: &mut [A],
+) {
+    let (hq, d) = (p.q.shape[2], p.q.shape[3]);
+    let (hkv, dv) = (p.k.shape[2], p.v.shape[3]);
+    let grp = hq / hkv;
+    let s = &p.seqs[si];
+    let mr = rows * grp;
+    let base = p.keys.base(s);
+    let (one, scale) = (A::ONE, A::of(p.scale));
+    // q is scaled at load: dK = dEᵀ·(scale·Q), dQ = scale·dE·K with dE = P∘(dP − Δ).
+    for r in 0..rows {
+        for h in 0..grp {
+            let ti = r * grp + h;
+            let idx = [s.batch, s.start + t0 + r, g * grp + h];
+            let ob = &mut w.o[..dv];
+            // SAFETY: validated shapes; t < len, head < Hq.
+            unsafe {
+                load_row::<E, A>(p.q, idx, &mut w.q[ti * d..][..d], scale);
+                load_row::<E, A>(p.dout, idx, &mut w.rows_v[ti * dv..][..dv], one);
+                load_row::<E, A>(p.o, idx, ob, one);
+                w.m[ti] = *p.lse.at::<A>(&idx);
+                if let Some(o_lo) = p.o_lo {
+                    let lo = &mut w.dq[..dv];
+                    load_row::<E, A>(o_lo, idx, lo, one);
+                    for (x, y) in ob.iter_mut().zip(lo.iter()) {
+                        *x += *y;
+                    }
+                }
+            }
+            w.l[ti] = dot(&w.rows_v[ti * dv..][..dv], &w.o[..dv]);
+        }
+    }
+    let tile_finite = all_finite(&w.q[..mr * d]) && all_finite(&w.rows_v[..mr * dv]);
+    w.dq[..mr * d].fill(A::ZERO);
+    w.tile.set(&p.keys, s, g, t0, rows);
+    for ci in 0..w.tile.chunks.len() {
+        let (c0, n, finite) = w.chunk::<E>(ci, rows, (p.k, p.v), s, (base, g));
+        let finite = finite && tile_finite;
+        let ma = w.tile.act.len() * grp;
+        gather(&w.q, &w.tile.act, grp * d, &mut w.qa);
+        gather(&w.rows_v, &w.tile.act, grp * dv, &mut w.doa);
+        let (qa, doa) = (Mat::rows(&w.qa, d), Mat::rows(&w.doa, dv));
+        gemm(ma, n, d, qa, Mat::transposed(&w.kb, d), &mut w.s, n, None);
+        gemm(
+            ma,
+            n,
+            dv,
+            doa,
+            Mat::transposed(&w.vb, dv),
+            &mut w.dp,
+            n,
+            None,
+        );
+        // P = exp(S − lse) and dE = P∘(dP − Δ) on the visible keys, 0 elsewhere.
+        for (x, &r) in w.tile.act.iter().enumerate() {
+            let segs = w.tile.row_segs(x);
+            for h in 0..grp {
+                let (i, ti) = (x * grp + h, r * grp + h);
+                let (lse, delta) = (w.m[ti], w.l[ti]);
+                let srow = &mut w.s[i * n..][..n];
+                let drow = &mut w.dp[i * n..][..n];
+                let mut prev = 0;
+                for &(lo, hi) in segs {
+                    srow[prev..lo].fill(A::ZERO);
+                    drow[prev..lo].fill(A::ZERO);
+                    for (sv, dv) in srow[lo..hi].iter_mut().zip(&mut drow[lo..hi]) {
+                        *sv = (*sv - lse).fexp();
+                        *dv = *sv * (*dv - delta);
+                    }
+                    prev = hi;
+                }
+                srow[prev..].fill(A::ZERO);
+                drow[prev..].fill(A::ZERO);
+            }
+        }
+        // dQ = dE·K, dK += dEᵀ·Q, dV += Pᵀ·dO; with a non-finite operand, over the visible
+        // segments only (a masked zero times Inf/NaN would leak).
+        let (dks, dvs) = (&mut dkb[c0 * d..], &mut dvb[c0 * dv..]);
+        if finite {
+            let k = Mat::rows(&w.kb, d);
+            gemm(ma, d, n, Mat::rows(&w.dp, n), k, &mut w.o, d, None);
+            gemm(n, d, ma, Mat::transposed(&w.dp, n), qa, dks, d, Some(one));
+            gemm(n, dv, ma, Mat::transposed(&w.s, n), doa, dvs, dv, Some(one));
+        } else {
+            w.o[..ma * d].fill(A::ZERO);
+            for x in 0..w.tile.act.len() {
+                for &(lo, hi) in w.tile.row_segs(x) {
+                    let len = hi - lo;
+                    let k = Mat::rows(&w.kb[lo * d..], d);
+                    for i in x * grp..(x + 1) * grp {
+                        let (de, pr) = (&w.dp[i * n + lo..], &w.s[i * n + lo..]);
+                        let (qi, doi) = (
+                            Mat::rows(&w.qa[i * d..], d),
+                            Mat::rows(&w.doa[i * dv..], dv),
+                        );
+                        gemm(
+                            1,
+                            d,
+                            len,
+                            Mat::rows(de, n),
+                            k,
+                            &mut w.o[i * d..],
+                            d,
+                            Some(one),
+                        );
+                        let dkr = &mut dks[lo * d..];
+                        gemm(len, d, 1, Mat::transposed(de, n), qi, dkr, d, Some(one));
+                        let dvr = &mut dvs[lo * dv..];
+                        gemm(len, dv, 1, Mat::transposed(pr, n), doi, dvr, dv, Some(one));
+                    }
+                }
+            }
+        }
+        for (x, &r) in w.tile.act.iter().enumerate() {
+            let (src, dst) = (
+                &w.o[x * grp * d..][..grp * d],
+                &mut w.dq[r * grp * d..][..grp * d],
+            );
+            for (a, &b) in dst.iter_mut().zip(src) {
+                *a += b;
+            }
+        }
+    }
+    for r in 0..rows {
+        for h in 0..grp {
+            let idx = [s.batch, s.start + t0 + r, g * grp + h];
+            let dq = &w.dq[(r * grp + h) * d..][..d];
+            // SAFETY: validated shapes; this tile's rows are written by this item only.
+            unsafe { store_row::<E, A>(p.dq, idx, dq, scale) };
+        }
+    }
 }
 
 // ----------------------------------------------------------------------------- block selection

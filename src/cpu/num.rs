@@ -86,6 +86,9 @@ pub trait Acc:
     + Div<Output = Self>
     + AddAssign
 {
+    /// The AVX2 vector of the GEMM core's micro-kernel.
+    #[cfg(target_arch = "x86_64")]
+    type V256: crate::cpu::gemm::Vector<Self>;
     const ZERO: Self;
     const ONE: Self;
     const NEG_INF: Self;
@@ -114,8 +117,10 @@ pub trait Acc:
 }
 
 macro_rules! acc {
-    ($t:ident, $fexp:expr) => {
+    ($t:ident, $v256:ty, $fexp:expr) => {
         impl Acc for $t {
+            #[cfg(target_arch = "x86_64")]
+            type V256 = $v256;
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
             const NEG_INF: Self = $t::NEG_INFINITY;
@@ -163,8 +168,9 @@ macro_rules! acc {
     };
 }
 
-acc!(f32, exp_f32);
-acc!(f64, f64::exp);
+// (the vector paths are only resolved on x86_64)
+acc!(f32, std::arch::x86_64::__m256, exp_f32);
+acc!(f64, std::arch::x86_64::__m256d, f64::exp);
 
 /// exp(x) for f32 within ~2 ulp, branch-free so that loops over it vectorise.
 #[inline(always)]
@@ -193,6 +199,46 @@ pub fn exp_f32(x: f32) -> f32 {
     } else {
         y
     }
+}
+
+/// Σ x with 8 independent lanes (vectorises).
+#[inline(always)]
+pub fn vsum<A: Acc>(x: &[A]) -> A {
+    let mut acc = [A::ZERO; 8];
+    let mut it = x.chunks_exact(8);
+    for c in &mut it {
+        for l in 0..8 {
+            acc[l] += c[l];
+        }
+    }
+    let mut s = A::ZERO;
+    for &v in it.remainder() {
+        s += v;
+    }
+    for a in acc {
+        s += a;
+    }
+    s
+}
+
+/// max x (−∞ for an empty slice; NaN ignored) with 8 lanes.
+#[inline(always)]
+pub fn vmax<A: Acc>(x: &[A]) -> A {
+    let mut acc = [A::NEG_INF; 8];
+    let mut it = x.chunks_exact(8);
+    for c in &mut it {
+        for l in 0..8 {
+            acc[l] = acc[l].maxf(c[l]);
+        }
+    }
+    let mut m = A::NEG_INF;
+    for &v in it.remainder() {
+        m = m.maxf(v);
+    }
+    for a in acc {
+        m = m.maxf(a);
+    }
+    m
 }
 
 /// `by_dtype!(dtype, "who", I => expr)` evaluates `expr` with the type `I` the `Input` of a

@@ -23,6 +23,7 @@
 //! Memory: O(tile · D) per work item, O(T/L · D) per (sequence, head) for the state buffers;
 //! never O(T²).
 
+use crate::cpu::gemm::{gemm, Mat};
 use crate::cpu::num::{by_dtype, Acc, Input};
 use crate::cpu::POOL;
 use crate::tensor::View;
@@ -253,137 +254,6 @@ const ROWS: usize = 64;
 /// States per block of the backward's score products.
 const STATES: usize = 64;
 
-/// Register tile of `gemm`: C[MR × NR] += A[MR × k] · B[k × NR], summed over k in order.
-///
-/// # Safety
-/// The pointers address the tiles with the given leading dimensions; `nr ≤ NR` columns.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_tile<A: Acc, const MR: usize, const NR: usize>(
-    k: usize,
-    a: *const A,
-    lda: usize,
-    b: *const A,
-    ldb: usize,
-    c: *mut A,
-    ldc: usize,
-    nr: usize,
-) {
-    let mut acc = [[A::ZERO; NR]; MR];
-    unsafe {
-        if nr == NR {
-            for (r, row) in acc.iter_mut().enumerate() {
-                for (cc, x) in row.iter_mut().enumerate() {
-                    *x = *c.add(r * ldc + cc);
-                }
-            }
-            for p in 0..k {
-                let bp = b.add(p * ldb);
-                let mut brow = [A::ZERO; NR];
-                for (cc, x) in brow.iter_mut().enumerate() {
-                    *x = *bp.add(cc);
-                }
-                for (r, row) in acc.iter_mut().enumerate() {
-                    let ar = *a.add(r * lda + p);
-                    for (x, &bv) in row.iter_mut().zip(&brow) {
-                        *x += ar * bv;
-                    }
-                }
-            }
-            for (r, row) in acc.iter().enumerate() {
-                for (cc, &x) in row.iter().enumerate() {
-                    *c.add(r * ldc + cc) = x;
-                }
-            }
-        } else {
-            for (r, row) in acc.iter_mut().enumerate() {
-                for (cc, x) in row.iter_mut().enumerate().take(nr) {
-                    *x = *c.add(r * ldc + cc);
-                }
-            }
-            for p in 0..k {
-                let bp = b.add(p * ldb);
-                for (r, row) in acc.iter_mut().enumerate() {
-                    let ar = *a.add(r * lda + p);
-                    for (cc, x) in row.iter_mut().enumerate().take(nr) {
-                        *x += ar * *bp.add(cc);
-                    }
-                }
-            }
-            for (r, row) in acc.iter().enumerate() {
-                for (cc, &x) in row.iter().enumerate().take(nr) {
-                    *c.add(r * ldc + cc) = x;
-                }
-            }
-        }
-    }
-}
-
-/// C[m × n] += A[m × k] · B[k × n], all row-major with leading dimensions lda, ldb, ldc;
-/// every element of C is summed over k in order (results independent of the blocking).
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn gemm<A: Acc>(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[A],
-    lda: usize,
-    b: &[A],
-    ldb: usize,
-    c: &mut [A],
-    ldc: usize,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!(a.len() >= (m - 1) * lda + k && k <= lda);
-    assert!(k == 0 || b.len() >= (k - 1) * ldb + n && n <= ldb);
-    assert!(c.len() >= (m - 1) * ldc + n && n <= ldc);
-    const NR: usize = 16;
-    let (ap, bp, cp) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
-    let mut i = 0;
-    // SAFETY: the asserts above bound every tile.
-    unsafe {
-        while i + 4 <= m {
-            let mut j = 0;
-            while j < n {
-                let nr = NR.min(n - j);
-                gemm_tile::<A, 4, NR>(
-                    k,
-                    ap.add(i * lda),
-                    lda,
-                    bp.add(j),
-                    ldb,
-                    cp.add(i * ldc + j),
-                    ldc,
-                    nr,
-                );
-                j += NR;
-            }
-            i += 4;
-        }
-        while i < m {
-            let mut j = 0;
-            while j < n {
-                let nr = NR.min(n - j);
-                gemm_tile::<A, 1, NR>(
-                    k,
-                    ap.add(i * lda),
-                    lda,
-                    bp.add(j),
-                    ldb,
-                    cp.add(i * ldc + j),
-                    ldc,
-                    nr,
-                );
-                j += NR;
-            }
-            i += 1;
-        }
-    }
-}
-
 /// dst[c × r] = srcᵀ for src[r × c] (row-major).
 fn transpose<A: Copy>(src: &[A], r: usize, c: usize, dst: &mut [A]) {
     for i in 0..r {
@@ -612,8 +482,8 @@ unsafe fn forward_tile_body<A: Acc>(
         }
         let nv = rc[m - 1]; // states visible to the block's last row
         if nv > 0 {
-            scores[..m * nv].fill(A::ZERO);
-            gemm(m, nv, d, &qr, d, &krt, nstates, &mut scores, nv);
+            let (qm, km) = (Mat::rows(&qr, d), Mat::rows(&krt, nstates));
+            gemm(m, nv, d, qm, km, &mut scores, nv, None);
         }
         for i in 0..m {
             let c = rc[i];
@@ -642,7 +512,8 @@ unsafe fn forward_tile_body<A: Acc>(
         // every row sees, and each row adds its own later states one by one.
         let shared = rc[0];
         if shared > 0 {
-            gemm(m, d, shared, &scores, nv, &vf, d, &mut acc, d);
+            let (pm, vm) = (Mat::rows(&scores, nv), Mat::rows(&vf, d));
+            gemm(m, d, shared, pm, vm, &mut acc, d, Some(A::ONE));
         }
         for i in 0..m {
             for j in shared..rc[i] {
@@ -840,10 +711,10 @@ unsafe fn backward_queries_body<A: Acc>(
             dqr[..m * d].fill(A::ZERO);
             for j0 in (0..nv).step_by(STATES) {
                 let nb = STATES.min(nv - j0);
-                sbuf[..m * nb].fill(A::ZERO);
-                dpbuf[..m * nb].fill(A::ZERO);
-                gemm(m, nb, d, &qr, d, &krt[j0..], visible, &mut sbuf, nb);
-                gemm(m, nb, d, &dyb, d, &vft[j0..], visible, &mut dpbuf, nb);
+                let (qm, km) = (Mat::rows(&qr, d), Mat::rows(&krt[j0..], visible));
+                gemm(m, nb, d, qm, km, &mut sbuf, nb, None);
+                let (dym, vm) = (Mat::rows(&dyb, d), Mat::rows(&vft[j0..], visible));
+                gemm(m, nb, d, dym, vm, &mut dpbuf, nb, None);
                 for i in 0..m {
                     // states j0 + jj with jj < w are visible to row i
                     let w = rc[i].saturating_sub(j0).min(nb);
@@ -866,9 +737,13 @@ unsafe fn backward_queries_body<A: Acc>(
                 // As in the forward: products over the states every row sees, then each row's
                 // own later states one by one (no 0·Inf across the causal mask).
                 let shared = rc[0].saturating_sub(j0).min(nb);
-                gemm(m, d, shared, &sbuf, nb, &kr[j0 * d..], d, &mut dqr, d);
-                gemm(shared, d, m, &at, m, &qr, d, &mut dkr[j0 * d..], d);
-                gemm(shared, d, m, &pt, m, &dyb, d, &mut dvf[j0 * d..], d);
+                let one = Some(A::ONE);
+                let (sm, km) = (Mat::rows(&sbuf, nb), Mat::rows(&kr[j0 * d..], d));
+                gemm(m, d, shared, sm, km, &mut dqr, d, one);
+                let (am, qm) = (Mat::rows(&at, m), Mat::rows(&qr, d));
+                gemm(shared, d, m, am, qm, &mut dkr[j0 * d..], d, one);
+                let (pm, dym) = (Mat::rows(&pt, m), Mat::rows(&dyb, d));
+                gemm(shared, d, m, pm, dym, &mut dvf[j0 * d..], d, one);
                 for i in 0..m {
                     let w = rc[i].saturating_sub(j0).min(nb);
                     let (qi, dyi) = (&qr[i * d..(i + 1) * d], &dyb[i * d..(i + 1) * d]);
