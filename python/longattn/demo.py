@@ -43,16 +43,16 @@ class DemoConfig:
     num_heads: int = 2
     num_layers: int = 2
     short_conv: int = 3  # taps of the causal convolution before each mixer (0: positions)
-    steps: int = 350  # in all, the short ones included
+    steps: int = 300  # in all, the short ones included
     batch_size: int = 16
     # length curriculum: the first short_share of the steps train on short_len tokens (same
     # task layout, batch short_batch_size), where attention finds the pairs quickly; recall is
     # always measured at seq_len. The model has no position embedding: what it learns carries.
     short_len: int = 64
-    short_share: float = 5 / 7
+    short_share: float = 0.8
     short_batch_size: int = 32
     lr: float = 3e-3
-    eval_every: int = 25
+    eval_every: int = 30
     eval_size: int = 32
     rat_chunk: int = 8
     landmark_block: int = 16
@@ -81,6 +81,7 @@ class DemoConfig:
             "num_heads": 4,
             "short_len": 512,
             "steps": 2000,
+            "eval_every": 100,
             "batch_size": 32,
             "eval_size": 128,
             "landmark_block": 64,
