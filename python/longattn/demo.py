@@ -408,7 +408,7 @@ def format_table(results: list[FamilyResult], cfg: DemoConfig) -> str:
                 f"| {r.family} | {r.accuracy:.3f} | {r.tokens_per_s:,.0f} | "
                 f"{r.peak_mem_mb:,.0f} | {r.params:,} |"
             )
-    lines += ["", _memory_note(cfg.device) + " Training only (evaluation included)."]
+    lines += ["", _memory_note(cfg.device) + " Tokens/s: the training steps only."]
     return "\n".join(lines)
 
 
