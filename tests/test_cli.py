@@ -84,7 +84,7 @@ def test_sweep_reports_every_family_and_plots(tmp_path):
     assert set(cells) == {"sdpa", "rat"}
     for row in cells.values():
         assert set(row) == {32, 64}
-        assert all(c.failure is None and c.ms > 0 and c.mem_mb >= 0 for c in row.values())
+        assert all(c.failure is None and c.ms > 0 and c.mem_mb > 0 for c in row.values())
     table = demo.format_sweep(cells, cfg)
     assert table.count("| sdpa |") == 2 and table.count("| rat |") == 2
     png = tmp_path / "sweep.png"
