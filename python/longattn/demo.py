@@ -567,6 +567,7 @@ def plot_sweep(cells: dict[str, dict[int, SweepCell]], cfg: DemoConfig, path: st
         ax.set_xticks(
             cfg.sweep_lengths, [f"{n // 1024}K" if n >= 1024 else str(n) for n in cfg.sweep_lengths]
         )
+        ax.minorticks_off()  # the log axis's minor labels would overlap the lengths
         ax.legend()
     fig.suptitle(f"Demo model, batch 1, one training step on {cfg.device}")
     fig.tight_layout()
