@@ -1,4 +1,5 @@
-"""Command line: ``python -m longattn demo`` (the main job: MQAR training per attention family),
+"""Command line: ``python -m longattn demo`` (the main job: long-context MQAR training per
+attention family, then a sweep of training-step time and memory against sequence length),
 ``python -m longattn check`` (every op against its float64 reference on this device) and
 ``python -m longattn bench`` (quick side-by-side timing on this machine).
 
@@ -141,14 +142,19 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--dim", type=int, default=64)
     b.add_argument("--budget", type=float, default=1.0, help="seconds of timing per measurement")
     b.add_argument("--png", help="write a plot of fwd+bwd time against sequence length")
-    d = sub.add_parser("demo", help="train a small LM on MQAR with every attention family")
+    d = sub.add_parser("demo", help="train a small LM on long-context MQAR with every family")
     d.add_argument("--families", default=",".join(FAMILIES), help="comma list")
-    d.add_argument("--seq-len", type=int, default=DemoConfig.seq_len)
-    d.add_argument("--pairs", type=int, default=DemoConfig.num_pairs, help="key-value pairs")
-    d.add_argument("--steps", type=int, default=DemoConfig.steps)
-    d.add_argument("--batch-size", type=int, default=DemoConfig.batch_size)
     d.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    d.add_argument("--png", default="mqar.png", help="accuracy plot (empty: none)")
+    d.add_argument("--seq-len", type=int, help="default 512 on the CPU, 4096 on a GPU")
+    d.add_argument("--pairs", type=int, help="key-value pairs (default 16 CPU, 64 GPU)")
+    d.add_argument("--queries", type=int, help="answered queries per sequence")
+    d.add_argument("--steps", type=int, help="training steps per family")
+    d.add_argument("--batch-size", type=int)
+    d.add_argument("--chunk-size", type=int, help="RAT's chunk size L")
+    d.add_argument("--png", default="mqar.png", help="recall plot (empty: none)")
+    d.add_argument("--sweep-png", default="mqar-sweep.png", help="sweep plot (empty: none)")
+    d.add_argument("--no-sweep", action="store_true", help="skip the sequence-length sweep")
+    d.add_argument("--sweep-lengths", type=int, nargs="+", help="sweep lengths (tokens)")
     c = sub.add_parser("check", help="every op against its float64 reference on this device")
     c.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     args = parser.parse_args(argv)
@@ -156,16 +162,21 @@ def main(argv: list[str] | None = None) -> int:
         return bench(args)
     if args.command == "check":
         return 0 if run_check(torch.device(_default_device(args.device))) else 1
-    device = _default_device(args.device)
-    cfg = DemoConfig(
+    chosen = {
+        "seq_len": args.seq_len,
+        "num_pairs": args.pairs,
+        "num_queries": args.queries,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "rat_chunk": args.chunk_size,
+        "sweep_lengths": tuple(args.sweep_lengths) if args.sweep_lengths else None,
+    }
+    cfg = DemoConfig.for_device(
+        _default_device(args.device),
         families=tuple(f.strip() for f in args.families.split(",") if f.strip()),
-        seq_len=args.seq_len,
-        num_pairs=args.pairs,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        device=device,
+        **{name: value for name, value in chosen.items() if value is not None},
     )
-    results = run_demo(cfg, args.png or None)
+    results, _ = run_demo(cfg, args.png or None, args.sweep_png or None, not args.no_sweep)
     return 0 if all(r.error is None for r in results) else 1
 
 
