@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--families", default=",".join(FAMILIES), help="comma list")
     d.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     d.add_argument("--seq-len", type=int, help="default 512 on the CPU, 4096 on a GPU")
-    d.add_argument("--pairs", type=int, help="key-value pairs (default 16 CPU, 64 GPU)")
+    d.add_argument("--pairs", type=int, help="key-value pairs (default 8 CPU, 64 GPU)")
     d.add_argument("--queries", type=int, help="answered queries per sequence")
     d.add_argument("--steps", type=int, help="training steps per family")
     d.add_argument("--batch-size", type=int)

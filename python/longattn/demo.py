@@ -43,7 +43,7 @@ class DemoConfig:
     num_heads: int = 2
     num_layers: int = 2
     short_conv: int = 3  # taps of the causal convolution before each mixer (0: positions)
-    steps: int = 300  # in all, the short ones included
+    steps: int = 400  # in all, the short ones included
     batch_size: int = 16
     # length curriculum: the first short_share of the steps train on short_len tokens (same
     # task layout, batch short_batch_size), where attention finds the pairs quickly; recall is
