@@ -125,6 +125,11 @@ template <class X> __device__ __forceinline__ X warp_sum(X x) {
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(FULL_MASK, x, o);
   return x;
 }
+__device__ __forceinline__ int warp_min(int x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = min(x, __shfl_xor_sync(FULL_MASK, x, o));
+  return x;
+}
 
 // Δ = dO · (O + O_lo) of one softmax row of n columns, one warp per row (every lane gets it).
 // O_lo, the output's rounding residual (null when not stored): with 16-bit outputs the rounding

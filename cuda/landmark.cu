@@ -183,8 +183,7 @@ __device__ __forceinline__ int next_block(const LmParams &p, const Rows &R, int 
 
 __device__ __forceinline__ int cta_min(int v, int *red) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = min(v, __shfl_xor_sync(FULL_MASK, v, o));
+  v = warp_min(v);
   if (lane == 0) red[warp] = v;
   __syncthreads();
   int r = red[0];
@@ -1840,9 +1839,7 @@ struct LmSm90 {
     if (p.bidx == nullptr) {
       jn = jlo <= c.cmax ? jlo : LM_BIG;
     } else {
-      int v = row_next(p, c, jlo);
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) v = min(v, __shfl_xor_sync(FULL_MASK, v, o));
+      const int v = warp_min(row_next(p, c, jlo));
       if ((threadIdx.x & 31) == 0) sh.red[threadIdx.x >> 5] = v;
       named_sync(1, 128);
       jn = min(min(sh.red[0], sh.red[1]), min(sh.red[2], sh.red[3]));
