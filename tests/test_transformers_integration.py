@@ -523,10 +523,9 @@ def test_cuda_generate_from_16k_prompt(kind):
     model = model.to("cuda")
     prompt = ids(batch=1, length=LONG).cuda()
     with torch.no_grad():
-        out = model.generate(
-            prompt, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None,
-            use_cache=True, return_dict_in_generate=True, output_logits=True,
-        )  # fmt: skip
+        out = greedy(
+            model, prompt, new=8, use_cache=True, return_dict_in_generate=True, output_logits=True
+        )
     assert out.sequences.shape == (1, LONG + 8)
     assert torch.equal(out.sequences[:, :LONG], prompt)
     steps = torch.stack(out.logits, dim=1)  # [1, 8, vocab]: the prefill's last row, then decodes

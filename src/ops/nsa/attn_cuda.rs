@@ -316,6 +316,14 @@ fn base_params(
     if p.b * p.t * p.hkv.max(1) * n.max(1) >= i32::MAX as usize {
         return Err("B·T·Hkv·n must stay below 2^31 on CUDA".into());
     }
+    // each kind's size argument in its own field; the other kinds' fields stay 0
+    let (a, b) = (br.a as i32, br.b as i32);
+    let (window, cmp_size, cmp_stride, block) = match br.kind {
+        "window" => (a, 0, 0, 0),
+        "compressed" => (0, a, b, 0),
+        "selected" => (0, 0, 0, a),
+        _ => (0, 0, 0, 0),
+    };
     let sidx = idx.map_or([0; 4], |t| {
         [
             t.strides[0] as i64,
@@ -376,22 +384,10 @@ fn base_params(
         idx_kind: cuda::int_kind(idx),
         cnt_kind: cuda::int_kind(counts),
         count_const: count_const.min(i32::MAX as i64) as i32,
-        window: if br.kind == "window" { br.a as i32 } else { 0 },
-        cmp_size: if br.kind == "compressed" {
-            br.a as i32
-        } else {
-            0
-        },
-        cmp_stride: if br.kind == "compressed" {
-            br.b as i32
-        } else {
-            0
-        },
-        block: if br.kind == "selected" {
-            br.a as i32
-        } else {
-            0
-        },
+        window,
+        cmp_size,
+        cmp_stride,
+        block,
         nl: 0,
         chunk_tokens: aux.chunk_tokens.max(1) as i32,
         key_tiles: br.a.div_ceil(KEY_TILE) as i32,
